@@ -1,0 +1,106 @@
+# pgcoord — build, test and install.
+#   make [all]                  lua/pgcoord/core.so and ./pgcoord-run
+#   make test [SPEC=spec/x_spec.lua] [SANITIZE=address]
+#   make demo | lint | bench | deps | install [PREFIX=... DESTDIR=...] | clean
+
+CC ?= cc
+PKG_CONFIG ?= pkg-config
+PREFIX ?= /usr/local
+DESTDIR ?=
+LUA_VERSION = 5.4
+PKGS = lua5.4 libpq libevent
+SANITIZE ?=
+export SANITIZE
+
+SAN_FLAGS = $(if $(filter address,$(SANITIZE)),-fsanitize=address -fno-omit-frame-pointer)
+
+# pkg-config is consulted lazily (recursive variables), so that `make test`
+# on a fresh machine can install it first via the deps target.
+CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE \
+          -Wall -Wextra -Werror -O2 -g -fPIC $(SAN_FLAGS)
+LDFLAGS += $(SAN_FLAGS)
+PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS))
+CORE_LIBS = $(shell $(PKG_CONFIG) --libs libpq libevent)
+HOST_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) libedit) -lm -ldl
+
+BUILD = build
+CORE_SRCS = src/loop.c src/pgconn.c src/pgvalue.c src/json.c src/core.c
+HOST_SRCS = src/host.c src/prompt.c
+CORE_OBJS = $(CORE_SRCS:src/%.c=$(BUILD)/%.o)
+HOST_OBJS = $(HOST_SRCS:src/%.c=$(BUILD)/%.o)
+CORE_SO = lua/pgcoord/core.so
+HOST_BIN = pgcoord-run
+
+# Rebuild everything when the compiler or flags (e.g. SANITIZE) change.
+FLAGS_STAMP = $(BUILD)/flags
+STAMP_TEXT = $(CC) | $(CPPFLAGS) $(CFLAGS) | $(LDFLAGS) $(LDLIBS)
+
+.PHONY: all deps test demo lint bench install clean FORCE
+
+all: $(CORE_SO) $(HOST_BIN)
+
+$(FLAGS_STAMP): FORCE
+	@mkdir -p $(@D)
+	@echo '$(STAMP_TEXT)' | cmp -s - $@ || echo '$(STAMP_TEXT)' > $@
+
+$(BUILD)/%.o: src/%.c src/pgcoord.h $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS) -MMD -MP -c -o $@ $<
+
+$(HOST_OBJS): EXTRA_CFLAGS = $(shell $(PKG_CONFIG) --cflags libedit)
+
+# The module is not linked with liblua: it uses the interpreter's symbols.
+$(CORE_SO): $(CORE_OBJS) $(FLAGS_STAMP)
+	$(CC) -shared $(LDFLAGS) -o $@ $(CORE_OBJS) $(CORE_LIBS) $(LDLIBS)
+
+$(HOST_BIN): $(HOST_OBJS) $(CORE_OBJS) $(FLAGS_STAMP)
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJS) $(CORE_OBJS) $(HOST_LIBS) $(LDLIBS)
+
+-include $(wildcard $(BUILD)/*.d)
+
+# A TCP forwarder that can play dead, for the failure specs.
+$(BUILD)/tcp-relay: spec/tools/tcp-relay.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $<
+
+deps:
+	scripts/install-deps
+
+# `all` is made after `deps` (not beside it) so that -j is safe on a fresh machine.
+test: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/tcp-relay
+	scripts/pg-tmp run scripts/test $(SPEC)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	scripts/pg-tmp run sh -c './pgcoord-run --migrate && ./pgcoord-run examples/demo.lua'
+
+LUA_DIRS = $(wildcard lua spec examples scripts/bench)
+CPPCHECK_FLAGS = --error-exitcode=1 --enable=warning,performance,portability --inline-suppr --quiet
+lint:
+	$(if $(LUA_DIRS),luacheck $(LUA_DIRS))
+	$(if $(wildcard src),cppcheck $(CPPCHECK_FLAGS) -I src src)
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@for b in scripts/bench/*; do \
+	    if [ -f "$$b" ] && [ -x "$$b" ]; then \
+	        echo "== $$b"; scripts/pg-tmp run "$$b" || exit 1; \
+	    fi; \
+	done
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin \
+	    $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_VERSION)/pgcoord \
+	    $(DESTDIR)$(PREFIX)/share/lua/$(LUA_VERSION)/pgcoord \
+	    $(DESTDIR)$(PREFIX)/share/pgcoord/sql
+	install -m 755 $(HOST_BIN) $(DESTDIR)$(PREFIX)/bin/pgcoord-run
+	install -m 755 $(CORE_SO) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_VERSION)/pgcoord/core.so
+	$(if $(wildcard lua/pgcoord/*.lua),install -m 644 $(wildcard lua/pgcoord/*.lua) \
+	    $(DESTDIR)$(PREFIX)/share/lua/$(LUA_VERSION)/pgcoord/)
+	$(if $(wildcard sql/*.sql),install -m 644 $(wildcard sql/*.sql) $(DESTDIR)$(PREFIX)/share/pgcoord/sql/)
+	$(if $(wildcard doc/pgcoord-run.1),install -d $(DESTDIR)$(PREFIX)/share/man/man1 && \
+	    install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(PREFIX)/share/man/man1/)
+
+clean:
+	rm -rf $(BUILD) $(HOST_BIN) $(CORE_SO)

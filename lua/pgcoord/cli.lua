@@ -1,0 +1,267 @@
+-- pgcoord-run: runs a script as a task, keeps the loop going while tasks
+-- are alive, or offers an interactive prompt whose loop keeps running
+-- while the user types.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+
+local cli = {}
+
+local USAGE = [=[
+usage: pgcoord-run [options] [script [args...]]
+  -e chunk            run the Lua chunk
+  -l name             require library 'name' into global 'name'
+  -i                  enter the interactive prompt after the script (or alone)
+  --db conninfo       default database for pgcoord.connect() (URI or key=value)
+  --migrate           apply the schema migrations in sql/, then run the script if any
+  --print-sql         print the schema DDL and exit
+  --log-level level   debug, info (default), warn or error
+  --log-format fmt    logfmt (default) or json
+  -v, --version       print the version and exit
+  -h, --help          print this help and exit
+  --                  stop handling options
+  -                   run standard input as the script
+With no script on a terminal, the prompt starts.  The database defaults to
+PGCOORD_DATABASE_URL, then DATABASE_URL, then libpq's PG* environment.
+]=]
+
+local function die(fmt, ...)
+  io.stderr:write("pgcoord-run: ", fmt:format(...), "\n")
+  return 1
+end
+
+-- Parses argv (argv[0] is the program); returns options or nil, message.
+local function parse(argv)
+  local o = { chunks = {}, libs = {}, script = nil, args = {} }
+  local i = 1
+  local function value(flag)
+    i = i + 1
+    if argv[i] == nil then error(("option %s needs a value"):format(flag), 0) end
+    return argv[i]
+  end
+  while argv[i] do
+    local a = argv[i]
+    if a == "--" then
+      i = i + 1
+      break
+    elseif a == "-e" then o.chunks[#o.chunks + 1] = value(a)
+    elseif a == "-l" then o.libs[#o.libs + 1] = value(a)
+    elseif a == "-i" then o.interactive = true
+    elseif a == "--db" then o.db = value(a)
+    elseif a == "--migrate" then o.migrate = true
+    elseif a == "--print-sql" then o.print_sql = true
+    elseif a == "--log-level" then o.log_level = value(a)
+    elseif a == "--log-format" then o.log_format = value(a)
+    elseif a == "-v" or a == "--version" then o.version = true
+    elseif a == "-h" or a == "--help" then o.help = true
+    elseif a == "-" or a:sub(1, 1) ~= "-" then break
+    else error(("unknown option %s (see --help)"):format(a), 0)
+    end
+    i = i + 1
+  end
+  if argv[i] then
+    o.script = argv[i]
+    o.script_index = i
+    for j = i + 1, #argv do o.args[#o.args + 1] = argv[j] end
+  end
+  return o
+end
+
+-- The global 'arg' as the stock lua builds it: arg[0] the script.
+local function script_arg(argv, o)
+  local t = {}
+  local base = o.script_index or (#argv + 1)
+  for k = 0, #argv do t[k - base] = argv[k] end
+  return t
+end
+
+local function error_text(err)
+  if type(err) == "string" then return err end
+  local mt = getmetatable(err)
+  if mt and mt.__tostring then return tostring(err) end
+  return ("(error object is a %s value)"):format(type(err))
+end
+
+local function traceback(err)
+  return debug.traceback(error_text(err), 2)
+end
+
+local exit_code = nil
+
+-- Runs fn in a task; a failure prints the error and ends the process.
+local function run_main(fn, ...)
+  return task.spawn(function(...)
+    local ok, err = xpcall(fn, traceback, ...)
+    if not ok then
+      io.stderr:write("pgcoord-run: ", err, "\n")
+      exit_code = 1
+    end
+  end, ...)
+end
+
+local function loop_while(cond)
+  while exit_code == nil and cond() do core.step() end
+end
+
+-- ---- the interactive prompt ------------------------------------------------
+
+local function repl(pgcoord)
+  local prompt = require "pgcoord.prompt"
+  local buffer, running = nil, nil
+  local active = true
+  local interactive_print = function(...)
+    local n = select("#", ...)
+    local parts = {}
+    for k = 1, n do parts[k] = tostring((select(k, ...))) end
+    prompt.print(table.concat(parts, "\t"))
+  end
+  _G.print = interactive_print
+  pgcoord.log.set_sink(function(line) prompt.print(line) end)
+
+  local function evaluate(chunk)
+    prompt.pause()
+    running = task.spawn(function()
+      local r = table.pack(xpcall(chunk, traceback))
+      if not r[1] then
+        prompt.print(r[2])
+      elseif r.n > 1 then
+        interactive_print(table.unpack(r, 2, r.n))
+      end
+    end)
+    task.spawn_daemon(function()
+      pcall(running.join, running)
+      running = nil
+      if active then prompt.resume("> ") end
+    end)
+  end
+
+  local function on_line(line)
+    if line == nil then
+      active = false
+      prompt.close()
+      io.stdout:write("\n")
+      pgcoord.stop()
+      return
+    end
+    buffer = buffer and (buffer .. "\n" .. line) or line
+    local chunk, err = load("return " .. buffer, "=stdin", "t")
+    if not chunk then chunk, err = load(buffer, "=stdin", "t") end
+    if not chunk and err:find("<eof>$") then
+      prompt.set(">> ")
+      return
+    end
+    if buffer:find("%S") then prompt.add_history(buffer) end
+    buffer = nil
+    prompt.set("> ")
+    if not chunk then
+      prompt.print(err)
+    else
+      evaluate(chunk)
+    end
+  end
+
+  local function on_interrupt(signum)
+    if signum == 2 and active then
+      if running then
+        running:cancel()
+        prompt.print("interrupted")
+      else
+        buffer = nil
+        prompt.set("> ")
+        prompt.clear()
+      end
+      return
+    end
+    if pgcoord.stopping() then os.exit(128 + signum, false) end
+    pgcoord.stop()
+  end
+
+  io.stdout:write(("pgcoord %s (%s) -- the loop runs while you type; Ctrl-D leaves\n")
+    :format(core.version, _VERSION))
+  prompt.start("> ", on_line)
+  local sigint = core.signal(2, on_interrupt)
+  local sigterm = core.signal(15, on_interrupt)
+  loop_while(function() return active or task.live() > 0 end)
+  sigint:close()
+  sigterm:close()
+end
+
+-- ---- main --------------------------------------------------------------------
+
+function cli.main(argv)
+  local ok, o = pcall(parse, argv)
+  if not ok then return die("%s", o) end
+  if o.help then io.stdout:write(USAGE) return 0 end
+  if o.version then
+    io.stdout:write(("pgcoord-run %s (%s, libpq %d)\n"):format(core.version, _VERSION,
+      core.libpq_version))
+    return 0
+  end
+
+  local pgcoord = require "pgcoord"
+  if o.log_level then
+    local lok, lerr = pcall(pgcoord.log.set_level, o.log_level)
+    if not lok then return die("%s", lerr) end
+  end
+  if o.log_format then
+    local fok, ferr = pcall(pgcoord.log.set_format, o.log_format)
+    if not fok then return die("%s", ferr) end
+  end
+  if o.db then require("pgcoord.db").set_default_conninfo(o.db) end
+  if o.print_sql then
+    local sok, sql = pcall(require("pgcoord.migrate").sql)
+    if not sok then return die("%s", error_text(sql)) end
+    io.stdout:write(sql)
+    return 0
+  end
+  _G.pgcoord = pgcoord
+  _G.arg = script_arg(argv, o)
+  for _, name in ipairs(o.libs) do _G[name] = require(name) end
+
+  local jobs = {}
+  if o.migrate then
+    jobs[#jobs + 1] = function()
+      local pool = pgcoord.connect(nil, { size = 1 })
+      local applied = pgcoord.migrate(pool)
+      pool:close()
+      pgcoord.log.info("schema up to date", { applied = #applied })
+    end
+  end
+  for k, src in ipairs(o.chunks) do
+    local chunk, err = load(src, ("=(command line %d)"):format(k), "t")
+    if not chunk then return die("%s", err) end
+    jobs[#jobs + 1] = chunk
+  end
+  if o.script then
+    local chunk, err
+    if o.script == "-" then
+      chunk, err = load(io.stdin:read("a"), "=stdin", "t")
+    else
+      chunk, err = loadfile(o.script, "t")
+    end
+    if not chunk then return die("%s", err) end
+    local args = o.args
+    jobs[#jobs + 1] = function() return chunk(table.unpack(args)) end
+  end
+  local interactive = o.interactive
+    or (#jobs == 0 and core.isatty(0))
+  if #jobs == 0 and not interactive then
+    local chunk, err = load(io.stdin:read("a"), "=stdin", "t")
+    if not chunk then return die("%s", err) end
+    jobs[1] = chunk
+  end
+
+  -- The jobs run one after the other in one task: --migrate, -e, script.
+  local main = run_main(function()
+    for _, fn in ipairs(jobs) do fn() end
+  end)
+  if interactive then
+    loop_while(function() return main:status() == "ready" or main:status() == "running" end)
+    if exit_code == nil then repl(pgcoord) end
+  else
+    pgcoord.handle_signals()
+    loop_while(function() return task.live() > 0 end)
+  end
+  return exit_code or 0
+end
+
+return cli

@@ -1,0 +1,390 @@
+-- The connection pool and transactions.
+--
+-- A pool opens connections lazily up to `size`, hands idle ones out LIFO
+-- and queues waiters FIFO.  A connection comes back through a lease whose
+-- __close returns it; a connection that comes back mid-query, inside a
+-- transaction or closed is dropped instead of reused, so a cancelled task
+-- never leaves a dirty connection behind.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+
+local db = {}
+
+local Pool = {}
+Pool.__index = Pool
+local Tx = {}
+Tx.__index = Tx
+local Lease = {}
+Lease.__index = Lease
+
+local OPTIONS = { size = "number", params = "table", connect_timeout = "number" }
+
+local function is_db_error(err)
+  return getmetatable(err) == core.error_meta
+end
+db.is_error = is_db_error
+
+local function raise(sqlstate, fmt, ...)
+  error(core.error(sqlstate, fmt:format(...)), 0)
+end
+
+local function check_options(opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error(("pgcoord.connect: options must be a table, got %s"):format(type(opts)), 3)
+  end
+  for k, v in pairs(opts) do
+    local want = OPTIONS[k]
+    if not want then
+      error(("pgcoord.connect: unknown option %q"):format(tostring(k)), 3)
+    elseif type(v) ~= want then
+      error(("pgcoord.connect: option %s must be a %s, got %s"):format(k, want, type(v)), 3)
+    end
+  end
+  if opts.size and (opts.size < 1 or math.type(opts.size) ~= "integer") then
+    error(("pgcoord.connect: option size must be a positive integer, got %s")
+      :format(tostring(opts.size)), 3)
+  end
+  local timeout = opts.connect_timeout
+  if timeout and (timeout ~= timeout or timeout <= 0) then
+    error(("pgcoord.connect: option connect_timeout must be > 0, got %s")
+      :format(tostring(opts.connect_timeout)), 3)
+  end
+  return opts
+end
+
+local function connection_params(params)
+  local out = { fallback_application_name = "pgcoord" }
+  for k, v in pairs(params or {}) do
+    if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+      error(("pgcoord.connect: params.%s must be a string, got %s")
+        :format(tostring(k), type(v)), 3)
+    end
+    out[k] = tostring(v)
+  end
+  return out
+end
+
+local default_override
+
+-- pgcoord-run --db sets this; it comes before the environment.
+function db.set_default_conninfo(conninfo)
+  default_override = conninfo
+end
+
+function db.default_conninfo()
+  if default_override and default_override ~= "" then return default_override end
+  local v = os.getenv("PGCOORD_DATABASE_URL")
+  if v and v ~= "" then return v end
+  v = os.getenv("DATABASE_URL")
+  if v and v ~= "" then return v end
+  return nil -- libpq reads PGHOST, PGPORT, ... itself
+end
+
+-- ---- one connection ------------------------------------------------------
+
+local function send_register(resume, conn, sql, ...)
+  local ok, err = conn:send(sql, resume, ...)
+  if not ok then resume(nil, err) end
+end
+
+-- Runs one statement on a core connection and waits for its rows.
+local function run(conn, sql, ...)
+  if type(sql) ~= "string" then
+    error(("pgcoord: sql must be a string, got %s"):format(type(sql)), 3)
+  end
+  local rows, err = task.await(send_register, conn, sql, ...)
+  if rows == nil then error(err, 0) end
+  return rows
+end
+
+local function script_register(resume, conn, sql)
+  local ok, err = conn:send_script(sql, resume)
+  if not ok then resume(nil, err) end
+end
+
+-- Runs several statements (no parameters), as migrations need.
+local function run_script(conn, sql)
+  local rows, err = task.await(script_register, conn, sql)
+  if rows == nil then error(err, 0) end
+  return rows
+end
+
+local function connect_register(resume, pool)
+  local conn, err = core.connect(pool.conninfo, pool.params, pool.connect_timeout, resume)
+  if not conn then
+    resume(nil, err)
+    return nil
+  end
+  return function() conn:close() end
+end
+
+local function describe_target(conninfo)
+  return conninfo and log.redact(conninfo) or "the server from PG* environment"
+end
+
+local function notice(severity, message)
+  log.debug("server notice", { severity = severity, notice = message })
+end
+
+-- ---- the pool -------------------------------------------------------------
+
+local function wake_one(pool)
+  local w = table.remove(pool.waiters, 1)
+  if w then
+    w.woken = true
+    w.resume()
+  end
+end
+
+local function wait_register(resume, pool)
+  local w = { resume = resume, woken = false }
+  local waiters = pool.waiters
+  waiters[#waiters + 1] = w
+  return function()
+    if w.woken then
+      wake_one(pool) -- pass on the wake-up this waiter will not use
+      return
+    end
+    for i = 1, #waiters do
+      if waiters[i] == w then
+        table.remove(waiters, i)
+        return
+      end
+    end
+  end
+end
+
+local function remove_idle(pool, lease)
+  local idle = pool.idle
+  for i = #idle, 1, -1 do
+    if idle[i] == lease then
+      table.remove(idle, i)
+      return true
+    end
+  end
+  return false
+end
+
+-- Opens a connection with the pool's settings, outside the pool (the
+-- subscriber's LISTEN connection is one).
+function db.open(pool)
+  local conn, err = task.await(connect_register, pool)
+  if not conn then
+    err.message = ("pgcoord.connect: cannot connect to %s: %s")
+      :format(describe_target(pool.conninfo), log.redact(err.message or "?"))
+    error(err, 0)
+  end
+  conn:on_notice(notice)
+  local date_style = conn:parameter("DateStyle") or ""
+  if not date_style:match("^ISO") then
+    local ok, serr = pcall(run, conn, "SET DateStyle = ISO")
+    if not ok then
+      conn:close()
+      error(serr, 0)
+    end
+  end
+  return conn
+end
+
+function Pool:_open()
+  local conn = db.open(self)
+  local lease = setmetatable({ pool = self, conn = conn, idle = false }, Lease)
+  conn:on_close(function(why)
+    if lease.idle and remove_idle(self, lease) then
+      lease.idle = false
+      self.total = self.total - 1
+      log.warn("idle connection lost", { reason = why })
+      wake_one(self)
+    end
+  end)
+  return lease
+end
+
+-- Takes a connection: an idle one, a new one while under size, or waits.
+function Pool:acquire()
+  while true do
+    if self.closed then
+      raise("08003", "pgcoord: the pool is closed")
+    end
+    local idle = self.idle
+    local n = #idle
+    if n > 0 then
+      local lease = idle[n]
+      idle[n] = nil
+      lease.idle = false
+      return lease
+    end
+    if self.total < self.size then
+      self.total = self.total + 1
+      local ok, lease = pcall(self._open, self)
+      if ok then return lease end
+      self.total = self.total - 1
+      wake_one(self)
+      error(lease, 0)
+    end
+    task.await(wait_register, self)
+  end
+end
+
+local function terminate_backend(pool, pid)
+  local ok, err = pcall(pool.exec, pool, "SELECT pg_terminate_backend($1)", pid)
+  if not ok then
+    log.warn("could not stop an abandoned query", { pid = pid, error = tostring(err) })
+  end
+end
+
+function Pool:_discard(lease)
+  local conn = lease.conn
+  local mid_query = conn:status() == "busy"
+  local pid = mid_query and conn:backend_pid()
+  conn:close()
+  self.total = self.total - 1
+  if pid and not self.closed then
+    -- The server would run the abandoned query to its end otherwise.
+    task.spawn_daemon(terminate_backend, self, pid)
+  end
+  wake_one(self)
+end
+
+function Pool:release(lease)
+  local conn = lease.conn
+  if self.closed or conn:status() ~= "ready" or conn:in_transaction() then
+    self:_discard(lease)
+    return
+  end
+  lease.idle = true
+  local idle = self.idle
+  idle[#idle + 1] = lease
+  wake_one(self)
+end
+
+Lease.__close = function(lease) lease.pool:release(lease) end
+
+function Pool:query(sql, ...)
+  local lease <close> = self:acquire()
+  return run(lease.conn, sql, ...)
+end
+
+function Pool:one(sql, ...)
+  local lease <close> = self:acquire()
+  return run(lease.conn, sql, ...)[1]
+end
+
+function Pool:exec(sql, ...)
+  local lease <close> = self:acquire()
+  return run(lease.conn, sql, ...).affected
+end
+
+function Pool:script(sql)
+  local lease <close> = self:acquire()
+  return run_script(lease.conn, sql)
+end
+
+local function end_tx(tx, ok, ...)
+  tx.done = true
+  local conn = tx.conn
+  if ok then
+    run(conn, "COMMIT")
+    return ...
+  end
+  local err = ...
+  if conn:status() == "ready" then pcall(run, conn, "ROLLBACK") end
+  error(err, 0)
+end
+
+-- Runs fn(tx, ...) in a transaction: commits when it returns, rolls back
+-- and re-raises when it raises.
+function Pool:tx(fn, ...)
+  if type(fn) ~= "function" then
+    error(("pgcoord: db:tx expects a function, got %s"):format(type(fn)), 2)
+  end
+  local lease <close> = self:acquire()
+  run(lease.conn, "BEGIN")
+  local tx = setmetatable({ conn = lease.conn, db = self, done = false, savepoints = 0 }, Tx)
+  return end_tx(tx, pcall(fn, tx, ...))
+end
+
+function Pool:close()
+  self.closed = true
+  for _, lease in ipairs(self.idle) do
+    lease.idle = false
+    lease.conn:close()
+    self.total = self.total - 1
+  end
+  self.idle = {}
+  while #self.waiters > 0 do wake_one(self) end
+end
+
+function Pool:stats()
+  local idle = #self.idle
+  return { size = self.size, open = self.total, idle = idle,
+           in_use = self.total - idle, waiting = #self.waiters }
+end
+
+-- ---- transactions ---------------------------------------------------------
+
+local function tx_conn(tx)
+  if tx.done then error("pgcoord: the transaction has already ended", 3) end
+  return tx.conn
+end
+
+function Tx:query(sql, ...)
+  return run(tx_conn(self), sql, ...)
+end
+
+function Tx:one(sql, ...)
+  return run(tx_conn(self), sql, ...)[1]
+end
+
+function Tx:exec(sql, ...)
+  return run(tx_conn(self), sql, ...).affected
+end
+
+local function end_savepoint(tx, name, ok, ...)
+  if ok then
+    run(tx.conn, "RELEASE SAVEPOINT " .. name)
+    return ...
+  end
+  local err = ...
+  if tx.conn:status() == "ready" then pcall(run, tx.conn, "ROLLBACK TO SAVEPOINT " .. name) end
+  error(err, 0)
+end
+
+-- A nested transaction is a savepoint: its failure undoes only its work.
+function Tx:tx(fn, ...)
+  local conn = tx_conn(self)
+  self.savepoints = self.savepoints + 1
+  local name = "pgcoord_sp" .. self.savepoints
+  run(conn, "SAVEPOINT " .. name)
+  return end_savepoint(self, name, pcall(fn, self, ...))
+end
+
+-- ---- construction ---------------------------------------------------------
+
+function db.connect(conninfo, opts)
+  if conninfo ~= nil and type(conninfo) ~= "string" then
+    error(("pgcoord.connect: conninfo must be a string, got %s"):format(type(conninfo)), 2)
+  end
+  opts = check_options(opts)
+  local pool = setmetatable({
+    conninfo = (conninfo ~= nil and conninfo ~= "") and conninfo or db.default_conninfo(),
+    params = connection_params(opts.params),
+    size = opts.size or 10,
+    connect_timeout = opts.connect_timeout or 10,
+    idle = {}, waiters = {}, total = 0, closed = false,
+  }, Pool)
+  -- Open one connection now, so a bad conninfo fails here, not later.
+  pool.total = 1
+  local ok, lease = pcall(pool._open, pool)
+  if not ok then error(lease, 0) end
+  pool:release(lease)
+  return pool
+end
+
+db.run = run
+db.run_script = run_script
+db.Pool, db.Tx = Pool, Tx
+
+return db

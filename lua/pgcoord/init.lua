@@ -1,0 +1,157 @@
+-- pgcoord: coordinate services through PostgreSQL.
+--
+-- This file is the public API; each primitive lives in its own module and
+-- is loaded the first time it is used.
+local core = require "pgcoord.core"
+local json = require "pgcoord.json"
+core.set_json(json.encode, json.decode, json.null)
+
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+local db = require "pgcoord.db"
+
+local pgcoord = {
+  version = core.version,
+  null = json.null,
+  json = json,
+  log = log,
+}
+
+task.set_reporter(function(t, err, trace)
+  log.error("task failed", { task = t.id, error = tostring(err), traceback = trace })
+end)
+core.set_reporter(function(message)
+  log.error("callback failed", { error = message })
+end)
+
+-- ---- runtime ----------------------------------------------------------------
+
+pgcoord.spawn = task.spawn
+pgcoord.sleep = task.sleep
+pgcoord.now = core.now
+pgcoord.time = core.time
+pgcoord.current_task = task.current
+pgcoord.is_cancelled = task.is_cancelled
+
+local stopping = false
+local stop_handlers = {}
+
+-- fn runs (in a task of its own) when a graceful stop begins.
+function pgcoord.on_stop(fn)
+  if type(fn) ~= "function" then
+    error(("pgcoord.on_stop: expected a function, got %s"):format(type(fn)), 2)
+  end
+  if stopping then
+    task.spawn(fn)
+    return
+  end
+  stop_handlers[#stop_handlers + 1] = fn
+end
+
+function pgcoord.stopping()
+  return stopping
+end
+
+-- Begins a graceful stop: the stop handlers run, tasks get to finish.
+function pgcoord.stop()
+  if stopping then return end
+  stopping = true
+  local handlers = stop_handlers
+  stop_handlers = {}
+  for _, fn in ipairs(handlers) do task.spawn(fn) end
+end
+
+local signals
+local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
+
+-- First SIGINT/SIGTERM: graceful stop; second: exit at once.
+function pgcoord.handle_signals()
+  if signals then return end
+  local function on_signal(signum)
+    local name = SIGNAL_NAMES[signum] or tostring(signum)
+    if stopping then
+      log.warn("second signal, exiting at once", { signal = name })
+      os.exit(128 + signum, false)
+    end
+    log.info("stopping gracefully", { signal = name })
+    pgcoord.stop()
+  end
+  signals = { core.signal(2, on_signal), core.signal(15, on_signal) }
+end
+
+-- Runs the loop until no task is left (after pgcoord.stop(), once the
+-- stop handlers and the tasks they end have finished).
+function pgcoord.run()
+  pgcoord.handle_signals()
+  while task.live() > 0 do core.step() end
+end
+
+-- One loop iteration, waiting at most timeout seconds (nil: until an event).
+function pgcoord.step(timeout)
+  return core.step(timeout)
+end
+
+-- ---- database -----------------------------------------------------------------
+
+pgcoord.connect = db.connect
+
+function pgcoord.is_error(err)
+  return db.is_error(err)
+end
+
+-- True when err is a constraint violation (of the named constraint, if given).
+function pgcoord.is_constraint_error(err, name)
+  if not db.is_error(err) or type(err.sqlstate) ~= "string" then return false end
+  if err.sqlstate:sub(1, 2) ~= "23" then return false end
+  return name == nil or err.constraint == name
+end
+
+local NOTIFY_LIMIT = 8000
+
+-- NOTIFY channel with value as JSON, inside db_or_tx's transaction if any.
+function pgcoord.publish(db_or_tx, channel, value)
+  if type(channel) ~= "string" or channel == "" then
+    error(("pgcoord.publish: channel must be a non-empty string, got %s")
+      :format(tostring(channel)), 2)
+  end
+  local ok, payload = pcall(json.encode, value)
+  if not ok then
+    error(("pgcoord.publish: cannot encode the value for channel %q: %s")
+      :format(channel, payload), 2)
+  end
+  if #payload >= NOTIFY_LIMIT then
+    error(("pgcoord.publish: the payload for channel %q is %d bytes;"
+      .. " PostgreSQL's NOTIFY takes less than %d"):format(channel, #payload, NOTIFY_LIMIT), 2)
+  end
+  db_or_tx:query("SELECT pg_notify($1, $2)", channel, payload)
+end
+
+function pgcoord.migrate(pool)
+  return require("pgcoord.migrate").run(pool)
+end
+
+-- Double quotes an identifier taken from options.
+function pgcoord.quote_ident(name)
+  if type(name) ~= "string" or name == "" or name:find("\0", 1, true) then
+    error(("pgcoord: %q is not a valid SQL identifier"):format(tostring(name)), 2)
+  end
+  return '"' .. name:gsub('"', '""') .. '"'
+end
+
+-- ---- primitives, loaded on first use ------------------------------------------
+
+local LAZY = {
+  subscriber = { "pgcoord.subscriber", "new" },
+  send_listener_ping = { "pgcoord.subscriber", "send_ping" },
+  fanout = { "pgcoord.fanout", "new" },
+}
+
+return setmetatable(pgcoord, {
+  __index = function(t, key)
+    local where = LAZY[key]
+    if not where then return nil end
+    local value = require(where[1])[where[2]]
+    rawset(t, key, value)
+    return value
+  end,
+})

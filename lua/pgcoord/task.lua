@@ -1,0 +1,304 @@
+-- Tasks: coroutines scheduled on the one event loop.
+--
+-- Everything that waits goes through await(register): register(resume)
+-- starts the operation and arranges for resume(...) to be called once with
+-- its outcome.  Inside a task, await yields; in the main thread (a stock
+-- lua5.4 program) it drives the loop until resume is called.  A resume
+-- that arrives while some task is running is queued and run from the
+-- loop, so tasks never resume each other directly.
+local core = require "pgcoord.core"
+
+local task = {}
+
+local Task = {}
+Task.__index = Task
+
+local by_co = setmetatable({}, { __mode = "k" })
+local ready = {}          -- FIFO of { t, n, ... } waiting to be resumed
+local ready_head, ready_tail = 1, 0
+local live = 0            -- tasks not yet finished, daemons excepted
+local next_id = 0
+local reporter = function(t, err, trace)
+  io.stderr:write(("level=error msg=\"task failed\" task=%d error=%q\n%s\n")
+    :format(t.id, tostring(err), trace or ""))
+end
+
+-- The error raised inside a task that is being cancelled.
+local CANCELLED = setmetatable({ message = "task cancelled", sqlstate = "57014" }, {
+  __tostring = function() return "task cancelled" end,
+})
+task.CANCELLED = CANCELLED
+
+local function on_error(err)
+  if err == CANCELLED then return { err = err } end
+  local msg = err
+  if type(err) ~= "string" then
+    local mt = getmetatable(err)
+    msg = mt and mt.__tostring and tostring(err)
+      or ("(error object is a %s value)"):format(type(err))
+  end
+  return { err = err, trace = debug.traceback(msg, 2) }
+end
+
+local function finish(t, ok, ...)
+  if t.daemon then t.daemon = false else live = live - 1 end
+  if ok then
+    t.state, t.results = "done", table.pack(...)
+  else
+    local e = ...
+    if e.err == CANCELLED then
+      t.state, t.error = "cancelled", CANCELLED
+    else
+      t.state, t.error = "failed", e.err
+      if #t.joiners == 0 then reporter(t, e.err, e.trace) end
+    end
+  end
+  local joiners = t.joiners
+  t.joiners = {}
+  for i = 1, #joiners do joiners[i]() end
+end
+
+local function resume_task(t, ...)
+  local ok, err = coroutine.resume(t.co, ...)
+  if not ok then -- only on a bug in this file: the body catches errors
+    reporter(t, err, debug.traceback(t.co))
+  end
+  if coroutine.status(t.co) == "dead" and (t.state == "running" or t.state == "ready") then
+    -- the body stored its outcome in t.outcome
+    finish(t, table.unpack(t.outcome, 1, t.outcome.n))
+  end
+end
+
+local function drain()
+  local last = ready_tail
+  while ready_head <= last do
+    local item = ready[ready_head]
+    ready[ready_head] = nil
+    ready_head = ready_head + 1
+    local t = item[1]
+    if coroutine.status(t.co) == "suspended" then
+      if t.state == "ready" then t.state = "running" end
+      resume_task(t, table.unpack(item, 2, item.n))
+    end
+  end
+  if ready_head <= ready_tail then core.defer() end
+end
+core.set_defer(drain)
+
+local function enqueue(t, ...)
+  ready_tail = ready_tail + 1
+  ready[ready_tail] = table.pack(t, ...)
+  core.defer()
+end
+
+local function current()
+  local co, main = coroutine.running()
+  if main then return nil, true end
+  return by_co[co], false
+end
+
+-- Resumes a waiting task at once from the main thread (an event callback),
+-- else queues it, so that a task never runs inside another.
+local function wake(t, ...)
+  local _, main = current()
+  if main then resume_task(t, ...) else enqueue(t, ...) end
+end
+
+function task.spawn(fn, ...)
+  if type(fn) ~= "function" then
+    error(("pgcoord.spawn: expected a function, got %s"):format(type(fn)), 2)
+  end
+  next_id = next_id + 1
+  local t = setmetatable({ id = next_id, state = "ready", joiners = {} }, Task)
+  t.co = coroutine.create(function(...)
+    t.outcome = table.pack(xpcall(fn, on_error, ...))
+  end)
+  by_co[t.co] = t
+  live = live + 1
+  enqueue(t, ...)
+  return t
+end
+
+-- A daemon task does not keep pgcoord.run() or pgcoord-run alive.
+function task.spawn_daemon(fn, ...)
+  local t = task.spawn(fn, ...)
+  t.daemon = true
+  live = live - 1
+  return t
+end
+
+local function raise_if_cancelled(t, ...)
+  if t.cancel_requested then
+    t.cancel_requested = false
+    error(CANCELLED, 0)
+  end
+  return ...
+end
+
+-- Runs the loop in the main thread until done() is true.
+local function drive(done)
+  while not done() do
+    if not core.step() then
+      error("pgcoord: waiting for something that can never happen (nothing is pending)", 3)
+    end
+  end
+end
+
+-- Waits for the outcome that register(resume, ...) arranges; returns the
+-- arguments given to resume.  register may return a function that undoes
+-- the registration, run if the task is cancelled while it waits.
+function task.await(register, ...)
+  local t, main = current()
+  if main then
+    local result
+    local cancel = register(function(...)
+      if not result then result = table.pack(...) end
+    end, ...)
+    local ok, err = pcall(drive, function() return result ~= nil end)
+    if not ok then
+      if type(cancel) == "function" then cancel() end
+      error(err, 0)
+    end
+    return table.unpack(result, 1, result.n)
+  end
+  if t == nil then
+    error("pgcoord: cannot wait inside a plain coroutine; use pgcoord.spawn", 2)
+  end
+  raise_if_cancelled(t)
+  local token, early = {}, nil
+  t.wait = token
+  local cancel = register(function(...)
+    if t.wait ~= token then return end
+    t.wait, t.cancel_wait = nil, nil
+    if early == false then
+      wake(t, ...)
+    else
+      early = table.pack(...)
+    end
+  end, ...)
+  if early then -- resumed before we yielded
+    return table.unpack(early, 1, early.n)
+  end
+  early = false
+  t.cancel_wait = cancel
+  return raise_if_cancelled(t, coroutine.yield())
+end
+
+function task.sleep(seconds)
+  if type(seconds) ~= "number" or seconds ~= seconds then
+    error(("pgcoord.sleep: seconds must be a number, got %s"):format(tostring(seconds)), 2)
+  end
+  task.await(function(resume)
+    local timer = core.timer(seconds, resume)
+    return function() timer:cancel() end
+  end)
+end
+
+-- Yields to other ready tasks and pending events, then continues.
+function task.yield()
+  task.sleep(0)
+end
+
+function task.current()
+  return (current())
+end
+
+Task.__tostring = function(t)
+  return ("task %d (%s)"):format(t.id, t.state)
+end
+
+function Task:status()
+  return self.state
+end
+
+function Task:join()
+  if self.state == "ready" or self.state == "running" then
+    if current() == self then error("pgcoord: a task cannot join itself", 2) end
+    task.await(function(resume)
+      local joiners = self.joiners
+      joiners[#joiners + 1] = resume
+    end)
+  end
+  if self.state == "done" then
+    return table.unpack(self.results, 1, self.results.n)
+  end
+  error(self.error, 0)
+end
+
+-- Cancels the task: a waiting task is unwound now (its to-be-closed
+-- variables run), a running one raises at its next wait.
+function Task:cancel()
+  if self.state ~= "ready" and self.state ~= "running" then return false end
+  local co_status = coroutine.status(self.co)
+  if co_status == "running" or co_status == "normal" then
+    self.cancel_requested = true
+    if co_status == "running" then error(CANCELLED, 0) end
+    return true
+  end
+  self.wait = nil
+  if self.cancel_wait then
+    pcall(self.cancel_wait)
+    self.cancel_wait = nil
+  end
+  local ok, err = coroutine.close(self.co)
+  if not ok then reporter(self, err, "error while cancelling") end
+  finish(self, false, { err = CANCELLED })
+  return true
+end
+
+-- ---- conditions --------------------------------------------------------------
+
+-- A condition: tasks wait on it (with an optional timeout) until signalled.
+local Cond = {}
+Cond.__index = Cond
+
+function task.cond()
+  return setmetatable({ waiters = {} }, Cond)
+end
+
+local function cond_register(resume, cond, timeout)
+  local timer
+  local function done(value, err)
+    if timer then timer:cancel() end
+    cond.waiters[done] = nil
+    resume(value, err)
+  end
+  cond.waiters[done] = true
+  if timeout then timer = core.timer(timeout, function() done(nil, "timeout") end) end
+  return function()
+    if timer then timer:cancel() end
+    cond.waiters[done] = nil
+  end
+end
+
+-- Waits for signal(value); returns value, or nil, "timeout".
+function Cond:wait(timeout)
+  return task.await(cond_register, self, timeout)
+end
+
+-- Wakes every waiting task with value (true when nil).
+function Cond:signal(value)
+  local waiters = self.waiters
+  if next(waiters) == nil then return end
+  self.waiters = {}
+  if value == nil then value = true end
+  for done in pairs(waiters) do done(value) end
+end
+
+function task.is_cancelled(err)
+  return err == CANCELLED
+end
+
+-- Number of tasks still to finish (daemons excepted).
+function task.live()
+  return live
+end
+
+function task.set_reporter(fn)
+  reporter = fn
+end
+
+task.wake = wake
+task.now = core.now
+
+return task

@@ -1,0 +1,60 @@
+/*
+ * core.c -- the pgcoord.core module: the loop and the PostgreSQL handle.
+ * Everything with a policy is in lua/pgcoord; this is the mechanism.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pgcoord.h"
+
+int luaopen_pgcoord_core(lua_State *L);
+
+/* core.listdir(path) -> { names... } | nil, err  (for sql/ migrations) */
+/* core.isatty(fd) -> boolean */
+static int l_isatty(lua_State *L)
+{
+	lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+	return 1;
+}
+
+static int l_listdir(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	DIR *dir = opendir(path);
+	if (dir == NULL) {
+		luaL_pushfail(L);
+		lua_pushfstring(L, "%s: %s", path, strerror(errno));
+		return 2;
+	}
+	lua_newtable(L);
+	struct dirent *e;
+	int n = 0;
+	while ((e = readdir(dir)) != NULL) {
+		if (e->d_name[0] == '.')
+			continue;
+		lua_pushstring(L, e->d_name);
+		lua_rawseti(L, -2, ++n);
+	}
+	closedir(dir);
+	return 1;
+}
+
+int luaopen_pgcoord_core(lua_State *L)
+{
+	lua_newtable(L);
+	pgc_open_loop(L);
+	pgc_open_pgconn(L);
+	pgc_open_pgvalue(L);
+	pgc_open_json(L);
+	lua_pushcfunction(L, l_isatty);
+	lua_setfield(L, -2, "isatty");
+	lua_pushcfunction(L, l_listdir);
+	lua_setfield(L, -2, "listdir");
+	lua_pushliteral(L, PGCOORD_VERSION);
+	lua_setfield(L, -2, "version");
+	lua_pushinteger(L, PQlibVersion());
+	lua_setfield(L, -2, "libpq_version");
+	return 1;
+}

@@ -1,0 +1,442 @@
+/*
+ * loop.c -- the event loop, timers, signals and the deferred-run hook.
+ *
+ * The loop is driven one iteration at a time from Lua (core.step), so the
+ * scheduler in lua/pgcoord/task.lua decides when to keep going.  Handles
+ * anchor themselves in the registry while they are armed, so a timer nobody
+ * holds still fires.
+ */
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "pgcoord.h"
+
+typedef struct pgc_loop {
+	struct event_base *base;
+	lua_State *main;
+	struct event *ev_defer;	/* activated by core.defer(), runs defer_ref */
+	struct event *ev_step;	/* bounds one core.step(timeout) */
+	int defer_ref;
+	int report_ref;		/* Lua function(message) for callback errors */
+	int defer_armed;
+	int stepping;
+} pgc_loop;
+
+static const char LOOP_KEY = 'L';
+
+static pgc_loop *get_loop(lua_State *L)
+{
+	lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+	pgc_loop *loop = lua_touserdata(L, -1);
+	lua_pop(L, 1);
+	if (loop == NULL || loop->base == NULL)
+		luaL_error(L, "pgcoord: the event loop is not open");
+	return loop;
+}
+
+struct event_base *pgc_base(lua_State *L)
+{
+	return get_loop(L)->base;
+}
+
+lua_State *pgc_main_state(lua_State *L)
+{
+	return get_loop(L)->main;
+}
+
+int pgc_ref(lua_State *L, int idx)
+{
+	lua_pushvalue(L, idx);
+	return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+void pgc_unref(lua_State *L, int *ref)
+{
+	if (*ref != LUA_NOREF) {
+		luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+		*ref = LUA_NOREF;
+	}
+}
+
+/* Errors escaping a callback end here: Lua's reporter if set, else stderr. */
+void pgc_report(lua_State *L, const char *what)
+{
+	pgc_loop *loop = lua_touserdata(L, (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY), -1));
+	lua_pop(L, 1);
+	if (loop && loop->report_ref != LUA_NOREF) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, loop->report_ref);
+		lua_pushstring(L, what);
+		if (lua_pcall(L, 1, 0, 0) == LUA_OK)
+			return;
+		what = lua_tostring(L, -1);
+		lua_pop(L, 1);
+	}
+	fprintf(stderr, "level=error msg=\"callback failed\" error=\"%s\"\n",
+		what ? what : "?");
+}
+
+static int traceback(lua_State *L)
+{
+	const char *msg = lua_tostring(L, 1);
+	if (msg == NULL && luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+		msg = lua_tostring(L, -1);
+	if (msg == NULL)
+		msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+	luaL_traceback(L, L, msg, 1);
+	return 1;
+}
+
+/*
+ * Runs fn(ud) in protected mode on the main state: event callbacks are
+ * entered from libevent, where a Lua error must not unwind.
+ */
+int pgc_invoke(lua_State *L, lua_CFunction fn, void *ud)
+{
+	int top = lua_gettop(L);
+	lua_pushcfunction(L, traceback);
+	lua_pushcfunction(L, fn);
+	lua_pushlightuserdata(L, ud);
+	int rc = lua_pcall(L, 1, 0, top + 1);
+	if (rc != LUA_OK)
+		pgc_report(L, lua_tostring(L, -1));
+	lua_settop(L, top);
+	return rc;
+}
+
+/* ---- timers -------------------------------------------------------- */
+
+#define TIMER_META "pgcoord.timer"
+
+typedef struct pgc_timer {
+	struct event *ev;
+	lua_State *L;
+	int cb_ref;
+	int self_ref;
+} pgc_timer;
+
+static struct timeval to_timeval(double seconds)
+{
+	struct timeval tv;
+	if (!(seconds > 0))
+		seconds = 0;
+	if (seconds > 1e9)
+		seconds = 1e9;
+	tv.tv_sec = (time_t)seconds;
+	tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
+static int timer_fire(lua_State *L)
+{
+	pgc_timer *t = lua_touserdata(L, 1);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, t->self_ref);	/* anchored while cb runs */
+	lua_rawgeti(L, LUA_REGISTRYINDEX, t->cb_ref);
+	pgc_unref(L, &t->self_ref);
+	pgc_unref(L, &t->cb_ref);
+	lua_call(L, 0, 0);
+	return 0;
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	pgc_timer *t = arg;
+	(void)fd, (void)what;
+	pgc_invoke(t->L, timer_fire, t);
+}
+
+static int l_timer(lua_State *L)
+{
+	double seconds = luaL_checknumber(L, 1);
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	pgc_timer *t = lua_newuserdatauv(L, sizeof *t, 0);
+	t->ev = NULL;
+	t->cb_ref = t->self_ref = LUA_NOREF;
+	t->L = pgc_main_state(L);
+	luaL_setmetatable(L, TIMER_META);
+	t->ev = evtimer_new(pgc_base(L), on_timer, t);
+	if (t->ev == NULL)
+		return luaL_error(L, "pgcoord: cannot create a timer");
+	struct timeval tv = to_timeval(seconds);
+	if (evtimer_add(t->ev, &tv) != 0)
+		return luaL_error(L, "pgcoord: cannot arm a timer");
+	t->cb_ref = pgc_ref(L, 2);
+	t->self_ref = pgc_ref(L, -1);
+	return 1;
+}
+
+static int timer_cancel(lua_State *L)
+{
+	pgc_timer *t = luaL_checkudata(L, 1, TIMER_META);
+	if (t->ev)
+		evtimer_del(t->ev);
+	pgc_unref(L, &t->cb_ref);
+	pgc_unref(L, &t->self_ref);
+	return 0;
+}
+
+static int timer_gc(lua_State *L)
+{
+	pgc_timer *t = luaL_checkudata(L, 1, TIMER_META);
+	if (t->ev) {
+		event_free(t->ev);
+		t->ev = NULL;
+	}
+	return 0;
+}
+
+/* ---- signals ------------------------------------------------------- */
+
+#define SIGNAL_META "pgcoord.signal"
+
+typedef struct pgc_signal {
+	struct event *ev;
+	lua_State *L;
+	int cb_ref;
+	int signum;
+} pgc_signal;
+
+static int signal_fire(lua_State *L)
+{
+	pgc_signal *s = lua_touserdata(L, 1);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->cb_ref);
+	lua_pushinteger(L, s->signum);
+	lua_call(L, 1, 0);
+	return 0;
+}
+
+static void on_signal(evutil_socket_t fd, short what, void *arg)
+{
+	pgc_signal *s = arg;
+	(void)fd, (void)what;
+	pgc_invoke(s->L, signal_fire, s);
+}
+
+static int l_signal(lua_State *L)
+{
+	int signum = (int)luaL_checkinteger(L, 1);
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	luaL_argcheck(L, signum > 0 && signum < NSIG, 1, "not a signal number");
+	pgc_signal *s = lua_newuserdatauv(L, sizeof *s, 1);
+	s->ev = NULL;
+	s->L = pgc_main_state(L);
+	s->signum = signum;
+	s->cb_ref = LUA_NOREF;
+	luaL_setmetatable(L, SIGNAL_META);
+	s->ev = evsignal_new(pgc_base(L), signum, on_signal, s);
+	if (s->ev == NULL || evsignal_add(s->ev, NULL) != 0)
+		return luaL_error(L, "pgcoord: cannot watch signal %d", signum);
+	s->cb_ref = pgc_ref(L, 2);
+	return 1;
+}
+
+static int signal_close(lua_State *L)
+{
+	pgc_signal *s = luaL_checkudata(L, 1, SIGNAL_META);
+	if (s->ev) {
+		event_free(s->ev);
+		s->ev = NULL;
+	}
+	pgc_unref(L, &s->cb_ref);
+	return 0;
+}
+
+/* ---- the loop ------------------------------------------------------ */
+
+static int defer_fire(lua_State *L)
+{
+	pgc_loop *loop = lua_touserdata(L, 1);
+	loop->defer_armed = 0;
+	if (loop->defer_ref == LUA_NOREF)
+		return 0;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, loop->defer_ref);
+	lua_call(L, 0, 0);
+	return 0;
+}
+
+static void on_defer(evutil_socket_t fd, short what, void *arg)
+{
+	pgc_loop *loop = arg;
+	(void)fd, (void)what;
+	pgc_invoke(loop->main, defer_fire, loop);
+}
+
+static void on_step_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd, (void)what, (void)arg;
+}
+
+/* core.set_defer(fn): fn runs once after each core.defer() burst. */
+static int l_set_defer(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	luaL_checktype(L, 1, LUA_TFUNCTION);
+	pgc_unref(L, &loop->defer_ref);
+	loop->defer_ref = pgc_ref(L, 1);
+	return 0;
+}
+
+static int l_defer(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (!loop->defer_armed) {
+		loop->defer_armed = 1;
+		event_active(loop->ev_defer, EV_TIMEOUT, 1);
+	}
+	return 0;
+}
+
+static int l_set_reporter(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	pgc_unref(L, &loop->report_ref);
+	if (!lua_isnoneornil(L, 1)) {
+		luaL_checktype(L, 1, LUA_TFUNCTION);
+		loop->report_ref = pgc_ref(L, 1);
+	}
+	return 0;
+}
+
+/*
+ * core.step([timeout]) runs one loop iteration: it waits for at least one
+ * event (at most timeout seconds; 0 polls) and runs the callbacks that are
+ * ready.  Returns false when nothing at all is registered.
+ */
+static int l_step(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (!lua_pushthread(L))
+		return luaL_error(L, "pgcoord: the loop can only be stepped from the main thread"
+				  " (inside a task, wait instead)");
+	lua_pop(L, 1);
+	if (loop->stepping)
+		return luaL_error(L, "pgcoord: cannot wait here: the loop is already running"
+				  " (wait inside a task, not in a callback)");
+	int flags = EVLOOP_ONCE;
+	int timed = 0;
+	if (!lua_isnoneornil(L, 1)) {
+		double timeout = luaL_checknumber(L, 1);
+		if (timeout <= 0) {
+			flags |= EVLOOP_NONBLOCK;
+		} else {
+			struct timeval tv = to_timeval(timeout);
+			if (evtimer_add(loop->ev_step, &tv) != 0)
+				return luaL_error(L, "pgcoord: cannot arm the step timer");
+			timed = 1;
+		}
+	}
+	loop->stepping = 1;
+	int rc = event_base_loop(loop->base, flags);
+	loop->stepping = 0;
+	if (timed)
+		evtimer_del(loop->ev_step);
+	if (rc < 0)
+		return luaL_error(L, "pgcoord: event loop failed: %s", strerror(errno));
+	lua_pushboolean(L, rc == 0);
+	return 1;
+}
+
+static int l_now(lua_State *L)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+	return 1;
+}
+
+static int l_time(lua_State *L)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+	return 1;
+}
+
+static int loop_gc(lua_State *L)
+{
+	pgc_loop *loop = lua_touserdata(L, 1);
+	if (loop->ev_defer)
+		event_free(loop->ev_defer);
+	if (loop->ev_step)
+		event_free(loop->ev_step);
+	if (loop->base)
+		event_base_free(loop->base);
+	loop->ev_defer = loop->ev_step = NULL;
+	loop->base = NULL;
+	return 0;
+}
+
+static void open_loop_state(lua_State *L)
+{
+	if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) != LUA_TNIL) {
+		lua_pop(L, 1);
+		return;
+	}
+	lua_pop(L, 1);
+	pgc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 0);
+	memset(loop, 0, sizeof *loop);
+	loop->defer_ref = loop->report_ref = LUA_NOREF;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+	loop->main = lua_tothread(L, -1);
+	lua_pop(L, 1);
+	lua_newtable(L);
+	lua_pushcfunction(L, loop_gc);
+	lua_setfield(L, -2, "__gc");
+	lua_setmetatable(L, -2);
+	loop->base = event_base_new();
+	if (loop->base == NULL)
+		luaL_error(L, "pgcoord: cannot create the event loop");
+	loop->ev_defer = event_new(loop->base, -1, 0, on_defer, loop);
+	loop->ev_step = evtimer_new(loop->base, on_step_timeout, NULL);
+	if (loop->ev_defer == NULL || loop->ev_step == NULL)
+		luaL_error(L, "pgcoord: cannot create the loop's events");
+	/* A dead peer must surface as an error on its socket, not kill us. */
+	signal(SIGPIPE, SIG_IGN);
+	lua_rawsetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
+}
+
+static const luaL_Reg timer_methods[] = {
+	{"cancel", timer_cancel},
+	{NULL, NULL}
+};
+
+static const luaL_Reg signal_methods[] = {
+	{"close", signal_close},
+	{NULL, NULL}
+};
+
+static const luaL_Reg loop_funcs[] = {
+	{"timer", l_timer},
+	{"signal", l_signal},
+	{"set_defer", l_set_defer},
+	{"defer", l_defer},
+	{"set_reporter", l_set_reporter},
+	{"step", l_step},
+	{"now", l_now},
+	{"time", l_time},
+	{NULL, NULL}
+};
+
+static void new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
+		     lua_CFunction gc)
+{
+	luaL_newmetatable(L, name);
+	lua_newtable(L);
+	luaL_setfuncs(L, methods, 0);
+	lua_setfield(L, -2, "__index");
+	lua_pushcfunction(L, gc);
+	lua_setfield(L, -2, "__gc");
+	lua_pop(L, 1);
+}
+
+/* Adds the loop functions to the table on top of the stack. */
+void pgc_open_loop(lua_State *L)
+{
+	open_loop_state(L);
+	new_meta(L, TIMER_META, timer_methods, timer_gc);
+	new_meta(L, SIGNAL_META, signal_methods, signal_close);
+	luaL_setfuncs(L, loop_funcs, 0);
+}

@@ -1,0 +1,53 @@
+/*
+ * pgcoord.h -- what the C files of the core share.
+ *
+ * One process runs one event_base and one Lua state.  Every handle (timer,
+ * signal, connection) keeps its Lua callbacks as registry references and
+ * runs them through pgc_invoke, so a Lua error inside an event callback is
+ * reported instead of unwinding through libevent.
+ */
+#ifndef PGCOORD_H
+#define PGCOORD_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <libpq-fe.h>
+#include <event2/event.h>
+
+#define PGCOORD_VERSION "0.1.0"
+
+/* loop.c */
+struct event_base *pgc_base(lua_State *L);
+lua_State *pgc_main_state(lua_State *L);
+int pgc_invoke(lua_State *L, lua_CFunction fn, void *ud);
+void pgc_report(lua_State *L, const char *what);
+int pgc_ref(lua_State *L, int idx);
+void pgc_unref(lua_State *L, int *ref);
+void pgc_open_loop(lua_State *L);
+
+/* pgconn.c */
+void pgc_open_pgconn(lua_State *L);
+
+/* pgvalue.c */
+#define PGC_JSON_ENCODE "pgcoord.json_encode"
+#define PGC_JSON_DECODE "pgcoord.json_decode"
+#define PGC_NULL "pgcoord.null"
+#define PGC_ERROR_META "pgcoord.error"
+
+typedef struct pgc_params {
+	int n;
+	const char **values;
+	int *lengths;
+	int *formats;
+} pgc_params;
+
+void pgc_params_from_stack(lua_State *L, int first, int last, pgc_params *p);
+void pgc_push_result(lua_State *L, const PGresult *res);
+void pgc_push_result_error(lua_State *L, const PGresult *res);
+void pgc_push_error(lua_State *L, const char *sqlstate, const char *message);
+void pgc_open_pgvalue(lua_State *L);
+
+/* json.c */
+void pgc_open_json(lua_State *L);
+
+#endif

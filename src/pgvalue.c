@@ -1,0 +1,361 @@
+/*
+ * pgvalue.c -- Lua values to query parameters, results to Lua values.
+ *
+ * Parameters go as text with type OID 0, so the server infers each type
+ * from the statement; a string holding NUL bytes goes as binary, which
+ * makes a bytea parameter work.  Results are converted by column type OID.
+ * JSON goes through the encoder and decoder that Lua registered (cjson).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pgcoord.h"
+
+enum {
+	BOOLOID = 16, BYTEAOID = 17, INT8OID = 20, INT2OID = 21, INT4OID = 23,
+	OIDOID = 26, JSONOID = 114, FLOAT4OID = 700, FLOAT8OID = 701,
+	TIMESTAMPOID = 1114, TIMESTAMPTZOID = 1184, NUMERICOID = 1700,
+	JSONBOID = 3802
+};
+
+/* ---- parameters ---------------------------------------------------- */
+
+static int is_null(lua_State *L, int idx)
+{
+	if (lua_isnil(L, idx))
+		return 1;
+	if (lua_type(L, idx) != LUA_TLIGHTUSERDATA)
+		return 0;
+	lua_getfield(L, LUA_REGISTRYINDEX, PGC_NULL);
+	int same = lua_rawequal(L, idx, -1) || lua_touserdata(L, idx) == NULL;
+	lua_pop(L, 1);
+	return same;
+}
+
+static const char *number_text(lua_State *L, int idx)
+{
+	char buf[64];
+	if (lua_isinteger(L, idx)) {
+		snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
+	} else {
+		double d = lua_tonumber(L, idx);
+		if (isnan(d))
+			strcpy(buf, "NaN");
+		else if (isinf(d))
+			strcpy(buf, d > 0 ? "Infinity" : "-Infinity");
+		else
+			snprintf(buf, sizeof buf, "%.17g", d);
+	}
+	return lua_pushstring(L, buf);
+}
+
+static const char *json_text(lua_State *L, int idx, int pos)
+{
+	lua_getfield(L, LUA_REGISTRYINDEX, PGC_JSON_ENCODE);
+	lua_pushvalue(L, idx);
+	if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+		luaL_error(L, "pgcoord: parameter $%d cannot be encoded as JSON: %s", pos,
+			   lua_tostring(L, -1));
+	return lua_tostring(L, -1);
+}
+
+/*
+ * Fills p from stack slots first..last.  Converted strings are pushed on
+ * the stack, so they live until the calling C function returns.
+ */
+void pgc_params_from_stack(lua_State *L, int first, int last, pgc_params *p)
+{
+	int n = last >= first ? last - first + 1 : 0;
+	luaL_checkstack(L, n + 8, "too many query parameters");
+	if (n > 65535)
+		luaL_error(L, "pgcoord: %d parameters, PostgreSQL takes at most 65535", n);
+	p->n = n;
+	p->values = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 0);
+	p->lengths = lua_newuserdatauv(L, sizeof(int) * (size_t)(n + 1), 0);
+	p->formats = lua_newuserdatauv(L, sizeof(int) * (size_t)(n + 1), 0);
+	for (int i = 0; i < n; i++) {
+		int idx = first + i;
+		size_t len = 0;
+		const char *v = NULL;
+		p->formats[i] = 0;
+		switch (lua_type(L, idx)) {
+		case LUA_TNIL:
+		case LUA_TLIGHTUSERDATA:
+			if (!is_null(L, idx))
+				luaL_error(L, "pgcoord: parameter $%d: cannot send a userdata", i + 1);
+			break;
+		case LUA_TBOOLEAN:
+			v = lua_toboolean(L, idx) ? "t" : "f";
+			break;
+		case LUA_TNUMBER:
+			v = number_text(L, idx);
+			break;
+		case LUA_TSTRING:
+			v = lua_tolstring(L, idx, &len);
+			if (memchr(v, '\0', len) != NULL)
+				p->formats[i] = 1;
+			break;
+		case LUA_TTABLE:
+			v = json_text(L, idx, i + 1);
+			break;
+		default:
+			luaL_error(L, "pgcoord: parameter $%d: cannot send a %s to PostgreSQL",
+				   i + 1, luaL_typename(L, idx));
+		}
+		if (len > 0x7fffffff)
+			luaL_error(L, "pgcoord: parameter $%d is too long", i + 1);
+		p->values[i] = v;
+		p->lengths[i] = (int)len;
+	}
+}
+
+/* ---- results ------------------------------------------------------- */
+
+static long long days_from_civil(long long y, int m, int d)
+{
+	y -= m <= 2;
+	long long era = (y >= 0 ? y : y - 399) / 400;
+	long long yoe = y - era * 400;
+	long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+	long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+	return era * 146097 + doe - 719468;
+}
+
+/* "YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]" -> epoch seconds. */
+static int parse_timestamp(const char *s, double *out)
+{
+	if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+		*out = s[0] == '-' ? -HUGE_VAL : HUGE_VAL;
+		return 1;
+	}
+	char *end;
+	long long year = strtoll(s, &end, 10);
+	if (*end != '-')
+		return 0;
+	int mon = (int)strtol(end + 1, &end, 10);
+	if (*end != '-')
+		return 0;
+	int day = (int)strtol(end + 1, &end, 10);
+	if (*end != ' ' && *end != 'T')
+		return 0;
+	int hour = (int)strtol(end + 1, &end, 10);
+	if (*end != ':')
+		return 0;
+	int min = (int)strtol(end + 1, &end, 10);
+	if (*end != ':')
+		return 0;
+	double sec = strtod(end + 1, &end);
+	long offset = 0;
+	if (*end == '+' || *end == '-') {
+		int sign = *end == '-' ? -1 : 1;
+		long part[3] = {0, 0, 0};
+		for (int i = 0; i < 3; i++) {
+			part[i] = strtol(end + 1, &end, 10);
+			if (*end != ':')
+				break;
+		}
+		offset = sign * (part[0] * 3600 + part[1] * 60 + part[2]);
+	}
+	if (strcmp(end, " BC") == 0)
+		year = 1 - year;
+	else if (*end != '\0')
+		return 0;
+	long long days = days_from_civil(year, mon, day);
+	*out = (double)(days * 86400 + hour * 3600 + min * 60 - offset) + sec;
+	return 1;
+}
+
+static void push_json(lua_State *L, const char *v, int len)
+{
+	lua_getfield(L, LUA_REGISTRYINDEX, PGC_JSON_DECODE);
+	lua_pushlstring(L, v, (size_t)len);
+	lua_call(L, 1, 1);
+}
+
+static void push_bytea(lua_State *L, const char *v)
+{
+	size_t len;
+	unsigned char *bytes = PQunescapeBytea((const unsigned char *)v, &len);
+	if (bytes == NULL)
+		luaL_error(L, "pgcoord: out of memory decoding bytea");
+	lua_pushlstring(L, (const char *)bytes, len);
+	PQfreemem(bytes);
+}
+
+static void push_value(lua_State *L, const PGresult *res, int row, int col)
+{
+	const char *v = PQgetvalue(res, row, col);
+	int len = PQgetlength(res, row, col);
+	double d;
+	switch (PQftype(res, col)) {
+	case BOOLOID:
+		lua_pushboolean(L, v[0] == 't');
+		return;
+	case INT2OID:
+	case INT4OID:
+	case INT8OID:
+	case OIDOID:
+		lua_pushinteger(L, (lua_Integer)strtoll(v, NULL, 10));
+		return;
+	case FLOAT4OID:
+	case FLOAT8OID:
+		lua_pushnumber(L, strtod(v, NULL));
+		return;
+	case NUMERICOID:
+		if (lua_stringtonumber(L, v) == 0)
+			lua_pushnumber(L, strtod(v, NULL));	/* NaN, Infinity */
+		return;
+	case JSONOID:
+	case JSONBOID:
+		push_json(L, v, len);
+		return;
+	case TIMESTAMPOID:
+	case TIMESTAMPTZOID:
+		if (parse_timestamp(v, &d)) {
+			lua_pushnumber(L, d);
+			return;
+		}
+		break;
+	case BYTEAOID:
+		push_bytea(L, v);
+		return;
+	}
+	lua_pushlstring(L, v, (size_t)len);
+}
+
+/* rows = { {col = value, ...}, ..., affected = n }; NULL leaves a key out. */
+void pgc_push_result(lua_State *L, const PGresult *res)
+{
+	int nrows = PQntuples(res), ncols = PQnfields(res);
+	luaL_checkstack(L, ncols + 8, "too many result columns");
+	lua_createtable(L, nrows, 1);
+	int rows = lua_gettop(L);
+	for (int c = 0; c < ncols; c++)
+		lua_pushstring(L, PQfname(res, c));
+	for (int r = 0; r < nrows; r++) {
+		lua_createtable(L, 0, ncols);
+		for (int c = 0; c < ncols; c++) {
+			if (PQgetisnull(res, r, c))
+				continue;
+			lua_pushvalue(L, rows + 1 + c);
+			push_value(L, res, r, c);
+			lua_rawset(L, -3);
+		}
+		lua_rawseti(L, rows, r + 1);
+	}
+	lua_settop(L, rows);
+	const char *affected = PQcmdTuples((PGresult *)res);
+	lua_pushinteger(L, affected[0] ? (lua_Integer)strtoll(affected, NULL, 10) : 0);
+	lua_setfield(L, rows, "affected");
+}
+
+/* ---- errors -------------------------------------------------------- */
+
+static void set_field(lua_State *L, const char *name, const char *value)
+{
+	if (value == NULL || value[0] == '\0')
+		return;
+	lua_pushstring(L, value);
+	lua_setfield(L, -2, name);
+}
+
+void pgc_push_error(lua_State *L, const char *sqlstate, const char *message)
+{
+	lua_createtable(L, 0, 2);
+	set_field(L, "message", message);
+	set_field(L, "sqlstate", sqlstate);
+	luaL_setmetatable(L, PGC_ERROR_META);
+}
+
+void pgc_push_result_error(lua_State *L, const PGresult *res)
+{
+	const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+	const char *sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	if (primary == NULL) {
+		/* libpq's own failures carry only the whole message */
+		char *msg = strdup(PQresultErrorMessage(res));
+		size_t n = msg ? strlen(msg) : 0;
+		while (n > 0 && msg[n - 1] == '\n')
+			msg[--n] = '\0';
+		pgc_push_error(L, sqlstate ? sqlstate : "08006", msg && *msg ? msg : "query failed");
+		free(msg);
+		return;
+	}
+	pgc_push_error(L, sqlstate, primary);
+	set_field(L, "severity", PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED));
+	set_field(L, "detail", PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
+	set_field(L, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
+	set_field(L, "constraint", PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME));
+	set_field(L, "schema", PQresultErrorField(res, PG_DIAG_SCHEMA_NAME));
+	set_field(L, "table", PQresultErrorField(res, PG_DIAG_TABLE_NAME));
+	set_field(L, "column", PQresultErrorField(res, PG_DIAG_COLUMN_NAME));
+	set_field(L, "position", PQresultErrorField(res, PG_DIAG_STATEMENT_POSITION));
+}
+
+/* Pushes label .. field (newlines folded), or nothing when absent. */
+static int push_part(lua_State *L, const char *label, const char *field)
+{
+	if (lua_getfield(L, 1, field) != LUA_TSTRING) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	lua_pushstring(L, label);
+	lua_insert(L, -2);
+	luaL_gsub(L, lua_tostring(L, -1), "\n", " ");
+	lua_remove(L, -2);
+	return 2;
+}
+
+/* "message (SQLSTATE 23505, constraint x) DETAIL: ... HINT: ..." */
+static int error_tostring(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	lua_settop(L, 1);
+	push_part(L, "", "message");
+	if (push_part(L, " (SQLSTATE ", "sqlstate")) {
+		push_part(L, ", constraint ", "constraint");
+		lua_pushliteral(L, ")");
+	}
+	push_part(L, " DETAIL: ", "detail");
+	push_part(L, " HINT: ", "hint");
+	lua_concat(L, lua_gettop(L) - 1);
+	return 1;
+}
+
+/* core.set_json(encode, decode, null): the JSON codec for params and rows. */
+static int l_set_json(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TFUNCTION);
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	lua_pushvalue(L, 1);
+	lua_setfield(L, LUA_REGISTRYINDEX, PGC_JSON_ENCODE);
+	lua_pushvalue(L, 2);
+	lua_setfield(L, LUA_REGISTRYINDEX, PGC_JSON_DECODE);
+	lua_pushvalue(L, 3);
+	lua_setfield(L, LUA_REGISTRYINDEX, PGC_NULL);
+	return 0;
+}
+
+/* core.error(sqlstate, message) -> an error table like the server's. */
+static int l_error(lua_State *L)
+{
+	pgc_push_error(L, luaL_optstring(L, 1, NULL), luaL_checkstring(L, 2));
+	return 1;
+}
+
+static const luaL_Reg value_funcs[] = {
+	{"set_json", l_set_json},
+	{"error", l_error},
+	{NULL, NULL}
+};
+
+void pgc_open_pgvalue(lua_State *L)
+{
+	luaL_newmetatable(L, PGC_ERROR_META);
+	lua_pushcfunction(L, error_tostring);
+	lua_setfield(L, -2, "__tostring");
+	lua_setfield(L, -2, "error_meta");
+	luaL_setfuncs(L, value_funcs, 0);
+}
