@@ -140,17 +140,26 @@ end
 
 -- ---- primitives, loaded on first use ------------------------------------------
 
+-- key = { module, field }; no field: the module itself.
 local LAZY = {
   subscriber = { "pgcoord.subscriber", "new" },
   send_listener_ping = { "pgcoord.subscriber", "send_ping" },
   fanout = { "pgcoord.fanout", "new" },
+  joblock = { "pgcoord.joblock", "new" },
+  run_in_job_lock = { "pgcoord.joblock", "run_in_job_lock" },
+  queue = { "pgcoord.queue", "new" },
+  jobs = { "pgcoord.jobs" },
+  retry_at = { "pgcoord.jobs", "retry_at" },
+  outbox = { "pgcoord.outbox", "new" },
+  processed = { "pgcoord.processed", "new" },
 }
 
 return setmetatable(pgcoord, {
   __index = function(t, key)
     local where = LAZY[key]
     if not where then return nil end
-    local value = require(where[1])[where[2]]
+    local value = require(where[1])
+    if where[2] then value = value[where[2]] end
     rawset(t, key, value)
     return value
   end,
