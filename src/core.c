@@ -12,6 +12,12 @@
 int luaopen_pgcoord_core(lua_State *L);
 
 /* core.listdir(path) -> { names... } | nil, err  (for sql/ migrations) */
+static int l_getpid(lua_State *L)
+{
+	lua_pushinteger(L, (lua_Integer)getpid());
+	return 1;
+}
+
 /* core.isatty(fd) -> boolean */
 static int l_isatty(lua_State *L)
 {
@@ -48,6 +54,8 @@ int luaopen_pgcoord_core(lua_State *L)
 	pgc_open_pgconn(L);
 	pgc_open_pgvalue(L);
 	pgc_open_json(L);
+	lua_pushcfunction(L, l_getpid);
+	lua_setfield(L, -2, "getpid");
 	lua_pushcfunction(L, l_isatty);
 	lua_setfield(L, -2, "isatty");
 	lua_pushcfunction(L, l_listdir);

@@ -11,7 +11,7 @@ local threshold = LEVELS.info
 local format = "logfmt"
 local sink = function(line) io.stderr:write(line, "\n") end
 
-local SECRET_KEYS = { password = true, passwd = true, secret = true, token = true }
+local SECRET_KEYS = { password = true, passwd = true, secret = true, api_key = true }
 
 -- Masks the password of a URI or key=value conninfo.
 function log.redact(s)

@@ -211,18 +211,59 @@ function Task:status()
   return self.state
 end
 
-function Task:join()
-  if self.state == "ready" or self.state == "running" then
-    if current() == self then error("pgcoord: a task cannot join itself", 2) end
-    task.await(function(resume)
-      local joiners = self.joiners
-      joiners[#joiners + 1] = resume
+local function join_register(resume, t, timeout)
+  local joiners = t.joiners
+  local timer
+  local function done()
+    if timer then timer:cancel() end
+    resume(true)
+  end
+  joiners[#joiners + 1] = done
+  if timeout then
+    timer = core.timer(timeout, function()
+      for i = 1, #joiners do
+        if joiners[i] == done then table.remove(joiners, i) break end
+      end
+      resume(false)
     end)
   end
+  return function()
+    if timer then timer:cancel() end
+    for i = 1, #joiners do
+      if joiners[i] == done then table.remove(joiners, i) return end
+    end
+  end
+end
+
+-- Waits until the task has ended; false when timeout seconds pass first.
+function Task:wait(timeout)
+  if self.state == "ready" or self.state == "running" then
+    if current() == self then error("pgcoord: a task cannot wait for itself", 2) end
+    return task.await(join_register, self, timeout)
+  end
+  return true
+end
+
+-- Waits for the task and returns its results, or raises its error.
+function Task:join()
+  self:wait()
   if self.state == "done" then
     return table.unpack(self.results, 1, self.results.n)
   end
   error(self.error, 0)
+end
+
+-- Runs fn(...) in a task of its own; if it has not ended within seconds,
+-- cancels it and raises an error with SQLSTATE 57014.
+function task.with_timeout(seconds, fn, ...)
+  local child = task.spawn(fn, ...)
+  -- if this task is cancelled while it waits, the child goes too
+  local _ <close> = setmetatable({}, { __close = function() child:cancel() end })
+  if not child:wait(seconds) then
+    child:cancel()
+    error(core.error("57014", ("timed out after %gs"):format(seconds)), 0)
+  end
+  return child:join()
 end
 
 -- Cancels the task: a waiting task is unwound now (its to-be-closed

@@ -1,0 +1,279 @@
+-- Job lock: leader election through a row of pgcoord.job_locks.
+--
+-- The holder renews the row every ping_interval; a row not renewed for
+-- stale_after (by the database's clock) may be taken over.  The holder
+-- must stop before that can happen, so it counts from the moment it *sent*
+-- its last successful renewal and declares the lock lost once
+-- stale_after - timeout has passed without another: its work is cancelled
+-- while the row still protects it.  Every acquisition bumps a fencing
+-- token that the work can write beside its effects.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+
+local joblock = {}
+
+local Lock = {}
+Lock.__index = Lock
+
+local ACQUIRE = [[
+INSERT INTO pgcoord.job_locks AS l (name, holder, token, acquired_at, renewed_at)
+VALUES ($1, $2, 1, now(), now())
+ON CONFLICT (name) DO UPDATE
+   SET holder = excluded.holder, token = l.token + 1, acquired_at = now(),
+       renewed_at = now(), released_at = NULL
+ WHERE l.holder IS NULL OR l.renewed_at < now() - make_interval(secs => $3)
+RETURNING token]]
+
+local RENEW = [[
+UPDATE pgcoord.job_locks SET renewed_at = now()
+ WHERE name = $1 AND holder = $2 AND token = $3]]
+
+local RELEASE = [[
+WITH released AS (
+  UPDATE pgcoord.job_locks SET holder = NULL, released_at = now()
+   WHERE name = $1 AND holder = $2 AND token = $3
+  RETURNING name)
+SELECT pg_notify('pgcoord_job_lock_released', name) FROM released]]
+
+local nonce_counter = 0
+
+local function identity()
+  local host = os.getenv("HOSTNAME")
+  if not host or host == "" then
+    local f = io.open("/etc/hostname")
+    host = f and f:read("l") or "localhost"
+    if f then f:close() end
+  end
+  nonce_counter = nonce_counter + 1
+  return ("%s:%d:%x%x"):format(host, core.getpid(), math.random(0, 0xffffff), nonce_counter)
+end
+
+local function number_option(opts, name, default)
+  local v = opts[name]
+  if v == nil then return default end
+  if type(v) ~= "number" or v ~= v or v <= 0 then
+    error(("pgcoord.joblock: %s must be a positive number of seconds, got %s")
+      :format(name, tostring(v)), 4)
+  end
+  return v
+end
+
+local KNOWN = { ping_interval = true, stale_after = true, check_interval = true, timeout = true,
+                subscriber = true }
+
+local function check_options(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("pgcoord.joblock: options must be a table", 3)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if not KNOWN[k] then error(("pgcoord.joblock: unknown option %q"):format(tostring(k)), 3) end
+  end
+  local ping = number_option(opts, "ping_interval", 10)
+  local o = {
+    ping_interval = ping,
+    stale_after = number_option(opts, "stale_after", 4 * ping),
+    check_interval = number_option(opts, "check_interval", 2 * ping),
+    timeout = number_option(opts, "timeout", ping / 2),
+    subscriber = opts.subscriber,
+  }
+  if o.stale_after <= o.ping_interval then
+    error(("pgcoord.joblock: stale_after (%s) must exceed ping_interval (%s)")
+      :format(o.stale_after, o.ping_interval), 3)
+  end
+  if o.timeout >= o.ping_interval then
+    error(("pgcoord.joblock: timeout (%s) must be less than ping_interval (%s)")
+      :format(o.timeout, o.ping_interval), 3)
+  end
+  return o
+end
+
+function joblock.new(pool, name, opts)
+  if type(pool) ~= "table" or type(pool.query) ~= "function" then
+    error("pgcoord.joblock: expected a pool from pgcoord.connect", 2)
+  end
+  if type(name) ~= "string" or name == "" then
+    error(("pgcoord.joblock: name must be a non-empty string, got %s"):format(tostring(name)), 2)
+  end
+  local self = setmetatable(check_options(opts), Lock)
+  self.pool, self.name, self.holder = pool, name, identity()
+  self.current = ""        -- "", "held", "lost", "released"
+  self.wake = task.cond()  -- the keeper waits on it
+  return self
+end
+
+function Lock:state()
+  return self.current
+end
+
+-- ---- acquiring ---------------------------------------------------------------
+
+-- Wakes waiters when any lock is released, if a subscriber was given.
+local function release_listener(self)
+  local sub = self.subscriber
+  if not sub then return nil end
+  local channel = "pgcoord_job_lock_released"
+  local fan = sub.fans[channel] or sub:add(require("pgcoord.fanout").new(channel))
+  local name = self.name
+  return fan:listen({ buffer = 4, filter = function(msg) return msg == name end })
+end
+
+function Lock:_try_acquire()
+  local sent = core.now()
+  local row = task.with_timeout(self.timeout, self.pool.one, self.pool, ACQUIRE,
+    self.name, self.holder, self.stale_after)
+  if row then return row.token, sent end
+  return nil
+end
+
+-- Waits for the lock; nil when the process is stopping first.
+function Lock:_acquire()
+  local pgcoord = require "pgcoord"
+  local listener = release_listener(self)
+  self.listener = listener
+  local _ <close> = setmetatable({}, { __close = function()
+    if listener then listener:close() end
+    self.listener = nil
+  end })
+  while not pgcoord.stopping() do
+    local ok, token, sent = pcall(self._try_acquire, self)
+    if ok and token then return token, sent end
+    if not ok then
+      log.warn("job lock acquire failed", { lock = self.name, error = tostring(token) })
+    end
+    if listener then
+      listener:receive(self.check_interval)
+    else
+      self.wake:wait(self.check_interval)
+    end
+  end
+  return nil
+end
+
+-- ---- holding -----------------------------------------------------------------
+
+function Lock:_renew(deadline)
+  local budget = math.min(self.timeout, deadline - core.now())
+  if budget <= 0 then return nil, "no time left" end
+  local ok, affected = pcall(task.with_timeout, budget, self.pool.exec, self.pool, RENEW,
+    self.name, self.holder, self.token)
+  if not ok then return nil, tostring(affected) end
+  return affected == 1, "another process holds the lock"
+end
+
+-- Renews until the work ends or the lock is lost (then cancels the work).
+function Lock:_keep(work, acquired_sent)
+  local last_ok = acquired_sent
+  local retry = false
+  while self.current == "held" and (work.state == "ready" or work.state == "running") do
+    local deadline = last_ok + self.stale_after - self.timeout
+    local pause = retry and math.min(self.ping_interval / 4, self.timeout) or self.ping_interval
+    local wake_at = math.min((retry and core.now() or last_ok) + pause, deadline)
+    self.wake:wait(math.max(0, wake_at - core.now()))
+    if self.current ~= "held" or not (work.state == "ready" or work.state == "running") then
+      break
+    end
+    if core.now() >= deadline then
+      return self:_lose(work, "not renewed within stale_after")
+    end
+    local sent = core.now()
+    local renewed, why = self:_renew(deadline)
+    if renewed then
+      last_ok, retry = sent, false
+    elseif renewed == false then
+      return self:_lose(work, why)
+    else
+      retry = true
+      log.warn("job lock renewal failed", { lock = self.name, error = why })
+    end
+  end
+end
+
+function Lock:_lose(work, why)
+  self.current = "lost"
+  self.lost_reason = why
+  log.error("job lock lost, cancelling its work", { lock = self.name, token = self.token,
+    reason = why })
+  work:cancel()
+end
+
+function Lock:_release()
+  local ok, err = pcall(task.with_timeout, self.timeout, self.pool.query, self.pool, RELEASE,
+    self.name, self.holder, self.token)
+  if not ok then
+    log.warn("job lock release failed; others take over once it is stale",
+      { lock = self.name, error = tostring(err) })
+  end
+  self.current = "released"
+end
+
+local function lost_error(self)
+  return core.error("55P03", ("pgcoord.joblock: lock %q was lost (%s)")
+    :format(self.name, self.lost_reason or "?"))
+end
+
+-- At a graceful stop: stop waiting, cancel the work, release at once.
+function Lock:_hook_stop()
+  if self.stop_hooked then return end
+  self.stop_hooked = true
+  require("pgcoord").on_stop(function()
+    if self.listener then self.listener:close() end
+    local work = self.work
+    if work and (work.state == "ready" or work.state == "running") then work:cancel() end
+    self.wake:signal()
+  end)
+end
+
+-- Waits for the lock, runs fn(ctx) in a task while holding it, releases
+-- it when fn ends; returns fn's results.  fn is cancelled if the lock is
+-- lost (then run raises) or at a graceful stop (then run returns nil).
+function Lock:run(fn)
+  if type(fn) ~= "function" then
+    error(("lock:run: expected a function, got %s"):format(type(fn)), 2)
+  end
+  local pgcoord = require "pgcoord"
+  self:_hook_stop()
+  local token, sent = self:_acquire()
+  if not token then return nil end
+  self.token, self.current, self.lost_reason = token, "held", nil
+  log.info("job lock acquired", { lock = self.name, token = token })
+  local ctx = { name = self.name, token = token, lock = self }
+  function ctx.lost() return self.current == "lost" end
+  local work = task.spawn(fn, ctx)
+  self.work = work
+  local keeper = task.spawn(self._keep, self, work, sent)
+  local r = table.pack(pcall(work.join, work))
+  self.work = nil
+  self.wake:signal()
+  keeper:wait()
+  if self.current == "held" then
+    self:_release()
+    log.info("job lock released", { lock = self.name, token = token })
+  end
+  if r[1] then return table.unpack(r, 2, r.n) end
+  if self.current == "lost" then error(lost_error(self), 0) end
+  if task.is_cancelled(r[2]) and pgcoord.stopping() then return nil end
+  error(r[2], 0)
+end
+
+-- Keeps competing for service:name and running fn while holding it, until
+-- the process stops.
+function joblock.run_in_job_lock(pool, service, name, opts, fn)
+  if type(service) ~= "string" or service == "" then
+    error("pgcoord.run_in_job_lock: service must be a non-empty string", 2)
+  end
+  local lock = joblock.new(pool, service .. ":" .. tostring(name), opts)
+  local pgcoord = require "pgcoord"
+  return task.spawn(function()
+    while not pgcoord.stopping() do
+      local ok, err = pcall(lock.run, lock, fn)
+      if not ok then
+        log.warn("job lock run ended", { lock = lock.name, error = tostring(err) })
+        if not pgcoord.stopping() then lock.wake:wait(lock.check_interval) end
+      end
+    end
+  end)
+end
+
+return joblock
