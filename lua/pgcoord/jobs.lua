@@ -1,0 +1,697 @@
+-- The job runner: typed jobs in groups, scheduled in the caller's
+-- transaction, worked by workers that claim batches, run handlers with a
+-- concurrency limit and write results back in batches.
+--
+-- A job is at least once: a worker claims jobs (state 'running',
+-- locked_by = its id) and deletes each when its handler returned.  A worker
+-- that dies stops heartbeating, and the others hand its jobs back.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local json = require "pgcoord.json"
+local log = require "pgcoord.log"
+
+local jobs = {}
+setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
+
+local Jobs = {}
+Jobs.__index = Jobs
+local Worker = {}
+Worker.__index = Worker
+
+local CHANNEL = "pgcoord_jobs"
+local DEFAULT_RETRY = { max = 3, base_delay = 10 }
+
+-- ---- errors that steer retries -----------------------------------------------
+
+local RetryAt = {}
+RetryAt.__index = RetryAt
+RetryAt.__tostring = function(e) return ("retry at %.3f: %s"):format(e.at, e.message) end
+
+-- error(pgcoord.retry_at(t, "reason")) retries the job at time t (epoch s).
+function jobs.retry_at(t, reason)
+  if type(t) ~= "number" or t ~= t then
+    error(("pgcoord.retry_at: time must be epoch seconds, got %s"):format(tostring(t)), 2)
+  end
+  return setmetatable({ at = t, message = tostring(reason or "retry requested") }, RetryAt)
+end
+
+-- A ready should_log_run: keeps a job's final run only.
+function jobs.log_final_runs(_, run)
+  return run.ok or run.final
+end
+
+-- ---- definitions and scheduling ----------------------------------------------
+
+function jobs.new(pool, opts)
+  if type(pool) ~= "table" or type(pool.query) ~= "function" then
+    error("pgcoord.jobs: expected a pool from pgcoord.connect", 2)
+  end
+  opts = opts or {}
+  return setmetatable({ pool = pool, types = {}, groups = {},
+                        subscriber = opts.subscriber }, Jobs)
+end
+
+local function check_retry(jtype, retry)
+  if retry == nil then return DEFAULT_RETRY end
+  if type(retry) ~= "table" then
+    error(("jobs:define %q: retry must be a table { max =, base_delay = }"):format(jtype), 3)
+  end
+  local max, delay = retry.max or DEFAULT_RETRY.max, retry.base_delay or DEFAULT_RETRY.base_delay
+  if math.type(max) ~= "integer" or max < 0 then
+    error(("jobs:define %q: retry.max must be an integer >= 0, got %s")
+      :format(jtype, tostring(max)), 3)
+  end
+  if type(delay) ~= "number" or delay ~= delay or delay < 0 then
+    error(("jobs:define %q: retry.base_delay must be a number >= 0, got %s")
+      :format(jtype, tostring(delay)), 3)
+  end
+  return { max = max, base_delay = delay }
+end
+
+function Jobs:define(jtype, fn, opts)
+  if type(jtype) ~= "string" or jtype == "" then
+    error(("jobs:define: type must be a non-empty string, got %s"):format(tostring(jtype)), 2)
+  end
+  if type(fn) ~= "function" then
+    error(("jobs:define %q: handler must be a function, got %s"):format(jtype, type(fn)), 2)
+  end
+  opts = opts or {}
+  local group = opts.group or "default"
+  if type(group) ~= "string" or group == "" then
+    error(("jobs:define %q: group must be a non-empty string"):format(jtype), 2)
+  end
+  self.types[jtype] = { fn = fn, group = group, retry = check_retry(jtype, opts.retry) }
+  self.groups[group] = true
+  return self
+end
+
+-- Checks one job to schedule; returns the row for SQL or raises.
+function Jobs:_job_row(jtype, params, opts, level)
+  local def = self.types[jtype]
+  if not def then
+    error(("jobs:schedule: unknown job type %q (define it first)"):format(tostring(jtype)), level)
+  end
+  opts = opts or {}
+  local group = opts.group or def.group
+  if not self.groups[group] then
+    error(("jobs:schedule: unknown group %q"):format(tostring(group)), level)
+  end
+  local ok, encoded = pcall(json.encode, params == nil and json.null or params)
+  if not ok then
+    error(("jobs:schedule %q: params cannot be encoded as JSON: %s"):format(jtype, encoded), level)
+  end
+  local run_at = opts.run_at
+  if run_at ~= nil and (type(run_at) ~= "number" or run_at ~= run_at) then
+    error(("jobs:schedule %q: run_at must be a time in epoch seconds, got %s")
+      :format(jtype, tostring(run_at)), level)
+  end
+  local priority = opts.priority or 0
+  if math.type(priority) ~= "integer" then
+    error(("jobs:schedule %q: priority must be an integer, got %s")
+      :format(jtype, tostring(priority)), level)
+  end
+  if opts.key ~= nil and (type(opts.key) ~= "string" or opts.key == "") then
+    error(("jobs:schedule %q: key must be a non-empty string"):format(jtype), level)
+  end
+  return { g = group, type = jtype, priority = priority, params = encoded, key = opts.key,
+           at = run_at }
+end
+
+local SCHEDULE = [[
+WITH ins AS (
+  INSERT INTO pgcoord.jobs (group_name, type, state, priority, run_at, params, key)
+  SELECT $1::text, $2::text, CASE WHEN t <= now() THEN 'ready' ELSE 'scheduled' END,
+         $3::int, t, $4::json, $5::text
+    FROM (SELECT COALESCE(to_timestamp($6::float8), now()) AS t) s
+  ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('ready', 'scheduled') DO NOTHING
+  RETURNING id, state, run_at)
+SELECT id, pg_notify('pgcoord_jobs', json_build_object('group', $1::text, 'due_in',
+         CASE WHEN state = 'ready' THEN NULL
+              ELSE extract(epoch FROM run_at - now()) END)::text) AS notified
+  FROM ins]]
+
+-- Schedules one job in db_or_tx's transaction; returns its id, or nil and
+-- a message when a pending job already has opts.key.
+function Jobs:schedule(db_or_tx, jtype, params, opts)
+  local r = self:_job_row(jtype, params, opts, 3)
+  local row = db_or_tx:one(SCHEDULE, r.g, r.type, r.priority, r.params, r.key, r.at)
+  if not row then
+    return nil, ("a pending job already has key %q"):format(r.key)
+  end
+  return row.id
+end
+
+function Jobs:schedule_now(db_or_tx, jtype, params)
+  return self:schedule(db_or_tx, jtype, params, nil)
+end
+
+local SCHEDULE_MANY = [[
+WITH r AS (
+  SELECT * FROM json_to_recordset($1::json)
+    AS r(g text, type text, priority int, params json, key text, at float8)),
+ins AS (
+  INSERT INTO pgcoord.jobs (group_name, type, state, priority, run_at, params, key)
+  SELECT g, type, CASE WHEN COALESCE(to_timestamp(at), now()) <= now()
+                       THEN 'ready' ELSE 'scheduled' END,
+         priority, COALESCE(to_timestamp(at), now()), params, key
+    FROM r
+  ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('ready', 'scheduled') DO NOTHING
+  RETURNING id, group_name, state, run_at),
+n AS (
+  SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in',
+           CASE WHEN bool_or(state = 'ready') THEN NULL
+                ELSE extract(epoch FROM min(run_at) - now()) END)::text)
+    FROM ins GROUP BY group_name)
+SELECT ins.id FROM ins, (SELECT count(*) FROM n) notified]]
+
+-- Schedules many jobs in one statement: list of { type =, params =,
+-- run_at =, group =, priority =, key = }.  Returns the ids inserted.
+function Jobs:schedule_many(db_or_tx, list)
+  if type(list) ~= "table" then
+    error("jobs:schedule_many: expected a list of jobs", 2)
+  end
+  if #list == 0 then return {} end
+  -- params are JSON already: splice them in rather than encode twice
+  local parts = {}
+  for i, item in ipairs(list) do
+    if type(item) ~= "table" then
+      error(("jobs:schedule_many: item %d is not a table"):format(i), 2)
+    end
+    local r = self:_job_row(item.type, item.params, item, 3)
+    local params = r.params
+    r.params = nil
+    parts[i] = json.encode(r):sub(1, -2) .. ',"params":' .. params .. "}"
+  end
+  local result = db_or_tx:query(SCHEDULE_MANY, "[" .. table.concat(parts, ",") .. "]")
+  local ids = {}
+  for i, row in ipairs(result) do ids[i] = row.id end
+  return ids
+end
+
+-- Jobs whose retries ran out, kept for a look and a retry.
+function Jobs:failed(opts)
+  opts = opts or {}
+  return self.pool:query([[
+    SELECT id, group_name AS "group", type, params, error_count, last_error,
+           inserted_at, run_at
+      FROM pgcoord.jobs
+     WHERE state = 'failed' AND ($1::text IS NULL OR group_name = $1)
+     ORDER BY id LIMIT $2]], opts.group, opts.limit or 100)
+end
+
+-- Schedules failed jobs (one id or a list) to run again now.
+function Jobs:retry(ids)
+  if type(ids) ~= "table" then ids = { ids } end
+  return self.pool:exec([[
+    WITH r AS (
+      UPDATE pgcoord.jobs SET state = 'ready', run_at = now(), locked_by = NULL
+       WHERE state = 'failed' AND id IN (SELECT value::bigint FROM json_array_elements_text($1))
+      RETURNING group_name)
+    SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
+      FROM (SELECT DISTINCT group_name FROM r) g]], ids)
+end
+
+-- ---- the worker ----------------------------------------------------------------
+
+local WORKER_OPTIONS = {
+  group = "string", concurrency = "integer", prefetch = "integer", poll_interval = "number",
+  flush_count = "integer", flush_age = "number", should_log_run = "function",
+  handle_error = "function", heartbeat_interval = "number", reclaim_after = "number",
+  subscriber = "table",
+}
+
+local function check_worker_options(self, opts)
+  if opts ~= nil and type(opts) ~= "table" then error("jobs:worker: options must be a table", 3) end
+  opts = opts or {}
+  for k, v in pairs(opts) do
+    local want = WORKER_OPTIONS[k]
+    if not want then error(("jobs:worker: unknown option %q"):format(tostring(k)), 3) end
+    local got = (want == "integer") and math.type(v) or type(v)
+    if got ~= want or (type(v) == "number" and (v ~= v or v <= 0)) then
+      error(("jobs:worker: option %s must be a positive %s, got %s")
+        :format(k, want, tostring(v)), 3)
+    end
+  end
+  local o = {
+    group = opts.group or "default",
+    concurrency = opts.concurrency or 10,
+    prefetch = opts.prefetch or 1000,
+    poll_interval = opts.poll_interval or 10,
+    flush_count = opts.flush_count or 100,
+    flush_age = opts.flush_age or 1,
+    should_log_run = opts.should_log_run,
+    handle_error = opts.handle_error,
+    heartbeat_interval = opts.heartbeat_interval or 10,
+    subscriber = opts.subscriber or self.subscriber,
+  }
+  o.reclaim_after = opts.reclaim_after or 6 * o.heartbeat_interval
+  if o.reclaim_after <= o.heartbeat_interval then
+    error(("jobs:worker: reclaim_after (%s) must exceed heartbeat_interval (%s)")
+      :format(o.reclaim_after, o.heartbeat_interval), 3)
+  end
+  if not self.groups[o.group] then
+    error(("jobs:worker: unknown group %q (no job type is defined in it)"):format(o.group), 3)
+  end
+  if o.prefetch < o.concurrency then o.prefetch = o.concurrency end
+  return o
+end
+
+function Jobs:worker(opts)
+  local w = setmetatable(check_worker_options(self, opts), Worker)
+  w.jobs, w.pool = self, self.pool
+  w.queue, w.qhead, w.qtail = {}, 1, 0   -- claimed, not started
+  w.results = {}                         -- finished, not written
+  w.running = 0                          -- handlers in progress
+  w.in_flight = {}                       -- job id -> runner task
+  w.wake = task.cond()                   -- the fetcher waits here
+  w.work = task.cond()                   -- runners wait here
+  w.flushed = task.cond()                -- results written
+  w.state = "starting"
+  w.next_due = nil
+  w.started = task.cond()
+  w.main = task.spawn(w._main, w)
+  return w
+end
+
+local REGISTER = [[
+INSERT INTO pgcoord.job_workers (group_name, name) VALUES ($1, $2) RETURNING id]]
+
+local CLAIM = [[
+UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
+  FROM (SELECT id FROM pgcoord.jobs
+         WHERE state = 'ready' AND group_name = $1
+         ORDER BY priority, id
+         LIMIT $3
+           FOR UPDATE SKIP LOCKED) c
+ WHERE j.id = c.id
+RETURNING j.id, j.type, j.priority, j.params, j.inserted_at, j.run_at, j.error_count, j.last_error]]
+
+local PROMOTE = [[
+WITH p AS (
+  UPDATE pgcoord.jobs SET state = 'ready'
+   WHERE id IN (SELECT id FROM pgcoord.jobs
+                 WHERE state = 'scheduled' AND group_name = $1 AND run_at <= now()
+                 ORDER BY run_at LIMIT 10000
+                   FOR UPDATE SKIP LOCKED)
+  RETURNING 1)
+SELECT (SELECT count(*) FROM p) AS promoted,
+       (SELECT extract(epoch FROM min(run_at) - now()) FROM pgcoord.jobs
+         WHERE state = 'scheduled' AND group_name = $1 AND run_at > now()) AS next_in]]
+
+local HEARTBEAT = [[
+UPDATE pgcoord.job_workers SET heartbeat_at = now() WHERE id = $1]]
+
+-- Hands back the jobs of workers that stopped heartbeating.
+local RECLAIM = [[
+WITH dead AS (
+  DELETE FROM pgcoord.job_workers
+   WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id),
+back AS (
+  UPDATE pgcoord.jobs j SET state = 'ready', locked_by = NULL, locked_at = NULL
+   WHERE j.state = 'running'
+     AND (j.locked_by IN (SELECT id FROM dead)
+          OR NOT EXISTS (SELECT 1 FROM pgcoord.job_workers w WHERE w.id = j.locked_by))
+  RETURNING j.group_name)
+SELECT count(*) AS reclaimed FROM back]]
+
+local FLUSH = [[
+WITH r AS (
+  SELECT * FROM json_to_recordset($1::json)
+    AS r(id bigint, ok boolean, error text, delay float8, at float8, final boolean,
+         log boolean, type text, attempt int, started float8, finished float8)),
+done AS (
+  DELETE FROM pgcoord.jobs j USING r
+   WHERE r.ok AND j.id = r.id AND j.locked_by = $2 RETURNING j.id),
+failed AS (
+  UPDATE pgcoord.jobs j
+     SET state = CASE WHEN r.final THEN 'failed' ELSE 'scheduled' END,
+         run_at = CASE WHEN r.final THEN j.run_at
+                       WHEN r.at IS NOT NULL THEN to_timestamp(r.at)
+                       ELSE now() + make_interval(secs => r.delay) END,
+         error_count = j.error_count + 1, last_error = r.error,
+         locked_by = NULL, locked_at = NULL
+    FROM r
+   WHERE NOT r.ok AND j.id = r.id AND j.locked_by = $2 RETURNING j.id),
+logged AS (
+  INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
+                                started_at, finished_at, worker_id)
+  SELECT r.id, $3, r.type, r.attempt, r.ok, r.error,
+         to_timestamp(r.started), to_timestamp(r.finished), $2
+    FROM r WHERE r.log
+  RETURNING 1)
+SELECT (SELECT count(*) FROM done) AS done, (SELECT count(*) FROM failed) AS failed,
+       (SELECT count(*) FROM logged) AS logged]]
+
+local HAND_BACK = [[
+WITH back AS (
+  UPDATE pgcoord.jobs SET state = 'ready', locked_by = NULL, locked_at = NULL
+   WHERE id IN (SELECT value::bigint FROM json_array_elements_text($1::json))
+     AND locked_by = $2 AND state = 'running'
+  RETURNING group_name)
+SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
+  FROM (SELECT DISTINCT group_name FROM back) g]]
+
+function Worker:_infra_error(what, err)
+  if self.handle_error then
+    local ok, herr = pcall(self.handle_error, err, what)
+    if ok then return end
+    log.error("handle_error failed", { error = tostring(herr) })
+  end
+  log.error("job worker: " .. what, { group = self.group, error = tostring(err) })
+end
+
+-- Wakes the fetch loop; a wake-up that comes while it is busy is kept.
+function Worker:_wake()
+  self.woken = true
+  self.wake:signal()
+end
+
+function Worker:_sleep(timeout)
+  if self.woken then
+    self.woken = false
+    return
+  end
+  self.wake:wait(timeout)
+  self.woken = false
+end
+
+-- Runs fn until it succeeds, backing off while the database is away.
+function Worker:_persist(what, fn, ...)
+  local delay = 0.1
+  while true do
+    local ok, a, b = pcall(fn, ...)
+    if ok then return a, b end
+    self:_infra_error(what, a)
+    if self.state == "stopped" then return nil end
+    self.wake:wait(delay)
+    delay = math.min(delay * 2, 10)
+  end
+end
+
+-- ---- the local queue ----
+
+function Worker:_queued()
+  return self.qtail - self.qhead + 1
+end
+
+function Worker:_push(job)
+  self.qtail = self.qtail + 1
+  self.queue[self.qtail] = job
+end
+
+function Worker:_pop()
+  local h = self.qhead
+  if h > self.qtail then return nil end
+  local job = self.queue[h]
+  self.queue[h] = nil
+  self.qhead = h + 1
+  if self.qhead > self.qtail then self.qhead, self.qtail = 1, 0 end
+  return job
+end
+
+-- ---- fetching ----
+
+local function by_priority(a, b)
+  if a.priority ~= b.priority then return a.priority < b.priority end
+  return a.id < b.id
+end
+
+function Worker:_claim()
+  local want = self.prefetch - self:_queued()
+  if want <= 0 then return 0 end
+  local rows = self.pool:query(CLAIM, self.group, self.id, want)
+  local n = #rows
+  if n == 0 then return 0 end
+  table.sort(rows, by_priority)
+  local group = self.group
+  for i = 1, n do
+    local r = rows[i]
+    r.group = group
+    self:_push(r)
+  end
+  self.work:signal()
+  return n
+end
+
+function Worker:_promote()
+  local row = self.pool:one(PROMOTE, self.group)
+  self.next_due = row.next_in and (core.now() + math.max(0, row.next_in)) or nil
+  return row.promoted
+end
+
+function Worker:_reclaim()
+  local row = self.pool:one(RECLAIM, self.reclaim_after)
+  if row.reclaimed > 0 then
+    log.warn("reclaimed jobs of workers that stopped heartbeating",
+      { group = self.group, jobs = row.reclaimed })
+  end
+end
+
+-- The fetch loop: claim while there is room, else wait for a wake-up.
+function Worker:_fetch_loop()
+  local last_poll = core.now()
+  while self.state == "running" do
+    local now = core.now()
+    local polling = now - last_poll >= self.poll_interval
+    if polling then
+      last_poll = now
+      self:_persist("reclaim failed", self._reclaim, self)
+    end
+    if polling or (self.next_due and now >= self.next_due) then
+      self:_persist("promote failed", self._promote, self)
+    end
+    local claimed = 0
+    if self:_queued() <= self.prefetch // 2 then
+      claimed = self:_persist("claim failed", self._claim, self) or 0
+    end
+    if claimed == 0 or self:_queued() > self.prefetch // 2 then
+      local timeout = self.poll_interval - (core.now() - last_poll)
+      if self.next_due then timeout = math.min(timeout, self.next_due - core.now()) end
+      if timeout > 0 then self:_sleep(timeout) end
+    end
+  end
+end
+
+-- ---- running ----
+
+function Worker:_result(job, ok, err, started, retryable)
+  local def = self.jobs.types[job.type]
+  local finished = core.time()
+  local attempt = job.error_count + 1
+  local r = { id = job.id, ok = ok, type = job.type, attempt = attempt,
+              started = started, finished = finished }
+  if not ok then
+    local retry = def and def.retry or DEFAULT_RETRY
+    r.error = tostring(err)
+    if getmetatable(err) == RetryAt then
+      r.at = err.at
+      r.error = err.message
+    end
+    r.final = not retryable and attempt > retry.max
+    r.delay = retry.base_delay * attempt
+  end
+  local should_log = self.should_log_run
+  if should_log then
+    local lok, keep = pcall(should_log, job, { ok = ok, error = r.error, final = r.final,
+      attempt = attempt, started_at = started, finished_at = finished })
+    r.log = not lok or keep ~= false
+  else
+    r.log = true
+  end
+  local results = self.results
+  results[#results + 1] = r
+  if #results >= self.flush_count then self.flush_now:signal() end
+end
+
+local function handler_error(err)
+  if getmetatable(err) == RetryAt or task.is_cancelled(err) then return err end
+  return debug.traceback(tostring(err), 2)
+end
+
+function Worker:_run_one(job)
+  local def = self.jobs.types[job.type]
+  local started = core.time()
+  if not def then
+    self:_result(job, false, ("no handler for job type %q in this worker"):format(job.type),
+      started)
+    return
+  end
+  local ok, err = xpcall(def.fn, handler_error, job)
+  if not ok and not task.is_cancelled(err) and getmetatable(err) ~= RetryAt then
+    log.error("job failed", { job = job.id, type = job.type, error = err })
+  end
+  self:_result(job, ok, ok and nil or err, started)
+end
+
+function Worker:_runner()
+  while true do
+    local job = self:_pop()
+    if job then
+      self.running = self.running + 1
+      if self:_queued() <= self.prefetch // 2 then self:_wake() end
+      self.in_flight[job.id] = job
+      self:_run_one(job)
+      self.in_flight[job.id] = nil
+      self.running = self.running - 1
+    elseif self.state ~= "running" then
+      return
+    else
+      self.work:wait()
+    end
+  end
+end
+
+-- ---- writing results ----
+
+function Worker:_flush()
+  local batch = self.results
+  if #batch == 0 then return end
+  self.results = {}
+  local ok, err = pcall(self.pool.one, self.pool, FLUSH, batch, self.id, self.group)
+  if not ok then
+    -- keep them, in order, for the next try
+    table.move(self.results, 1, #self.results, #batch + 1, batch)
+    self.results = batch
+    error(err, 0)
+  end
+  self.flushed:signal()
+end
+
+function Worker:_flush_loop()
+  while true do
+    if #self.results < self.flush_count and self.state ~= "stopped" then
+      self.flush_now:wait(self.flush_age)
+    end
+    self:_persist("writing results failed", self._flush, self)
+    if self.state == "stopped" and #self.results == 0 then return end
+  end
+end
+
+function Worker:_heartbeat_loop()
+  while self.state == "running" do
+    self.beat:wait(self.heartbeat_interval)
+    if self.state ~= "running" then break end
+    local ok, beat = pcall(self.pool.exec, self.pool, HEARTBEAT, self.id)
+    if not ok then
+      self:_infra_error("heartbeat failed", beat)
+    elseif beat == 0 then
+      -- Others took us for dead and took our jobs back: their results
+      -- will be refused, so start over under a new id.
+      local rok, row = pcall(self.pool.one, self.pool, REGISTER, self.group, self.name)
+      if rok then
+        log.warn("job worker was taken for dead, registered again",
+          { group = self.group, old = self.id, worker = row.id })
+        self.id = row.id
+      end
+    end
+    local err
+    ok, err = pcall(self._reclaim, self)
+    if not ok then self:_infra_error("reclaim failed", err) end
+  end
+end
+
+-- ---- life cycle ----
+
+function Worker:_listen()
+  local pgcoord = require "pgcoord"
+  local sub = self.subscriber
+  if not sub then
+    sub = pgcoord.subscriber(self.pool, {
+      on_reconnect = function() self:_wake() end })
+    self.own_subscriber = sub
+  end
+  local fan = sub.fans[CHANNEL] or sub:add(pgcoord.fanout(CHANNEL))
+  local group = self.group
+  self.listener = fan:on(function(msg)
+    local due = msg.due_in
+    if type(due) == "number" and due > 0 then
+      local at = core.now() + due
+      if not self.next_due or at < self.next_due then self.next_due = at end
+    end
+    self:_wake()
+  end, { filter = function(msg) return type(msg) == "table" and msg.group == group end })
+  if self.own_subscriber then sub:start() end
+end
+
+function Worker:_main()
+  local pgcoord = require "pgcoord"
+  self.flush_now, self.beat = task.cond(), task.cond()
+  self.name = ("%s:%d"):format(os.getenv("HOSTNAME") or "localhost", core.getpid())
+  local row = self:_persist("registering the worker failed",
+    self.pool.one, self.pool, REGISTER, self.group, self.name)
+  if not row then return end
+  self.id = row.id
+  self:_listen()
+  self.state = "running"
+  pgcoord.on_stop(function() self:shutdown() end)
+  self.tasks = { task.spawn(self._flush_loop, self), task.spawn(self._heartbeat_loop, self) }
+  self.runners = {}
+  for i = 1, self.concurrency do self.runners[i] = task.spawn(self._runner, self) end
+  log.info("job worker started", { group = self.group, worker = self.id,
+    concurrency = self.concurrency })
+  self.started:signal()
+  self:_fetch_loop()
+end
+
+-- Waits until the worker is registered and listening.
+function Worker:ready()
+  while self.state == "starting" do self.started:wait() end
+  return self.state == "running"
+end
+
+-- Wakes the worker to look for jobs at once.
+function Worker:signal()
+  self:_wake()
+end
+
+-- Stops fetching, hands back claimed jobs not yet started, waits for
+-- running handlers (up to timeout, then cancels them as failed and
+-- retryable), writes every result, and deregisters.
+function Worker:shutdown(timeout)
+  if self.state == "stopping" or self.state == "stopped" then
+    if self.done then self.done:wait() end
+    return
+  end
+  self.done = task.cond()
+  self:ready()
+  self.state = "stopping"
+  self:_wake()
+  self.work:signal()
+  self.beat:signal()
+  if self.listener then self.listener:close() end
+  if self.own_subscriber then self.own_subscriber:stop() end
+  local back = {}
+  for job in function() return self:_pop() end do back[#back + 1] = job.id end
+  if #back > 0 then
+    self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, back, self.id)
+  end
+  local deadline = timeout and core.now() + timeout
+  for _, r in ipairs(self.runners) do
+    local left = deadline and math.max(0, deadline - core.now())
+    if not r:wait(left) then
+      r:cancel()
+    end
+  end
+  self:_cancelled_results()
+  self.state = "stopped"
+  self.flush_now:signal()
+  for _, t in ipairs(self.tasks) do t:wait() end
+  pcall(self.pool.exec, self.pool, "DELETE FROM pgcoord.job_workers WHERE id = $1", self.id)
+  log.info("job worker stopped", { group = self.group, worker = self.id })
+  self.done:signal()
+end
+
+-- Runners cancelled mid-job leave no result: record them as retryable.
+function Worker:_cancelled_results()
+  for id, job in pairs(self.in_flight) do
+    self.in_flight[id] = nil
+    self:_result(job, false, "cancelled at shutdown", core.time(), true)
+  end
+end
+
+function Worker:stats()
+  return { group = self.group, id = self.id, state = self.state, queued = self:_queued(),
+           running = self.running, unflushed = #self.results }
+end
+
+return jobs
