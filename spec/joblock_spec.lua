@@ -1,0 +1,248 @@
+-- Job lock: several real pgcoord-run processes compete for one lock while
+-- the spec kills, stops and cuts them off.  The invariant checked after
+-- every scenario: each holder writes (token, clock_timestamp()) rows while
+-- it holds, and no two tokens' holding intervals overlap.
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+local PING = 0.3 -- stale_after 1.2 s, check_interval 0.6 s, timeout 0.15 s
+
+local COMPETITOR = [[
+local name, fence = arg[1], arg[2]
+local ping = tonumber(arg[3])
+local db = pgcoord.connect(os.getenv("LOCK_DSN"), { size = 3,
+  params = { application_name = os.getenv("APP") }, connect_timeout = 1 })
+local pid = tonumber(io.open("/proc/self/stat"):read("l"):match("^(%d+)"))
+local function say(fmt, ...)
+  io.stdout:write(fmt:format(...), "\n")
+  io.stdout:flush()
+end
+pgcoord.run_in_job_lock(db, "spec", name, { ping_interval = ping }, function(ctx)
+  local _ <close> = setmetatable({}, { __close = function()
+    say("stopped token=%d at=%.6f", ctx.token, pgcoord.time())
+  end })
+  say("holding token=%d pid=%d", ctx.token, pid)
+  while true do
+    db:exec(("INSERT INTO %s (token, pid, at) VALUES ($1, $2, clock_timestamp())"):format(fence),
+      ctx.token, pid)
+    pgcoord.sleep(0.03)
+  end
+end)
+]]
+
+local function make_fence(db)
+  local name = helper.unique("lock")
+  local fence = helper.unique("fence")
+  db:exec(("CREATE TABLE %s (token bigint NOT NULL, pid int NOT NULL, at timestamptz NOT NULL)")
+    :format(fence))
+  return name, fence
+end
+
+local function start_competitors(n, name, fence, dsn)
+  local script = helper.write_file(helper.tmpname("competitor") .. ".lua", COMPETITOR)
+  local procs = {}
+  for i = 1, n do
+    local app = helper.unique("competitor")
+    procs[i] = helper.start({ "pgcoord-run", script, name, fence, tostring(PING) },
+      { env = { LOCK_DSN = (type(dsn) == "table" and dsn[i] or dsn) or "", APP = app } })
+    procs[i].app = app
+  end
+  return procs
+end
+
+-- { token, pid, first, last } per token, in token order.
+local function intervals(db, fence)
+  return db:query(("SELECT token, min(pid) AS pid, extract(epoch FROM min(at)) AS first,"
+    .. " extract(epoch FROM max(at)) AS last, count(*) AS n FROM %s GROUP BY token ORDER BY token")
+    :format(fence))
+end
+
+local function assert_no_overlap(db, fence)
+  local rows = intervals(db, fence)
+  for i = 2, #rows do
+    assert.is_true(rows[i].first > rows[i - 1].last,
+      ("token %d (until %.6f) overlaps token %d (from %.6f)"):format(rows[i - 1].token,
+        rows[i - 1].last, rows[i].token, rows[i].first))
+    assert.are_not.equal(rows[i].pid and 0, nil)
+  end
+  return rows
+end
+
+local function holder(db, fence)
+  return db:one(("SELECT token, pid FROM %s ORDER BY at DESC LIMIT 1"):format(fence))
+end
+
+local function wait_new_token(db, fence, after, timeout)
+  return helper.wait_until(function()
+    local r = db:one(("SELECT token, pid, extract(epoch FROM min(at)) AS first FROM %s"
+      .. " WHERE token > $1 GROUP BY token, pid ORDER BY token LIMIT 1"):format(fence), after)
+    return r
+  end, timeout or 10, "another process to take the lock")
+end
+
+local function process_of(procs, pid)
+  for _, p in ipairs(procs) do
+    if p.pid == pid then return p end
+  end
+  error("no competitor has pid " .. tostring(pid))
+end
+
+local function stop_all(procs)
+  for _, p in ipairs(procs) do p:kill("KILL") end
+  for _, p in ipairs(procs) do pcall(p.wait, p, 10) end
+end
+
+describe("pgcoord.joblock", function()
+  local db
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 4 })
+    pgcoord.migrate(db)
+  end)
+
+  teardown(function()
+    helper.cleanup()
+  end)
+
+  it("derives its intervals from ping_interval and validates them", function()
+    local lock = pgcoord.joblock(db, helper.unique("l"), { ping_interval = 2 })
+    assert.are.equal(8, lock.stale_after)
+    assert.are.equal(4, lock.check_interval)
+    assert.are.equal(1, lock.timeout)
+    local d = pgcoord.joblock(db, helper.unique("l"))
+    assert.are.same({ 10, 40, 20, 5 },
+      { d.ping_interval, d.stale_after, d.check_interval, d.timeout })
+    local ok, err = pcall(pgcoord.joblock, db, "x", { ping_interval = 1, stale_after = 1 })
+    assert.is_false(ok)
+    assert.matches("stale_after", err)
+    ok, err = pcall(pgcoord.joblock, db, "x", { ping_interval = 1, timeout = 1 })
+    assert.is_false(ok)
+    assert.matches("timeout", err)
+    ok, err = pcall(pgcoord.joblock, db, "x", { ping_intervl = 1 })
+    assert.is_false(ok)
+    assert.matches("unknown option", err)
+    ok, err = pcall(pgcoord.joblock, db, "", {})
+    assert.is_false(ok)
+    assert.matches("name", err)
+  end)
+
+  it("runs fn while holding, releases at once, bumps the token each time", function()
+    local name = helper.unique("l")
+    local lock = pgcoord.joblock(db, name, { ping_interval = PING })
+    assert.are.equal("", lock:state())
+    local seen
+    local r = lock:run(function(ctx)
+      seen = ctx.token
+      assert.are.equal("held", lock:state())
+      assert.is_false(ctx.lost())
+      pgcoord.sleep(PING * 2.5) -- renewed at least twice
+      return "result", 2
+    end)
+    assert.are.equal("result", r)
+    assert.are.equal("released", lock:state())
+    local row = db:one("SELECT holder, token FROM pgcoord.job_locks WHERE name = $1", name)
+    assert.is_nil(row.holder)
+    assert.are.equal(seen, row.token)
+    local again = pgcoord.joblock(db, name, { ping_interval = PING })
+    local t0 = pgcoord.now()
+    local second = again:run(function(ctx) return ctx.token end)
+    assert.are.equal(seen + 1, second)
+    assert.is_true(pgcoord.now() - t0 < PING, "a released lock is taken without waiting")
+  end)
+
+  it("cancels fn and raises when another process took the lock", function()
+    local name = helper.unique("l")
+    local lock = pgcoord.joblock(db, name, { ping_interval = PING })
+    local cancelled = false
+    local ok, err = pcall(lock.run, lock, function()
+      local _ <close> = setmetatable({}, { __close = function() cancelled = true end })
+      db:exec("UPDATE pgcoord.job_locks SET holder = 'thief', token = token + 1 WHERE name = $1",
+        name)
+      pgcoord.sleep(30)
+    end)
+    assert.is_false(ok)
+    assert.matches("was lost", tostring(err))
+    assert.is_true(cancelled)
+    assert.are.equal("lost", lock:state())
+  end)
+
+  it("lets exactly one of three processes hold; SIGKILL hands over after stale_after",
+    function()
+      local name, fence = make_fence(db)
+      local procs = start_competitors(3, name, fence)
+      local first = wait_new_token(db, fence, 0)
+      helper.wait_until(function()
+        return db:one(("SELECT count(*) AS n FROM %s"):format(fence)).n > 20
+      end, 10, "the holder to work")
+      local before = holder(db, fence)
+      assert.are.equal(first.token, before.token)
+      process_of(procs, before.pid):kill("KILL")
+      local after = wait_new_token(db, fence, before.token, 10)
+      assert.are_not.equal(before.pid, after.pid)
+      local rows = assert_no_overlap(db, fence)
+      -- nobody took over before the dead holder's row went stale
+      local gap = rows[#rows].first - rows[#rows - 1].last
+      assert.is_true(gap >= 4 * PING - PING, ("takeover after %.3fs"):format(gap))
+      stop_all(procs)
+    end)
+
+  it("hands over within a second on SIGTERM of the holder", function()
+    local name, fence = make_fence(db)
+    local procs = start_competitors(3, name, fence)
+    local first = wait_new_token(db, fence, 0)
+    local p = process_of(procs, first.pid)
+    p:wait_output("holding token=", 10)
+    local t0 = pgcoord.time()
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(10))
+    assert.matches("stopped token=", p:output())
+    local after = wait_new_token(db, fence, first.token, 5)
+    assert.is_true(after.first - t0 < 1.0, ("takeover took %.3fs"):format(after.first - t0))
+    local row = db:one("SELECT holder FROM pgcoord.job_locks WHERE name = $1", "spec:" .. name)
+    assert.is_not_nil(row.holder)
+    assert_no_overlap(db, fence)
+    stop_all(procs)
+  end)
+
+  it("never overlaps while the holder's backends are killed again and again", function()
+    local name, fence = make_fence(db)
+    local procs = start_competitors(3, name, fence)
+    wait_new_token(db, fence, 0)
+    local deadline = pgcoord.now() + 4
+    local kills = 0
+    while pgcoord.now() < deadline do
+      local h = holder(db, fence)
+      local app = process_of(procs, h.pid).app
+      kills = kills + db:one([[SELECT count(pg_terminate_backend(pid)) AS n
+        FROM pg_stat_activity WHERE application_name = $1]], app).n
+      pgcoord.sleep(0.1)
+    end
+    assert.is_true(kills > 5)
+    local rows = assert_no_overlap(db, fence)
+    assert.is_true(#rows >= 1)
+    stop_all(procs)
+  end)
+
+  it("cancels a cut-off holder's work before anyone else acquires", function()
+    local name, fence = make_fence(db)
+    local relays = { helper.relay("127.0.0.1", helper.tcp_parts().port),
+                     helper.relay("127.0.0.1", helper.tcp_parts().port) }
+    local procs = start_competitors(2, name, fence, { relays[1].dsn(), relays[2].dsn() })
+    local first = wait_new_token(db, fence, 0)
+    local idx = procs[1].pid == first.pid and 1 or 2
+    local p = procs[idx]
+    p:wait_output("holding token=", 10)
+    relays[idx].blackhole()
+    local after = wait_new_token(db, fence, first.token, 15)
+    assert.are_not.equal(first.pid, after.pid)
+    local out = p:wait_output("stopped token=" .. first.token, 10)
+    local stopped_at = tonumber(out:match("stopped token=" .. first.token .. " at=([%d%.]+)"))
+    local acquired = db:one([[SELECT extract(epoch FROM acquired_at) AS t
+      FROM pgcoord.job_locks WHERE name = $1]], "spec:" .. name).t
+    assert.is_true(stopped_at < acquired,
+      ("work stopped at %.6f, lock taken at %.6f"):format(stopped_at, acquired))
+    assert_no_overlap(db, fence)
+    stop_all(procs)
+    for _, r in ipairs(relays) do r.stop() end
+  end)
+end)
