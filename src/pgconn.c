@@ -534,7 +534,6 @@ static int conn_on_close(lua_State *L)
 	return 0;
 }
 
-/* conn:close(): no callback runs for a close the owner asked for. */
 static int conn_on_notice(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
@@ -546,15 +545,28 @@ static int conn_on_notice(lua_State *L)
 	return 0;
 }
 
+/*
+ * conn:close(): the close and notice callbacks do not run for a close the
+ * owner asked for, but a query still waiting gets its error, or its task
+ * would wait forever.
+ */
 static int conn_close(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
+	int cb = c->cb_ref;
+	c->cb_ref = LUA_NOREF;
 	shut(c, "connection closed");
-	pgc_unref(L, &c->cb_ref);
 	pgc_unref(L, &c->notify_ref);
 	pgc_unref(L, &c->close_ref);
 	pgc_unref(L, &c->notice_ref);
 	pgc_unref(L, &c->self_ref);
+	if (cb != LUA_NOREF) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
+		luaL_unref(L, LUA_REGISTRYINDEX, cb);
+		lua_pushnil(L);
+		pgc_push_error(L, "08003", "connection closed while a query was running");
+		lua_call(L, 2, 0);
+	}
 	return 0;
 }
 

@@ -1,0 +1,284 @@
+-- Subscriber and fan-out against the real server: delivery, filters,
+-- overflow, and the ways a LISTEN connection dies (terminated backend,
+-- server restart, a link that goes silent without closing).
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+local FAST = { ping_interval = 0.2, ping_grace = 0.6, reconnect_min = 0.05, reconnect_max = 0.5 }
+
+local function options(extra)
+  local o = {}
+  for k, v in pairs(FAST) do o[k] = v end
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+-- A started subscriber with one fan-out; waits until it listens.
+local function subscribed(db, channel, opts, fan_opts)
+  local connects = 0
+  opts = options(opts)
+  local user_cb = opts.on_reconnect
+  opts.on_reconnect = function(s)
+    connects = connects + 1
+    if user_cb then user_cb(s) end
+  end
+  local sub = pgcoord.subscriber(db, opts)
+  local fan = pgcoord.fanout(channel or helper.unique("ch"), fan_opts)
+  sub:add(fan)
+  sub:start()
+  helper.wait_until(function() return connects > 0 end, 10, "the subscriber to listen")
+  return sub, fan, function() return connects end
+end
+
+local function listen_pid(db, channel)
+  return helper.wait_until(function()
+    local row = db:one([[SELECT pid FROM pg_stat_activity
+      WHERE query LIKE 'LISTEN %' AND query LIKE '%' || $1 || '%' ORDER BY backend_start DESC]],
+      channel)
+    return row and row.pid
+  end, 10, "the LISTEN backend")
+end
+
+describe("pgcoord.subscriber and pgcoord.fanout", function()
+  local db
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 4 })
+  end)
+
+  teardown(function()
+    helper.cleanup()
+  end)
+
+  it("delivers in publish order, JSON decoded, raw strings as they are", function()
+    local sub, fan = subscribed(db)
+    local l = fan:listen({ buffer = 500 })
+    for i = 1, 300 do fan:publish(db, { n = i, tag = "x" }) end
+    db:query("SELECT pg_notify($1, 'not json {')", fan.channel)
+    for i = 1, 300 do
+      local msg = assert(l:receive(5), "message " .. i)
+      assert.are.equal(i, msg.n)
+      assert.are.equal("integer", math.type(msg.n))
+    end
+    assert.are.equal("not json {", l:receive(5))
+    assert.are.same({ nil, "timeout" }, { l:receive(0.05) })
+    sub:stop()
+  end)
+
+  it("delivers a notification only once its transaction commits", function()
+    local sub, fan = subscribed(db)
+    local l = fan:listen()
+    pcall(db.tx, db, function(tx)
+      fan:publish(tx, "rolled back")
+      error("abort")
+    end)
+    db:tx(function(tx)
+      fan:publish(tx, "committed")
+      assert.are.same({ nil, "timeout" }, { l:receive(0.1) })
+    end)
+    assert.are.equal("committed", l:receive(5))
+    assert.are.same({ nil, "timeout" }, { l:receive(0.1) })
+    sub:stop()
+  end)
+
+  it("feeds many listeners, each through its own filter", function()
+    local sub, fan = subscribed(db)
+    local listeners = {}
+    for k = 1, 50 do
+      listeners[k] = fan:listen({ buffer = 200, filter = function(m) return m.n % k == 0 end })
+    end
+    local got = {}
+    fan:on(function(m) got[#got + 1] = m.n end, { filter = function(m) return m.n > 90 end })
+    for i = 1, 100 do fan:publish(db, { n = i }) end
+    helper.wait_until(function() return #got == 10 end, 10, "the callback listener")
+    for k = 1, 50 do
+      helper.wait_until(function() return listeners[k]:pending() == 100 // k end, 10,
+        "listener " .. k)
+      local first = listeners[k]:receive(1)
+      assert.are.equal(k, first.n)
+    end
+    assert.are.same({ 91, 92, 93, 94, 95, 96, 97, 98, 99, 100 }, got)
+    for k = 1, 50 do listeners[k]:close() end
+    assert.are.equal(1, fan:stats().listeners)
+    sub:stop()
+  end)
+
+  it("drops for a full listener only, and counts it (overflow = drop)", function()
+    local sub, fan = subscribed(db, nil, nil, { overflow = "drop" })
+    local slow = fan:listen({ buffer = 2 })
+    local fast = fan:listen({ buffer = 100 })
+    for i = 1, 10 do fan:publish(db, { n = i }) end
+    helper.wait_until(function() return fast:pending() == 10 end, 10, "the fast listener")
+    assert.are.equal(2, slow:pending())
+    assert.are.equal(8, fan:stats().drops)
+    assert.are.equal(1, slow:receive(0).n)
+    fan:notify({ n = 11 })
+    assert.are.equal(2, slow:receive(0).n)
+    assert.are.equal(11, slow:receive(0).n)
+    sub:stop()
+  end)
+
+  it("raises on a local notify into a full buffer (overflow = error)", function()
+    local fan = pgcoord.fanout(helper.unique("ch"), { overflow = "error" })
+    local l = fan:listen({ buffer = 1 })
+    local other = fan:listen({ buffer = 10 })
+    fan:notify("a")
+    local ok, err = pcall(fan.notify, fan, "b")
+    assert.is_false(ok)
+    assert.matches("full", err)
+    assert.matches(fan.channel, err, 1, true)
+    assert.are.equal(2, other:pending())
+    assert.are.equal("a", l:receive(0))
+    local closed = fan:listen()
+    closed:close()
+    assert.are.same({ nil, "closed" }, { closed:receive(1) })
+    local bad = pcall(pgcoord.fanout, "x", { overflow = "block" })
+    assert.is_false(bad)
+  end)
+
+  it("wakes a waiting receiver at once and ends messages() on close", function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local l = fan:listen()
+    local seen = {}
+    local t = pgcoord.spawn(function()
+      for m in l:messages() do seen[#seen + 1] = m end
+      return "ended"
+    end)
+    pgcoord.sleep(0)
+    fan:notify(1)
+    fan:notify(2)
+    helper.wait_until(function() return #seen == 2 end, 5, "the messages")
+    l:close()
+    assert.are.equal("ended", t:join())
+  end)
+
+  it("reconnects after pg_terminate_backend, calls on_reconnect, keeps delivering", function()
+    local sub, fan, connects = subscribed(db)
+    local l = fan:listen()
+    fan:publish(db, "before")
+    assert.are.equal("before", l:receive(5))
+    local pid = listen_pid(db, fan.channel)
+    db:query("SELECT pg_terminate_backend($1)", pid)
+    helper.wait_until(function() return connects() == 2 end, 10, "on_reconnect")
+    assert.are.equal(1, sub:stats().reconnects)
+    fan:publish(db, "after")
+    assert.are.equal("after", l:receive(5))
+    sub:stop()
+  end)
+
+  it("survives a server restart", function()
+    if not helper.can_pgctl() then pending("needs scripts/pg-tmp") return end
+    local own = pgcoord.connect(nil, { size = 2 })
+    local sub, fan, connects = subscribed(own)
+    local l = fan:listen()
+    helper.pgctl("restart")
+    helper.wait_until(function() return connects() >= 2 end, 20, "a reconnect after restart")
+    helper.wait_until(function()
+      local ok = pcall(fan.publish, fan, own, "after restart")
+      return ok
+    end, 10, "publishing again")
+    assert.are.equal("after restart", l:receive(5))
+    sub:stop()
+    own:close()
+  end)
+
+  it("notices a silently dead link within ping_grace and reconnects", function()
+    local relay = helper.relay("127.0.0.1", helper.tcp_parts().port)
+    local through = pgcoord.connect(relay.dsn(), { size = 1, connect_timeout = 0.5 })
+    local sub, fan, connects = subscribed(through, nil, { ping_db = db })
+    local l = fan:listen()
+    fan:publish(db, "one")
+    assert.are.equal("one", l:receive(5))
+    relay.blackhole()
+    local t0 = pgcoord.now()
+    helper.wait_until(function() return not sub:connected() end, 5, "the dead link noticed")
+    local noticed = pgcoord.now() - t0
+    assert.is_true(noticed <= FAST.ping_grace + FAST.ping_interval,
+      ("noticed after %.3fs"):format(noticed))
+    relay.resume()
+    helper.wait_until(function() return connects() >= 2 end, 10, "the reconnect")
+    fan:publish(db, "two")
+    assert.are.equal("two", l:receive(5))
+    sub:stop()
+    relay.stop()
+  end)
+
+  it("bounces after `threshold` polls that found work, and counts", function()
+    local sub, fan, connects = subscribed(db)
+    fan:enable_recovery(sub, { threshold = 3 })
+    fan:polled(0)
+    fan:polled(-1)
+    assert.are.equal(0, fan:stats().streak)
+    fan:polled(5)
+    fan:polled(1)
+    assert.are.equal(2, fan:stats().streak)
+    fan:publish(db, "wire")
+    helper.wait_until(function() return fan:stats().streak == 0 end, 5, "the streak reset")
+    fan:polled(2)
+    fan:polled(2)
+    fan:polled(2)
+    assert.are.equal(0, fan:stats().streak)
+    assert.are.equal(12, fan:stats().poll_saved)
+    helper.wait_until(function() return connects() == 2 end, 10, "the bounce")
+    assert.is_false(sub:bounce() and false)
+    -- threshold <= 0 keeps counting but never bounces
+    local other = pgcoord.fanout(helper.unique("ch"))
+    other:enable_recovery(sub, { threshold = 0 })
+    for _ = 1, 10 do other:polled(1) end
+    assert.are.equal(10, other:stats().streak)
+    -- without recovery, polled does nothing
+    local plain = pgcoord.fanout(helper.unique("ch"))
+    plain:polled(3)
+    assert.are.equal(0, plain:stats().poll_saved)
+    sub:stop()
+  end)
+
+  it("coalesces bounces and never tears down a fresh connection", function()
+    local sub, _, connects = subscribed(db)
+    assert.is_true(sub:bounce())
+    assert.is_false(sub:bounce())
+    assert.is_false(sub:bounce())
+    helper.wait_until(function() return connects() == 2 end, 10, "one reconnect")
+    helper.wait_until(function() return sub:connected() end, 10, "connected")
+    pgcoord.sleep(FAST.ping_interval)
+    assert.are.equal(2, connects())
+    sub:stop()
+  end)
+
+  it("pings through ping_db, or not at all with ping_db = false", function()
+    local sub = subscribed(db, nil, { ping_db = false, ping_grace = 0.5 })
+    -- nothing pings: the subscriber must take the silence for a dead link
+    helper.wait_until(function() return sub:stats().reconnects >= 1 end, 10, "a reconnect")
+    assert.are.equal(0, sub:stats().pings)
+    sub:stop()
+    local sub2 = subscribed(db)
+    helper.wait_until(function() return sub2:stats().pings >= 2 end, 10, "pings")
+    assert.are.equal(0, sub2:stats().reconnects)
+    pgcoord.send_listener_ping(db)
+    sub2:stop()
+  end)
+
+  it("listens on channel names with quotes, spaces and non-ASCII letters", function()
+    for _, name in ipairs({ 'it"s', "with space", "Größe_é", "'; DROP TABLE x; --" }) do
+      local sub, fan = subscribed(db, name .. helper.unique(""))
+      local l = fan:listen()
+      fan:publish(db, { name = name })
+      assert.are.equal(name, l:receive(5).name)
+      sub:stop()
+    end
+  end)
+
+  it("refuses payloads over NOTIFY's limit and bad options, clearly", function()
+    local ok, err = pcall(pgcoord.publish, db, "c", string.rep("x", 8000))
+    assert.is_false(ok)
+    assert.matches("8000", err)
+    ok, err = pcall(pgcoord.subscriber, db, { ping_interval = 10, ping_grace = 5 })
+    assert.is_false(ok)
+    assert.matches("ping_grace", err)
+    ok, err = pcall(pgcoord.subscriber, db, { ping_intervall = 10 })
+    assert.is_false(ok)
+    assert.matches("unknown option", err)
+    ok = pcall(pgcoord.fanout, "")
+    assert.is_false(ok)
+  end)
+end)
