@@ -166,10 +166,10 @@ function task.await(register, ...)
   end
   raise_if_cancelled(t)
   local token, early = {}, nil
-  t.wait = token
+  t.wait_token = token
   local cancel = register(function(...)
-    if t.wait ~= token then return end
-    t.wait, t.cancel_wait = nil, nil
+    if t.wait_token ~= token then return end
+    t.wait_token, t.cancel_wait = nil, nil
     if early == false then
       wake(t, ...)
     else
@@ -276,7 +276,7 @@ function Task:cancel()
     if co_status == "running" then error(CANCELLED, 0) end
     return true
   end
-  self.wait = nil
+  self.wait_token = nil
   if self.cancel_wait then
     pcall(self.cancel_wait)
     self.cancel_wait = nil
