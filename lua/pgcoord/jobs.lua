@@ -199,16 +199,19 @@ function Jobs:failed(opts)
      ORDER BY id LIMIT $2]], opts.group, opts.limit or 100)
 end
 
--- Schedules failed jobs (one id or a list) to run again now.
+-- Schedules failed jobs (one id or a list) to run again now; returns how
+-- many it rescheduled.
 function Jobs:retry(ids)
   if type(ids) ~= "table" then ids = { ids } end
-  return self.pool:exec([[
+  return self.pool:one([[
     WITH r AS (
       UPDATE pgcoord.jobs SET state = 'ready', run_at = now(), locked_by = NULL
        WHERE state = 'failed' AND id IN (SELECT value::bigint FROM json_array_elements_text($1))
-      RETURNING group_name)
-    SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
-      FROM (SELECT DISTINCT group_name FROM r) g]], ids)
+      RETURNING group_name),
+    n AS (
+      SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
+        FROM (SELECT DISTINCT group_name FROM r) g)
+    SELECT (SELECT count(*) FROM r) AS retried, (SELECT count(*) FROM n) AS notified]], ids).retried
 end
 
 -- ---- the worker ----------------------------------------------------------------
@@ -311,8 +314,11 @@ back AS (
    WHERE j.state = 'running'
      AND (j.locked_by IN (SELECT id FROM dead)
           OR NOT EXISTS (SELECT 1 FROM pgcoord.job_workers w WHERE w.id = j.locked_by))
-  RETURNING j.group_name)
-SELECT count(*) AS reclaimed FROM back]]
+  RETURNING j.group_name),
+n AS (
+  SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
+    FROM (SELECT DISTINCT group_name FROM back) g)
+SELECT (SELECT count(*) FROM back) AS reclaimed, (SELECT count(*) FROM n) AS notified]]
 
 local FLUSH = [[
 WITH r AS (
@@ -422,6 +428,15 @@ function Worker:_claim()
   local rows = self.pool:query(CLAIM, self.group, self.id, want)
   local n = #rows
   if n == 0 then return 0 end
+  if self.state ~= "running" then
+    -- shutdown began while the claim was on its way: its hand-back is
+    -- over, and the runners may be gone, so hand these back too
+    local ids = {}
+    for i = 1, n do ids[i] = rows[i].id end
+    self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, ids,
+      self.id)
+    return 0
+  end
   table.sort(rows, by_priority)
   local group = self.group
   for i = 1, n do
@@ -554,7 +569,26 @@ function Worker:_flush()
     self.results = batch
     error(err, 0)
   end
+  self:_arm_retries(batch)
   self.flushed:signal()
+end
+
+-- Failed runs just written went back to 'scheduled': wake up in time to
+-- promote the earliest (no NOTIFY announces them).
+function Worker:_arm_retries(batch)
+  local due
+  local now, wall = core.now(), core.time()
+  for i = 1, #batch do
+    local r = batch[i]
+    if not r.ok and not r.final then
+      local at = r.at and (now + (r.at - wall)) or (now + r.delay)
+      if not due or at < due then due = at end
+    end
+  end
+  if due then
+    if not self.next_due or due < self.next_due then self.next_due = due end
+    self:_wake()
+  end
 end
 
 function Worker:_flush_loop()
