@@ -1,13 +1,17 @@
 /*
  * json.c -- a JSON encoder that keeps Lua 5.4 integers exact.
  *
- * lua-cjson 2.1 prints every number with %.14g, which silently rounds
- * integers past 10^14 (ids, epoch microseconds); parameters and payloads
- * must not change on the way to the database.  Decoding stays with cjson.
+ * lua-cjson 2.1 prints every number with %.14g and reads every number as
+ * a float, which silently rounds integers past 10^14 on the way out and
+ * past 2^53 on the way in (ids, epoch microseconds), and turns 42 into
+ * 42.0.  Values must not change on their way through the database, so
+ * both directions are here; JSON null is a NULL light userdata, the same
+ * value as cjson.null.
  *
  * A table is an array when its keys are exactly 1..n (n > 0), else an
  * object whose keys are strings or numbers; an empty table is {}.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,7 +101,7 @@ static void add_number(lua_State *L, jbuf *b, int idx)
 		double d = lua_tonumber(L, idx);
 		if (isnan(d) || isinf(d))
 			luaL_error(L, "cannot encode %f as JSON", d);
-		snprintf(buf, sizeof buf, "%.17g", d);
+		pgc_format_double(d, buf, sizeof buf);
 	}
 	jb_str(L, b, buf);
 }
@@ -206,8 +210,261 @@ static int l_json_encode(lua_State *L)
 	return 1;
 }
 
+/* ---- decoding ------------------------------------------------------ */
+
+typedef struct jreader {
+	const char *p, *end, *start;
+} jreader;
+
+static void decode_value(lua_State *L, jreader *r, int depth);
+
+static int jfail(lua_State *L, jreader *r, const char *what)
+{
+	return luaL_error(L, "invalid JSON at byte %d: %s", (int)(r->p - r->start) + 1, what);
+}
+
+static void skip_space(jreader *r)
+{
+	while (r->p < r->end && (*r->p == ' ' || *r->p == '\t' || *r->p == '\n' || *r->p == '\r'))
+		r->p++;
+}
+
+static int hex4(lua_State *L, jreader *r)
+{
+	if (r->end - r->p < 4)
+		jfail(L, r, "short \\u escape");
+	int v = 0;
+	for (int i = 0; i < 4; i++) {
+		char c = *r->p++;
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			jfail(L, r, "bad \\u escape");
+	}
+	return v;
+}
+
+static void add_utf8(lua_State *L, jbuf *b, unsigned cp)
+{
+	char u[4];
+	size_t n;
+	if (cp < 0x80) {
+		u[0] = (char)cp;
+		n = 1;
+	} else if (cp < 0x800) {
+		u[0] = (char)(0xC0 | (cp >> 6));
+		u[1] = (char)(0x80 | (cp & 0x3F));
+		n = 2;
+	} else if (cp < 0x10000) {
+		u[0] = (char)(0xE0 | (cp >> 12));
+		u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+		u[2] = (char)(0x80 | (cp & 0x3F));
+		n = 3;
+	} else {
+		u[0] = (char)(0xF0 | (cp >> 18));
+		u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+		u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+		u[3] = (char)(0x80 | (cp & 0x3F));
+		n = 4;
+	}
+	jb_add(L, b, u, n);
+}
+
+/* Pushes the string at r->p (just past the opening quote). */
+static void decode_string(lua_State *L, jreader *r, jbuf *b)
+{
+	const char *run = r->p;
+	while (r->p < r->end && *r->p != '"' && *r->p != '\\' && (unsigned char)*r->p >= 0x20)
+		r->p++;
+	if (r->p < r->end && *r->p == '"') {	/* no escapes: the common case */
+		lua_pushlstring(L, run, (size_t)(r->p - run));
+		r->p++;
+		return;
+	}
+	b->len = 0;
+	jb_add(L, b, run, (size_t)(r->p - run));
+	for (;;) {
+		if (r->p >= r->end)
+			jfail(L, r, "unterminated string");
+		unsigned char c = (unsigned char)*r->p++;
+		if (c == '"')
+			break;
+		if (c < 0x20)
+			jfail(L, r, "control character in string");
+		if (c != '\\') {
+			jb_char(L, b, (char)c);
+			continue;
+		}
+		if (r->p >= r->end)
+			jfail(L, r, "unterminated string");
+		char e = *r->p++;
+		switch (e) {
+		case '"': jb_char(L, b, '"'); break;
+		case '\\': jb_char(L, b, '\\'); break;
+		case '/': jb_char(L, b, '/'); break;
+		case 'b': jb_char(L, b, '\b'); break;
+		case 'f': jb_char(L, b, '\f'); break;
+		case 'n': jb_char(L, b, '\n'); break;
+		case 'r': jb_char(L, b, '\r'); break;
+		case 't': jb_char(L, b, '\t'); break;
+		case 'u': {
+			unsigned cp = (unsigned)hex4(L, r);
+			if (cp >= 0xD800 && cp < 0xDC00 && r->end - r->p >= 6 && r->p[0] == '\\'
+			    && r->p[1] == 'u') {
+				r->p += 2;
+				unsigned lo = (unsigned)hex4(L, r);
+				if (lo >= 0xDC00 && lo < 0xE000)
+					cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+				else
+					jfail(L, r, "bad surrogate pair");
+			}
+			add_utf8(L, b, cp);
+			break;
+		}
+		default:
+			jfail(L, r, "bad escape");
+		}
+	}
+	lua_pushlstring(L, b->p, b->len);
+}
+
+/* Integers stay integers (exact to 64 bits); the rest are floats. */
+static void decode_number(lua_State *L, jreader *r)
+{
+	const char *s = r->p;
+	int is_float = 0;
+	if (r->p < r->end && *r->p == '-')
+		r->p++;
+	while (r->p < r->end) {
+		char c = *r->p;
+		if (c >= '0' && c <= '9') {
+			r->p++;
+		} else if (c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') {
+			is_float = 1;
+			r->p++;
+		} else {
+			break;
+		}
+	}
+	size_t len = (size_t)(r->p - s);
+	char buf[64];
+	if (len == 0 || len >= sizeof buf || (len == 1 && *s == '-'))
+		jfail(L, r, "bad number");
+	memcpy(buf, s, len);
+	buf[len] = '\0';
+	char *end;
+	if (!is_float) {
+		errno = 0;
+		long long v = strtoll(buf, &end, 10);
+		if (*end == '\0' && errno == 0) {
+			lua_pushinteger(L, (lua_Integer)v);
+			return;
+		}
+	}
+	double d = strtod(buf, &end);
+	if (*end != '\0')
+		jfail(L, r, "bad number");
+	lua_pushnumber(L, d);
+}
+
+static void expect_word(lua_State *L, jreader *r, const char *word)
+{
+	size_t n = strlen(word);
+	if ((size_t)(r->end - r->p) < n || memcmp(r->p, word, n) != 0)
+		jfail(L, r, "unexpected character");
+	r->p += n;
+}
+
+static void decode_container(lua_State *L, jreader *r, int depth, int is_array)
+{
+	if (depth > MAX_DEPTH)
+		jfail(L, r, "nested too deep");
+	luaL_checkstack(L, 6, "JSON nesting");
+	char close = is_array ? ']' : '}';
+	lua_newtable(L);
+	int t = lua_gettop(L);
+	lua_Integer n = 0;
+	r->p++;
+	skip_space(r);
+	if (r->p < r->end && *r->p == close) {
+		r->p++;
+		return;
+	}
+	for (;;) {
+		skip_space(r);
+		if (!is_array) {
+			if (r->p >= r->end || *r->p != '"')
+				jfail(L, r, "expected a string key");
+			r->p++;
+			decode_string(L, r, lua_touserdata(L, 2));
+			skip_space(r);
+			if (r->p >= r->end || *r->p != ':')
+				jfail(L, r, "expected ':'");
+			r->p++;
+		}
+		decode_value(L, r, depth + 1);
+		if (is_array)
+			lua_rawseti(L, t, ++n);
+		else
+			lua_rawset(L, t);
+		skip_space(r);
+		if (r->p < r->end && *r->p == ',') {
+			r->p++;
+			continue;
+		}
+		if (r->p < r->end && *r->p == close) {
+			r->p++;
+			return;
+		}
+		jfail(L, r, is_array ? "expected ',' or ']'" : "expected ',' or '}'");
+	}
+}
+
+static void decode_value(lua_State *L, jreader *r, int depth)
+{
+	skip_space(r);
+	if (r->p >= r->end)
+		jfail(L, r, "unexpected end");
+	switch (*r->p) {
+	case '{': decode_container(L, r, depth, 0); return;
+	case '[': decode_container(L, r, depth, 1); return;
+	case '"':
+		r->p++;
+		decode_string(L, r, lua_touserdata(L, 2));
+		return;
+	case 't': expect_word(L, r, "true"); lua_pushboolean(L, 1); return;
+	case 'f': expect_word(L, r, "false"); lua_pushboolean(L, 0); return;
+	case 'n': expect_word(L, r, "null"); lua_pushlightuserdata(L, NULL); return;
+	default: decode_number(L, r); return;
+	}
+}
+
+/* core.json_decode(text) -> value; raises naming the byte where it failed. */
+static int l_json_decode(lua_State *L)
+{
+	size_t len;
+	const char *s = luaL_checklstring(L, 1, &len);
+	lua_settop(L, 1);
+	jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);	/* slot 2: scratch for escapes */
+	b->p = NULL;
+	b->len = b->cap = 0;
+	luaL_setmetatable(L, JBUF_META);
+	jreader r = {s, s + len, s};
+	decode_value(L, &r, 0);
+	skip_space(&r);
+	if (r.p != r.end)
+		jfail(L, &r, "trailing characters");
+	return 1;
+}
+
 static const luaL_Reg json_funcs[] = {
 	{"json_encode", l_json_encode},
+	{"json_decode", l_json_decode},
 	{NULL, NULL}
 };
 

@@ -10,6 +10,7 @@
  * Each outcome is handed to a Lua callback; the policy (pooling, waiting,
  * retrying) lives in lua/pgcoord/db.lua.
  */
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +35,7 @@ typedef struct pgc_conn {
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
 	PGresult *result;	/* what the current query returned so far */
 	int failed_connecting;	/* the link was lost before it was ready */
+	int describing;		/* the result wanted is parameter types */
 	char *lost;		/* why the connection closed, for the callbacks */
 } pgc_conn;
 
@@ -334,7 +336,16 @@ static int deliver_result(lua_State *L)
 	pgc_unref(L, &c->cb_ref);
 	ExecStatusType st = *box ? PQresultStatus(*box) : PGRES_FATAL_ERROR;
 	int nargs = 1;
-	if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
+	int describing = c->describing;
+	c->describing = 0;
+	if (describing && st == PGRES_COMMAND_OK) {
+		int n = PQnparams(*box);
+		lua_createtable(L, n, 0);
+		for (int i = 0; i < n; i++) {
+			lua_pushinteger(L, (lua_Integer)PQparamtype(*box, i));
+			lua_rawseti(L, -2, i + 1);
+		}
+	} else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
 		pgc_push_result(L, *box);
 	} else {
 		lua_pushnil(L);
@@ -414,8 +425,16 @@ static void read_ready(pgc_conn *c)
 		c->state = READY;
 		pgc_invoke(c->L, deliver_result, c);
 	}
-	if (c->state != CLOSED && c->notify_ref != LUA_NOREF)
+	if (c->state == CLOSED)
+		return;
+	if (c->notify_ref != LUA_NOREF) {
 		pgc_invoke(c->L, deliver_notify, c);
+	} else {
+		/* nobody listens here: don't let libpq hoard them */
+		PGnotify *n;
+		while ((n = PQnotifies(c->pg)) != NULL)
+			PQfreemem(n);
+	}
 }
 
 static void on_read(evutil_socket_t fd, short what, void *arg)
@@ -492,9 +511,56 @@ static int conn_send(lua_State *L)
 	luaL_checktype(L, 3, LUA_TFUNCTION);
 	check_ready(L, c);
 	pgc_params p;
-	pgc_params_from_stack(L, 4, lua_gettop(L), &p);
+	pgc_params_from_stack(L, 4, lua_gettop(L), NULL, &p);
 	int ok = PQsendQueryParams(c->pg, sql, p.n, NULL, p.values, p.lengths,
 				   p.formats, 0);
+	return sent(L, c, ok);
+}
+
+/* conn:prepare(name, sql, callback): a named statement for send_prepared. */
+static int conn_prepare(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	const char *name = luaL_checkstring(L, 2);
+	const char *sql = luaL_checkstring(L, 3);
+	luaL_checktype(L, 4, LUA_TFUNCTION);
+	check_ready(L, c);
+	int ok = PQsendPrepare(c->pg, name, sql, 0, NULL);
+	lua_settop(L, 4);
+	lua_replace(L, 3);	/* sent() takes the callback from slot 3 */
+	return sent(L, c, ok);
+}
+
+/*
+ * conn:describe(name, callback): the callback gets the parameter type OIDs
+ * of a prepared statement, { oid, ... }.
+ */
+static int conn_describe(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	const char *name = luaL_checkstring(L, 2);
+	luaL_checktype(L, 3, LUA_TFUNCTION);
+	check_ready(L, c);
+	int r = sent(L, c, PQsendDescribePrepared(c->pg, name));
+	if (c->state == BUSY)
+		c->describing = 1;
+	return r;
+}
+
+/*
+ * conn:send_prepared(name, callback, binary|nil, params...): runs a
+ * prepared statement; binary marks bytea parameters (see pgvalue.c).
+ */
+static int conn_send_prepared(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	const char *name = luaL_checkstring(L, 2);
+	luaL_checktype(L, 3, LUA_TFUNCTION);
+	const char *binary = luaL_optstring(L, 4, NULL);
+	check_ready(L, c);
+	pgc_params p;
+	pgc_params_from_stack(L, 5, lua_gettop(L), binary, &p);
+	int ok = PQsendQueryPrepared(c->pg, name, p.n, p.values, p.lengths, p.formats, 0);
 	return sent(L, c, ok);
 }
 
@@ -606,6 +672,39 @@ static int conn_in_transaction(lua_State *L)
 	return 1;
 }
 
+/*
+ * conn:check() -> boolean: reads what an idle connection's socket holds
+ * right now, so a connection the server closed (a restart, a terminated
+ * backend) is found dead before it is handed out, even when the loop has
+ * not run since.  A dead one is closed without callbacks.
+ */
+static int conn_check(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	for (int i = 0; i < 2 && c->state == READY; i++) {
+		struct pollfd pfd = {PQsocket(c->pg), POLLIN, 0};
+		if (poll(&pfd, 1, 0) <= 0)
+			break;
+		if (!PQconsumeInput(c->pg) || PQstatus(c->pg) == CONNECTION_BAD) {
+			shut(c, PQerrorMessage(c->pg));
+			pgc_unref(L, &c->notify_ref);
+			pgc_unref(L, &c->close_ref);
+			pgc_unref(L, &c->notice_ref);
+			pgc_unref(L, &c->self_ref);
+		}
+	}
+	lua_pushboolean(L, c->state == READY);
+	return 1;
+}
+
+/* conn:reusable(): idle, outside any transaction: fit to go back to a pool. */
+static int conn_reusable(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	lua_pushboolean(L, c->state == READY && PQtransactionStatus(c->pg) == PQTRANS_IDLE);
+	return 1;
+}
+
 static int conn_gc(lua_State *L)
 {
 	pgc_conn *c = luaL_checkudata(L, 1, CONN_META);
@@ -622,6 +721,9 @@ static int conn_gc(lua_State *L)
 static const luaL_Reg conn_methods[] = {
 	{"send", conn_send},
 	{"send_script", conn_send_script},
+	{"prepare", conn_prepare},
+	{"send_prepared", conn_send_prepared},
+	{"describe", conn_describe},
 	{"on_notify", conn_on_notify},
 	{"on_close", conn_on_close},
 	{"on_notice", conn_on_notice},
@@ -630,6 +732,8 @@ static const luaL_Reg conn_methods[] = {
 	{"backend_pid", conn_backend_pid},
 	{"parameter", conn_parameter},
 	{"in_transaction", conn_in_transaction},
+	{"reusable", conn_reusable},
+	{"check", conn_check},
 	{NULL, NULL}
 };
 

@@ -34,14 +34,22 @@ void pgc_open_pgconn(lua_State *L);
 #define PGC_NULL "pgcoord.null"
 #define PGC_ERROR_META "pgcoord.error"
 
+#define PGC_INLINE_PARAMS 16
+
+/* Most statements take few parameters: those fit in the struct itself. */
 typedef struct pgc_params {
 	int n;
 	const char **values;
 	int *lengths;
 	int *formats;
+	const char *values_buf[PGC_INLINE_PARAMS];
+	int lengths_buf[PGC_INLINE_PARAMS];
+	int formats_buf[PGC_INLINE_PARAMS];
 } pgc_params;
 
-void pgc_params_from_stack(lua_State *L, int first, int last, pgc_params *p);
+void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary,
+			   pgc_params *p);
+void pgc_format_double(double d, char *buf, size_t size);
 void pgc_push_result(lua_State *L, const PGresult *res);
 void pgc_push_result_error(lua_State *L, const PGresult *res);
 void pgc_push_error(lua_State *L, const char *sqlstate, const char *message);

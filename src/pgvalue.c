@@ -34,6 +34,16 @@ static int is_null(lua_State *L, int idx)
 	return same;
 }
 
+/* The shortest text that reads back as the same double (0.1, not 0.10000000000000001). */
+void pgc_format_double(double d, char *buf, size_t size)
+{
+	for (int prec = 15; prec <= 17; prec++) {
+		snprintf(buf, size, "%.*g", prec, d);
+		if (strtod(buf, NULL) == d)
+			return;
+	}
+}
+
 static const char *number_text(lua_State *L, int idx)
 {
 	char buf[64];
@@ -46,7 +56,7 @@ static const char *number_text(lua_State *L, int idx)
 		else if (isinf(d))
 			strcpy(buf, d > 0 ? "Infinity" : "-Infinity");
 		else
-			snprintf(buf, sizeof buf, "%.17g", d);
+			pgc_format_double(d, buf, sizeof buf);
 	}
 	return lua_pushstring(L, buf);
 }
@@ -63,18 +73,28 @@ static const char *json_text(lua_State *L, int idx, int pos)
 
 /*
  * Fills p from stack slots first..last.  Converted strings are pushed on
- * the stack, so they live until the calling C function returns.
+ * the stack, so they live until the calling C function returns.  binary,
+ * when given, has a '1' for each parameter the server takes as bytea: a
+ * string goes there as its bytes, whatever they are.
  */
-void pgc_params_from_stack(lua_State *L, int first, int last, pgc_params *p)
+void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary,
+			   pgc_params *p)
 {
+	size_t nbinary = binary ? strlen(binary) : 0;
 	int n = last >= first ? last - first + 1 : 0;
 	luaL_checkstack(L, n + 8, "too many query parameters");
 	if (n > 65535)
 		luaL_error(L, "pgcoord: %d parameters, PostgreSQL takes at most 65535", n);
 	p->n = n;
-	p->values = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 0);
-	p->lengths = lua_newuserdatauv(L, sizeof(int) * (size_t)(n + 1), 0);
-	p->formats = lua_newuserdatauv(L, sizeof(int) * (size_t)(n + 1), 0);
+	if (n <= PGC_INLINE_PARAMS) {
+		p->values = p->values_buf;
+		p->lengths = p->lengths_buf;
+		p->formats = p->formats_buf;
+	} else {
+		p->values = lua_newuserdatauv(L, sizeof(char *) * (size_t)n, 0);
+		p->lengths = lua_newuserdatauv(L, sizeof(int) * (size_t)n, 0);
+		p->formats = lua_newuserdatauv(L, sizeof(int) * (size_t)n, 0);
+	}
 	for (int i = 0; i < n; i++) {
 		int idx = first + i;
 		size_t len = 0;
@@ -94,7 +114,7 @@ void pgc_params_from_stack(lua_State *L, int first, int last, pgc_params *p)
 			break;
 		case LUA_TSTRING:
 			v = lua_tolstring(L, idx, &len);
-			if (memchr(v, '\0', len) != NULL)
+			if (((size_t)i < nbinary && binary[i] == '1') || memchr(v, '\0', len) != NULL)
 				p->formats[i] = 1;
 			break;
 		case LUA_TTABLE:

@@ -18,7 +18,8 @@ Tx.__index = Tx
 local Lease = {}
 Lease.__index = Lease
 
-local OPTIONS = { size = "number", params = "table", connect_timeout = "number" }
+local OPTIONS = { size = "number", params = "table", connect_timeout = "number",
+                  prepare = "boolean" }
 
 local function is_db_error(err)
   return getmetatable(err) == core.error_meta
@@ -89,12 +90,80 @@ local function send_register(resume, conn, sql, ...)
   if not ok then resume(nil, err) end
 end
 
+local function prepared_register(resume, conn, name, binary, ...)
+  local ok, err = conn:send_prepared(name, resume, binary, ...)
+  if not ok then resume(nil, err) end
+end
+
+local function prepare_register(resume, conn, name, sql)
+  local ok, err = conn:prepare(name, sql, resume)
+  if not ok then resume(nil, err) end
+end
+
+local function describe_register(resume, conn, name)
+  local ok, err = conn:describe(name, resume)
+  if not ok then resume(nil, err) end
+end
+
+local BYTEA = 17
+
+-- Each connection prepares the statements it runs, once: the server then
+-- skips parsing and planning from the second run on, and the parameter
+-- types it reports let a string go to a bytea parameter as its bytes.
+-- conn -> { sql -> { name, binary }, n = count }, or false (the pool's
+-- `prepare = false`, for PgBouncer in transaction mode).  Capped, so
+-- generated SQL cannot grow it forever.
+local statements = setmetatable({}, { __mode = "k" })
+local MAX_PREPARED = 256
+
+local function await_ok(register, ...)
+  local r, err = task.await(register, ...)
+  if r == nil then error(err, 0) end
+  return r
+end
+
+local function prepared(conn, sql)
+  local cache = statements[conn]
+  if not cache then return nil end
+  local entry = cache[sql]
+  if entry or cache.n >= MAX_PREPARED then return entry end
+  local name = "pgcoord_" .. (cache.n + 1)
+  await_ok(prepare_register, conn, name, sql)
+  cache.n = cache.n + 1
+  local binary
+  for i, oid in ipairs(await_ok(describe_register, conn, name)) do
+    if oid == BYTEA then
+      binary = binary or {}
+      binary[i] = "1"
+    end
+  end
+  if binary then
+    for i = 1, #binary do binary[i] = binary[i] or "0" end
+    binary = table.concat(binary)
+  end
+  entry = { name, binary }
+  cache[sql] = entry
+  return entry
+end
+
 -- Runs one statement on a core connection and waits for its rows.
 local function run(conn, sql, ...)
   if type(sql) ~= "string" then
     error(("pgcoord: sql must be a string, got %s"):format(type(sql)), 3)
   end
-  local rows, err = task.await(send_register, conn, sql, ...)
+  local entry = prepared(conn, sql)
+  local rows, err
+  if entry then
+    rows, err = task.await(prepared_register, conn, entry[1], entry[2], ...)
+    if rows == nil and err.sqlstate == "0A000" and conn:reusable() then
+      -- "cached plan must not change result type": the table changed
+      -- under the statement; forget it and run this once unprepared
+      statements[conn][sql] = nil
+      rows, err = task.await(send_register, conn, sql, ...)
+    end
+  else
+    rows, err = task.await(send_register, conn, sql, ...)
+  end
   if rows == nil then error(err, 0) end
   return rows
 end
@@ -131,7 +200,9 @@ end
 -- ---- the pool -------------------------------------------------------------
 
 local function wake_one(pool)
-  local w = table.remove(pool.waiters, 1)
+  local waiters = pool.waiters
+  if waiters[1] == nil then return end
+  local w = table.remove(waiters, 1)
   if w then
     w.woken = true
     w.resume()
@@ -177,6 +248,7 @@ function db.open(pool)
     error(err, 0)
   end
   conn:on_notice(notice)
+  statements[conn] = pool.prepare ~= false and { n = 0 }
   local date_style = conn:parameter("DateStyle") or ""
   if not date_style:match("^ISO") then
     local ok, serr = pcall(run, conn, "SET DateStyle = ISO")
@@ -214,17 +286,20 @@ function Pool:acquire()
       local lease = idle[n]
       idle[n] = nil
       lease.idle = false
-      return lease
-    end
-    if self.total < self.size then
+      if lease.conn:check() then return lease end
+      -- the server closed it while idle and the loop has not seen it yet
+      lease.conn:close()
+      self.total = self.total - 1
+    elseif self.total < self.size then
       self.total = self.total + 1
       local ok, lease = pcall(self._open, self)
       if ok then return lease end
       self.total = self.total - 1
       wake_one(self)
       error(lease, 0)
+    else
+      task.await(wait_register, self)
     end
-    task.await(wait_register, self)
   end
 end
 
@@ -250,7 +325,7 @@ end
 
 function Pool:release(lease)
   local conn = lease.conn
-  if self.closed or conn:status() ~= "ready" or conn:in_transaction() then
+  if self.closed or not conn:reusable() then
     self:_discard(lease)
     return
   end
@@ -373,6 +448,7 @@ function db.connect(conninfo, opts)
     params = connection_params(opts.params),
     size = opts.size or 10,
     connect_timeout = opts.connect_timeout or 10,
+    prepare = opts.prepare ~= false,
     idle = {}, waiters = {}, total = 0, closed = false,
   }, Pool)
   -- Open one connection now, so a bad conninfo fails here, not later.

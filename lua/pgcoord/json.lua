@@ -1,8 +1,7 @@
--- JSON for parameters, payloads and json columns.
---
--- Encoding is pgcoord.core's (exact integers); decoding is lua-cjson's,
--- whose numbers are all floats: integral ones are turned back into Lua
--- integers so that 42 stays 42 and not 42.0.
+-- JSON for parameters, payloads and json columns, both directions in
+-- pgcoord.core (src/json.c): integers stay exact Lua integers, which
+-- lua-cjson 2.1 does not keep.  null is cjson.null, so values mix freely
+-- with code that uses cjson.
 local core = require "pgcoord.core"
 local cjson = require "cjson"
 
@@ -10,33 +9,11 @@ local json = {}
 
 json.null = cjson.null
 json.encode = core.json_encode
-
-local tointeger = math.tointeger
-
-local function integers(v)
-  for k, x in pairs(v) do
-    local tx = type(x)
-    if tx == "number" then
-      local i = tointeger(x)
-      if i and i > -2^53 and i < 2^53 then v[k] = i end
-    elseif tx == "table" then
-      integers(x)
-    end
-  end
-  return v
-end
-
-function json.decode(s)
-  local v = cjson.decode(s)
-  local tv = type(v)
-  if tv == "table" then return integers(v) end
-  if tv == "number" then return tointeger(v) or v end
-  return v
-end
+json.decode = core.json_decode
 
 -- Like decode, but returns nil and the error instead of raising.
 function json.try_decode(s)
-  local ok, v = pcall(json.decode, s)
+  local ok, v = pcall(core.json_decode, s)
   if ok then return v end
   return nil, v
 end

@@ -70,6 +70,7 @@ function subscriber.new(pool, opts)
     conn = nil,
     generation = 0,            -- connections made so far
     wake = task.cond(),        -- bounce, loss, stop
+    listening = task.cond(),   -- signalled on every (re)connect
     reason = nil,              -- why the current connection must go
     running = false,
     stopped = false,
@@ -137,6 +138,7 @@ function Sub:_session(conn)
     local ok, err = xpcall(self.on_reconnect, debug.traceback, self)
     if not ok then log.error("on_reconnect failed", { error = err }) end
   end
+  self.listening:signal()
   local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 2
   while not self.reason and not self.stopped do
     self.wake:wait(check)
@@ -225,6 +227,17 @@ function Sub:stop()
   for _, t in ipairs({ self.task, self.ping_task }) do
     if t and t ~= current then pcall(t.join, t) end
   end
+end
+
+-- Waits until the subscriber listens (true), or timeout seconds (false).
+function Sub:ready(timeout)
+  local deadline = timeout and core.now() + timeout
+  while not self:connected() do
+    local left = deadline and deadline - core.now()
+    if left and left <= 0 then return false end
+    self.listening:wait(left)
+  end
+  return true
 end
 
 function Sub:connected()

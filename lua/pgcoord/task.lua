@@ -58,14 +58,17 @@ local function finish(t, ok, ...)
   for i = 1, #joiners do joiners[i]() end
 end
 
+local co_resume = coroutine.resume
+
 local function resume_task(t, ...)
-  local ok, err = coroutine.resume(t.co, ...)
+  local ok, err = co_resume(t.co, ...)
   if not ok then -- only on a bug in this file: the body catches errors
     reporter(t, err, debug.traceback(t.co))
   end
-  if coroutine.status(t.co) == "dead" and (t.state == "running" or t.state == "ready") then
-    -- the body stored its outcome in t.outcome
-    finish(t, table.unpack(t.outcome, 1, t.outcome.n))
+  -- the body stores its outcome in t.outcome as it ends
+  local outcome = t.outcome
+  if outcome and (t.state == "running" or t.state == "ready") then
+    finish(t, table.unpack(outcome, 1, outcome.n))
   end
 end
 
@@ -99,8 +102,10 @@ end
 
 -- Resumes a waiting task at once from the main thread (an event callback),
 -- else queues it, so that a task never runs inside another.
+local co_running = coroutine.running
+
 local function wake(t, ...)
-  local _, main = current()
+  local _, main = co_running()
   if main then resume_task(t, ...) else enqueue(t, ...) end
 end
 
@@ -109,7 +114,7 @@ function task.spawn(fn, ...)
     error(("pgcoord.spawn: expected a function, got %s"):format(type(fn)), 2)
   end
   next_id = next_id + 1
-  local t = setmetatable({ id = next_id, state = "ready", joiners = {} }, Task)
+  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0 }, Task)
   t.co = coroutine.create(function(...)
     t.outcome = table.pack(xpcall(fn, on_error, ...))
   end)
@@ -165,8 +170,10 @@ function task.await(register, ...)
     error("pgcoord: cannot wait inside a plain coroutine; use pgcoord.spawn", 2)
   end
   raise_if_cancelled(t)
-  local token, early = {}, nil
-  t.wait_token = token
+  -- a resume meant for an earlier wait (a timer that fired late) must not
+  -- end this one: each wait has its own number
+  local token, early = t.waits + 1, nil
+  t.waits, t.wait_token = token, token
   local cancel = register(function(...)
     if t.wait_token ~= token then return end
     t.wait_token, t.cancel_wait = nil, nil
