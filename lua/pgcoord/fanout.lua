@@ -69,6 +69,10 @@ function Fan:listen(opts)
     closed = false,
     ready = nil,         -- task.cond, made when someone first waits
   }, Listener)
+  l.wake_reader = function()
+    l.wake_pending = false
+    if l.ready then l.ready:signal() end
+  end
   self.listeners[l] = true
   self.count = self.count + 1
   return l
@@ -82,7 +86,16 @@ function Listener:_offer(msg)
   end
   self.tail = self.tail + 1
   self.queue[self.tail] = msg
-  if self.ready then self.ready:signal() end
+  local ready = self.ready
+  if ready and next(ready.waiters) ~= nil and not self.wake_pending then
+    if self.tail - self.head + 1 < self.capacity // 2 then
+      -- wake the reader once for the whole burst this read brought
+      self.wake_pending = true
+      task.defer(self.wake_reader)
+    else
+      ready:signal()
+    end
+  end
   return true
 end
 

@@ -78,15 +78,28 @@ local function drain()
     local item = ready[ready_head]
     ready[ready_head] = nil
     ready_head = ready_head + 1
-    local t = item[1]
-    if coroutine.status(t.co) == "suspended" then
-      if t.state == "ready" then t.state = "running" end
-      resume_task(t, table.unpack(item, 2, item.n))
+    if type(item) == "function" then
+      local ok, err = xpcall(item, debug.traceback)
+      if not ok then reporter({ id = 0 }, err, nil) end
+    else
+      local t = item[1]
+      if coroutine.status(t.co) == "suspended" then
+        if t.state == "ready" then t.state = "running" end
+        resume_task(t, table.unpack(item, 2, item.n))
+      end
     end
   end
   if ready_head <= ready_tail then core.defer() end
 end
 core.set_defer(drain)
+
+-- Runs fn from the loop soon, after the events in hand: a burst of
+-- events then costs one run of fn, not one each.
+function task.defer(fn)
+  ready_tail = ready_tail + 1
+  ready[ready_tail] = fn
+  core.defer()
+end
 
 local function enqueue(t, ...)
   ready_tail = ready_tail + 1
@@ -328,9 +341,14 @@ end
 function Cond:signal(value)
   local waiters = self.waiters
   if next(waiters) == nil then return end
-  self.waiters = {}
+  self.waiters = self.spare or {}
+  self.spare = nil
   if value == nil then value = true end
-  for done in pairs(waiters) do done(value) end
+  for done in pairs(waiters) do
+    waiters[done] = nil
+    done(value)
+  end
+  self.spare = waiters -- empty now: reused by the next signal
 end
 
 function task.is_cancelled(err)
