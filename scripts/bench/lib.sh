@@ -1,0 +1,87 @@
+# Helpers shared by the benchmark scripts (sourced, not run).
+# shellcheck shell=bash
+
+bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$bench_dir/../.." && pwd)
+scratch=$bench_dir/.scratch
+run_bin=$repo/pgcoord-run
+
+die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+
+# The benchmarks need a server: scripts/pg-tmp run sets PGHOST and PGPORT.
+[[ -n ${PGHOST:-} && -n ${PGPORT:-} ]] \
+  || die "no database in the environment; run me as: scripts/pg-tmp run $0"
+[[ -x $run_bin ]] || die "$run_bin is missing; run make all"
+
+# Newest /usr/lib/postgresql/<ver>/bin, unless PG_BINDIR says otherwise.
+pg_bindir=${PG_BINDIR:-$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
+[[ -x $pg_bindir/pgbench ]] || pg_bindir=$(dirname "$(command -v pgbench || echo /nonexistent/x)")
+[[ -x $pg_bindir/pgbench ]] || die "pgbench not found (set PG_BINDIR)"
+# shellcheck disable=SC2034 # used by the scripts that source this file
+pgbench=$pg_bindir/pgbench
+
+mkdir -p "$scratch"
+
+# Background processes we started, ended on exit.
+bg_pids=()
+bench_cleanup() {
+  local pid
+  for pid in "${bg_pids[@]}"; do stop_pid "$pid"; done
+  return 0
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# stop_pid PID: SIGTERM, then SIGKILL if it has not gone within 3 s.
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 30; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# wait_for_line FILE PATTERN SECONDS: waits until FILE has a line matching
+# PATTERN (grep -E); prints it.
+wait_for_line() {
+  local file=$1 pattern=$2 limit=$3 i
+  for ((i = 0; i < limit * 20; i++)); do
+    if grep -Eq "$pattern" "$file" 2>/dev/null; then
+      grep -E "$pattern" "$file" | tail -n 1
+      return 0
+    fi
+    sleep 0.05
+  done
+  return 1
+}
+
+# smaps PID: prints "PRIVATE_DIRTY_KB RSS_KB" from /proc/PID/smaps_rollup.
+smaps() {
+  awk '/^Rss:/ { rss = $2 } /^Private_Dirty:/ { pd = $2 }
+       END { if (rss == "") exit 1; print pd + 0, rss + 0 }' "/proc/$1/smaps_rollup"
+}
+
+# field LINE NAME: the value of NAME=value in a line of key=value pairs.
+field() {
+  tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n 1
+}
+
+# Floating-point helpers.
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a + 0 > b + 0) ? a : b }'; }
+kb_mb() { awk -v k="$1" 'BEGIN { printf "%d kB (%.2f MB)", k, k / 1024 }'; }
+
+# verdict VALUE OP TARGET: "ok" or "MISSED" (OP is >= or <).
+verdict() {
+  if awk -v v="$1" -v t="$3" -v op="$2" \
+    'BEGIN { exit !((op == ">=") ? (v + 0 >= t + 0) : (v + 0 < t + 0)) }'; then
+    echo "ok"
+  else
+    echo "MISSED"
+  fi
+}

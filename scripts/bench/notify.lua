@@ -1,0 +1,158 @@
+-- The pgcoord side of scripts/bench/notify, run by pgcoord-run:
+--   notify.lua listen CHANNEL LISTENERS SECONDS WAIT
+--       LISTENERS fan:on callbacks on CHANNEL; prints "ready", then counts
+--       the callbacks run in a window of SECONDS that opens with the first
+--       notification (waiting at most WAIT seconds for it); prints
+--       "notifications=N callbacks=C seconds=S rate=R drops=D cpu=T" (T: the
+--       process's CPU seconds in the window)
+--   notify.lua latency ROUND_TRIPS
+--       publish -> fan:on callback round trips, one at a time; prints
+--       "round_trips=N p50_ms=.. p99_ms=.. max_ms=.. mean_ms=.."
+--   notify.lua memory LISTENERS
+--       Private_Dirty/Rss (kB) and Lua heap before and after creating
+--       LISTENERS idle fan:listen listeners (then fan:on ones, for context)
+local pgcoord = require "pgcoord"
+
+local mode = ...
+local args = table.pack(...)
+
+local function arg_number(i, name)
+  local v = math.tointeger(tonumber(args[i]))
+  if not v or v <= 0 then
+    error(("notify.lua %s: %s must be a positive integer, got %s")
+      :format(mode, name, tostring(args[i])))
+  end
+  return v
+end
+
+local function say(line)
+  io.stdout:write(line, "\n")
+  io.stdout:flush()
+end
+
+-- A pool, a started subscriber and a fan-out on channel, once listening.
+local function subscribe(channel, pool_size)
+  local db = pgcoord.connect(nil, { size = pool_size or 1 })
+  local sub = pgcoord.subscriber(db)
+  local fan = sub:add(pgcoord.fanout(channel))
+  sub:start()
+  local deadline = pgcoord.now() + 10
+  while not sub:connected() do
+    if pgcoord.now() > deadline then error("the subscriber did not connect within 10 s") end
+    pgcoord.sleep(0.01)
+  end
+  return db, sub, fan
+end
+
+if mode == "listen" then
+  local channel = args[2]
+  local n = arg_number(3, "LISTENERS")
+  local window, wait = arg_number(4, "SECONDS"), arg_number(5, "WAIT")
+  local db, sub, fan = subscribe(channel)
+  local calls, started, cpu_started = 0, nil, nil
+  local function count()
+    calls = calls + 1
+    if not started then started, cpu_started = pgcoord.now(), os.clock() end
+  end
+  local listeners = {}
+  for i = 1, n do listeners[i] = fan:on(count) end
+  say("ready")
+
+  local give_up = pgcoord.now() + wait
+  while not started do
+    if pgcoord.now() > give_up then error(("no notification within %d s"):format(wait)) end
+    pgcoord.sleep(0.01)
+  end
+  pgcoord.sleep(started + window - pgcoord.now())
+  local counted, cpu = calls, os.clock() - cpu_started
+  local stats = fan:stats()
+  for _, l in ipairs(listeners) do l:close() end
+  sub:stop()
+  db:close()
+  say(("notifications=%d callbacks=%d seconds=%d rate=%.1f drops=%d cpu=%.3f")
+    :format(counted // n, counted, window, counted / n / window, stats.drops, cpu))
+
+elseif mode == "latency" then
+  local rounds = arg_number(2, "ROUND_TRIPS")
+  local warmup = 20
+  local db, sub, fan = subscribe("bench_latency", 2)
+  -- The callback records the latency, then wakes the publishing loop
+  -- through a local fan-out (no database involved).
+  local done = pgcoord.fanout("bench_latency_done")
+  local waiter = done:listen()
+  local sent_at, latency = {}, {}
+  local callback = fan:on(function(msg)
+    latency[msg.i] = pgcoord.now() - sent_at[msg.i]
+    done:notify(msg.i)
+  end)
+  for i = 1, warmup + rounds do
+    sent_at[i] = pgcoord.now()
+    pgcoord.publish(db, "bench_latency", { i = i })
+    local got, err = waiter:receive(5)
+    if got ~= i then
+      error(("round trip %d: got %s (%s)"):format(i, tostring(got), tostring(err)))
+    end
+  end
+  callback:close()
+  waiter:close()
+  sub:stop()
+  db:close()
+
+  local ms = {}
+  for i = warmup + 1, warmup + rounds do ms[#ms + 1] = latency[i] * 1000 end
+  table.sort(ms)
+  local sum = 0
+  for _, v in ipairs(ms) do sum = sum + v end
+  local function pct(p) return ms[math.max(1, math.ceil(p * #ms))] end
+  say(("round_trips=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f mean_ms=%.3f")
+    :format(#ms, pct(0.50), pct(0.99), ms[#ms], sum / #ms))
+
+elseif mode == "memory" then
+  local n = arg_number(2, "LISTENERS")
+  local function snapshot()
+    collectgarbage("collect")
+    local f = assert(io.open("/proc/self/smaps_rollup"))
+    local text = f:read("a")
+    f:close()
+    return { pd = tonumber(text:match("\nPrivate_Dirty:%s+(%d+)")),
+             rss = tonumber(text:match("\nRss:%s+(%d+)")),
+             lua = collectgarbage("count") }
+  end
+  local function report(name, before, after)
+    say(("%s pd_kb=%d rss_kb=%d lua_kb=%.0f"):format(name, after.pd - before.pd,
+      after.rss - before.rss, after.lua - before.lua))
+  end
+  local db, sub, fan = subscribe("bench_memory")
+
+  local base = snapshot()
+  say(("base pd_kb=%d rss_kb=%d lua_kb=%.0f"):format(base.pd, base.rss, base.lua))
+  local listeners = {}
+  for i = 1, n do listeners[i] = fan:listen() end
+  local idle = snapshot()
+  report("listen", base, idle)
+
+  -- One notification over the wire, to show they all work.
+  pgcoord.publish(db, "bench_memory", { hello = "world" })
+  local got = 0
+  local deadline = pgcoord.now() + 5
+  while got < n and pgcoord.now() < deadline do
+    got = 0
+    pgcoord.sleep(0.01)
+    for _, l in ipairs(listeners) do got = got + l:pending() end
+  end
+  say(("delivered listeners=%d of=%d"):format(got, n))
+  for _, l in ipairs(listeners) do l:close() end
+  listeners = nil -- luacheck: ignore 311
+
+  -- For context: fan:on listeners, a task each.
+  local before_on = snapshot()
+  local callbacks = {}
+  for i = 1, n do callbacks[i] = fan:on(function() end) end
+  report("on", before_on, snapshot())
+  for _, l in ipairs(callbacks) do l:close() end
+  sub:stop()
+  db:close()
+
+else
+  error(("notify.lua: unknown mode %s (listen, latency or memory)"):format(tostring(mode)))
+end
