@@ -24,7 +24,7 @@ CORE_LIBS = $(shell $(PKG_CONFIG) --libs libpq libevent)
 HOST_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) libedit) -lm -ldl
 
 BUILD = build
-CORE_SRCS = src/loop.c src/pgconn.c src/pgvalue.c src/json.c src/core.c
+CORE_SRCS = src/loop.c src/pgconn.c src/pgvalue.c src/json.c src/http.c src/process.c src/core.c
 HOST_SRCS = src/host.c src/prompt.c
 CORE_OBJS = $(CORE_SRCS:src/%.c=$(BUILD)/%.o)
 HOST_OBJS = $(HOST_SRCS:src/%.c=$(BUILD)/%.o)
@@ -89,18 +89,22 @@ bench: deps
 	    fi; \
 	done
 
+# Conventional places under PREFIX; luarocks sets LUADIR, LIBDIR and BINDIR.
+BINDIR ?= $(PREFIX)/bin
+LUADIR ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+LIBDIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+DATADIR ?= $(PREFIX)/share/pgcoord
+MANDIR ?= $(PREFIX)/share/man
+
 install: all
-	install -d $(DESTDIR)$(PREFIX)/bin \
-	    $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_VERSION)/pgcoord \
-	    $(DESTDIR)$(PREFIX)/share/lua/$(LUA_VERSION)/pgcoord \
-	    $(DESTDIR)$(PREFIX)/share/pgcoord/sql
-	install -m 755 $(HOST_BIN) $(DESTDIR)$(PREFIX)/bin/pgcoord-run
-	install -m 755 $(CORE_SO) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_VERSION)/pgcoord/core.so
-	$(if $(wildcard lua/pgcoord/*.lua),install -m 644 $(wildcard lua/pgcoord/*.lua) \
-	    $(DESTDIR)$(PREFIX)/share/lua/$(LUA_VERSION)/pgcoord/)
-	$(if $(wildcard sql/*.sql),install -m 644 $(wildcard sql/*.sql) $(DESTDIR)$(PREFIX)/share/pgcoord/sql/)
-	$(if $(wildcard doc/pgcoord-run.1),install -d $(DESTDIR)$(PREFIX)/share/man/man1 && \
-	    install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(PREFIX)/share/man/man1/)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pgcoord $(DESTDIR)$(LUADIR)/pgcoord \
+	    $(DESTDIR)$(DATADIR)/sql $(DESTDIR)$(DATADIR)/examples $(DESTDIR)$(MANDIR)/man1
+	install -m 755 $(HOST_BIN) $(DESTDIR)$(BINDIR)/pgcoord-run
+	install -m 755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/pgcoord/core.so
+	install -m 644 lua/pgcoord/*.lua $(DESTDIR)$(LUADIR)/pgcoord/
+	install -m 644 sql/*.sql $(DESTDIR)$(DATADIR)/sql/
+	install -m 644 examples/* $(DESTDIR)$(DATADIR)/examples/
+	install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(MANDIR)/man1/
 
 clean:
 	rm -rf $(BUILD) $(HOST_BIN) $(CORE_SO)

@@ -54,6 +54,8 @@ int luaopen_pgcoord_core(lua_State *L)
 	pgc_open_pgconn(L);
 	pgc_open_pgvalue(L);
 	pgc_open_json(L);
+	pgc_open_http(L);
+	pgc_open_process(L);
 	lua_pushcfunction(L, l_getpid);
 	lua_setfield(L, -2, "getpid");
 	lua_pushcfunction(L, l_isatty);

@@ -9,7 +9,8 @@
  * value as cjson.null.
  *
  * A table is an array when its keys are exactly 1..n (n > 0), else an
- * object whose keys are strings or numbers; an empty table is {}.
+ * object whose keys are strings or numbers; an empty table is {}, unless
+ * its metatable has __jsonarray (pgcoord.json.array), then [].
  */
 #include <errno.h>
 #include <math.h>
@@ -106,7 +107,7 @@ static void add_number(lua_State *L, jbuf *b, int idx)
 	jb_str(L, b, buf);
 }
 
-/* Length n when the table's keys are exactly 1..n, else -1. */
+/* Length n when the table's keys are exactly 1..n (0 when empty), else -1. */
 static lua_Integer array_length(lua_State *L, int idx)
 {
 	lua_Integer n = 0, max = 0;
@@ -122,7 +123,7 @@ static lua_Integer array_length(lua_State *L, int idx)
 			max = k;
 		n++;
 	}
-	return n > 0 && n == max ? n : -1;
+	return n == max ? n : -1;
 }
 
 static void encode_table(lua_State *L, jbuf *b, int idx, int depth)
@@ -131,7 +132,13 @@ static void encode_table(lua_State *L, jbuf *b, int idx, int depth)
 		luaL_error(L, "cannot encode a table nested deeper than %d (a cycle?)", MAX_DEPTH);
 	luaL_checkstack(L, 6, "JSON nesting");
 	lua_Integer n = array_length(L, idx);
-	if (n > 0) {
+	int as_array = n > 0;
+	/* pgcoord.json.array(t) marks a list, so that an empty one is [] */
+	if (n == 0 && luaL_getmetafield(L, idx, "__jsonarray") != LUA_TNIL) {
+		lua_pop(L, 1);
+		as_array = 1;
+	}
+	if (as_array) {
 		jb_char(L, b, '[');
 		for (lua_Integer i = 1; i <= n; i++) {
 			if (i > 1)

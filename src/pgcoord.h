@@ -58,4 +58,10 @@ void pgc_open_pgvalue(lua_State *L);
 /* json.c */
 void pgc_open_json(lua_State *L);
 
+/* http.c */
+void pgc_open_http(lua_State *L);
+
+/* process.c */
+void pgc_open_process(lua_State *L);
+
 #endif

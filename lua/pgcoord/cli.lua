@@ -14,6 +14,12 @@ usage: pgcoord-run [options] [script [args...]]
   --db conninfo       default database for pgcoord.connect() (URI or key=value)
   --migrate           apply the schema migrations in sql/, then run the script if any
   --print-sql         print the schema DDL and exit
+  --status            print the coordination state (job groups, queues, locks,
+                      outbox) from the database and exit; --json for JSON
+  --http host:port    serve /metrics and /healthz (with --workers, worker k
+                      listens on port + k - 1)
+  --workers n         run the script in n processes (one loop each), restart
+                      one that dies, stop all on SIGTERM/SIGINT
   --log-level level   debug, info (default), warn or error
   --log-format fmt    logfmt (default) or json
   -v, --version       print the version and exit
@@ -49,6 +55,14 @@ local function parse(argv)
     elseif a == "--db" then o.db = value(a)
     elseif a == "--migrate" then o.migrate = true
     elseif a == "--print-sql" then o.print_sql = true
+    elseif a == "--status" then o.status = true
+    elseif a == "--json" then o.json = true
+    elseif a == "--http" then o.http = value(a)
+    elseif a == "--workers" then
+      o.workers = tonumber(value(a))
+      if math.type(o.workers) ~= "integer" or o.workers < 1 then
+        error(("--workers takes a positive integer, got %s"):format(argv[i]), 0)
+      end
     elseif a == "--log-level" then o.log_level = value(a)
     elseif a == "--log-format" then o.log_format = value(a)
     elseif a == "-v" or a == "--version" then o.version = true
@@ -217,6 +231,29 @@ function cli.main(argv)
   _G.arg = script_arg(argv, o)
   for _, name in ipairs(o.libs) do _G[name] = require(name) end
 
+  if o.status then return cli.status(pgcoord, o) end
+  local jobs, err = cli.jobs(pgcoord, o)
+  if not jobs then return die("%s", err) end
+  local interactive = o.interactive or (#jobs == 0 and core.isatty(0))
+  if o.workers then
+    if interactive or not o.script then
+      return die("--workers runs a script: give one (and no -i)")
+    end
+    return require("pgcoord.supervisor").run(o.workers, function(slot)
+      return cli.run(pgcoord, o, jobs, false, slot)
+    end)
+  end
+  if #jobs == 0 and not interactive then
+    local chunk, lerr = load(io.stdin:read("a"), "=stdin", "t")
+    if not chunk then return die("%s", lerr) end
+    jobs[1] = chunk
+  end
+  return cli.run(pgcoord, o, jobs, interactive)
+end
+
+-- The work of one process: --migrate, -e chunks, the script; nil, message
+-- when a chunk does not compile.
+function cli.jobs(pgcoord, o)
   local jobs = {}
   if o.migrate then
     jobs[#jobs + 1] = function()
@@ -228,7 +265,7 @@ function cli.main(argv)
   end
   for k, src in ipairs(o.chunks) do
     local chunk, err = load(src, ("=(command line %d)"):format(k), "t")
-    if not chunk then return die("%s", err) end
+    if not chunk then return nil, err end
     jobs[#jobs + 1] = chunk
   end
   if o.script then
@@ -238,20 +275,26 @@ function cli.main(argv)
     else
       chunk, err = loadfile(o.script, "t")
     end
-    if not chunk then return die("%s", err) end
+    if not chunk then return nil, err end
     local args = o.args
     jobs[#jobs + 1] = function() return chunk(table.unpack(args)) end
   end
-  local interactive = o.interactive
-    or (#jobs == 0 and core.isatty(0))
-  if #jobs == 0 and not interactive then
-    local chunk, err = load(io.stdin:read("a"), "=stdin", "t")
-    if not chunk then return die("%s", err) end
-    jobs[1] = chunk
-  end
+  return jobs
+end
 
-  -- The jobs run one after the other in one task: --migrate, -e, script.
+local function serve_http(pgcoord, addr, slot)
+  if slot and slot > 1 then
+    local host, port = addr:match("^(.*):(%d+)$")
+    if host and tonumber(port) > 0 then addr = ("%s:%d"):format(host, tonumber(port) + slot - 1) end
+  end
+  local probe = pgcoord.connect(nil, { size = 1, params = { application_name = "pgcoord-http" } })
+  return pgcoord.http.serve(addr, { db = probe })
+end
+
+-- Runs the jobs in one task, then the loop while tasks live (or the prompt).
+function cli.run(pgcoord, o, jobs, interactive, slot)
   local main = run_main(function()
+    if o.http then serve_http(pgcoord, o.http, slot) end
     for _, fn in ipairs(jobs) do fn() end
   end)
   if interactive then
@@ -262,6 +305,19 @@ function cli.main(argv)
     loop_while(function() return task.live() > 0 end)
   end
   return exit_code or 0
+end
+
+-- --status: one screen (or JSON) of what the database holds.
+function cli.status(pgcoord, o)
+  local ok, err = pcall(function()
+    local db = pgcoord.connect(nil, { size = 1 })
+    local s = require("pgcoord.status").collect(db)
+    io.stdout:write(o.json and (require("pgcoord.status").json(s) .. "\n")
+      or require("pgcoord.status").text(s))
+    db:close()
+  end)
+  if not ok then return die("%s", error_text(err)) end
+  return 0
 end
 
 return cli

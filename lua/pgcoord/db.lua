@@ -451,6 +451,7 @@ function db.connect(conninfo, opts)
     prepare = opts.prepare ~= false,
     idle = {}, waiters = {}, total = 0, closed = false,
   }, Pool)
+  require("pgcoord.metrics").track("pool", pool)
   -- Open one connection now, so a bad conninfo fails here, not later.
   pool.total = 1
   local ok, lease = pcall(pool._open, pool)

@@ -44,7 +44,7 @@ function fanout.new(channel, opts)
     error(("pgcoord.fanout: overflow must be \"drop\" or \"error\", got %s")
       :format(tostring(overflow)), 2)
   end
-  return setmetatable({
+  local fan = setmetatable({
     channel = channel,
     overflow = overflow,
     listeners = {},      -- set: listener -> true
@@ -52,6 +52,8 @@ function fanout.new(channel, opts)
     counters = { notifications = 0, drops = 0, overflows = 0, poll_saved = 0, streak = 0 },
     recovery = nil,
   }, Fan)
+  require("pgcoord.metrics").track("fanout", fan)
+  return fan
 end
 
 -- ---- listeners -----------------------------------------------------------

@@ -152,6 +152,8 @@ local LAZY = {
   retry_at = { "pgcoord.jobs", "retry_at" },
   outbox = { "pgcoord.outbox", "new" },
   processed = { "pgcoord.processed", "new" },
+  http = { "pgcoord.http" },
+  metrics = { "pgcoord.metrics" },
 }
 
 return setmetatable(pgcoord, {

@@ -100,6 +100,7 @@ function joblock.new(pool, name, opts)
   self.pool, self.name, self.holder = pool, name, identity()
   self.current = ""        -- "", "held", "lost", "released"
   self.wake = task.cond()  -- the keeper waits on it
+  require("pgcoord.metrics").track("joblock", self)
   return self
 end
 

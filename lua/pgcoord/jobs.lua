@@ -18,6 +18,16 @@ Jobs.__index = Jobs
 local Worker = {}
 Worker.__index = Worker
 
+local metrics = require "pgcoord.metrics"
+local completed = metrics.counter("pgcoord_jobs_completed_total",
+  "Job runs that succeeded.", { "group", "type" })
+local failed_total = metrics.counter("pgcoord_jobs_failed_total",
+  "Jobs that failed their last attempt and were kept as failed.", { "group", "type" })
+local retried = metrics.counter("pgcoord_jobs_retried_total",
+  "Job runs that failed and were scheduled again.", { "group", "type" })
+local duration = metrics.histogram("pgcoord_job_duration_seconds",
+  "Job run duration.", { "group", "type" })
+
 local CHANNEL = "pgcoord_jobs"
 local DEFAULT_RETRY = { max = 3, base_delay = 10 }
 
@@ -264,6 +274,7 @@ function Jobs:worker(opts)
   w.jobs, w.pool = self, self.pool
   w.queue, w.qhead, w.qtail = {}, 1, 0   -- claimed, not started
   w.results = {}                         -- finished, not written
+  w.series = {}                          -- job type -> metric series
   w.running = 0                          -- handlers in progress
   w.in_flight = {}                       -- job id -> runner task
   w.wake = task.cond()                   -- the fetcher waits here
@@ -464,7 +475,8 @@ end
 
 -- The fetch loop: claim while there is room, else wait for a wake-up.
 function Worker:_fetch_loop()
-  local last_poll = core.now()
+  -- the first round polls: jobs may have come due while no worker ran
+  local last_poll = core.now() - self.poll_interval
   while self.state == "running" do
     local now = core.now()
     local polling = now - last_poll >= self.poll_interval
@@ -512,6 +524,21 @@ function Worker:_result(job, ok, err, started, retryable)
     r.log = not lok or keep ~= false
   else
     r.log = true
+  end
+  local series = self.series[job.type]
+  if not series then
+    local group, jtype = self.group, job.type
+    series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
+               failed = failed_total:with(group, jtype), retried = retried:with(group, jtype) }
+    self.series[jtype] = series
+  end
+  series.duration:observe(finished - started)
+  if ok then
+    series.completed:inc()
+  elseif r.final then
+    series.failed:inc()
+  else
+    series.retried:inc()
   end
   local results = self.results
   results[#results + 1] = r
@@ -592,12 +619,18 @@ function Worker:_arm_retries(batch)
 end
 
 function Worker:_flush_loop()
+  local backoff = 0.1
   while true do
     if #self.results < self.flush_count and self.state ~= "stopped" then
       self.flush_now:wait(self.flush_age)
     end
     self:_persist("writing results failed", self._flush, self)
-    if self.state == "stopped" and #self.results == 0 then return end
+    if self.state == "stopped" then
+      if #self.results == 0 then return end
+      -- after the stop _persist gives up at once: keep trying, backing off
+      self.flush_now:wait(backoff)
+      backoff = math.min(backoff * 2, 10)
+    end
   end
 end
 
@@ -630,8 +663,13 @@ function Worker:_listen()
   local pgcoord = require "pgcoord"
   local sub = self.subscriber
   if not sub then
+    -- (re)connected: notifications may have been missed, so claim and
+    -- promote at once (next_due = now)
     sub = pgcoord.subscriber(self.pool, {
-      on_reconnect = function() self:_wake() end })
+      on_reconnect = function()
+        self.next_due = core.now()
+        self:_wake()
+      end })
     self.own_subscriber = sub
   end
   local fan = sub.fans[CHANNEL] or sub:add(pgcoord.fanout(CHANNEL))
@@ -683,7 +721,8 @@ end
 -- retryable), writes every result, and deregisters.
 function Worker:shutdown(timeout)
   if self.state == "stopping" or self.state == "stopped" then
-    if self.done then self.done:wait() end
+    -- another call is at it, or it is over (done is signalled once)
+    while self.state ~= "stopped" do self.done:wait() end
     return
   end
   self.done = task.cond()

@@ -11,6 +11,13 @@ json.null = cjson.null
 json.encode = core.json_encode
 json.decode = core.json_decode
 
+local ARRAY = { __jsonarray = true }
+
+-- Marks t as a list, so that it encodes as [] even when empty.
+function json.array(t)
+  return setmetatable(t or {}, ARRAY)
+end
+
 -- Like decode, but returns nil and the error instead of raising.
 function json.try_decode(s)
   local ok, v = pcall(core.json_decode, s)

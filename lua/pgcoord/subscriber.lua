@@ -76,6 +76,7 @@ function subscriber.new(pool, opts)
     stopped = false,
     counters = { notifications = 0, reconnects = 0, pings = 0, ping_failures = 0 },
   }, Sub)
+  require("pgcoord.metrics").track("subscriber", self)
   return self
 end
 

@@ -1,0 +1,204 @@
+-- The operations endpoint: /metrics (Prometheus) and /healthz, served on
+-- the event loop.  Requests are answered from state that background tasks
+-- keep fresh (a health probe every second, depths every depth_interval),
+-- so a scrape never waits on the database.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+local metrics = require "pgcoord.metrics"
+local status = require "pgcoord.status"
+
+local http = {}
+
+-- ---- what the endpoint reports ------------------------------------------------
+
+local pool_connections = metrics.gauge("pgcoord_pool_connections",
+  "Connections of each pool by state (in_use, idle, waiting: tasks waiting for one).",
+  { "pool", "state" })
+local received = metrics.gauge("pgcoord_notifications_received_total",
+  "Notifications received per channel.", { "channel" })
+local dropped = metrics.gauge("pgcoord_notifications_dropped_total",
+  "Notifications dropped for full listener buffers, per channel.", { "channel" })
+local poll_saved = metrics.gauge("pgcoord_poll_saved_items_total",
+  "Items found by fallback polls that no notification announced, per channel.", { "channel" })
+local reconnects = metrics.gauge("pgcoord_subscriber_reconnects_total",
+  "LISTEN connections re-established, per subscriber.", { "subscriber" })
+local lock_held = metrics.gauge("pgcoord_job_lock_held",
+  "1 while this process holds the job lock, else 0; state in the label.", { "lock", "state" })
+local group_jobs = metrics.gauge("pgcoord_job_group_jobs",
+  "Jobs per group and state (refreshed on an interval).", { "group", "state" })
+local oldest_ready = metrics.gauge("pgcoord_job_group_oldest_ready_seconds",
+  "Age of the oldest ready job per group (refreshed on an interval).", { "group" })
+local queue_messages = metrics.gauge("pgcoord_queue_messages",
+  "Deliveries per queue subscription and state (refreshed on an interval).",
+  { "queue", "subscription", "state" })
+local outbox_messages = metrics.gauge("pgcoord_outbox_messages",
+  "Outbox messages per table and status (refreshed on an interval).", { "table", "status" })
+local up = metrics.gauge("pgcoord_database_up",
+  "1 when the database answered the last health probe within a second.")
+
+-- The counters the modules keep, the only place they are read.
+metrics.collect(function()
+  pool_connections:reset()
+  local n = 0
+  for pool in metrics.each("pool") do
+    n = n + 1
+    local s = pool:stats()
+    local name = pool.params.application_name or ("pool" .. n)
+    pool_connections:set(s.in_use, name, "in_use")
+    pool_connections:set(s.idle, name, "idle")
+    pool_connections:set(s.waiting, name, "waiting")
+  end
+  for fan in metrics.each("fanout") do
+    local s = fan:stats()
+    received:set(s.notifications, s.channel)
+    dropped:set(s.drops + s.overflows, s.channel)
+    poll_saved:set(s.poll_saved, s.channel)
+  end
+  reconnects:reset()
+  n = 0
+  for sub in metrics.each("subscriber") do
+    n = n + 1
+    reconnects:set(sub:stats().reconnects, "subscriber" .. n)
+  end
+  lock_held:reset()
+  for lock in metrics.each("joblock") do
+    local state = lock:state()
+    lock_held:set(state == "held" and 1 or 0, lock.name, state == "" and "waiting" or state)
+  end
+end)
+
+local function refresh_depths(db, outbox_tables)
+  local s = status.collect(db, outbox_tables)
+  group_jobs:reset()
+  oldest_ready:reset()
+  for _, g in ipairs(s.jobs or {}) do
+    for _, state in ipairs({ "ready", "scheduled", "running", "failed" }) do
+      group_jobs:set(g[state], g.group, state)
+    end
+    oldest_ready:set(g.oldest_ready_age or 0, g.group)
+  end
+  queue_messages:reset()
+  for _, q in ipairs(s.queues or {}) do
+    queue_messages:set(q.pending, q.queue, q.subscription, "pending")
+    queue_messages:set(q.dead, q.queue, q.subscription, "dead")
+  end
+  outbox_messages:reset()
+  for _, o in ipairs(s.outbox or {}) do
+    for _, st in ipairs({ "pending", "processing", "failed" }) do
+      outbox_messages:set(o[st], o.table, st)
+    end
+  end
+end
+
+-- ---- the server ------------------------------------------------------------------
+
+local Server = {}
+Server.__index = Server
+
+local function parse_address(addr)
+  if type(addr) ~= "string" then
+    error(("pgcoord.http.serve: address must be \"host:port\", got %s"):format(tostring(addr)), 3)
+  end
+  local host, port = addr:match("^%[?([^%]]*)%]?:(%d+)$")
+  port = tonumber(port)
+  if not host or not port or port > 65535 then
+    error(("pgcoord.http.serve: address must be \"host:port\", got %q"):format(addr), 3)
+  end
+  return host == "" and "0.0.0.0" or host, port
+end
+
+function Server:_health()
+  local now = core.now()
+  local lag = self.lag or 0
+  if lag > 1 then
+    return false, ("the event loop is %.2fs behind"):format(lag)
+  end
+  if not self.db then return true, "ok (no database to check)" end
+  if not self.last_ok then
+    return false, self.last_error or "the database has not answered yet"
+  end
+  if now - self.last_ok > 1 + self.probe_interval * 1.5 then
+    return false, ("the database did not answer within 1s: %s")
+      :format(self.last_error or "no answer")
+  end
+  return true, "ok"
+end
+
+function Server:_handle(method, path)
+  if path ~= "/metrics" and path ~= "/healthz" then
+    return 404, "text/plain; charset=utf-8", "not found: try /metrics or /healthz\n"
+  end
+  if method ~= "GET" and method ~= "HEAD" then
+    return 405, "text/plain; charset=utf-8", "method not allowed: use GET\n"
+  end
+  if path == "/healthz" then
+    local ok, why = self:_health()
+    return ok and 200 or 503, "text/plain; charset=utf-8", why .. "\n"
+  end
+  return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+end
+
+-- Probes the database every probe_interval; measures the loop's lag.
+function Server:_probe_loop()
+  local before = core.now()
+  while not self.closed do
+    if self.db then
+      local ok, err = pcall(task.with_timeout, 1, self.db.one, self.db, "SELECT 1 AS ok")
+      if ok then
+        self.last_ok, self.last_error = core.now(), nil
+        up:set(1)
+      else
+        self.last_error = tostring(err)
+        up:set(0)
+      end
+    end
+    local wait = math.max(0, before + self.probe_interval - core.now())
+    self.wake:wait(wait)
+    -- how late the loop woke us: a loop busy elsewhere is not healthy
+    self.lag = math.max(0, core.now() - before - self.probe_interval)
+    before = core.now()
+  end
+end
+
+function Server:_depth_loop()
+  while not self.closed do
+    local ok, err = pcall(refresh_depths, self.db, self.outbox_tables)
+    if not ok then log.warn("metrics refresh failed", { error = tostring(err) }) end
+    self.wake:wait(self.depth_interval)
+  end
+end
+
+-- Serves /metrics and /healthz on "host:port" (port 0 picks a free one).
+-- opts.db: the pool to probe and to read depths from.
+function http.serve(addr, opts)
+  opts = opts or {}
+  local host, port = parse_address(addr)
+  local self = setmetatable({
+    db = opts.db,
+    probe_interval = opts.probe_interval or 1,
+    depth_interval = opts.depth_interval or 15,
+    outbox_tables = opts.outbox_tables,
+    wake = task.cond(),
+    closed = false,
+  }, Server)
+  self.server = core.http_listen(host, port, function(method, path)
+    return self:_handle(method, path)
+  end)
+  self.port = self.server:port()
+  -- background work: it must not keep a finished process alive
+  self.tasks = { task.spawn_daemon(self._probe_loop, self) }
+  if self.db then self.tasks[2] = task.spawn_daemon(self._depth_loop, self) end
+  require("pgcoord").on_stop(function() self:close() end)
+  log.info("http endpoint listening", { address = ("%s:%d"):format(host, self.port) })
+  return self
+end
+
+function Server:close()
+  if self.closed then return end
+  self.closed = true
+  self.server:close()
+  self.wake:signal()
+end
+
+return http

@@ -1,0 +1,146 @@
+-- The coordination state as the database holds it: job groups, queue
+-- subscriptions, lock holders, outbox backlog.  Read by
+-- `pgcoord-run --status` and by the metrics refresher; a database with
+-- none, some or all of the tables answers with what it has.
+local json = require "pgcoord.json"
+
+local status = {}
+
+local PRESENT = [[
+SELECT to_regclass('pgcoord.jobs') IS NOT NULL AS jobs,
+       to_regclass('pgcoord.queue_deliveries') IS NOT NULL AS queues,
+       to_regclass('pgcoord.job_locks') IS NOT NULL AS locks]]
+
+local OUTBOXES = [[
+SELECT t AS name FROM json_array_elements_text($1::json) t
+ WHERE to_regclass(quote_ident(t)) IS NOT NULL]]
+
+local JOBS = [[
+SELECT group_name AS "group",
+       count(*) FILTER (WHERE state = 'ready') AS ready,
+       count(*) FILTER (WHERE state = 'scheduled') AS scheduled,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'ready'))::float8
+         AS oldest_ready_age
+  FROM pgcoord.jobs GROUP BY group_name ORDER BY group_name]]
+
+local QUEUES = [[
+SELECT q.name AS queue, s.name AS subscription, s.ordered,
+       count(d.message_id) FILTER (WHERE d.state = 'pending') AS pending,
+       count(d.message_id) FILTER (WHERE d.state = 'dead') AS dead
+  FROM pgcoord.queue_subscriptions s
+  JOIN pgcoord.queues q ON q.id = s.queue_id
+  LEFT JOIN pgcoord.queue_deliveries d ON d.subscription_id = s.id
+ GROUP BY q.name, s.name, s.ordered ORDER BY q.name, s.name]]
+
+local LOCKS = [[
+SELECT name, holder, token,
+       extract(epoch FROM now() - acquired_at)::float8 AS held_for,
+       extract(epoch FROM now() - renewed_at)::float8 AS renewed_ago
+  FROM pgcoord.job_locks ORDER BY name]]
+
+local function outbox_counts(db, name)
+  local quoted = '"' .. name:gsub('"', '""') .. '"'
+  local row = db:one(([[SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+      count(*) FILTER (WHERE status = 'processing') AS processing,
+      count(*) FILTER (WHERE status = 'failed') AS failed FROM %s]]):format(quoted))
+  row.table = name
+  return row
+end
+
+-- { jobs = {...} | nil, queues = ..., locks = ..., outbox = ... }: nil
+-- where the table does not exist.  outbox_tables defaults to the default
+-- outbox table name.
+function status.collect(db, outbox_tables)
+  outbox_tables = outbox_tables or { "outbox_messages" }
+  local present = db:one(PRESENT)
+  local s = {}
+  if present.jobs then s.jobs = db:query(JOBS) end
+  if present.queues then s.queues = db:query(QUEUES) end
+  if present.locks then s.locks = db:query(LOCKS) end
+  local outboxes = db:query(OUTBOXES, outbox_tables)
+  if #outboxes > 0 then
+    s.outbox = {}
+    for i, row in ipairs(outboxes) do s.outbox[i] = outbox_counts(db, row.name) end
+  end
+  return s
+end
+
+local function age(seconds)
+  if not seconds then return "-" end
+  if seconds < 120 then return ("%.1fs"):format(seconds) end
+  if seconds < 7200 then return ("%.1fm"):format(seconds / 60) end
+  return ("%.1fh"):format(seconds / 3600)
+end
+
+local function plain(rows)
+  -- drop the `affected` field a result carries, for JSON output
+  local out = json.array()
+  for i, r in ipairs(rows or {}) do out[i] = r end
+  return out
+end
+
+function status.json(s)
+  return json.encode({
+    jobs = s.jobs and plain(s.jobs) or json.null,
+    queues = s.queues and plain(s.queues) or json.null,
+    locks = s.locks and plain(s.locks) or json.null,
+    outbox = s.outbox or json.null,
+  })
+end
+
+-- One screen of text.
+function status.text(s)
+  local out = {}
+  local function add(fmt, ...) out[#out + 1] = fmt:format(...) end
+  add("job groups")
+  if not s.jobs then
+    add("  (no pgcoord.jobs table: run pgcoord-run --migrate)")
+  elseif #s.jobs == 0 then
+    add("  (none)")
+  else
+    add("  %-20s %8s %10s %8s %8s  %s", "group", "ready", "scheduled", "running", "failed",
+      "oldest ready")
+    for _, g in ipairs(s.jobs) do
+      add("  %-20s %8d %10d %8d %8d  %s", g.group, g.ready, g.scheduled, g.running, g.failed,
+        age(g.oldest_ready_age))
+    end
+  end
+  add("queue subscriptions")
+  if not s.queues then
+    add("  (no queue tables)")
+  elseif #s.queues == 0 then
+    add("  (none)")
+  else
+    add("  %-20s %-20s %8s %8s %8s", "queue", "subscription", "ordered", "pending", "dead")
+    for _, q in ipairs(s.queues) do
+      add("  %-20s %-20s %8s %8d %8d", q.queue, q.subscription, q.ordered and "yes" or "no",
+        q.pending, q.dead)
+    end
+  end
+  add("job locks")
+  if not s.locks then
+    add("  (no pgcoord.job_locks table)")
+  elseif #s.locks == 0 then
+    add("  (none)")
+  else
+    add("  %-24s %-30s %8s %10s %10s", "lock", "holder", "token", "held for", "renewed")
+    for _, l in ipairs(s.locks) do
+      add("  %-24s %-30s %8d %10s %10s", l.name, l.holder or "(released)", l.token,
+        l.holder and age(l.held_for) or "-", age(l.renewed_ago))
+    end
+  end
+  add("outbox")
+  if not s.outbox then
+    add("  (no outbox table)")
+  else
+    add("  %-24s %8s %10s %8s", "table", "pending", "processing", "failed")
+    for _, o in ipairs(s.outbox) do
+      add("  %-24s %8d %10d %8d", o.table, o.pending, o.processing, o.failed)
+    end
+  end
+  return table.concat(out, "\n") .. "\n"
+end
+
+return status

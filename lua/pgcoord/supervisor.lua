@@ -1,0 +1,109 @@
+-- `pgcoord-run --workers N`: one process per core.  The supervisor forks
+-- N children that each run the script with a loop of their own, restarts
+-- a child that dies (with backoff, so a script that crashes at start does
+-- not spin), forwards SIGTERM/SIGINT for a graceful stop of all, and
+-- exits once every child has stopped.  It opens no connection itself.
+local core = require "pgcoord.core"
+local log = require "pgcoord.log"
+
+local supervisor = {}
+
+local SIGINT, SIGTERM, SIGKILL, SIGCHLD = 2, 15, 9, 17
+local BACKOFF_MIN, BACKOFF_MAX = 0.1, 10
+local STABLE_AFTER = 10 -- a child that lived this long resets its backoff
+
+-- run_child() runs the script in a child and returns its exit status.
+function supervisor.run(n, run_child)
+  local slots = {}        -- slot -> { pid, started, backoff }
+  local by_pid = {}
+  local stopping = false
+  local watchers
+
+  local function start(slot)
+    local s = slots[slot]
+    local pid = core.fork()
+    if pid == 0 then
+      -- the child: none of the supervisor's business is ours
+      for _, w in ipairs(watchers) do w:close() end
+      local ok, code = xpcall(run_child, debug.traceback, slot)
+      if not ok then io.stderr:write("pgcoord-run: worker ", slot, ": ", tostring(code), "\n") end
+      io.stdout:flush()
+      io.stderr:flush()
+      core.exit(ok and (code or 0) or 1)
+    end
+    s.pid, s.started = pid, core.now()
+    by_pid[pid] = slot
+    log.info("worker started", { worker = slot, pid = pid })
+  end
+
+  local function schedule_restart(slot)
+    local s = slots[slot]
+    if core.now() - s.started >= STABLE_AFTER then s.backoff = BACKOFF_MIN end
+    local delay = s.backoff
+    s.backoff = math.min(BACKOFF_MAX, s.backoff * 2)
+    log.warn("restarting worker", { worker = slot, delay = delay })
+    -- forked from the main loop below, never inside an event callback
+    s.timer = core.timer(delay, function()
+      s.timer = nil
+      s.due = true
+    end)
+  end
+
+  local function reap()
+    while true do
+      local pid, how, code = core.wait_child()
+      if not pid then return end
+      local slot = by_pid[pid]
+      by_pid[pid] = nil
+      if slot then
+        slots[slot].pid = nil
+        local fields = { worker = slot, pid = pid }
+        fields[how == "killed" and "signal" or "status"] = code
+        if stopping then
+          log.info("worker stopped", fields)
+        else
+          log.warn("worker died", fields)
+          schedule_restart(slot)
+        end
+      end
+    end
+  end
+
+  local function forward(signum)
+    if stopping then
+      log.warn("second signal: killing the workers", { signal = signum })
+      for pid in pairs(by_pid) do core.kill(pid, SIGKILL) end
+      return
+    end
+    stopping = true
+    log.info("stopping the workers", { signal = signum })
+    for _, s in ipairs(slots) do
+      if s.timer then s.timer:cancel() end
+    end
+    for pid in pairs(by_pid) do core.kill(pid, SIGTERM) end
+  end
+
+  watchers = {
+    core.signal(SIGCHLD, reap),
+    core.signal(SIGTERM, forward),
+    core.signal(SIGINT, forward),
+  }
+  for slot = 1, n do
+    slots[slot] = { backoff = BACKOFF_MIN }
+    start(slot)
+  end
+  while next(by_pid) ~= nil or not stopping do
+    core.step(1)
+    reap() -- a SIGCHLD can cover several children
+    for slot, s in ipairs(slots) do
+      if s.due then
+        s.due = false
+        if not stopping then start(slot) end
+      end
+    end
+  end
+  for _, w in ipairs(watchers) do w:close() end
+  return 0
+end
+
+return supervisor

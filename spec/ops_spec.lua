@@ -1,0 +1,206 @@
+-- Operations: the metrics and health endpoint, --status, --workers, logs.
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+local function http_get(port, path, method)
+  local p = assert(io.popen(("curl -s -m 5 -X %s -o - -w '\\n%%{http_code}' http://127.0.0.1:%d%s")
+    :format(method or "GET", port, path)))
+  local out = p:read("a")
+  p:close()
+  local body, code = out:match("^(.*)\n(%d+)$")
+  return tonumber(code), body
+end
+
+local WORKER = [[
+local group = arg[1]
+local db = pgcoord.connect(nil, { size = 3 })
+local jobs = pgcoord.jobs(db)
+jobs:define("work", function(job)
+  pgcoord.sleep(job.params.sleep or 0)
+  -- at least once: a job of a killed worker runs again
+  db:exec("INSERT INTO " .. arg[2] .. " (id) VALUES ($1) ON CONFLICT DO NOTHING", job.id)
+end, { group = group })
+local w = jobs:worker({ group = group, concurrency = 4, poll_interval = 0.5,
+  heartbeat_interval = 0.3, reclaim_after = 1.5, flush_age = 0.05 })
+w:ready()
+print("worker ready")
+]]
+
+-- The port an --http process logged.
+local function logged_port(p)
+  local out = p:wait_output("http endpoint listening", 10)
+  return tonumber(out:match("address=[%d%.]+:(%d+)"))
+end
+
+describe("operations", function()
+  local db
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 3 })
+    pgcoord.migrate(db)
+  end)
+
+  teardown(function()
+    helper.cleanup()
+  end)
+
+  it("serves /metrics and /healthz while jobs run, 503 while the server is down", function()
+    local group, done = helper.unique("g"), helper.unique("done")
+    db:exec(("CREATE TABLE %s (id bigint PRIMARY KEY)"):format(done))
+    local script = helper.write_file(helper.tmpname("worker") .. ".lua", WORKER)
+    local p = helper.start({ "pgcoord-run", "--http", "127.0.0.1:0", script, group, done })
+    local port = logged_port(p)
+    p:wait_output("worker ready", 10)
+    local jobs = pgcoord.jobs(db)
+    jobs:define("work", function() end, { group = group })
+    local list = {}
+    for i = 1, 50 do list[i] = { type = "work", params = { sleep = 0.01 * (i % 3) } } end
+    jobs:schedule_many(db, list)
+    helper.wait_until(function()
+      return db:one(("SELECT count(*) AS n FROM %s"):format(done)).n == 50
+    end, 20, "the jobs to run")
+    local code, body = http_get(port, "/healthz")
+    assert.are.equal(200, code, body)
+    helper.wait_until(function()
+      local _, metrics = http_get(port, "/metrics")
+      return metrics:find(('pgcoord_jobs_completed_total{group="%s",type="work"} 50')
+        :format(group), 1, true)
+    end, 10, "the completed counter")
+    code, body = http_get(port, "/metrics")
+    assert.are.equal(200, code)
+    assert.matches("# TYPE pgcoord_job_duration_seconds histogram", body, 1, true)
+    assert.matches(('pgcoord_job_duration_seconds_count{group="%s",type="work"} 50'):format(group),
+      body, 1, true)
+    assert.matches('pgcoord_pool_connections{pool="pgcoord-http",state="idle"}', body, 1, true)
+    assert.matches('pgcoord_notifications_received_total{channel="pgcoord_jobs"}', body, 1, true)
+    assert.matches("pgcoord_database_up 1", body, 1, true)
+    -- bad requests
+    assert.are.equal(404, (http_get(port, "/nope")))
+    assert.are.equal(405, (http_get(port, "/metrics", "POST")))
+    if helper.can_pgctl() then
+      helper.pgctl("stop")
+      local ok, err = pcall(helper.wait_until, function()
+        local c = http_get(port, "/healthz")
+        return c == 503
+      end, 10, "/healthz to say 503")
+      local _, reason = http_get(port, "/healthz")
+      helper.pgctl("start")
+      assert(ok, err)
+      assert.matches("database", reason)
+      helper.wait_until(function() return http_get(port, "/healthz") == 200 end, 15,
+        "/healthz to recover")
+      db = pgcoord.connect(nil, { size = 3 })
+    end
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(15))
+  end)
+
+  it("prints --status for an empty database and a busy one", function()
+    local empty = helper.create_database("empty")
+    local code, out = helper.run({ "pgcoord-run", "--status" }, { env = { PGDATABASE = empty } })
+    assert.are.equal(0, code, out)
+    assert.matches("no pgcoord.jobs table", out, 1, true)
+    assert.matches("no outbox table", out, 1, true)
+    code, out = helper.run({ "pgcoord-run", "--status", "--json" },
+      { env = { PGDATABASE = empty } })
+    assert.are.equal(0, code, out)
+    local s = pgcoord.json.decode(out)
+    assert.are.equal(pgcoord.null, s.jobs)
+    -- busy: jobs in several states, a lock held
+    local group = helper.unique("g")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("t", function() end, { group = group })
+    for _ = 1, 3 do jobs:schedule_now(db, "t", {}) end
+    jobs:schedule(db, "t", {}, { run_at = pgcoord.time() + 3600 })
+    local lock = pgcoord.joblock(db, helper.unique("lock"), { ping_interval = 1 })
+    local holding = helper.spawn(function()
+      return lock:run(function() pgcoord.sleep(30) end)
+    end)
+    helper.wait_until(function() return lock:state() == "held" end, 10, "the lock")
+    code, out = helper.run({ "pgcoord-run", "--status", "--json" })
+    assert.are.equal(0, code, out)
+    s = pgcoord.json.decode(out)
+    local mine
+    for _, g in ipairs(s.jobs) do if g.group == group then mine = g end end
+    assert.are.same({ 3, 1, 0, 0 }, { mine.ready, mine.scheduled, mine.running, mine.failed })
+    local held
+    for _, l in ipairs(s.locks) do if l.name == lock.name then held = l end end
+    assert.is_not_nil(held.holder)
+    code, out = helper.run({ "pgcoord-run", "--status" })
+    assert.are.equal(0, code, out)
+    assert.matches(group, out, 1, true)
+    holding:cancel()
+  end)
+
+  it("restarts a worker process killed by SIGKILL and stops all on SIGTERM", function()
+    local group, done = helper.unique("g"), helper.unique("done")
+    db:exec(("CREATE TABLE %s (id bigint PRIMARY KEY)"):format(done))
+    local script = helper.write_file(helper.tmpname("worker") .. ".lua", WORKER)
+    local p = helper.start({ "pgcoord-run", "--workers", "2", script, group, done })
+    helper.wait_until(function()
+      local _, n = p:output():gsub("worker ready", "")
+      return n >= 2
+    end, 15, "two workers")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("work", function() end, { group = group })
+    local list = {}
+    for i = 1, 200 do list[i] = { type = "work", params = { sleep = 0.02 } } end
+    jobs:schedule_many(db, list)
+    helper.wait_until(function()
+      return db:one(("SELECT count(*) AS n FROM %s"):format(done)).n > 20
+    end, 20, "some jobs done")
+    local child = tonumber(p:output():match("worker started pid=(%d+)")
+      or p:output():match("pid=(%d+) worker=1"))
+    assert.is_not_nil(child, p:output())
+    assert.is_true(helper.sh("kill -KILL " .. child) == 0)
+    helper.wait_until(function()
+      local _, n = p:output():gsub("worker ready", "")
+      return n >= 3
+    end, 15, "the worker restarted")
+    helper.wait_until(function()
+      return db:one(("SELECT count(*) AS n FROM %s"):format(done)).n == 200
+    end, 30, "every job done despite the kill")
+    helper.wait_until(function()
+      return db:one("SELECT count(*) AS n FROM pgcoord.jobs WHERE group_name = $1", group).n == 0
+    end, 15, "every job written back as done")
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(20))
+    local out = p:output()
+    local _, stopped = out:gsub('msg="worker stopped"', "")
+    assert.are.equal(2, stopped, out)
+  end)
+
+  it("writes log lines that parse back, in both formats, with no password", function()
+    local chunk = 'pgcoord.log.info("hello there", { job = 42, queue = "q \\"x\\"",'
+      .. ' password = "hunter2" })'
+    local code, out = helper.run({ "pgcoord-run", "--log-format", "json", "-e", chunk })
+    assert.are.equal(0, code, out)
+    local line = out:match("[^\n]*hello there[^\n]*")
+    local t = pgcoord.json.decode(line)
+    assert.are.equal("info", t.level)
+    assert.are.equal("hello there", t.msg)
+    assert.are.equal(42, t.job)
+    assert.are.equal('q "x"', t.queue)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT", t.time)
+    assert.are_not.equal("hunter2", t.password)
+    code, out = helper.run({ "pgcoord-run", "-e", chunk })
+    assert.are.equal(0, code, out)
+    line = out:match("[^\n]*hello there[^\n]*")
+    local fields = {}
+    for k, v in line:gmatch('(%w+)=("[^"\\]*[^"]*"?)') do fields[k] = v end
+    for k, v in line:gmatch('(%w+)=([^%s"]+)') do fields[k] = fields[k] or v end
+    assert.are.equal("info", fields.level)
+    assert.are.equal('"hello there"', fields.msg)
+    assert.are.equal("42", fields.job)
+    assert.is_nil(line:find("hunter2", 1, true))
+    -- levels filter
+    code, out = helper.run({ "pgcoord-run", "--log-level", "warn", "-e", chunk })
+    assert.are.equal(0, code)
+    assert.is_nil(out:find("hello there", 1, true))
+    -- a password in the conninfo never reaches an error or a log line
+    code, out = helper.run({ "pgcoord-run", "--db",
+      "postgresql://u:s3cr3t-pw@127.0.0.1:1/x", "-e", "pgcoord.connect()" })
+    assert.are.equal(1, code)
+    assert.is_nil(out:find("s3cr3t-pw", 1, true), out)
+  end)
+end)
