@@ -360,8 +360,10 @@ static void decode_number(lua_State *L, jreader *r)
 	}
 	size_t len = (size_t)(r->p - s);
 	char buf[64];
-	if (len == 0 || len >= sizeof buf || (len == 1 && *s == '-'))
+	if (len == 0 || len >= sizeof buf || (len == 1 && *s == '-')) {
 		jfail(L, r, "bad number");
+		return;
+	}
 	memcpy(buf, s, len);
 	buf[len] = '\0';
 	char *end;
