@@ -160,14 +160,17 @@ local function repl(pgcoord)
     local chunk, err = load("return " .. buffer, "=stdin", "t")
     if not chunk then chunk, err = load(buffer, "=stdin", "t") end
     if not chunk and err:find("<eof>$") then
-      prompt.set(">> ")
+      prompt.resume(">> ")
       return
     end
     if buffer:find("%S") then prompt.add_history(buffer) end
     buffer = nil
     prompt.set("> ")
     if not chunk then
+      -- the editor would redraw the rejected line under the message
+      prompt.pause()
       prompt.print(err)
+      prompt.resume("> ")
     else
       evaluate(chunk)
     end

@@ -1,0 +1,413 @@
+-- The runtime: tasks, sleeping, cancellation, the loop, time.
+-- Busted runs in Lua's main thread, so waiting calls here drive the loop
+-- themselves (the stock lua5.4 mode).
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+describe("tasks", function()
+  after_each(function()
+    pgcoord.log.set_sink(nil)
+    helper.cleanup()
+  end)
+
+  it("spawn passes arguments and join returns all results, nils included", function()
+    local t = pgcoord.spawn(function(a, b)
+      pgcoord.sleep(0.001)
+      return a + b, nil, "x"
+    end, 40, 2)
+    local r = table.pack(t:join())
+    assert.are.equal(3, r.n)
+    assert.are.equal(42, r[1])
+    assert.is_nil(r[2])
+    assert.are.equal("x", r[3])
+    assert.are.equal("done", t:status())
+    -- joining again returns the same results
+    assert.are.equal(42, (t:join()))
+  end)
+
+  it("runs many tasks concurrently", function()
+    local tasks = {}
+    local t0 = pgcoord.now()
+    for i = 1, 100 do
+      tasks[i] = pgcoord.spawn(function()
+        pgcoord.sleep(0.05)
+        return i * i
+      end)
+    end
+    for i = 1, 100 do assert.are.equal(i * i, tasks[i]:join()) end
+    -- 100 sleeps of 50 ms run side by side, not one after the other (5 s)
+    local elapsed = pgcoord.now() - t0
+    assert.is_true(elapsed < 2.5, "took " .. elapsed)
+  end)
+
+  it("a task can join another task", function()
+    local inner = pgcoord.spawn(function()
+      pgcoord.sleep(0.01)
+      return "inner"
+    end)
+    local outer = pgcoord.spawn(function() return inner:join() .. "+outer" end)
+    assert.are.equal("inner+outer", outer:join())
+  end)
+
+  it("join re-raises the task's error, a string with its position", function()
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.001)
+      error("boom in task")
+    end)
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.are.equal("string", type(err))
+    assert.matches("boom in task", err, 1, true)
+    assert.matches("task_spec.lua:%d+:", err)
+    assert.are.equal("failed", t:status())
+  end)
+
+  it("join re-raises a table error as the very same table", function()
+    local e = { code = 42 }
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.001)
+      error(e)
+    end)
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.are.equal(e, err)
+    assert.are.equal(42, err.code)
+    -- and again on a second join
+    local ok2, err2 = pcall(t.join, t)
+    assert.is_false(ok2)
+    assert.are.equal(e, err2)
+  end)
+
+  it("a task's error that nobody joins is logged with a traceback and kills nothing", function()
+    local lines = {}
+    pgcoord.log.set_sink(function(line) lines[#lines + 1] = line end)
+    local survivor = pgcoord.spawn(function()
+      pgcoord.sleep(0.05)
+      return "still here"
+    end)
+    local function failing_function_name() error("unjoined failure xyz") end
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.001)
+      failing_function_name()
+    end)
+    helper.wait_until(function() return t:status() == "failed" end, 5, "the task to fail")
+    local all = helper.wait_until(function()
+      for _, line in ipairs(lines) do
+        if line:find("unjoined failure xyz", 1, true) then return line end
+      end
+    end, 5, "the log line")
+    assert.matches("level=error", all, 1, true)
+    assert.matches("task failed", all, 1, true)
+    assert.matches("unjoined failure xyz", all, 1, true)
+    assert.matches("stack traceback", all, 1, true)
+    assert.matches("failing_function_name", all, 1, true)
+    assert.are.equal("still here", survivor:join())
+    -- the loop still runs new tasks
+    assert.are.equal(7, pgcoord.spawn(function() return 7 end):join())
+  end)
+
+  it("a table error with __tostring is logged readably", function()
+    local lines = {}
+    pgcoord.log.set_sink(function(line) lines[#lines + 1] = line end)
+    local t = pgcoord.spawn(function()
+      error(setmetatable({}, { __tostring = function() return "custom error text" end }))
+    end)
+    helper.wait_until(function() return t:status() == "failed" end, 5, "the task to fail")
+    helper.wait_until(function()
+      return table.concat(lines, "\n"):find("custom error text", 1, true)
+    end, 5, "the log line")
+  end)
+
+  it("an error is not logged when somebody is joining", function()
+    local lines = {}
+    pgcoord.log.set_sink(function(line) lines[#lines + 1] = line end)
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.01)
+      error("joined failure")
+    end)
+    assert.is_false(pcall(t.join, t))
+    pgcoord.sleep(0) -- a report would come from the loop
+    assert.is_nil(table.concat(lines, "\n"):find("joined failure", 1, true))
+  end)
+
+  it("cancels a sleeping task: status cancelled, join raises a cancellation", function()
+    local started, after = false, false
+    local t = pgcoord.spawn(function()
+      started = true
+      pgcoord.sleep(30)
+      after = true
+    end)
+    helper.wait_until(function() return started end, 5, "the task to start")
+    local t0 = pgcoord.now()
+    assert.is_true(t:cancel())
+    assert.are.equal("cancelled", t:status())
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.is_true(pgcoord.is_cancelled(err))
+    assert.is_false(after)
+    assert.is_true(pgcoord.now() - t0 < 5)
+    -- cancelling again is a no-op
+    assert.is_false(t:cancel())
+    assert.is_false(pgcoord.is_cancelled("task cancelled"))
+    assert.is_false(pgcoord.is_cancelled({ message = "task cancelled" }))
+  end)
+
+  it("cancels a task that has not started yet", function()
+    local ran = false
+    local t = pgcoord.spawn(function() ran = true end)
+    assert.is_true(t:cancel())
+    assert.are.equal("cancelled", t:status())
+    pgcoord.sleep(0.001)
+    assert.is_false(ran)
+  end)
+
+  it("a cancelled task's to-be-closed variables run, innermost first", function()
+    local closed = {}
+    local started = false
+    local t = pgcoord.spawn(function()
+      local outer <close> = setmetatable({}, {
+        __close = function() closed[#closed + 1] = "outer" end,
+      })
+      local function inner()
+        local guard <close> = setmetatable({}, { __close = function(_, e)
+          closed[#closed + 1] = "inner"
+          closed.err = e
+        end })
+        started = true
+        assert(guard)
+        pgcoord.sleep(30)
+      end
+      inner()
+      return outer
+    end)
+    helper.wait_until(function() return started end, 5, "the task to start")
+    t:cancel()
+    assert.are.same({ "inner", "outer" }, { closed[1], closed[2] })
+    assert.are.equal(2, #closed)
+  end)
+
+  it("a task can cancel another task", function()
+    local victim = pgcoord.spawn(function() pgcoord.sleep(30) end)
+    local killer = pgcoord.spawn(function()
+      pgcoord.sleep(0.01)
+      return victim:cancel()
+    end)
+    assert.is_true(killer:join())
+    assert.are.equal("cancelled", victim:status())
+    local ok, err = pcall(victim.join, victim)
+    assert.is_false(ok)
+    assert.is_true(pgcoord.is_cancelled(err))
+  end)
+
+  it("a task that cancels itself ends as cancelled", function()
+    local after = false
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.001)
+      pgcoord.current_task():cancel()
+      after = true
+    end)
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.is_true(pgcoord.is_cancelled(err))
+    assert.are.equal("cancelled", t:status())
+    assert.is_false(after)
+  end)
+
+  it("a task waiting in join can be cancelled, and the joined task goes on", function()
+    local sleeper = pgcoord.spawn(function()
+      pgcoord.sleep(0.05)
+      return "slept"
+    end)
+    local joiner = pgcoord.spawn(function() return sleeper:join() end)
+    pgcoord.sleep(0.001)
+    joiner:cancel()
+    assert.are.equal("cancelled", joiner:status())
+    assert.are.equal("slept", sleeper:join())
+  end)
+
+  it("sleepers wake in the order of their deadlines", function()
+    local order = {}
+    local tasks = {}
+    for _, d in ipairs({ 0.05, 0.01, 0.03, 0.02, 0.04 }) do
+      tasks[#tasks + 1] = pgcoord.spawn(function()
+        pgcoord.sleep(d)
+        order[#order + 1] = d
+      end)
+    end
+    for _, t in ipairs(tasks) do t:join() end
+    assert.are.same({ 0.01, 0.02, 0.03, 0.04, 0.05 }, order)
+  end)
+
+  it("sleep waits at least the time asked, in a task and in the main thread", function()
+    local t0 = pgcoord.now()
+    pgcoord.sleep(0.05)
+    assert.is_true(pgcoord.now() - t0 >= 0.049)
+    local elapsed = pgcoord.spawn(function()
+      local s = pgcoord.now()
+      pgcoord.sleep(0.03)
+      return pgcoord.now() - s
+    end):join()
+    assert.is_true(elapsed >= 0.029, "slept " .. elapsed)
+    assert.is_true(elapsed < 5, "slept " .. elapsed)
+  end)
+
+  it("sleep(0) lets the other ready tasks run", function()
+    local trace = {}
+    local a = pgcoord.spawn(function()
+      trace[#trace + 1] = "a1"
+      pgcoord.sleep(0)
+      trace[#trace + 1] = "a2"
+    end)
+    local b = pgcoord.spawn(function()
+      trace[#trace + 1] = "b1"
+      pgcoord.sleep(0)
+      trace[#trace + 1] = "b2"
+    end)
+    a:join()
+    b:join()
+    assert.are.same({ "a1", "b1", "a2", "b2" }, trace)
+  end)
+
+  it("sleep rejects a bad duration clearly", function()
+    local ok, err = pcall(pgcoord.sleep, "soon")
+    assert.is_false(ok)
+    assert.matches("pgcoord.sleep", err, 1, true)
+    ok, err = pcall(pgcoord.sleep, 0 / 0)
+    assert.is_false(ok)
+    assert.matches("seconds must be a number", err, 1, true)
+  end)
+
+  it("spawn rejects a non-function clearly", function()
+    local ok, err = pcall(pgcoord.spawn, 42)
+    assert.is_false(ok)
+    assert.matches("expected a function, got number", err, 1, true)
+  end)
+
+  it("a task cannot join itself", function()
+    local t
+    t = pgcoord.spawn(function()
+      pgcoord.sleep(0.001)
+      return pcall(t.join, t)
+    end)
+    local ok, err = t:join()
+    assert.is_false(ok)
+    assert.matches("cannot", err, 1, true)
+    assert.matches("itself", err, 1, true)
+  end)
+
+  it("waiting in a plain coroutine is a clear error", function()
+    local co = coroutine.wrap(function() return pcall(pgcoord.sleep, 0.01) end)
+    local ok, err = co()
+    assert.is_false(ok)
+    assert.matches("plain coroutine", err, 1, true)
+  end)
+end)
+
+describe("the loop", function()
+  after_each(helper.cleanup)
+
+  it("step(timeout) returns by its timeout", function()
+    local elapsed = helper.timed(pgcoord.step, 0.05)
+    assert.is_true(elapsed < 5, "returned after " .. elapsed)
+  end)
+
+  it("step(timeout) waits about timeout when nothing happens; step() returns false then", function()
+    -- A fresh process, where nothing else is registered on the loop.
+    local code, out = helper.run({ "lua5.4", "-e", [[
+      local pgcoord = require "pgcoord"
+      local t0 = pgcoord.now()
+      local r = pgcoord.step(0.05)
+      print(("STEP=%.3f %s"):format(pgcoord.now() - t0, tostring(r)))
+      t0 = pgcoord.now()
+      r = pgcoord.step()
+      print(("IDLE=%.3f %s"):format(pgcoord.now() - t0, tostring(r)))
+    ]] }, { env = {
+      LUA_PATH = helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;",
+      LUA_CPATH = helper.root .. "/lua/?.so;;",
+    } })
+    assert.are.equal(0, code, out)
+    local step = tonumber(out:match("STEP=([%d.]+) true"))
+    assert.truthy(step, out)
+    assert.is_true(step >= 0.045 and step < 1, out)
+    local idle = tonumber(out:match("IDLE=([%d.]+) false"))
+    assert.truthy(idle, out)
+    assert.is_true(idle < 0.5, out)
+  end)
+
+  it("step(0) returns at once", function()
+    local keep = pgcoord.spawn(function() pgcoord.sleep(10) end)
+    local elapsed = helper.timed(pgcoord.step, 0)
+    assert.is_true(elapsed < 5, "returned after " .. elapsed)
+    keep:cancel()
+  end)
+
+  it("step runs ready tasks and returns when an event has been handled", function()
+    local ran = false
+    pgcoord.spawn(function() ran = true end)
+    local deadline = pgcoord.now() + 5
+    while not ran and pgcoord.now() < deadline do pgcoord.step(1) end
+    assert.is_true(ran)
+    -- a timer firing makes step return before its timeout
+    local woke = false
+    local t = pgcoord.spawn(function()
+      pgcoord.sleep(0.02)
+      woke = true
+    end)
+    local elapsed = helper.timed(function()
+      while not woke do pgcoord.step(5) end
+    end)
+    assert.is_true(elapsed < 5, "took " .. elapsed)
+    t:join()
+  end)
+
+  it("step cannot be called from inside a task", function()
+    local ok, err = pgcoord.spawn(function() return pcall(pgcoord.step, 0) end):join()
+    assert.is_false(ok)
+    assert.matches("main thread", tostring(err), 1, true)
+  end)
+
+  it("now is monotonic and follows sleeps", function()
+    local prev = pgcoord.now()
+    assert.are.equal("number", type(prev))
+    for _ = 1, 1000 do
+      local n = pgcoord.now()
+      assert.is_true(n >= prev)
+      prev = n
+    end
+    local t0 = pgcoord.now()
+    pgcoord.sleep(0.02)
+    local d = pgcoord.now() - t0
+    assert.is_true(d >= 0.019 and d < 5, "slept " .. d)
+  end)
+
+  it("run() returns once the tasks are done, on_stop handlers run on stop()", function()
+    -- pgcoord.stop() is once per process: run it in a child process.
+    local script = helper.write_file(helper.tmpname("run") .. ".lua", [[
+      local pgcoord = require "pgcoord"
+      local out = {}
+      pgcoord.on_stop(function() out[#out + 1] = "on_stop" end)
+      pgcoord.spawn(function()
+        while not pgcoord.stopping() do pgcoord.sleep(0.01) end
+        out[#out + 1] = "worker saw stop"
+      end)
+      pgcoord.spawn(function()
+        pgcoord.sleep(0.05)
+        out[#out + 1] = "stopper"
+        pgcoord.stop()
+      end)
+      pgcoord.run()
+      print(table.concat(out, ","))
+    ]])
+    local code, out = helper.run({ "lua5.4", script }, { env = {
+      LUA_PATH = helper.root .. "/lua/?.lua;" .. helper.root .. "/lua/?/init.lua;;",
+      LUA_CPATH = helper.root .. "/lua/?.so;;",
+    } })
+    assert.are.equal(0, code, out)
+    -- the stop handler and the worker both run after the stop, in either order
+    local seen = {}
+    for item in out:gmatch("[^,\n]+") do seen[#seen + 1] = item end
+    assert.are.equal("stopper", seen[1], out)
+    table.sort(seen)
+    assert.are.same({ "on_stop", "stopper", "worker saw stop" }, seen)
+  end)
+end)
