@@ -55,8 +55,20 @@ local function check_options(opts)
   return opts
 end
 
-local function connection_params(params)
+-- A TCP link that dies silently would otherwise hang a query for the
+-- kernel's two hours: keepalives notice an idle dead peer within a minute,
+-- tcp_user_timeout one that stops acknowledging what we send.  Only where
+-- the conninfo does not set them itself (params would override it).
+local LINK_DEFAULTS = {
+  keepalives_idle = "30", keepalives_interval = "10", keepalives_count = "3",
+  tcp_user_timeout = "60000",
+}
+
+local function connection_params(params, conninfo)
   local out = { fallback_application_name = "pgcoord" }
+  for k, v in pairs(LINK_DEFAULTS) do
+    if not (conninfo and conninfo:find(k, 1, true)) then out[k] = v end
+  end
   for k, v in pairs(params or {}) do
     if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
       error(("pgcoord.connect: params.%s must be a string, got %s")
@@ -443,9 +455,10 @@ function db.connect(conninfo, opts)
     error(("pgcoord.connect: conninfo must be a string, got %s"):format(type(conninfo)), 2)
   end
   opts = check_options(opts)
+  conninfo = (conninfo ~= nil and conninfo ~= "") and conninfo or db.default_conninfo()
   local pool = setmetatable({
-    conninfo = (conninfo ~= nil and conninfo ~= "") and conninfo or db.default_conninfo(),
-    params = connection_params(opts.params),
+    conninfo = conninfo,
+    params = connection_params(opts.params, conninfo),
     size = opts.size or 10,
     connect_timeout = opts.connect_timeout or 10,
     prepare = opts.prepare ~= false,
