@@ -47,9 +47,11 @@ CREATE INDEX IF NOT EXISTS jobs_running ON pgcoord.jobs (locked_by)
   WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_failed ON pgcoord.jobs (group_name, id)
   WHERE state = 'failed';
--- A key makes a job unique while it waits to run.
+-- A key makes a job unique until it has finished: while it waits and while
+-- it runs.  (Freeing the key when the job starts would let a second job take
+-- it, and the first one's retry could then not go back to waiting.)
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_pending_key ON pgcoord.jobs (key)
-  WHERE key IS NOT NULL AND state IN ('ready', 'scheduled');
+  WHERE key IS NOT NULL AND state IN ('ready', 'scheduled', 'running');
 
 -- Workers heartbeat here; jobs held by a worker that went quiet are
 -- handed back to the others.

@@ -1,0 +1,182 @@
+-- The pgcoord side of scripts/bench/jobs, run by pgcoord-run:
+--   jobs.lua throughput GROUP JOBS CONCURRENCY LOG
+--       schedules JOBS no-op jobs with schedule_many (one statement), runs
+--       VACUUM ANALYZE on pgcoord.jobs, then times one worker with
+--       CONCURRENCY draining them; LOG is "all" (default history logging)
+--       or "none" (should_log_run returns false); prefetch from
+--       $BENCH_PREFETCH (default 1000).  Prints
+--       "jobs=N seconds=S rate=R ..."
+--   jobs.lua latency GROUP JOBS CONCURRENCY
+--       an idle worker; JOBS single jobs scheduled one at a time with
+--       schedule_now from a pool of its own, each once the last one has
+--       started.  Prints "jobs=N p50_ms=.. p99_ms=.. max_ms=.. mean_ms=.."
+--   jobs.lua pgbench-script
+--       prints a pgbench script made of the CLAIM and FLUSH statements of
+--       lua/pgcoord/jobs.lua (their text, read from the file): one
+--       transaction claims up to :batch jobs of group :grp for worker :wid,
+--       turns the claimed rows into ten result batches of 100 like the
+--       worker's (log = :log), and writes each batch with FLUSH
+--
+-- Throughput, defined: t0 is taken just before jobs:worker() is called,
+-- with the jobs committed and the process connected and migrated; t1 is
+-- the first moment, after the last handler returned, at which a count of
+-- the group's jobs in pgcoord.jobs reads 0 (completed jobs are deleted by
+-- the batched result write, so that is when the last completion was
+-- written); the count is polled every millisecond, only once the last
+-- handler has returned.  rate = JOBS / (t1 - t0).
+local pgcoord = require "pgcoord"
+
+local mode = ...
+local args = table.pack(...)
+
+local function arg_number(i, name)
+  local v = math.tointeger(tonumber(args[i]))
+  if not v or v <= 0 then
+    error(("jobs.lua %s: %s must be a positive integer, got %s")
+      :format(mode, name, tostring(args[i])))
+  end
+  return v
+end
+
+local function say(line)
+  io.stdout:write(line, "\n")
+  io.stdout:flush()
+end
+
+local function remaining(db, group)
+  return db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE group_name = $1", group).n
+end
+
+-- Waits (polling every ms) until fn() is true; raises after limit seconds.
+local function wait_for(fn, limit, what)
+  local deadline = pgcoord.now() + limit
+  while not fn() do
+    if pgcoord.now() > deadline then error(("no %s within %d s"):format(what, limit)) end
+    pgcoord.sleep(0.001)
+  end
+end
+
+if mode == "throughput" then
+  local group = args[2]
+  local n, concurrency = arg_number(3, "JOBS"), arg_number(4, "CONCURRENCY")
+  local log_runs = args[5] or "all"
+  assert(log_runs == "all" or log_runs == "none", "LOG must be all or none")
+  local db = pgcoord.connect(nil, { size = 4 })
+  pgcoord.migrate(db)
+  local jobs = pgcoord.jobs(db)
+  local done = 0
+  jobs:define("noop", function() done = done + 1 end, { group = group })
+  local list = {}
+  for i = 1, n do list[i] = { type = "noop", params = {} } end
+  local ids = jobs:schedule_many(db, list)
+  assert(#ids == n, "schedule_many inserted " .. #ids)
+  db:exec("VACUUM ANALYZE pgcoord.jobs")
+  db:exec("VACUUM ANALYZE pgcoord.job_runs")
+  local runs_before = db:one("SELECT count(*)::int AS n FROM pgcoord.job_runs").n
+  local cpu0 = os.clock()
+
+  local t0 = pgcoord.now()
+  local w = jobs:worker({
+    group = group, concurrency = concurrency,
+    prefetch = math.tointeger(tonumber(os.getenv("BENCH_PREFETCH") or "")) or 1000,
+    flush_count = 100,
+    flush_age = 0.02, poll_interval = 10,
+    should_log_run = log_runs == "none" and function() return false end or nil,
+  })
+  wait_for(function() return done >= n end, 300, "last handler")
+  local t_handlers = pgcoord.now()
+  wait_for(function() return remaining(db, group) == 0 end, 60, "empty table")
+  local t1 = pgcoord.now()
+  local cpu = os.clock() - cpu0
+
+  w:shutdown()
+  local logged = db:one("SELECT count(*)::int AS n FROM pgcoord.job_runs").n - runs_before
+  db:close()
+  local seconds = t1 - t0
+  say(("jobs=%d seconds=%.4f rate=%.1f handlers_done_at=%.4f logged=%d cpu=%.3f")
+    :format(n, seconds, n / seconds, t_handlers - t0, logged, cpu))
+
+elseif mode == "latency" then
+  local group = args[2]
+  local n, concurrency = arg_number(3, "JOBS"), arg_number(4, "CONCURRENCY")
+  local warmup = 50
+  local db = pgcoord.connect(nil, { size = 4 })
+  pgcoord.migrate(db)
+  local producer = pgcoord.connect(nil, { size = 1 })
+  local jobs = pgcoord.jobs(db)
+  local started_at = {}
+  local started = pgcoord.fanout("bench_jobs_started") -- local wake-ups only
+  local waiter = started:listen()
+  jobs:define("ping", function(job)
+    started_at[job.params.i] = pgcoord.now()
+    started:notify(job.params.i)
+  end, { group = group })
+  -- a subscriber connected before the worker starts: once ready() returns
+  -- the worker is listening
+  local sub = pgcoord.subscriber(db)
+  sub:start()
+  wait_for(function() return sub:connected() end, 10, "LISTEN connection")
+  local w = jobs:worker({ group = group, concurrency = concurrency, poll_interval = 10,
+                          subscriber = sub })
+  w:ready()
+  local sent_at = {}
+  for i = 1, warmup + n do
+    sent_at[i] = pgcoord.now()
+    jobs:schedule_now(producer, "ping", { i = i })
+    local got, err = waiter:receive(5)
+    if got ~= i then error(("job %d: got %s (%s)"):format(i, tostring(got), tostring(err))) end
+  end
+  w:shutdown()
+  sub:stop()
+  waiter:close()
+  producer:close()
+  db:close()
+
+  local ms = {}
+  for i = warmup + 1, warmup + n do ms[#ms + 1] = (started_at[i] - sent_at[i]) * 1000 end
+  table.sort(ms)
+  local sum = 0
+  for _, v in ipairs(ms) do sum = sum + v end
+  local function pct(p) return ms[math.max(1, math.ceil(p * #ms))] end
+  say(("jobs=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f mean_ms=%.3f")
+    :format(#ms, pct(0.50), pct(0.99), ms[#ms], sum / #ms))
+
+elseif mode == "pgbench-script" then
+  local path = assert(package.searchpath("pgcoord.jobs", package.path))
+  local f = assert(io.open(path, "rb"))
+  local source = f:read("a")
+  f:close()
+  local function statement(name)
+    local sql = source:match("\nlocal " .. name .. " = %[%[\n?(.-)%]%]")
+    if not sql then error(("no %s statement in %s"):format(name, path)) end
+    return sql
+  end
+  -- $n -> pgbench variables (sent as parameters with -M extended)
+  local function bind(sql, names)
+    return (sql:gsub("%$(%d+)", function(i)
+      return ":" .. assert(names[tonumber(i)], "unexpected parameter $" .. i)
+    end))
+  end
+  local claim = bind(statement("CLAIM"), { "grp", "wid", "batch" })
+  local flush = statement("FLUSH")
+  local batches = {}
+  for b = 1, 10 do
+    batches[b] = ([[
+  COALESCE((SELECT json_agg(r) FROM (
+    SELECT id, true AS ok, type, error_count + 1 AS attempt,
+           extract(epoch FROM clock_timestamp())::float8 AS started,
+           extract(epoch FROM clock_timestamp())::float8 AS finished, :log::boolean AS log
+      FROM c ORDER BY id LIMIT 100 OFFSET %d) r), '[]') AS b%d]]):format((b - 1) * 100, b)
+  end
+  local out = { "-- pgcoord's CLAIM (up to :batch jobs), then its FLUSH in batches of 100.",
+    "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
+    "WITH c AS (", claim, ")", "SELECT", table.concat(batches, ",\n"), "\\gset" }
+  for b = 1, 10 do
+    out[#out + 1] = bind(flush, { "b" .. b, "wid", "grp" }) .. ";"
+  end
+  say(table.concat(out, "\n"))
+
+else
+  error(("jobs.lua: unknown mode %s (throughput, latency or pgbench-script)")
+    :format(tostring(mode)))
+end

@@ -1,0 +1,833 @@
+-- The job runner against a real server: scheduling (run_at, transactions,
+-- NOTIFY, batches, keys, priorities), the worker (concurrency, retries,
+-- failed jobs, run history, shutdown) and its failures (a server restart,
+-- a SIGKILLed worker process, two worker processes on one group).
+--
+-- Every test works in a group of its own (helper.unique), so that no test
+-- sees another's jobs in the shared pgcoord.jobs table.
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+local db          -- the spec's pool: scheduling and looking
+local workers = {}
+local pools = {}
+local subscribers = {}
+
+local function pool(opts)
+  local p, app = helper.connect(opts)
+  pools[#pools + 1] = p
+  return p, app
+end
+
+-- A worker shut down after the test (at once: running handlers cancelled).
+local function worker(jobs, opts)
+  local w = jobs:worker(opts)
+  workers[#workers + 1] = w
+  assert.is_true(w:ready(), "the worker did not start")
+  return w
+end
+
+-- A started subscriber, connected: a worker given it (option subscriber)
+-- is listening once ready() returns, and gets no wake-up from the
+-- subscriber's first connection (which could run jobs no test asked for).
+local function connected_subscriber()
+  local sub = pgcoord.subscriber(db)
+  sub:start()
+  helper.wait_until(function() return sub:connected() end, 5, "the subscriber to connect")
+  subscribers[#subscribers + 1] = sub
+  return sub
+end
+
+local function count_jobs(group, state)
+  return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                   WHERE group_name = $1 AND ($2::text IS NULL OR state = $2)]], group, state).n
+end
+
+-- The database's clock, epoch seconds.
+local function db_time(pool_or_tx)
+  return (pool_or_tx or db):one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
+end
+
+local function errors(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert.is_false(ok, "expected an error")
+  return tostring(err)
+end
+
+-- A table of completions, one row per job: a second completion of a job
+-- bumps runs.
+local function done_table()
+  local name = helper.unique("jobs_done")
+  db:exec(("CREATE TABLE %s (job_id bigint PRIMARY KEY, worker text, runs int NOT NULL DEFAULT 1)")
+    :format(name))
+  return name
+end
+
+local function done_count(tbl)
+  return db:one(("SELECT count(*)::int AS n, COALESCE(max(runs), 0) AS max_runs FROM %s")
+    :format(tbl))
+end
+
+setup(function()
+  db = helper.connect({ size = 8 })
+  pgcoord.migrate(db)
+end)
+
+teardown(function()
+  if db then db:close() end
+end)
+
+after_each(function()
+  for _, w in ipairs(workers) do
+    local t = pgcoord.spawn(w.shutdown, w, 0)
+    if not t:wait(10) then print("a worker did not shut down within 10 s") end
+  end
+  workers = {}
+  for _, sub in ipairs(subscribers) do sub:stop() end
+  subscribers = {}
+  for _, p in ipairs(pools) do pcall(p.close, p) end
+  pools = {}
+  helper.cleanup()
+end)
+
+describe("scheduling jobs", function()
+  it("does not start a job before its run_at by the database clock, and starts it soon after",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local seen
+    jobs:define("later", function(job)
+      seen = { job = job, started = db_time() }
+    end, { group = g })
+    worker(jobs, { group = g, poll_interval = 30 })
+    local at = db_time() + 1
+    local id = jobs:schedule(db, "later", { n = 42 }, { run_at = at })
+    assert.are.equal("scheduled", db:one("SELECT state FROM pgcoord.jobs WHERE id = $1", id).state)
+    helper.wait_until(function() return seen end, 5, "the job to run")
+    assert.is_true(seen.started >= at, ("started %.4f s before run_at"):format(at - seen.started))
+    assert.is_true(seen.started < at + 0.5,
+      ("started %.4f s after run_at"):format(seen.started - at))
+    local job = seen.job
+    assert.are.equal(id, job.id)
+    assert.are.equal("later", job.type)
+    assert.are.equal(g, job.group)
+    assert.are.same({ n = 42 }, job.params)
+    assert.are.equal(0, job.error_count)
+    assert.is_nil(job.last_error)
+    assert.is_true(math.abs(job.run_at - at) < 0.001, "run_at came back as " .. job.run_at)
+    assert.is_true(job.inserted_at <= job.run_at)
+    helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the finished job to go")
+  end)
+
+  it("joins the caller's transaction: rollback leaves no job; commit wakes an idle worker at once",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = {}
+    jobs:define("tx", function(job)
+      ran[#ran + 1] = { n = job.params.n, at = pgcoord.now() }
+    end, { group = g })
+    worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
+
+    local ok, err = pcall(db.tx, db, function(tx)
+      jobs:schedule_now(tx, "tx", { n = 1 })
+      jobs:schedule_many(tx, { { type = "tx", params = { n = 2 } } })
+      assert.are.equal(2, tx:one(
+        "SELECT count(*)::int AS n FROM pgcoord.jobs WHERE group_name = $1", g).n)
+      error("changed my mind")
+    end)
+    assert.is_false(ok)
+    assert.matches("changed my mind", tostring(err), 1, true)
+    assert.are.equal(0, count_jobs(g))
+
+    local t0
+    db:tx(function(tx)
+      jobs:schedule_now(tx, "tx", { n = 3 })
+      -- not visible (nor runnable) before the commit
+      assert.are.equal(0, count_jobs(g))
+      t0 = pgcoord.now()
+    end)
+    helper.wait_until(function() return #ran == 1 end, 5, "the committed job to run")
+    local latency = ran[1].at - t0
+    assert.are.equal(3, ran[1].n)
+    assert.is_true(latency < 1, ("took %.3f s with poll_interval 60"):format(latency))
+    helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the job to be deleted")
+    assert.are.equal(1, #ran)
+  end)
+
+  it("w:signal() makes an idle worker look for jobs at once", function()
+    local g = helper.unique("jg")
+    local wdb, app = pool({ size = 2 })
+    local jobs = pgcoord.jobs(wdb)
+    local ran = 0
+    jobs:define("quiet", function() ran = ran + 1 end, { group = g })
+    local w = worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
+    helper.wait_until(function()
+      for _, b in ipairs(helper.backends(app)) do
+        if b.state == "idle" and b.query:find("SET state = 'running'", 1, true) then return true end
+      end
+    end, 5, "the worker's first claim to be over")
+    -- inserted behind the runner's back: no NOTIFY
+    db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params)
+              VALUES ($1, 'quiet', 'ready', '{}')]], g)
+    w:signal()
+    helper.wait_until(function() return ran == 1 end, 2, "the signalled worker to run the job")
+  end)
+
+  it("schedule_many inserts a batch in one statement, with params, run_at and priorities",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("many", function() end, { group = g })
+    local later = db_time() + 3600
+    local ids = jobs:schedule_many(db, {
+      { type = "many", params = { a = 1, list = { "x", "y" } } },
+      { type = "many", params = "just a string", priority = -3 },
+      { type = "many" },
+      { type = "many", params = { b = true }, run_at = later, key = helper.unique("k") },
+    })
+    assert.are.equal(4, #ids)
+    local rows = db:query([[
+      SELECT id, state, priority, params, extract(epoch FROM run_at)::float8 AS at
+        FROM pgcoord.jobs WHERE group_name = $1 ORDER BY id]], g)
+    assert.are.equal(4, #rows)
+    for i = 1, 4 do assert.are.equal(ids[i], rows[i].id) end
+    assert.are.same({ a = 1, list = { "x", "y" } }, rows[1].params)
+    assert.are.equal("just a string", rows[2].params)
+    assert.are.equal(-3, rows[2].priority)
+    assert.is_true(rows[3].params == nil or rows[3].params == pgcoord.null)
+    assert.are.same({ "ready", "ready", "ready", "scheduled" },
+      { rows[1].state, rows[2].state, rows[3].state, rows[4].state })
+    assert.is_true(math.abs(rows[4].at - later) < 0.001)
+    assert.are.same({}, jobs:schedule_many(db, {}))
+  end)
+
+  it("rejects bad input with a clear error and writes nothing", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("good", function() end, { group = g })
+    local function sched(...)
+      local id = jobs:schedule(db, ...) -- not a tail call: errors name this line
+      return id
+    end
+
+    local function fails(msg, fn, ...) assert.matches(msg, errors(fn, ...), 1, true) end
+    fails("unknown job type \"nope\"", sched, "nope", {})
+    fails("unknown group \"no_such_group\"", sched, "good", {}, { group = "no_such_group" })
+    fails("params cannot be encoded as JSON", sched, "good", { f = function() end })
+    fails("params cannot be encoded as JSON", sched, "good", { 0 / 0 })
+    fails("run_at must be a time", sched, "good", {}, { run_at = "tomorrow" })
+    fails("run_at must be a time", sched, "good", {}, { run_at = 0 / 0 })
+    fails("run_at must be a time", sched, "good", {}, { run_at = {} })
+    fails("priority must be an integer", sched, "good", {}, { priority = 1.5 })
+    fails("key must be a non-empty string", sched, "good", {}, { key = "" })
+    fails("unknown job type", jobs.schedule_now, jobs, db, "nope", {})
+    -- the error points at the caller
+    fails("jobs_spec.lua", sched, "nope")
+    -- one bad item spoils the whole batch
+    fails("run_at must be a time", jobs.schedule_many, jobs, db,
+      { { type = "good" }, { type = "good", run_at = "soon" }, { type = "good" } })
+    fails("item 2 is not a table", jobs.schedule_many, jobs, db, { { type = "good" }, 42 })
+    fails("expected a list", jobs.schedule_many, jobs, db, "good")
+    fails("retry_at: time must be epoch seconds", pgcoord.retry_at, "noon")
+
+    -- definitions
+    fails("type must be a non-empty string", jobs.define, jobs, "", print)
+    fails("handler must be a function", jobs.define, jobs, "x", nil)
+    fails("retry.max must be an integer >= 0", jobs.define, jobs, "x", print,
+      { retry = { max = -1 } })
+    fails("retry.base_delay must be a number >= 0", jobs.define, jobs, "x", print,
+      { retry = { base_delay = "1" } })
+    fails("group must be a non-empty string", jobs.define, jobs, "x", print, { group = 5 })
+    fails("expected a pool", pgcoord.jobs, nil)
+
+    -- worker options
+    local function bad_worker(msg, opts) fails(msg, jobs.worker, jobs, opts) end
+    bad_worker("unknown option \"concurency\"", { group = g, concurency = 2 })
+    bad_worker("concurrency must be a positive integer", { group = g, concurrency = 0 })
+    bad_worker("concurrency must be a positive integer", { group = g, concurrency = 2.5 })
+    bad_worker("prefetch must be a positive integer", { group = g, prefetch = "10" })
+    bad_worker("poll_interval must be a positive number", { group = g, poll_interval = -1 })
+    bad_worker("flush_age must be a positive number", { group = g, flush_age = 0 / 0 })
+    bad_worker("option should_log_run must be", { group = g, should_log_run = true })
+    bad_worker("reclaim_after (1) must exceed heartbeat_interval (2)",
+      { group = g, heartbeat_interval = 2, reclaim_after = 1 })
+    bad_worker("unknown group \"elsewhere\"", { group = "elsewhere" })
+    bad_worker("options must be a table", "fast")
+
+    assert.are.equal(0, count_jobs(g))
+    assert.are.equal(0, db:one(
+      "SELECT count(*)::int AS n FROM pgcoord.job_workers WHERE group_name = $1", g).n)
+  end)
+
+  it("a key makes a job unique until it has run, and is free again after", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = {}
+    jobs:define("keyed", function(job) ran[#ran + 1] = job.id end, { group = g })
+    local k, k2, k3 = helper.unique("key"), helper.unique("key"), helper.unique("key")
+    local function keyed(key) return { type = "keyed", key = key } end
+
+    local id1 = jobs:schedule(db, "keyed", { v = 1 }, { key = k })
+    assert.is_number(id1)
+    local id, msg = jobs:schedule(db, "keyed", { v = 2 }, { key = k })
+    assert.is_nil(id)
+    assert.matches(("an unfinished job already has key %q"):format(k), msg, 1, true)
+    -- a job waiting for a later run_at holds its key too
+    assert.is_number(jobs:schedule(db, "keyed", {}, { key = k3, run_at = db_time() + 3600 }))
+    assert.is_nil((jobs:schedule(db, "keyed", {}, { key = k3 })))
+    -- in a batch, only the free key goes in
+    local ids = jobs:schedule_many(db, { keyed(k), keyed(k2) })
+    assert.are.equal(1, #ids)
+    assert.are.equal(1, db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE key = $1", k).n)
+
+    worker(jobs, { group = g, poll_interval = 30 })
+    helper.wait_until(function()
+      return db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE key = $1", k).n == 0
+    end, 5, "the keyed job to run")
+    local id3 = jobs:schedule(db, "keyed", { v = 3 }, { key = k })
+    assert.is_number(id3)
+    assert.are_not.equal(id1, id3)
+    helper.wait_until(function()
+      for _, r in ipairs(ran) do if r == id3 then return true end end
+    end, 5, "the re-keyed job to run")
+  end)
+
+  it("priorities order ready jobs: lower numbers first, then older jobs", function()
+    for _, prefetch in ipairs({ 1, 1000 }) do
+      local g = helper.unique("jg")
+      local jobs = pgcoord.jobs(db)
+      local order = {}
+      jobs:define("p", function(job) order[#order + 1] = job.id end, { group = g })
+      local prios = { 3, 1, 2, 1, -5, 0, 2, 3, 100, -5 }
+      local list = {}
+      for i, p in ipairs(prios) do list[i] = { type = "p", priority = p } end
+      local ids = jobs:schedule_many(db, list)
+      local want = {}
+      for i, id in ipairs(ids) do want[i] = { id = id, p = prios[i] } end
+      table.sort(want, function(a, b)
+        if a.p ~= b.p then return a.p < b.p end
+        return a.id < b.id
+      end)
+      for i, x in ipairs(want) do want[i] = x.id end
+      worker(jobs, { group = g, concurrency = 1, prefetch = prefetch, poll_interval = 30 })
+      helper.wait_until(function() return #order == #prios end, 5, "all jobs to run")
+      assert.are.same(want, order, "prefetch " .. prefetch)
+    end
+  end)
+end)
+
+describe("a worker", function()
+  it("never runs more handlers at once than its concurrency", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local active, most, finished = 0, 0, 0
+    jobs:define("busy", function(job)
+      active = active + 1
+      if active > most then most = active end
+      if job.params.i % 2 == 0 then
+        pgcoord.sleep(0.01)
+      else
+        db:exec("SELECT pg_sleep(0.01)")
+      end
+      active = active - 1
+      finished = finished + 1
+    end, { group = g })
+    local list = {}
+    for i = 1, 80 do list[i] = { type = "busy", params = { i = i } } end
+    jobs:schedule_many(db, list)
+    local w = worker(jobs, { group = g, concurrency = 4, prefetch = 10, poll_interval = 30 })
+    local polled = 0
+    helper.wait_until(function()
+      polled = math.max(polled, w:stats().running)
+      return finished == 80
+    end, 20, "80 jobs to finish")
+    assert.are.equal(4, most, "most handlers at once")
+    assert.is_true(polled <= 4, "stats().running reached " .. polled)
+    helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the results to be written")
+  end)
+
+  it("retries a failing job after base_delay x attempt, counting attempts", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local runs = {}
+    jobs:define("flaky", function(job)
+      runs[#runs + 1] = { started = db_time(), run_at = job.run_at, error_count = job.error_count,
+                          last_error = job.last_error }
+      if job.error_count < 2 then error(("fail #%d"):format(job.error_count + 1)) end
+    end, { group = g, retry = { max = 2, base_delay = 0.3 } })
+    helper.capture_log(function()
+      worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05 })
+      local id = jobs:schedule_now(db, "flaky", {})
+      helper.wait_until(function() return #runs == 3 and count_jobs(g) == 0 end, 10,
+        "three attempts and the job's end")
+      assert.are.same({ 0, 1, 2 },
+        { runs[1].error_count, runs[2].error_count, runs[3].error_count })
+      assert.is_nil(runs[1].last_error)
+      assert.matches("fail #1", runs[2].last_error, 1, true)
+      assert.matches("fail #2", runs[3].last_error, 1, true)
+      for i = 2, 3 do
+        local delay = 0.3 * (i - 1)
+        local gap = runs[i].started - runs[i - 1].started
+        assert.is_true(gap >= delay, ("attempt %d came %.3f s after the last, before %.1f s")
+          :format(i, gap, delay))
+        assert.is_true(gap < delay + 0.7, ("attempt %d came %.3f s after the last; delay %.1f s")
+          :format(i, gap, delay))
+        assert.is_true(runs[i].started >= runs[i].run_at, "ran before its run_at")
+      end
+      local history = db:query([[SELECT attempt, ok, error FROM pgcoord.job_runs
+                                   WHERE job_id = $1 ORDER BY attempt]], id)
+      assert.are.equal(3, #history)
+      assert.are.same({ 1, 2, 3 }, { history[1].attempt, history[2].attempt, history[3].attempt })
+      assert.are.same({ false, false, true }, { history[1].ok, history[2].ok, history[3].ok })
+      assert.matches("fail #2", history[2].error, 1, true)
+      assert.is_nil(history[3].error)
+    end)
+  end)
+
+  it("retries at the time given by pgcoord.retry_at, whatever base_delay says", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local runs, at = {}, nil
+    jobs:define("later", function(job)
+      runs[#runs + 1] = { started = db_time(), error_count = job.error_count,
+                          last_error = job.last_error }
+      if job.error_count == 0 then
+        at = db_time() + 0.5
+        error(pgcoord.retry_at(at, "not yet"))
+      end
+    end, { group = g, retry = { max = 1, base_delay = 60 } })
+    worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05 })
+    jobs:schedule_now(db, "later", {})
+    helper.wait_until(function() return #runs == 2 end, 5, "the second attempt")
+    assert.is_true(runs[2].started >= at, ("ran %.3f s early"):format(at - runs[2].started))
+    assert.is_true(runs[2].started < at + 0.5, ("ran %.3f s late"):format(runs[2].started - at))
+    assert.are.equal(1, runs[2].error_count)
+    assert.are.equal("not yet", runs[2].last_error)
+  end)
+
+  it("keeps a job as failed after its last attempt; jobs:failed lists it, jobs:retry reruns it",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local broken, runs = true, 0
+    jobs:define("fragile", function()
+      runs = runs + 1
+      if broken then error("still broken") end
+    end, { group = g, retry = { max = 1, base_delay = 0.05 } })
+    jobs:define("once", function() error("no retries") end, { group = g, retry = { max = 0 } })
+    helper.capture_log(function()
+      worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05 })
+      local id = jobs:schedule_now(db, "fragile", { v = 7 })
+      local id0 = jobs:schedule_now(db, "once", {})
+      helper.wait_until(function() return count_jobs(g, "failed") == 2 end, 10, "two failed jobs")
+      assert.are.equal(2, runs)
+      local failed = jobs:failed({ group = g })
+      assert.are.equal(2, #failed)
+      local f = failed[1]
+      assert.are.equal(id, f.id)
+      assert.are.equal("fragile", f.type)
+      assert.are.equal(g, f.group)
+      assert.are.same({ v = 7 }, f.params)
+      assert.are.equal(2, f.error_count)
+      assert.matches("still broken", f.last_error, 1, true)
+      assert.are.equal(id0, failed[2].id)
+      assert.are.equal(1, failed[2].error_count)
+      local anywhere = false
+      for _, r in ipairs(jobs:failed({ limit = 100000 })) do anywhere = anywhere or r.id == id end
+      assert.is_true(anywhere, "jobs:failed() without a group misses it")
+
+      broken = false
+      assert.are.equal(1, jobs:retry(id))
+      helper.wait_until(function() return runs == 3 and count_jobs(g, "failed") == 1 end, 5,
+        "the retried job to run")
+      helper.wait_until(function() return count_jobs(g) == 1 end, 5, "the retried job to go")
+      assert.are.equal(0, jobs:retry({ id }))
+      assert.are.equal(id0, jobs:failed({ group = g })[1].id)
+    end)
+  end)
+
+  it("logs every run to job_runs unless should_log_run says no; log_final_runs keeps final runs",
+    function()
+    -- One group per policy: a job that fails once then succeeds, one that
+    -- fails for good after two attempts, and one that succeeds.
+    local function run_with(should_log_run)
+      local g = helper.unique("jg")
+      local jobs = pgcoord.jobs(db)
+      local calls = {}
+      jobs:define("flaky", function(job)
+        if job.error_count == 0 then error("first try fails") end
+      end, { group = g, retry = { max = 3, base_delay = 0.05 } })
+      jobs:define("doomed", function() error("always fails") end,
+        { group = g, retry = { max = 1, base_delay = 0.05 } })
+      jobs:define("fine", function() end, { group = g })
+      local opts = { group = g, poll_interval = 30, flush_age = 0.05 }
+      if should_log_run then
+        opts.should_log_run = function(job, run)
+          calls[#calls + 1] = { job = job, run = run }
+          return should_log_run(job, run)
+        end
+      end
+      local ids = {}
+      helper.capture_log(function()
+        local w = worker(jobs, opts)
+        for _, t in ipairs({ "flaky", "doomed", "fine" }) do
+          ids[t] = jobs:schedule_now(db, t, { keep = t ~= "fine" })
+        end
+        helper.wait_until(function()
+          return count_jobs(g) == 1 and count_jobs(g, "failed") == 1
+        end, 10, "the jobs to end")
+        w:shutdown()
+      end)
+      local logged = {}
+      for t, id in pairs(ids) do
+        local rows = db:query([[
+          SELECT attempt, ok, group_name, type, worker_id, started_at, finished_at
+            FROM pgcoord.job_runs WHERE job_id = $1 ORDER BY attempt]], id)
+        local parts = {}
+        for i, r in ipairs(rows) do
+          assert.are.equal(g, r.group_name)
+          assert.are.equal(t, r.type)
+          assert.is_number(r.worker_id)
+          assert.is_true(r.started_at <= r.finished_at)
+          parts[i] = ("%d:%s"):format(r.attempt, r.ok and "ok" or "failed")
+        end
+        logged[t] = table.concat(parts, " ")
+      end
+      return logged, calls
+    end
+
+    assert.are.same({ flaky = "1:failed 2:ok", doomed = "1:failed 2:failed", fine = "1:ok" },
+      (run_with(nil)))
+    assert.are.same({ flaky = "2:ok", doomed = "2:failed", fine = "1:ok" },
+      (run_with(pgcoord.jobs.log_final_runs)))
+    local logged, calls = run_with(function(job) return job.params.keep end)
+    assert.are.same({ flaky = "1:failed 2:ok", doomed = "1:failed 2:failed", fine = "" }, logged)
+    assert.are.equal(5, #calls)
+    for _, c in ipairs(calls) do
+      assert.is_number(c.job.id)
+      assert.is_number(c.run.attempt)
+      assert.is_boolean(c.run.ok)
+      assert.is_true(c.run.started_at <= c.run.finished_at)
+      if c.run.ok then
+        assert.is_nil(c.run.error)
+      else
+        assert.is_string(c.run.error)
+        assert.are.equal(c.job.type == "doomed" and c.run.attempt == 2, c.run.final)
+      end
+    end
+  end)
+
+  it("hands a retry back even when its key was taken meanwhile, without jamming its results",
+    function()
+    -- A key stays taken while its job runs, so that a failed run can go
+    -- back to waiting; scheduling the key meanwhile is refused, and the
+    -- worker must carry on writing results either way.
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local release, started, others = false, false, 0
+    local k = helper.unique("key")
+    jobs:define("keyed", function(job)
+      if job.params.first and job.error_count == 0 then
+        started = true
+        helper.wait_until(function() return release end, 10, "the release")
+        error("first run fails")
+      end
+    end, { group = g, retry = { max = 3, base_delay = 0.05 } })
+    jobs:define("other", function() others = others + 1 end, { group = g })
+    helper.capture_log(function()
+      local w = worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05, concurrency = 2 })
+      local first = jobs:schedule(db, "keyed", { first = true }, { key = k })
+      helper.wait_until(function() return started end, 5, "the first keyed job to start")
+      -- may be refused or taken, depending on what a key guards: either way
+      -- the worker must carry on
+      jobs:schedule(db, "keyed", {}, { key = k, run_at = db_time() + 3600 })
+      release = true
+      jobs:schedule_now(db, "other", {})
+      local ok, err = pcall(helper.wait_until, function()
+        return others == 1 and count_jobs(g) <= 2 and db:one(
+          "SELECT count(*)::int AS n FROM pgcoord.jobs WHERE id = $1 AND state = 'running'",
+          first).n == 0
+      end, 5, "the worker to write the failed run and the other job's result")
+      local unflushed = w:stats().unflushed
+      -- free the key, so that a jammed worker can be shut down
+      db:exec("DELETE FROM pgcoord.jobs WHERE key = $1 AND id <> $2", k, first)
+      if not ok then
+        error(("%s (%d results unwritten: the failed run's retry cannot go back to"
+          .. " 'scheduled' while another pending job holds its key)"):format(err, unflushed), 0)
+      end
+    end)
+  end)
+end)
+
+describe("shutting a worker down", function()
+  it("hands back claimed jobs that have not started, waits for running ones, writes results",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local release, runs = false, {}
+    jobs:define("slow", function(job)
+      runs[#runs + 1] = job.id
+      if #runs == 1 then helper.wait_until(function() return release end, 20, "the release") end
+    end, { group = g })
+    local list = {}
+    for i = 1, 5 do list[i] = { type = "slow" } end
+    local ids = jobs:schedule_many(db, list)
+    local w = worker(jobs, { group = g, concurrency = 1, prefetch = 10, poll_interval = 30 })
+    helper.wait_until(function()
+      local s = w:stats()
+      return s.running == 1 and s.queued == 4
+    end, 5, "one job running and four prefetched")
+    local stopper = helper.spawn(function() w:shutdown() end)
+    helper.wait_until(function()
+      return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                       WHERE group_name = $1 AND state = 'ready' AND locked_by IS NULL]], g).n == 4
+    end, 5, "the four prefetched jobs to be handed back")
+    assert.are.equal("stopping", w:stats().state)
+    assert.are.equal(1, count_jobs(g, "running"))
+    assert.are.equal("running", stopper:status())
+    release = true
+    assert.is_true(stopper:wait(5), "shutdown did not end once the handler returned")
+    assert.are.equal("stopped", w:stats().state)
+    assert.is_true(pgcoord.spawn(w.shutdown, w):wait(1), "a second shutdown() did not return")
+    assert.are.equal(0, w:stats().unflushed)
+    assert.are.equal(4, count_jobs(g), "the running job's result was not written")
+    assert.are.equal(0,
+      db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE id = $1", ids[1]).n)
+    assert.are.equal(0, db:one("SELECT count(*)::int AS n FROM pgcoord.job_workers WHERE id = $1",
+      w:stats().id).n)
+
+    worker(jobs, { group = g, poll_interval = 30 })
+    helper.wait_until(function() return count_jobs(g) == 0 end, 5, "another worker to run the rest")
+    table.sort(runs)
+    assert.are.same(ids, runs)
+  end)
+
+  it("cancels handlers still running after the timeout, leaving their jobs retryable", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local hang, started, finished = true, 0, 0
+    jobs:define("stuck", function()
+      started = started + 1
+      if hang then pgcoord.sleep(3600) end
+      finished = finished + 1
+    end, { group = g, retry = { max = 0, base_delay = 0.05 } })
+    local w = worker(jobs, { group = g, poll_interval = 30 })
+    local id = jobs:schedule_now(db, "stuck", {})
+    helper.wait_until(function() return started == 1 end, 5, "the handler to start")
+    local took = helper.timed(w.shutdown, w, 0.2)
+    assert.is_true(took >= 0.2 and took < 2, ("shutdown(0.2) took %.3f s"):format(took))
+    assert.are.equal(0, finished)
+    local row = db:one(
+      "SELECT state, error_count, last_error, locked_by FROM pgcoord.jobs WHERE id = $1", id)
+    -- retryable although retry.max = 0 would make a real failure final
+    assert.are.equal("scheduled", row.state)
+    assert.are.equal(1, row.error_count)
+    assert.are.equal("cancelled at shutdown", row.last_error)
+    assert.is_nil(row.locked_by)
+    hang = false
+    worker(jobs, { group = g, poll_interval = 0.2 })
+    helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the job to run again")
+    assert.are.equal(1, finished)
+  end)
+
+  it("hands back the jobs of a claim that was on its way when the shutdown began", function()
+    local g = helper.unique("jg")
+    local wdb, app = pool({ size = 4 })
+    local jobs = pgcoord.jobs(wdb)
+    local ran = 0
+    jobs:define("late", function() ran = ran + 1 end, { group = g })
+    -- ready jobs no NOTIFY announced ...
+    db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params)
+              SELECT $1, 'late', 'ready', '{}' FROM generate_series(1, 3)]], g)
+    -- ... and a lock that holds up the worker's first round (reclaim, claim)
+    local locker = pool({ size = 1 })
+    local locked, release = false, false
+    local holder = helper.spawn(function()
+      locker:tx(function(tx)
+        tx:exec("LOCK TABLE pgcoord.jobs IN SHARE MODE")
+        locked = true
+        helper.wait_until(function() return release end, 20, "the release")
+      end)
+    end)
+    helper.wait_until(function() return locked end, 5, "the table lock")
+    local w = worker(jobs, { group = g, concurrency = 2, poll_interval = 60,
+      subscriber = connected_subscriber() })
+    helper.wait_until(function()
+      return helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n > 0
+    end, 5, "the claim to wait for the lock")
+    local stopper = helper.spawn(function() w:shutdown() end)
+    helper.wait_until(function() return stopper:status() == "done" end, 5, "the shutdown")
+    release = true
+    holder:join()
+    -- the jobs were ready all along: wait for the claim to be over first
+    helper.wait_until(function()
+      for _, b in ipairs(helper.backends(app)) do
+        if b.state ~= "idle" then return false end
+      end
+      return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                       WHERE group_name = $1 AND state = 'ready' AND locked_by IS NULL]], g).n == 3
+    end, 5, "the late claim to be handed back")
+    assert.are.equal(0, ran)
+    assert.are.equal(0, w:stats().queued)
+  end)
+end)
+
+describe("a worker in trouble", function()
+  -- A worker script for pgcoord-run: works `group`, recording each
+  -- completion in `tbl`.  Prints "ready worker=<id>".
+  local WORKER_SCRIPT = [[
+local group, tbl, name, concurrency, prefetch, pause, heartbeat, reclaim = ...
+io.stdout:setvbuf("no")
+local db = pgcoord.connect(nil, { size = tonumber(concurrency) + 2 })
+local jobs = pgcoord.jobs(db)
+local sql = ("INSERT INTO %s (job_id, worker) VALUES ($1, $2)"
+  .. " ON CONFLICT (job_id) DO UPDATE SET runs = %s.runs + 1")
+  :format(pgcoord.quote_ident(tbl), pgcoord.quote_ident(tbl))
+pause = tonumber(pause)
+jobs:define("work", function(job)
+  if pause > 0 then pgcoord.sleep(pause) end
+  db:exec(sql, job.id, name)
+end, { group = group, retry = { max = 10, base_delay = 0.05 } })
+local w = jobs:worker({ group = group, concurrency = math.tointeger(tonumber(concurrency)),
+  prefetch = math.tointeger(tonumber(prefetch)), poll_interval = 0.5, flush_age = 0.2,
+  heartbeat_interval = tonumber(heartbeat), reclaim_after = tonumber(reclaim) })
+w:ready()
+print("ready worker=" .. w:stats().id)
+]]
+
+  local function start_worker(group, tbl, name, o)
+    local path = helper.tmpname("worker") .. ".lua"
+    helper.write_file(path, WORKER_SCRIPT)
+    local p = helper.start({ "pgcoord-run", path, group, tbl, name, tostring(o.concurrency),
+      tostring(o.prefetch), tostring(o.pause or 0), tostring(o.heartbeat or 10),
+      tostring(o.reclaim or 60) })
+    p:wait_output("ready worker=", 10)
+    return p
+  end
+
+  local function work(n)
+    local list = {}
+    for i = 1, n do list[i] = { type = "work", params = { i = i } } end
+    return list
+  end
+
+  it("survives the server going away mid-run, losing no buffered result", function()
+    if not helper.can_pgctl() then
+      pending("needs PGCOORD_TEST_PGCTL (run under scripts/pg-tmp)")
+    end
+    local g = helper.unique("jg")
+    local tbl = done_table()
+    local jobs = pgcoord.jobs(db)
+    local hdb = pool({ size = 8 })
+    local completed, ncompleted, infra = {}, 0, 0
+    jobs:define("work", function(job)
+      pgcoord.sleep(0.01)
+      hdb:exec(("INSERT INTO %s (job_id) VALUES ($1) ON CONFLICT DO NOTHING"):format(tbl), job.id)
+      -- counted once the completion is recorded: a run that failed with
+      -- the server gone is retried, and only completions count
+      completed[job.id] = (completed[job.id] or 0) + 1
+      ncompleted = ncompleted + 1
+    end, { group = g, retry = { max = 1000, base_delay = 0.05 } })
+    local n = 400
+    helper.capture_log(function()
+      local w = worker(jobs, { group = g, concurrency = 8, prefetch = 50, flush_count = 1000,
+        flush_age = 5, poll_interval = 1, heartbeat_interval = 0.3,
+        handle_error = function() infra = infra + 1 end })
+      local ids = jobs:schedule_many(db, work(n))
+      helper.wait_until(function() return w:stats().unflushed >= 50 end, 10, "results to pile up")
+      helper.pgctl("stop")
+      local ok, err = pcall(function()
+        assert.is_true(ncompleted < n, "every job was done before the server went away")
+        helper.wait_until(function() return infra > 0 end, 10, "the worker to notice")
+        assert.is_true(w:stats().unflushed >= 50, "buffered results went missing")
+      end)
+      helper.pgctl("start")
+      if not ok then error(err, 0) end
+      helper.wait_until(function()
+        local cok, left = pcall(count_jobs, g)
+        return cok and left == 0
+      end, 30, "every job to be done")
+      assert.are.equal("running", w:stats().state)
+      local once = 0
+      for _, id in ipairs(ids) do
+        assert.are.equal(1, completed[id], "job " .. id .. " completed " .. tostring(completed[id]))
+        once = once + 1
+      end
+      assert.are.equal(n, once)
+      assert.are.equal(n, done_count(tbl).n)
+    end)
+  end)
+
+  it("after a worker process is SIGKILLed mid-batch, another completes every job", function()
+    local g = helper.unique("jg")
+    local tbl = done_table()
+    local jobs = pgcoord.jobs(db)
+    jobs:define("work", function() end, { group = g })
+    local n = 300
+    local o = { concurrency = 4, prefetch = 50, pause = 0.02, heartbeat = 0.2, reclaim = 1 }
+    local p1 = start_worker(g, tbl, "first", o)
+    local ids = jobs:schedule_many(db, work(n))
+    helper.wait_until(function() return done_count(tbl).n >= 60 end, 10, "some jobs done")
+    assert.is_true(p1:kill("KILL"))
+    assert.are.equal(128 + 9, p1:wait(5))
+    -- the batch the killed worker held: the only jobs it may have run
+    -- without its result being written
+    local held = {}
+    local nheld = 0
+    for _, r in ipairs(db:query(
+        "SELECT id FROM pgcoord.jobs WHERE group_name = $1 AND state = 'running'", g)) do
+      held[r.id] = true
+      nheld = nheld + 1
+    end
+    assert.is_true(nheld > 0, "the kill left no claimed job behind")
+    assert.is_true(done_count(tbl).n < n, "all jobs were done before the kill")
+
+    local p2 = start_worker(g, tbl, "second", o)
+    helper.wait_until(function()
+      return count_jobs(g) == 0 and done_count(tbl).n == n
+    end, 20, "the second worker to finish every job")
+    assert.matches("reclaimed jobs of workers that stopped heartbeating", p2:output(), 1, true)
+    local got = db:one(([[
+      SELECT count(*)::int AS n
+        FROM %s d JOIN json_array_elements_text($1::json) e ON d.job_id = e.value::bigint]])
+      :format(tbl), ids).n
+    assert.are.equal(n, got)
+    for _, r in ipairs(db:query(("SELECT job_id, runs FROM %s WHERE runs > 1"):format(tbl))) do
+      assert.is_true(held[r.job_id], ("job %d ran %d times, but was not in the killed batch")
+        :format(r.job_id, r.runs))
+    end
+    p2:kill("TERM")
+    assert.are.equal(0, p2:wait(10), p2:output())
+  end)
+
+  it("two worker processes on 10,000 jobs complete each job exactly once", function()
+    local g = helper.unique("jg")
+    local tbl = done_table()
+    local jobs = pgcoord.jobs(db)
+    jobs:define("work", function() end, { group = g })
+    local o = { concurrency = 8, prefetch = 200 }
+    local p1 = start_worker(g, tbl, "one", o)
+    local p2 = start_worker(g, tbl, "two", o)
+    local n = 10000
+    jobs:schedule_many(db, work(n))
+    helper.wait_until(function()
+      return done_count(tbl).n == n and count_jobs(g) == 0
+    end, 60, "10,000 jobs to be done")
+    local c = done_count(tbl)
+    assert.are.equal(n, c.n)
+    assert.are.equal(1, c.max_runs)
+    local by = {}
+    local sql = ("SELECT worker, count(*)::int AS n FROM %s GROUP BY worker"):format(tbl)
+    for _, r in ipairs(db:query(sql)) do
+      by[r.worker] = r.n
+    end
+    assert.is_true((by.one or 0) > 0 and (by.two or 0) > 0,
+      ("work was not shared: one=%s two=%s"):format(tostring(by.one), tostring(by.two)))
+    p1:kill("TERM")
+    p2:kill("TERM")
+    assert.are.equal(0, p1:wait(10), p1:output())
+    assert.are.equal(0, p2:wait(10), p2:output())
+  end)
+end)
