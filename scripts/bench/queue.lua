@@ -1,0 +1,163 @@
+-- The pgcoord side of scripts/bench/queue, run by pgcoord-run:
+--   queue.lua setup QUEUE SUBSCRIPTIONS ORDERED
+--       creates QUEUE with subscriptions s1..sN (ORDERED: 0 or 1); prints
+--       "sids=ID,ID,..."
+--   queue.lua sql DIR QUEUE SIDS
+--       writes pgbench scripts doing the module's own statements (its SQL
+--       text, $n parameters turned into pgbench variables) to DIR:
+--       publish.sql, consume-N.sql (unordered: claim one, ack it) and
+--       consume-ordered.sql (ack the head and claim the next, as ordered
+--       consumers do)
+--   queue.lua publish QUEUE SECONDS CLIENTS
+--       CLIENTS tasks publish one message per statement for SECONDS;
+--       prints "published=N seconds=S rate=R"
+--   queue.lua consume QUEUE SUBSCRIPTIONS CONCURRENCY SECONDS WAIT
+--       a consumer per subscription, no-op handlers; prints "ready", then
+--       counts the messages handled in a window of SECONDS that opens with
+--       the first one (waiting at most WAIT seconds for it); prints
+--       "handled=N seconds=S rate=R acked=A"
+local pgcoord = require "pgcoord"
+local queue = require "pgcoord.queue"
+
+local mode = ...
+local args = table.pack(...)
+
+local function arg_number(i, name)
+  local v = math.tointeger(tonumber(args[i]))
+  if not v or v < 0 then
+    error(("queue.lua %s: %s must be an integer >= 0, got %s")
+      :format(mode, name, tostring(args[i])))
+  end
+  return v
+end
+
+local function say(line)
+  io.stdout:write(line, "\n")
+  io.stdout:flush()
+end
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+-- The module's SQL with $n replaced as `params` says (a table n -> text).
+local function pgbench_sql(sql, params)
+  return (sql:gsub("%$(%d)", function(n)
+    return assert(params[tonumber(n)], "no replacement for $" .. n)
+  end)) .. ";\n"
+end
+
+if mode == "setup" then
+  local name, subs, ordered = args[2], arg_number(3, "SUBSCRIPTIONS"), args[4] == "1"
+  local db = pgcoord.connect(nil, { size = 1 })
+  pgcoord.migrate(db)
+  local q = pgcoord.queue(db, name, { ordered = ordered })
+  local sids = {}
+  for i = 1, subs do
+    q:subscribe("s" .. i)
+    sids[i] = db:one([[SELECT s.id FROM pgcoord.queue_subscriptions s
+      JOIN pgcoord.queues q ON q.id = s.queue_id WHERE q.name = $1 AND s.name = $2]],
+      name, "s" .. i).id
+  end
+  db:close()
+  say("sids=" .. table.concat(sids, ","))
+
+elseif mode == "sql" then
+  local dir, sids = args[2], {}
+  for sid in tostring(args[4]):gmatch("%d+") do sids[#sids + 1] = sid end
+  local s = queue.sql
+  write(dir .. "/publish.sql", pgbench_sql(s.publish, { ":qname", ":payload" }))
+  -- Arrays of one element for the acks: ARRAY[:x] where pgcoord sends '{x}'.
+  local ack = s.ack:gsub("%$(%d)::(%a+)%[%]", function(n, t)
+    return ("ARRAY[:%s]::%s[]"):format(({ "sid", "id", "deliveries" })[tonumber(n)], t)
+  end)
+  for i, sid in ipairs(sids) do
+    write(("%s/consume-%d.sql"):format(dir, i),
+      "\\set id 0\n\\set deliveries 0\n"
+      .. pgbench_sql(s.claim, { sid, "1", "NULL", "30" }):gsub(";\n$", " \\aset\n")
+      .. pgbench_sql(ack, { ":sid" }):gsub(":sid", sid))
+  end
+  -- Ordered: claim the head when holding nothing, else ack it and claim
+  -- the next in one statement (pgbench needs 0, not NULL, for "none").
+  local head = s.ack_claim_head:gsub("SELECT %(SELECT count%(%*%) FROM acked%) AS acked, c%.%*",
+    "SELECT (SELECT count(*) FROM acked) AS acked, coalesce(c.id, 0) AS id,"
+    .. " coalesce(c.deliveries, 0) AS deliveries")
+  write(dir .. "/consume-ordered.sql",
+    "\\if :id = 0\n"
+    .. pgbench_sql(s.claim_head, { sids[1], "1", "NULL", "30" }):gsub(";\n$", " \\aset\n")
+    .. "\\else\n"
+    .. pgbench_sql(head, { sids[1], "1", "NULL", "30", ":id", ":deliveries" })
+      :gsub(";\n$", " \\gset\n")
+    .. "\\endif\n")
+  say("written")
+
+elseif mode == "publish" then
+  local name, seconds, clients = args[2], arg_number(3, "SECONDS"), arg_number(4, "CLIENTS")
+  local db = pgcoord.connect(nil, { size = clients })
+  local q = pgcoord.queue(db, name)
+  local warm = {}
+  for i = 1, clients do warm[i] = pgcoord.spawn(db.query, db, "SELECT pg_sleep(0.05)") end
+  for _, t in ipairs(warm) do t:join() end
+  local counts, tasks = {}, {}
+  local started = pgcoord.now()
+  local deadline = started + seconds
+  for i = 1, clients do
+    counts[i] = 0
+    tasks[i] = pgcoord.spawn(function()
+      local n = 0
+      while pgcoord.now() < deadline do
+        n = n + 1
+        q:publish(db, { n = n })
+      end
+      counts[i] = n
+    end)
+  end
+  for _, t in ipairs(tasks) do t:join() end
+  local elapsed = pgcoord.now() - started
+  local total = 0
+  for _, n in ipairs(counts) do total = total + n end
+  db:close()
+  say(("published=%d seconds=%.3f rate=%.1f"):format(total, elapsed, total / elapsed))
+
+elseif mode == "consume" then
+  local name, subs = args[2], arg_number(3, "SUBSCRIPTIONS")
+  local concurrency, window = arg_number(4, "CONCURRENCY"), arg_number(5, "SECONDS")
+  local wait = arg_number(6, "WAIT")
+  local db = pgcoord.connect(nil, { size = math.min(20, subs * concurrency + 2) })
+  local q = pgcoord.queue(db, name)
+  local handled, started = 0, nil
+  local function handler()
+    handled = handled + 1
+    if not started then started = pgcoord.now() end
+  end
+  local consumers = {}
+  for i = 1, subs do
+    consumers[i] = q:consume("s" .. i, handler, { concurrency = concurrency, poll_interval = 1 })
+  end
+  local deadline = pgcoord.now() + 10
+  while not (q.sub and q.sub:connected()) do
+    if pgcoord.now() > deadline then error("the subscriber did not connect within 10 s") end
+    pgcoord.sleep(0.01)
+  end
+  say("ready")
+  local give_up = pgcoord.now() + wait
+  while not started do
+    if pgcoord.now() > give_up then error(("no message within %d s"):format(wait)) end
+    pgcoord.sleep(0.01)
+  end
+  pgcoord.sleep(started + window - pgcoord.now())
+  local counted = handled
+  local acked = 0
+  for _, c in ipairs(consumers) do
+    c:stop(0)
+    acked = acked + c:stats().acked
+  end
+  db:close()
+  say(("handled=%d seconds=%d rate=%.1f acked=%d"):format(counted, window, counted / window,
+    acked))
+
+else
+  error(("queue.lua: unknown mode %s (setup, sql, publish or consume)"):format(tostring(mode)))
+end

@@ -1,0 +1,562 @@
+-- Durable queues against the real server: copies per subscription,
+-- transactions, ordered delivery under requeues, three consumer processes
+-- sharing 10,000 messages (and one of them SIGKILLed mid-handler),
+-- dead letters, bad payloads, unsubscribe, graceful stop and wake-ups.
+local pgcoord = require "pgcoord"
+local helper = require "helper"
+
+local pools, consumers = {}, {}
+
+local function pool(size)
+  local p = helper.connect({ size = size or 4 })
+  pools[#pools + 1] = p
+  return p
+end
+
+-- q:consume, stopped after the test.
+local function consume(q, name, fn, opts)
+  local c = q:consume(name, fn, opts)
+  consumers[#consumers + 1] = c
+  return c
+end
+
+local function cleanup()
+  for _, c in ipairs(consumers) do pcall(c.stop, c, 0) end
+  consumers = {}
+  for _, p in ipairs(pools) do pcall(p.close, p) end
+  pools = {}
+  helper.cleanup()
+end
+
+local function messages_of(db, qname)
+  return db:one([[SELECT count(*) AS n FROM pgcoord.queue_messages m
+    JOIN pgcoord.queues q ON q.id = m.queue_id WHERE q.name = $1]], qname).n
+end
+
+-- Delivery rows of a subscription, by message id: { state, deliveries, ... }.
+local function deliveries(db, qname, sub)
+  local rows = db:query([[
+    SELECT d.message_id AS id, d.state, d.deliveries, d.last_error,
+           extract(epoch FROM d.last_delivered_at) AS delivered
+      FROM pgcoord.queue_deliveries d
+      JOIN pgcoord.queue_subscriptions s ON s.id = d.subscription_id
+      JOIN pgcoord.queues q ON q.id = s.queue_id
+     WHERE q.name = $1 AND s.name = $2 ORDER BY d.message_id]], qname, sub)
+  local by_id = {}
+  for _, r in ipairs(rows) do by_id[r.id] = r end
+  return rows, by_id
+end
+
+local function errors(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert.is_false(ok, "expected an error")
+  return tostring(err)
+end
+
+describe("pgcoord.queue", function()
+  local db
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 4, params = { application_name = "queue_spec" } })
+    pgcoord.migrate(db)
+  end)
+
+  teardown(function()
+    db:close()
+  end)
+
+  after_each(cleanup)
+
+  it("copies a message to the subscriptions present at publish time, not to later ones", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    assert.is_true(q:subscribe("a"))
+    assert.is_false(q:subscribe("a"))       -- idempotent
+    assert.is_true(q:subscribe("b"))
+    local id1, copies1 = q:publish(db, { n = 1 })
+    assert.is_true(q:subscribe("c"))
+    local id2, copies2 = q:publish(db, { n = 2 })
+    assert.are.equal(2, copies1)
+    assert.are.equal(3, copies2)
+    for _, name in ipairs({ "a", "b" }) do
+      local rows = deliveries(db, qname, name)
+      assert.are.same({ id1, id2 }, { rows[1].id, rows[2].id })
+    end
+    local rows = deliveries(db, qname, "c")
+    assert.are.equal(1, #rows)
+    assert.are.equal(id2, rows[1].id)
+    -- and consuming c hands over message 2 only; the other copies stay
+    local got = {}
+    consume(q, "c", function(msg) got[#got + 1] = msg end)
+    helper.wait_until(function() return q:stats("c").acked == 1 end, 10, "c's ack")
+    assert.are.equal(1, #got)
+    assert.are.same({ n = 2 }, got[1].payload)
+    assert.are.equal(id2, got[1].id)
+    assert.are.equal(1, got[1].deliveries)
+    assert.are.equal("number", type(got[1].published_at))
+    assert.are.equal(2, q:stats("a").pending)
+    assert.are.equal(2, messages_of(db, qname))
+    -- no subscription at all: nothing is stored
+    local lonely = pgcoord.queue(db, helper.unique("q"))
+    local id, copies = lonely:publish(db, "nobody listens")
+    assert.is_nil(id)
+    assert.are.equal(0, copies)
+  end)
+
+  it("publishes in the caller's transaction: a rollback delivers nothing", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    local got = {}
+    consume(q, "s", function(msg) got[#got + 1] = msg.payload end, { poll_interval = 0.2 })
+    local ok, err = pcall(db.tx, db, function(tx)
+      q:publish(tx, "rolled back")
+      q:publish_many(tx, { "also", "rolled back" })
+      error("abort")
+    end)
+    assert.is_false(ok)
+    assert.matches("abort", tostring(err), 1, true)
+    assert.are.equal(0, messages_of(db, qname))
+    -- a later committed message is the first and only one delivered
+    db:tx(function(tx)
+      q:publish(tx, "committed")
+      -- invisible to the consumer until commit
+      assert.are.equal(0, q:stats("s").pending)
+    end)
+    helper.wait_until(function() return q:stats("s").acked == 1 end, 10, "the ack")
+    assert.are.same({ "committed" }, got)
+    assert.are.equal(0, q:stats("s").pending)
+  end)
+
+  it("publish_many writes a batch in one statement, ids in order", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("a")
+    q:subscribe("b")
+    local values = {}
+    for i = 1, 500 do values[i] = { i = i, big = (1 << 53) + i } end
+    local ids, copies = q:publish_many(db, values)
+    assert.are.equal(500, #ids)
+    assert.are.equal(2, copies)
+    for i = 2, #ids do assert.is_true(ids[i] > ids[i - 1]) end
+    local row = db:one("SELECT payload::text AS p FROM pgcoord.queue_messages WHERE id = $1",
+      ids[7])
+    assert.matches('"big":' .. ((1 << 53) + 7), row.p, 1, true) -- integers stay exact
+    assert.are.equal(500, q:stats("b").pending)
+    assert.are.same({}, (q:publish_many(db, {})))
+  end)
+
+  it("refuses values that cannot be encoded, before writing anything", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    local cycle = { name = "loop" }
+    cycle.self = cycle
+    local err = errors(q.publish, q, db, function() end)
+    assert.matches('q:publish: the value for queue "' .. qname
+      .. '" cannot be encoded as JSON: cannot encode a function', err, 1, true)
+    err = errors(q.publish, q, db, cycle)
+    assert.matches("cannot be encoded as JSON", err, 1, true)
+    assert.matches("cycle", err, 1, true)
+    err = errors(q.publish, q, db, { x = 0 / 0 })
+    assert.matches("cannot be encoded as JSON", err, 1, true)
+    err = errors(q.publish, q, db, nil)
+    assert.matches("is nil", err, 1, true)
+    err = errors(q.publish_many, q, db, { 1, 2, { f = print }, 4 })
+    assert.matches("value #3", err, 1, true)
+    assert.matches("cannot encode a function", err, 1, true)
+    err = errors(q.publish_many, q, db, { 1, cycle })
+    assert.matches("value #2", err, 1, true)
+    assert.are.equal(0, messages_of(db, qname))
+    -- inside a transaction the refusal leaves the transaction usable
+    db:tx(function(tx)
+      assert.is_false(pcall(q.publish, q, tx, cycle))
+      q:publish(tx, "fine")
+    end)
+    assert.are.equal(1, messages_of(db, qname))
+    -- and the error points at the caller
+    assert.matches("queue_spec.lua:%d+:", errors(function() q:publish(db, print) end))
+    assert.matches("expected a pool or a transaction", errors(q.publish, q, "db", 1), 1, true)
+  end)
+
+  it("delivers an ordered subscription strictly in publish order under requeues", function()
+    local qname = helper.unique("q")
+    local p = pool(6)
+    local q = pgcoord.queue(p, qname, { ordered = true })
+    assert.is_true(q:subscribe("o"))
+    -- the subscription keeps its mode: an unordered handle is refused
+    local unordered = pgcoord.queue(p, qname, { ordered = false })
+    assert.matches("is ordered", errors(unordered.consume, unordered, "o", print), 1, true)
+    assert.matches("concurrency must be 1", errors(q.consume, q, "o", function() end,
+      { concurrency = 2 }), 1, true)
+    for i = 1, 10 do q:publish(db, { n = i }) end
+    local more = {}
+    for i = 11, 20 do more[#more + 1] = { n = i } end
+    q:publish_many(db, more)
+
+    local calls, active, max_active = {}, 0, 0
+    local function handler(msg)
+      active = active + 1
+      if active > max_active then max_active = active end
+      local n = msg.payload.n
+      calls[#calls + 1] = n
+      pgcoord.sleep(0.002)
+      active = active - 1
+      if n == 5 and msg.deliveries < 3 then return false end
+      if n == 12 and msg.deliveries == 1 then error("twelve fails once") end
+    end
+    -- two consumers on the same subscription, on two pools
+    local opts = { retry_delay = 0.05, poll_interval = 0.5 }
+    consume(q, "o", handler, opts)
+    consume(pgcoord.queue(pool(), qname), "o", handler, opts)
+    helper.wait_until(function() return q:stats("o").acked == 20 end, 20, "20 acks")
+    local want = {}
+    for i = 1, 20 do
+      want[#want + 1] = i
+      if i == 5 then want[#want + 1] = 5 want[#want + 1] = 5 end
+      if i == 12 then want[#want + 1] = 12 end
+    end
+    assert.are.same(want, calls)
+    assert.are.equal(1, max_active)
+    local _, by_id = deliveries(db, qname, "o")
+    local ids = db:query([[SELECT id FROM pgcoord.queue_messages m WHERE m.queue_id =
+      (SELECT id FROM pgcoord.queues WHERE name = $1) ORDER BY id]], qname)
+    assert.are.equal(3, by_id[ids[5].id].deliveries)
+    assert.are.equal(2, by_id[ids[12].id].deliveries)
+    assert.matches("twelve fails once", by_id[ids[12].id].last_error, 1, true)
+  end)
+
+  it("orders concurrent publishers by commit, and keeps one message in flight", function()
+    local qname = helper.unique("q")
+    local p = pool(8)
+    local q = pgcoord.queue(p, qname, { ordered = true })
+    q:subscribe("o")
+    local seen = {}
+    consume(q, "o", function(msg) seen[#seen + 1] = { id = msg.id, p = msg.payload } end,
+      { poll_interval = 0.5 })
+    -- publishers whose transactions overlap: each holds its transaction
+    -- open a moment after publishing
+    local publishers = {}
+    for w = 1, 4 do
+      publishers[w] = helper.spawn(function()
+        for i = 1, 8 do
+          p:tx(function(tx)
+            q:publish(tx, { w = w, i = i })
+            pgcoord.sleep(0.001 * ((w + i) % 3))
+          end)
+        end
+      end)
+    end
+    for _, t in ipairs(publishers) do t:join() end
+    helper.wait_until(function() return #seen == 32 end, 20, "32 messages")
+    local last_i = {}
+    for k = 2, #seen do
+      assert.is_true(seen[k].id > seen[k - 1].id, "delivered out of id order")
+    end
+    for _, s in ipairs(seen) do
+      assert.is_true(s.p.i > (last_i[s.p.w] or 0), "a publisher's messages out of order")
+      last_i[s.p.w] = s.p.i
+    end
+  end)
+
+  it("dead-letters a message after max_deliveries; it can be listed and requeued", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    local ids = q:publish_many(db, { "ok-1", "poison", "ok-2" })
+    local cured = false
+    local calls = {}
+    local c = consume(q, "s", function(msg)
+      calls[msg.payload] = (calls[msg.payload] or 0) + 1
+      if msg.payload == "poison" and not cured then error("poisoned: " .. msg.deliveries) end
+    end, { max_deliveries = 3, retry_delay = 0.02, concurrency = 2, poll_interval = 0.5 })
+    helper.wait_until(function() return #q:dead("s") == 1 end, 10, "a dead letter")
+    local dead = q:dead("s")
+    assert.are.equal(ids[2], dead[1].id)
+    assert.are.equal("poison", dead[1].payload)
+    assert.are.equal(3, dead[1].deliveries)
+    assert.matches("poisoned: 3", dead[1].last_error, 1, true)
+    assert.are.equal("number", type(dead[1].published_at))
+    assert.are.equal(3, calls.poison)
+    local st = q:stats("s")
+    assert.are.equal(2, st.acked)
+    assert.are.equal(0, st.pending)
+    assert.are.equal(1, st.dead)
+    -- by hand: requeue; it is delivered afresh and acked
+    cured = true
+    assert.are.equal(0, q:requeue_dead("s", { ids[1] }))  -- not dead: nothing to do
+    assert.are.equal(1, q:requeue_dead("s", { ids[2] }))
+    helper.wait_until(function() return q:stats("s").acked == 3 end, 10, "the requeued ack")
+    assert.are.equal(4, calls.poison)
+    assert.are.same({}, q:dead("s"))
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.equal(1, by_id[ids[2]].deliveries) -- the count started again
+    assert.are.equal(1, c:stats().dead)
+  end)
+
+  it("dead-letters a message whose deliveries all ended without an outcome", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    local id = q:publish(db, "hangs")
+    -- a consumer whose handler hangs, stopped without renewing: the lease runs out
+    local hang = pgcoord.queue(pool(), qname):consume("s", function() pgcoord.sleep(3600) end,
+      { visibility_timeout = 0.3 })
+    helper.wait_until(function() return q:stats("s").delayed == 1 end, 10, "the claim")
+    hang:stop(0)   -- cancelled: handed back at once, the delivery still counts
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.equal(1, by_id[id].deliveries)
+    assert.matches("handed back unfinished", by_id[id].last_error, 1, true)
+    consume(q, "s", function() error("never called") end, { max_deliveries = 1 })
+    helper.wait_until(function() return #q:dead("s") == 1 end, 10, "a dead letter")
+    assert.matches("ended without an outcome", q:dead("s")[1].last_error, 1, true)
+  end)
+
+  it("unsubscribe drops the subscription and its deliveries; its consumer stops", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("a")
+    q:subscribe("b")
+    local ids = q:publish_many(db, { 1, 2, 3 })
+    local c = consume(q, "a", function(msg) return msg.payload ~= 3 end,
+      { poll_interval = 0.2, retry_delay = 60 })
+    helper.wait_until(function() return q:stats("a").acked == 2 end, 10, "two acks")
+    assert.is_true(q:unsubscribe("a"))
+    assert.is_false(q:unsubscribe("a"))
+    assert.are.equal(0, #deliveries(db, qname, "a"))
+    helper.wait_until(function() return c:stats().state == "stopped" end, 10,
+      "the consumer to stop")
+    assert.matches("has no subscription", errors(q.stats, q, "a"), 1, true)
+    -- b still holds all three
+    assert.are.equal(3, q:stats("b").pending)
+    assert.are.equal(3, messages_of(db, qname))
+    assert.is_true(q:unsubscribe("b"))
+    assert.are.equal(0, messages_of(db, qname))
+    -- subscribing again starts empty
+    assert.is_true(q:subscribe("a"))
+    assert.are.equal(0, q:stats("a").pending)
+    assert.are.equal(3, #ids)
+  end)
+
+  it("sweeps acked deliveries after retention, and messages nobody holds", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname, { retention = 0 })
+    q:subscribe("a")
+    q:subscribe("b")
+    q:publish_many(db, { 1, 2, 3 })
+    consume(q, "a", function() end, { poll_interval = 0.2 })
+    helper.wait_until(function() return q:stats("a").acked == 0 and q:stats("a").pending == 0
+      and #deliveries(db, qname, "a") == 0 end, 10, "a's acked rows to be swept")
+    assert.are.equal(3, messages_of(db, qname))   -- b still holds them
+    consume(q, "b", function() end, { poll_interval = 0.2 })
+    helper.wait_until(function() return messages_of(db, qname) == 0 end, 10, "the messages to go")
+  end)
+
+  it("stops gracefully: finishes the running handler, takes nothing new", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    local release = false
+    local started = {}
+    local c = consume(q, "s", function(msg)
+      started[#started + 1] = msg.payload
+      helper.wait_until(function() return release end, 20, "release")
+    end)
+    q:publish(db, "first")
+    helper.wait_until(function() return #started == 1 end, 10, "the handler to start")
+    local stopper = helper.spawn(function() c:stop() return "stopped" end)
+    helper.wait_until(function() return c:stats().state == "stopping" end, 5, "stopping")
+    q:publish(db, "second")
+    assert.are.equal("running", stopper:status())
+    release = true
+    assert.are.equal("stopped", stopper:join())
+    assert.are.same({ "first" }, started)
+    local st = q:stats("s")
+    assert.are.equal(1, st.acked)
+    assert.are.equal(1, st.pending)
+    assert.are.equal(0, st.delayed)  -- "second" was never claimed
+  end)
+
+  it("fetches what is pending at start and wakes on NOTIFY, not on the poll", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    q:publish(db, "before start")
+    local got = {}
+    local t0 = pgcoord.now()
+    consume(q, "s", function(msg) got[#got + 1] = msg.payload end, { poll_interval = 30 })
+    helper.wait_until(function() return #got == 1 end, 5, "the pending message")
+    helper.wait_until(function() return q.sub and q.sub:connected() end, 5, "LISTEN")
+    q:publish(db, "after start")
+    helper.wait_until(function() return #got == 2 end, 5, "the notified message")
+    assert.is_true(pgcoord.now() - t0 < 5)
+    -- published while the LISTEN connection is down: fetched on reconnect
+    local channel = "pgcoord_queue_" .. db:one("SELECT id FROM pgcoord.queues WHERE name = $1",
+      qname).id
+    local pid = helper.wait_until(function()
+      local row = db:one([[SELECT pid FROM pg_stat_activity
+        WHERE query LIKE 'LISTEN %' AND query LIKE '%' || $1 || '"%']], channel)
+      return row and row.pid
+    end, 5, "the LISTEN backend")
+    db:query("SELECT pg_terminate_backend($1)", pid)
+    helper.wait_until(function() return not q.sub:connected() end, 5, "the drop")
+    q:publish(db, "while down")
+    helper.wait_until(function() return #got == 3 end, 10, "the message after reconnecting")
+    assert.are.same({ "before start", "after start", "while down" }, got)
+    assert.is_true(pgcoord.now() - t0 < 15)
+  end)
+
+  it("refuses bad arguments and options clearly", function()
+    local q = pgcoord.queue(db, helper.unique("q"))
+    q:subscribe("s")
+    assert.matches("name must be a non-empty string", errors(pgcoord.queue, db, ""), 1, true)
+    assert.matches("expected a pool", errors(pgcoord.queue, {}, "x"), 1, true)
+    assert.matches('unknown option "order"', errors(pgcoord.queue, db, "x", { order = true }),
+      1, true)
+    assert.matches("retention must be a number >= 0",
+      errors(pgcoord.queue, db, "x", { retention = -1 }), 1, true)
+    assert.matches("handler must be a function", errors(q.consume, q, "s", 42), 1, true)
+    assert.matches("concurrency must be a positive integer",
+      errors(q.consume, q, "s", print, { concurrency = 0 }), 1, true)
+    assert.matches("visibility_timeout must be a number > 0",
+      errors(q.consume, q, "s", print, { visibility_timeout = 0 }), 1, true)
+    assert.matches('unknown option "timeout"', errors(q.consume, q, "s", print, { timeout = 1 }),
+      1, true)
+    assert.matches('has no subscription "nope"', errors(q.consume, q, "nope", print), 1, true)
+    assert.matches("ids must be integers", errors(q.requeue_dead, q, "s", { "x" }), 1, true)
+    local qo = pgcoord.queue(db, q.name, { ordered = true })
+    assert.matches("exists and is unordered", errors(qo.subscribe, qo, "s"), 1, true)
+  end)
+end)
+
+-- ---- three consumer processes ---------------------------------------------------
+
+-- A consumer process: records each message in table SEEN (a second
+-- handling of the same message counts in dups).  With STALL > 0, after
+-- STALL messages its handlers hang (recorded in SEEN_stalled) until killed.
+local CONSUMER = [[
+local qname, sub, seen, stall, vt = arg[1], arg[2], arg[3], tonumber(arg[4]), tonumber(arg[5])
+local pid = require("pgcoord.core").getpid()
+local db = pgcoord.connect(nil, { size = 6 })
+local q = pgcoord.queue(db, qname)
+local handled = 0
+local record = ("INSERT INTO %s (n, id, pid, deliveries) VALUES ($1, $2, $3, $4)"
+  .. " ON CONFLICT (n) DO UPDATE SET dups = %s.dups + 1"):format(seen, seen)
+q:consume(sub, function(msg)
+  handled = handled + 1
+  if stall > 0 and handled > stall then
+    db:exec(("INSERT INTO %s_stalled (id, pid) VALUES ($1, $2)"):format(seen), msg.id, pid)
+    pgcoord.sleep(3600)
+  end
+  db:exec(record, msg.payload.n, msg.id, pid, msg.deliveries)
+end, { concurrency = 8, visibility_timeout = vt, poll_interval = 1 })
+io.stdout:write("ready\n")
+io.stdout:flush()
+]]
+
+describe("pgcoord.queue with three consumer processes", function()
+  local db
+  local N = 10000
+  local CONCURRENCY = 8
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 4, params = { application_name = "queue_spec_procs" } })
+    pgcoord.migrate(db)
+  end)
+
+  teardown(function()
+    db:close()
+  end)
+
+  after_each(cleanup)
+
+  local function prepare()
+    local qname, seen = helper.unique("q"), helper.unique("seen")
+    db:exec(("CREATE TABLE %s (n int PRIMARY KEY, id bigint, pid int, deliveries int,"
+      .. " dups int NOT NULL DEFAULT 0)"):format(seen))
+    db:exec(("CREATE TABLE %s_stalled (id bigint, pid int, at timestamptz DEFAULT now())")
+      :format(seen))
+    local q = pgcoord.queue(db, qname)
+    q:subscribe("work")
+    return q, qname, seen
+  end
+
+  local function start(qname, seen, stalls, vt)
+    local script = helper.write_file(helper.tmpname("consumer") .. ".lua", CONSUMER)
+    local procs = {}
+    for i, stall in ipairs(stalls) do
+      procs[i] = helper.start({ "pgcoord-run", script, qname, "work", seen, tostring(stall),
+        tostring(vt) })
+    end
+    for _, p in ipairs(procs) do p:wait_output("ready", 20) end
+    return procs
+  end
+
+  local function publish_all(q)
+    for base = 0, N - 1, 1000 do
+      local batch = {}
+      for i = 1, 1000 do batch[i] = { n = base + i } end
+      q:publish_many(db, batch)
+    end
+  end
+
+  local function count(seen)
+    return db:one(("SELECT count(*) AS n, coalesce(sum(dups), 0)::int AS dups,"
+      .. " count(DISTINCT pid) AS pids FROM %s"):format(seen))
+  end
+
+  it("share 10,000 messages, each handled and acked exactly once", function()
+    local q, qname, seen = prepare()
+    local procs = start(qname, seen, { 0, 0, 0 }, 30)
+    publish_all(q)
+    helper.wait_until(function() return count(seen).n == N end, 60, "10,000 messages")
+    helper.wait_until(function() return q:stats("work").acked == N end, 20, "10,000 acks")
+    local c = count(seen)
+    assert.are.equal(0, c.dups)
+    assert.are.equal(3, c.pids)   -- all three took part
+    local row = db:one([[SELECT count(*) AS n, max(deliveries) AS most, min(deliveries) AS least
+      FROM pgcoord.queue_deliveries d JOIN pgcoord.queue_subscriptions s ON s.id = d.subscription_id
+      JOIN pgcoord.queues q ON q.id = s.queue_id
+      WHERE q.name = $1 AND d.state = 'acked']], qname)
+    assert.are.same({ n = N, most = 1, least = 1 }, row)
+    -- SIGTERM: a graceful stop, exit status 0
+    for _, p in ipairs(procs) do p:kill("TERM") end
+    for _, p in ipairs(procs) do assert.are.equal(0, p:wait(20), p:output()) end
+  end)
+
+  it("lose nothing when one is SIGKILLed mid-handler; its messages return within the lease",
+    function()
+    local VT = 2
+    local q, qname, seen = prepare()
+    local procs = start(qname, seen, { 300, 0, 0 }, VT)
+    publish_all(q)
+    -- the victim handled 300, then every handler slot hangs
+    helper.wait_until(function()
+      return db:one(("SELECT count(*) AS n FROM %s_stalled"):format(seen)).n == CONCURRENCY
+    end, 30, "the victim's handlers to hang")
+    local stalled = db:query(("SELECT id FROM %s_stalled ORDER BY id"):format(seen))
+    procs[1]:kill("KILL")
+    assert.are.equal(137, procs[1]:wait(10))
+    local killed_at = db:one("SELECT extract(epoch FROM clock_timestamp()) AS t").t
+    helper.wait_until(function() return count(seen).n == N end, 60, "all 10,000 messages")
+    helper.wait_until(function() return q:stats("work").acked == N end, 20, "10,000 acks")
+    local _, by_id = deliveries(db, qname, "work")
+    for _, s in ipairs(stalled) do
+      local d = by_id[s.id]
+      assert.are.equal("acked", d.state)
+      assert.are.equal(2, d.deliveries)
+      -- redelivered once the lease (renewed every VT/3 until the kill) ran out
+      local after = d.delivered - killed_at
+      assert.is_true(after <= VT + 1.5, ("redelivered %.2fs after the kill"):format(after))
+    end
+    local handled_by = db:query(("SELECT DISTINCT pid FROM %s WHERE id = ANY ($1::bigint[])")
+      :format(seen), "{" .. table.concat((function()
+        local ids = {}
+        for i, s in ipairs(stalled) do ids[i] = s.id end
+        return ids
+      end)(), ",") .. "}")
+    for _, r in ipairs(handled_by) do assert.are_not.equal(procs[1].pid, r.pid) end
+    for i = 2, 3 do procs[i]:kill("TERM") end
+    for i = 2, 3 do assert.are.equal(0, procs[i]:wait(20), procs[i]:output()) end
+  end)
+end)
