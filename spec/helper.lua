@@ -191,6 +191,11 @@ function helper.start(argv, opts)
     words[#words + 1] = helper.quote(name)
   end
   for k, v in pairs(opts.env or {}) do words[#words + 1] = helper.quote(k .. "=" .. v) end
+  local lua_preload = os.getenv("PGCOORD_TEST_LUA_PRELOAD")
+  if argv[1] == "lua5.4" and lua_preload and lua_preload ~= "" then
+    -- under SANITIZE=address, core.so needs the ASan runtime loaded first
+    words[#words + 1] = helper.quote("LD_PRELOAD=" .. lua_preload)
+  end
   for i, a in ipairs(argv) do
     if i == 1 and a == "pgcoord-run" then a = helper.run_bin end
     words[#words + 1] = helper.quote(a)
