@@ -274,7 +274,7 @@ end
 
 function Pool:_open()
   local conn = db.open(self)
-  local lease = setmetatable({ pool = self, conn = conn, idle = false }, Lease)
+  local lease = setmetatable({ pool = self, conn = conn, idle = false, idle_since = 0 }, Lease)
   conn:on_close(function(why)
     if lease.idle and remove_idle(self, lease) then
       lease.idle = false
@@ -285,6 +285,8 @@ function Pool:_open()
   end)
   return lease
 end
+
+local IDLE_CHECK_AFTER = 0.05
 
 -- Takes a connection: an idle one, a new one while under size, or waits.
 function Pool:acquire()
@@ -298,7 +300,11 @@ function Pool:acquire()
       local lease = idle[n]
       idle[n] = nil
       lease.idle = false
-      if lease.conn:check() then return lease end
+      -- a connection back from a query a moment ago is alive: look at the
+      -- socket (a syscall) only for one that sat idle a while
+      if core.now() - lease.idle_since < IDLE_CHECK_AFTER or lease.conn:check() then
+        return lease
+      end
       -- the server closed it while idle and the loop has not seen it yet
       lease.conn:close()
       self.total = self.total - 1
@@ -342,6 +348,7 @@ function Pool:release(lease)
     return
   end
   lease.idle = true
+  lease.idle_since = core.now()
   local idle = self.idle
   idle[#idle + 1] = lease
   wake_one(self)

@@ -15,13 +15,13 @@ local http = {}
 local pool_connections = metrics.gauge("pgcoord_pool_connections",
   "Connections of each pool by state (in_use, idle, waiting: tasks waiting for one).",
   { "pool", "state" })
-local received = metrics.gauge("pgcoord_notifications_received_total",
+local received = metrics.counter("pgcoord_notifications_received_total",
   "Notifications received per channel.", { "channel" })
-local dropped = metrics.gauge("pgcoord_notifications_dropped_total",
+local dropped = metrics.counter("pgcoord_notifications_dropped_total",
   "Notifications dropped for full listener buffers, per channel.", { "channel" })
-local poll_saved = metrics.gauge("pgcoord_poll_saved_items_total",
+local poll_saved = metrics.counter("pgcoord_poll_saved_items_total",
   "Items found by fallback polls that no notification announced, per channel.", { "channel" })
-local reconnects = metrics.gauge("pgcoord_subscriber_reconnects_total",
+local reconnects = metrics.counter("pgcoord_subscriber_reconnects_total",
   "LISTEN connections re-established, per subscriber.", { "subscriber" })
 local lock_held = metrics.gauge("pgcoord_job_lock_held",
   "1 while this process holds the job lock, else 0; state in the label.", { "lock", "state" })
@@ -37,7 +37,8 @@ local outbox_messages = metrics.gauge("pgcoord_outbox_messages",
 local up = metrics.gauge("pgcoord_database_up",
   "1 when the database answered the last health probe within a second.")
 
--- The counters the modules keep, the only place they are read.
+-- The counters the modules keep, read at scrape time (they only grow, so
+-- they are exposed as counters, set rather than incremented here).
 metrics.collect(function()
   pool_connections:reset()
   local n = 0
