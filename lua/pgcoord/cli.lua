@@ -88,12 +88,7 @@ local function script_arg(argv, o)
   return t
 end
 
-local function error_text(err)
-  if type(err) == "string" then return err end
-  local mt = getmetatable(err)
-  if mt and mt.__tostring then return tostring(err) end
-  return ("(error object is a %s value)"):format(type(err))
-end
+local error_text = task.error_text
 
 local function traceback(err)
   return debug.traceback(error_text(err), 2)

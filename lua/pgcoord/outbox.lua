@@ -409,13 +409,7 @@ end
 
 -- ---- the relay --------------------------------------------------------------------------
 
-local function error_text(err)
-  if type(err) == "string" then return err end
-  local mt = getmetatable(err)
-  if mt and mt.__tostring then return tostring(err) end
-  if type(err) == "table" and err.message then return tostring(err.message) end
-  return ("(error object is a %s value)"):format(type(err))
-end
+local error_text = task.error_text
 
 local function publish_handler(err)
   if task.is_cancelled(err) then return err end

@@ -308,12 +308,7 @@ queue.sql = {
 
 -- ---- helpers ---------------------------------------------------------------------
 
-local function error_text(err)
-  if type(err) == "string" then return err end
-  local mt = getmetatable(err)
-  if mt and mt.__tostring then return tostring(err) end
-  return ("(error object is a %s value)"):format(type(err))
-end
+local error_text = task.error_text
 
 local function clip(s)
   if #s > ERROR_LIMIT then return s:sub(1, ERROR_LIMIT) .. "..." end

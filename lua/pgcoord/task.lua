@@ -29,15 +29,19 @@ local CANCELLED = setmetatable({ message = "task cancelled", sqlstate = "57014" 
 })
 task.CANCELLED = CANCELLED
 
+-- One readable line for any error value: strings, tables with __tostring
+-- (pgcoord's errors), tables with a message, anything else by its type.
+function task.error_text(err)
+  if type(err) == "string" then return err end
+  local mt = getmetatable(err)
+  if mt and mt.__tostring then return tostring(err) end
+  if type(err) == "table" and err.message then return tostring(err.message) end
+  return ("(error object is a %s value)"):format(type(err))
+end
+
 local function on_error(err)
   if err == CANCELLED then return { err = err } end
-  local msg = err
-  if type(err) ~= "string" then
-    local mt = getmetatable(err)
-    msg = mt and mt.__tostring and tostring(err)
-      or ("(error object is a %s value)"):format(type(err))
-  end
-  return { err = err, trace = debug.traceback(msg, 2) }
+  return { err = err, trace = debug.traceback(task.error_text(err), 2) }
 end
 
 local function finish(t, ok, ...)
