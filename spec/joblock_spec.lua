@@ -17,17 +17,21 @@ local function say(fmt, ...)
   io.stdout:write(fmt:format(...), "\n")
   io.stdout:flush()
 end
-pgcoord.run_in_job_lock(db, "spec", name, { ping_interval = ping }, function(ctx)
-  local _ <close> = setmetatable({}, { __close = function()
-    say("stopped token=%d at=%.6f", ctx.token, pgcoord.time())
-  end })
-  say("holding token=%d pid=%d", ctx.token, pid)
-  while true do
-    db:exec(("INSERT INTO %s (token, pid, at) VALUES ($1, $2, clock_timestamp())"):format(fence),
-      ctx.token, pid)
-    pgcoord.sleep(0.03)
-  end
-end)
+-- a subscriber hears releases, so a waiting process takes over at once
+local sub = pgcoord.subscriber(db, { ping_interval = 5, ping_grace = 10 })
+sub:start()
+pgcoord.run_in_job_lock(db, "spec", name, { ping_interval = ping, subscriber = sub },
+  function(ctx)
+    local _ <close> = setmetatable({}, { __close = function()
+      say("stopped token=%d at=%.6f", ctx.token, pgcoord.time())
+    end })
+    say("holding token=%d pid=%d", ctx.token, pid)
+    while true do
+      db:exec(("INSERT INTO %s (token, pid, at) VALUES ($1, $2, clock_timestamp())")
+        :format(fence), ctx.token, pid)
+      pgcoord.sleep(0.03)
+    end
+  end)
 ]]
 
 local function make_fence(db)

@@ -193,7 +193,9 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     local t0 = pgcoord.now()
     helper.wait_until(function() return not sub:connected() end, 5, "the dead link noticed")
     local noticed = pgcoord.now() - t0
-    assert.is_true(noticed <= FAST.ping_grace + FAST.ping_interval,
+    -- silence is measured from the last ping before the cut, and the check
+    -- runs every (grace - interval) / 2; allow a little for a loaded machine
+    assert.is_true(noticed <= FAST.ping_grace + FAST.ping_interval + 0.3,
       ("noticed after %.3fs"):format(noticed))
     relay.resume()
     helper.wait_until(function() return connects() >= 2 end, 10, "the reconnect")
