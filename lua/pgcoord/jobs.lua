@@ -278,6 +278,7 @@ function Jobs:worker(opts)
   w.jobs, w.pool = self, self.pool
   w.queue, w.qhead, w.qtail = {}, 1, 0   -- claimed, not started
   w.results = {}                         -- finished, not written
+  w.writers = 0                          -- result batches being written
   w.series = {}                          -- job type -> metric series
   w.running = 0                          -- handlers in progress
   w.in_flight = {}                       -- job id -> runner task
@@ -593,18 +594,19 @@ end
 
 -- ---- writing results ----
 
-function Worker:_flush()
-  local batch = self.results
-  if #batch == 0 then return end
-  self.results = {}
+-- Writes one batch of results; on failure puts it back for the next try.
+function Worker:_write(batch)
   local ok, err = pcall(self.pool.one, self.pool, FLUSH, batch, self.id, self.group)
-  if not ok then
-    -- keep them, in order, for the next try
-    table.move(self.results, 1, #self.results, #batch + 1, batch)
+  self.writers = self.writers - 1
+  if ok then
+    self:_arm_retries(batch)
+  else
+    local results = self.results
+    table.move(results, 1, #results, #batch + 1, batch)
     self.results = batch
-    error(err, 0)
+    self.write_failed = true
+    self:_infra_error("writing results failed", err)
   end
-  self:_arm_retries(batch)
   self.flushed:signal()
 end
 
@@ -626,18 +628,35 @@ function Worker:_arm_retries(batch)
   end
 end
 
+-- Hands results to writer tasks: a batch at flush_count results or
+-- flush_age seconds, up to MAX_WRITERS batches on their way at once (the
+-- server works on two while the worker runs handlers).
+local MAX_WRITERS = 2
+
 function Worker:_flush_loop()
   local backoff = 0.1
   while true do
     if #self.results < self.flush_count and self.state ~= "stopped" then
       self.flush_now:wait(self.flush_age)
     end
-    self:_persist("writing results failed", self._flush, self)
-    if self.state == "stopped" then
-      if #self.results == 0 then return end
-      -- after the stop _persist gives up at once: keep trying, backing off
-      self.flush_now:wait(backoff)
+    while self.writers >= MAX_WRITERS do self.flushed:wait() end
+    if self.write_failed then
+      -- the database is away: keep what we have and try again later
+      self.write_failed = false
+      task.sleep(backoff)
       backoff = math.min(backoff * 2, 10)
+    else
+      backoff = 0.1
+    end
+    local batch = self.results
+    if #batch > 0 then
+      self.results = {}
+      self.writers = self.writers + 1
+      task.spawn(self._write, self, batch)
+    elseif self.state == "stopped" and self.writers == 0 then
+      return
+    elseif self.state == "stopped" then
+      self.flushed:wait()
     end
   end
 end
