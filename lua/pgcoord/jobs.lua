@@ -295,7 +295,7 @@ end
 local REGISTER = [[
 INSERT INTO pgcoord.job_workers (group_name, name) VALUES ($1, $2) RETURNING id]]
 
--- CLAIM and PROMOTE pick ids with = ANY(ARRAY(...)), not a join or IN:
+-- CLAIM, PROMOTE and FLUSH pick ids with = ANY(ARRAY(...)), not a join or IN:
 -- the planner hash-joins those against a sequential scan of the whole
 -- table, which costs as much as the backlog is long (50 ms a claim with
 -- 200,000 ready jobs, against 10 ms for these primary-key lookups).
@@ -346,8 +346,8 @@ WITH r AS (
     AS r(id bigint, ok boolean, error text, delay float8, at float8, final boolean,
          log boolean, type text, attempt int, started float8, finished float8)),
 done AS (
-  DELETE FROM pgcoord.jobs j USING r
-   WHERE r.ok AND j.id = r.id AND j.locked_by = $2 RETURNING j.id),
+  DELETE FROM pgcoord.jobs j
+   WHERE j.id = ANY(ARRAY(SELECT id FROM r WHERE ok)) AND j.locked_by = $2 RETURNING j.id),
 failed AS (
   UPDATE pgcoord.jobs j
      SET state = CASE WHEN r.final THEN 'failed' ELSE 'scheduled' END,
@@ -357,7 +357,8 @@ failed AS (
          error_count = j.error_count + 1, last_error = r.error,
          locked_by = NULL, locked_at = NULL
     FROM r
-   WHERE NOT r.ok AND j.id = r.id AND j.locked_by = $2 RETURNING j.id),
+   WHERE j.id = ANY(ARRAY(SELECT id FROM r WHERE NOT ok)) AND NOT r.ok AND j.id = r.id
+     AND j.locked_by = $2 RETURNING j.id),
 logged AS (
   INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
                                 started_at, finished_at, worker_id)

@@ -26,21 +26,15 @@
 -- handler has returned.  rate = JOBS / (t1 - t0).
 local pgcoord = require "pgcoord"
 
-local mode = ...
-local args = table.pack(...)
+package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local say = bench.say
+
+local args = bench.args("jobs.lua", ...)
+local mode = args.mode
 
 local function arg_number(i, name)
-  local v = math.tointeger(tonumber(args[i]))
-  if not v or v <= 0 then
-    error(("jobs.lua %s: %s must be a positive integer, got %s")
-      :format(mode, name, tostring(args[i])))
-  end
-  return v
-end
-
-local function say(line)
-  io.stdout:write(line, "\n")
-  io.stdout:flush()
+  return args:integer(i, name)
 end
 
 local function remaining(db, group)
@@ -132,14 +126,9 @@ elseif mode == "latency" then
   producer:close()
   db:close()
 
-  local ms = {}
-  for i = warmup + 1, warmup + n do ms[#ms + 1] = (started_at[i] - sent_at[i]) * 1000 end
-  table.sort(ms)
-  local sum = 0
-  for _, v in ipairs(ms) do sum = sum + v end
-  local function pct(p) return ms[math.max(1, math.ceil(p * #ms))] end
-  say(("jobs=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f mean_ms=%.3f")
-    :format(#ms, pct(0.50), pct(0.99), ms[#ms], sum / #ms))
+  local waits = {}
+  for i = warmup + 1, warmup + n do waits[#waits + 1] = started_at[i] - sent_at[i] end
+  say(bench.latency_line("jobs", waits))
 
 elseif mode == "pgbench-script" then
   local path = assert(package.searchpath("pgcoord.jobs", package.path))

@@ -13,21 +13,15 @@
 --       LISTENERS idle fan:listen listeners (then fan:on ones, for context)
 local pgcoord = require "pgcoord"
 
-local mode = ...
-local args = table.pack(...)
+package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local say = bench.say
+
+local args = bench.args("notify.lua", ...)
+local mode = args.mode
 
 local function arg_number(i, name)
-  local v = math.tointeger(tonumber(args[i]))
-  if not v or v <= 0 then
-    error(("notify.lua %s: %s must be a positive integer, got %s")
-      :format(mode, name, tostring(args[i])))
-  end
-  return v
-end
-
-local function say(line)
-  io.stdout:write(line, "\n")
-  io.stdout:flush()
+  return args:integer(i, name)
 end
 
 -- A pool, a started subscriber and a fan-out on channel, once listening.
@@ -98,14 +92,7 @@ elseif mode == "latency" then
   sub:stop()
   db:close()
 
-  local ms = {}
-  for i = warmup + 1, warmup + rounds do ms[#ms + 1] = latency[i] * 1000 end
-  table.sort(ms)
-  local sum = 0
-  for _, v in ipairs(ms) do sum = sum + v end
-  local function pct(p) return ms[math.max(1, math.ceil(p * #ms))] end
-  say(("round_trips=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f mean_ms=%.3f")
-    :format(#ms, pct(0.50), pct(0.99), ms[#ms], sum / #ms))
+  say(bench.latency_line("round_trips", table.move(latency, warmup + 1, warmup + rounds, 1, {})))
 
 elseif mode == "memory" then
   local n = arg_number(2, "LISTENERS")

@@ -17,23 +17,18 @@
 local pgcoord = require "pgcoord"
 local outbox = require "pgcoord.outbox"
 
-local mode = ...
-local args = table.pack(...)
+package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local say = bench.say
+
+local args = bench.args("outbox.lua", ...)
+local mode = args.mode
 
 local DOMAIN_SQL = "INSERT INTO bench_orders (customer, amount) VALUES ($1, $2)"
 local CUSTOMER = "alice"
 
-local function say(line)
-  io.stdout:write(line, "\n")
-  io.stdout:flush()
-end
-
 local function arg_number(i, name)
-  local v = math.tointeger(tonumber(args[i]))
-  if not v then
-    error(("outbox.lua %s: %s must be an integer, got %s"):format(mode, name, tostring(args[i])))
-  end
-  return v
+  return args:integer(i, name, 0)
 end
 
 local function payload(n)
@@ -94,32 +89,14 @@ elseif mode == "save" then
   elseif kind ~= "domain" then
     error("outbox.lua save: MODE must be domain, outbox or outbox_quiet")
   end
-  -- Warm up: every connection open before the clock starts.
-  local warm = {}
-  for i = 1, clients do warm[i] = pgcoord.spawn(db.query, db, "SELECT pg_sleep(0.05)") end
-  for _, t in ipairs(warm) do t:join() end
-  local counts, tasks = {}, {}
-  local started = pgcoord.now()
-  local deadline = started + seconds
-  for c = 1, clients do
-    counts[c] = 0
-    tasks[c] = pgcoord.spawn(function()
-      local n = 0
-      while pgcoord.now() < deadline do
-        local order = math.random(1, 1000000)
-        db:tx(function(tx)
-          tx:exec(DOMAIN_SQL, CUSTOMER, order)
-          if ob then ob:save(tx, { topic = "orders", key = order, payload = payload(order) }) end
-        end)
-        n = n + 1
-      end
-      counts[c] = n
+  bench.warm(db, clients)
+  local total, elapsed = bench.clients(clients, seconds, function()
+    local order = math.random(1, 1000000)
+    db:tx(function(tx)
+      tx:exec(DOMAIN_SQL, CUSTOMER, order)
+      if ob then ob:save(tx, { topic = "orders", key = order, payload = payload(order) }) end
     end)
-  end
-  for _, t in ipairs(tasks) do t:join() end
-  local elapsed = pgcoord.now() - started
-  local total = 0
-  for _, n in ipairs(counts) do total = total + n end
+  end)
   db:close()
   say(("tx=%d seconds=%.3f tps=%.1f"):format(total, elapsed, total / elapsed))
 

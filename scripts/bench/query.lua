@@ -8,21 +8,12 @@
 --       prints "ready" and idles without touching the database
 local pgcoord = require "pgcoord"
 
-local mode = ...
-local args = table.pack(...)
+package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local say = bench.say
 
-local function number_arg(i, name)
-  local v = tonumber(args[i])
-  if not v then
-    error(("query.lua %s: %s must be a number, got %s"):format(mode, name, tostring(args[i])))
-  end
-  return v
-end
-
-local function say(line)
-  io.stdout:write(line, "\n")
-  io.stdout:flush()
-end
+local args = bench.args("query.lua", ...)
+local mode = args.mode
 
 -- Sleeps in short steps so that SIGTERM (a graceful stop) ends it promptly.
 local function idle(seconds)
@@ -31,40 +22,20 @@ local function idle(seconds)
 end
 
 if mode == "rate" then
-  local seconds = number_arg(2, "SECONDS")
-  local concurrency = math.tointeger(number_arg(3, "CONCURRENCY"))
-  local size = math.tointeger(number_arg(4, "POOL_SIZE"))
+  local seconds = args:number(2, "SECONDS")
+  local concurrency = args:integer(3, "CONCURRENCY")
+  local size = args:integer(4, "POOL_SIZE")
   local db = pgcoord.connect(nil, { size = size })
-
-  -- Warm up: open every connection before the clock starts.
-  local warm = {}
-  for i = 1, size do warm[i] = pgcoord.spawn(db.query, db, "SELECT pg_sleep(0.05)") end
-  for _, t in ipairs(warm) do t:join() end
-
-  local counts, tasks = {}, {}
-  local started = pgcoord.now()
-  local deadline = started + seconds
-  for i = 1, concurrency do
-    counts[i] = 0
-    tasks[i] = pgcoord.spawn(function()
-      local n = 0
-      while pgcoord.now() < deadline do
-        db:query("SELECT 1")
-        n = n + 1
-      end
-      counts[i] = n
-    end)
-  end
-  for _, t in ipairs(tasks) do t:join() end
-  local elapsed = pgcoord.now() - started
-  local total = 0
-  for _, n in ipairs(counts) do total = total + n end
+  bench.warm(db, size)
+  local total, elapsed = bench.clients(concurrency, seconds, function()
+    db:query("SELECT 1")
+  end)
   db:close()
   say(("queries=%d seconds=%.3f qps=%.1f"):format(total, elapsed, total / elapsed))
 
 elseif mode == "idle" then
-  local seconds = number_arg(2, "SECONDS")
-  local size = math.tointeger(number_arg(3, "POOL_SIZE"))
+  local seconds = args:number(2, "SECONDS")
+  local size = args:integer(3, "POOL_SIZE")
   local db = pgcoord.connect(nil, { size = size })
   -- Queries that overlap make the pool open all its connections.
   local tasks = {}
@@ -78,7 +49,7 @@ elseif mode == "idle" then
 elseif mode == "bare" then
   collectgarbage()
   say("ready")
-  idle(number_arg(2, "SECONDS"))
+  idle(args:number(2, "SECONDS"))
 
 else
   error(("query.lua: unknown mode %s (rate, idle or bare)"):format(tostring(mode)))

@@ -19,21 +19,15 @@
 local pgcoord = require "pgcoord"
 local queue = require "pgcoord.queue"
 
-local mode = ...
-local args = table.pack(...)
+package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local say = bench.say
+
+local args = bench.args("queue.lua", ...)
+local mode = args.mode
 
 local function arg_number(i, name)
-  local v = math.tointeger(tonumber(args[i]))
-  if not v or v < 0 then
-    error(("queue.lua %s: %s must be an integer >= 0, got %s")
-      :format(mode, name, tostring(args[i])))
-  end
-  return v
-end
-
-local function say(line)
-  io.stdout:write(line, "\n")
-  io.stdout:flush()
+  return args:integer(i, name, 0)
 end
 
 local function write(path, text)
@@ -97,27 +91,10 @@ elseif mode == "publish" then
   local name, seconds, clients = args[2], arg_number(3, "SECONDS"), arg_number(4, "CLIENTS")
   local db = pgcoord.connect(nil, { size = clients })
   local q = pgcoord.queue(db, name)
-  local warm = {}
-  for i = 1, clients do warm[i] = pgcoord.spawn(db.query, db, "SELECT pg_sleep(0.05)") end
-  for _, t in ipairs(warm) do t:join() end
-  local counts, tasks = {}, {}
-  local started = pgcoord.now()
-  local deadline = started + seconds
-  for i = 1, clients do
-    counts[i] = 0
-    tasks[i] = pgcoord.spawn(function()
-      local n = 0
-      while pgcoord.now() < deadline do
-        n = n + 1
-        q:publish(db, { n = n })
-      end
-      counts[i] = n
-    end)
-  end
-  for _, t in ipairs(tasks) do t:join() end
-  local elapsed = pgcoord.now() - started
-  local total = 0
-  for _, n in ipairs(counts) do total = total + n end
+  bench.warm(db, clients)
+  local total, elapsed = bench.clients(clients, seconds, function(_, n)
+    q:publish(db, { n = n })
+  end)
   db:close()
   say(("published=%d seconds=%.3f rate=%.1f"):format(total, elapsed, total / elapsed))
 
