@@ -89,6 +89,9 @@ local function claim_sql(q, final)
 end
 outbox._claim_sql = claim_sql
 
+-- Rows named by a JSON list of ids, matched as id = ANY(ARRAY(...)): an
+-- index probe per id whatever plan the statement caches (a join against
+-- the function can become a scan of the table per id once it is analyzed).
 local IDS = "SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb)"
 
 local function statements(q, notify)
@@ -113,14 +116,14 @@ local function statements(q, notify)
     claim = claim_sql(q, "SELECT id, topic, key, payload, headers, retries, created_at"
       .. " FROM claimed ORDER BY seq"),
     processed = ("UPDATE %s SET status = 'processed', processed_at = now()"
-      .. " WHERE id IN (%s) AND status <> 'processed'"):format(q, IDS),
+      .. " WHERE id = ANY(ARRAY(%s)) AND status <> 'processed'"):format(q, IDS),
     failed = ("UPDATE %s SET retries = retries + 1, last_error = $2,"
       .. " status = CASE WHEN retries + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
       .. " visible_at = now() + make_interval(secs => least($4 * power(2, least(retries, 30)), $5))"
       .. " WHERE id = $1 AND status IN ('pending', 'processing') RETURNING status, retries")
       :format(q),
     extend = ("UPDATE %s SET visible_at = now() + make_interval(secs => $2)"
-      .. " WHERE id IN (%s) AND status = 'processing'"):format(q, IDS),
+      .. " WHERE id = ANY(ARRAY(%s)) AND status = 'processing'"):format(q, IDS),
     delete_before = ("DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = 'processed'"
       .. " AND processed_at < to_timestamp($1) LIMIT $2 FOR UPDATE SKIP LOCKED)"):format(q, q),
     delete_older = ("DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = 'processed'"
