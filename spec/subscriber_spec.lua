@@ -222,12 +222,14 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     assert.are.equal(0, fan:stats().streak)
     assert.are.equal(12, fan:stats().poll_saved)
     helper.wait_until(function() return connects() == 2 end, 10, "the bounce")
-    assert.is_false(sub:bounce() and false)
-    -- threshold <= 0 keeps counting but never bounces
+    helper.wait_until(function() return sub:connected() end, 10, "connected again")
+    -- threshold <= 0 keeps counting but never bounces (a bounce drops the
+    -- connection at once, so connected() would turn false)
     local other = pgcoord.fanout(helper.unique("ch"))
     other:enable_recovery(sub, { threshold = 0 })
     for _ = 1, 10 do other:polled(1) end
     assert.are.equal(10, other:stats().streak)
+    assert.is_true(sub:connected())
     -- without recovery, polled does nothing
     local plain = pgcoord.fanout(helper.unique("ch"))
     plain:polled(3)

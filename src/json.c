@@ -204,7 +204,7 @@ static void encode(lua_State *L, jbuf *b, int idx, int depth)
 }
 
 /* core.json_encode(value) -> string; raises naming what cannot be encoded. */
-static int l_json_encode(lua_State *L)
+int pgc_json_encode(lua_State *L)
 {
 	luaL_checkany(L, 1);
 	lua_settop(L, 1);
@@ -454,7 +454,7 @@ static void decode_value(lua_State *L, jreader *r, int depth)
 }
 
 /* core.json_decode(text) -> value; raises naming the byte where it failed. */
-static int l_json_decode(lua_State *L)
+int pgc_json_decode(lua_State *L)
 {
 	size_t len;
 	const char *s = luaL_checklstring(L, 1, &len);
@@ -472,8 +472,8 @@ static int l_json_decode(lua_State *L)
 }
 
 static const luaL_Reg json_funcs[] = {
-	{"json_encode", l_json_encode},
-	{"json_decode", l_json_decode},
+	{"json_encode", pgc_json_encode},
+	{"json_decode", pgc_json_decode},
 	{NULL, NULL}
 };
 

@@ -29,9 +29,6 @@ void pgc_open_loop(lua_State *L);
 void pgc_open_pgconn(lua_State *L);
 
 /* pgvalue.c */
-#define PGC_JSON_ENCODE "pgcoord.json_encode"
-#define PGC_JSON_DECODE "pgcoord.json_decode"
-#define PGC_NULL "pgcoord.null"
 #define PGC_ERROR_META "pgcoord.error"
 
 #define PGC_INLINE_PARAMS 16
@@ -55,7 +52,9 @@ void pgc_push_result_error(lua_State *L, const PGresult *res);
 void pgc_push_error(lua_State *L, const char *sqlstate, const char *message);
 void pgc_open_pgvalue(lua_State *L);
 
-/* json.c */
+/* json.c: lua_CFunctions, also core.json_encode and core.json_decode */
+int pgc_json_encode(lua_State *L);
+int pgc_json_decode(lua_State *L);
 void pgc_open_json(lua_State *L);
 
 /* http.c */

@@ -4,7 +4,7 @@
  * Parameters go as text with type OID 0, so the server infers each type
  * from the statement; a string holding NUL bytes goes as binary, which
  * makes a bytea parameter work.  Results are converted by column type OID.
- * JSON goes through the encoder and decoder that Lua registered (cjson).
+ * JSON goes through json.c, which keeps integers exact.
  */
 #include <math.h>
 #include <stdio.h>
@@ -22,16 +22,11 @@ enum {
 
 /* ---- parameters ---------------------------------------------------- */
 
+/* nil, or JSON's null (a NULL light userdata: pgcoord.null, cjson.null) */
 static int is_null(lua_State *L, int idx)
 {
-	if (lua_isnil(L, idx))
-		return 1;
-	if (lua_type(L, idx) != LUA_TLIGHTUSERDATA)
-		return 0;
-	lua_getfield(L, LUA_REGISTRYINDEX, PGC_NULL);
-	int same = lua_rawequal(L, idx, -1) || lua_touserdata(L, idx) == NULL;
-	lua_pop(L, 1);
-	return same;
+	return lua_isnil(L, idx) ||
+	       (lua_type(L, idx) == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == NULL);
 }
 
 /* The shortest text that reads back as the same double (0.1, not 0.10000000000000001). */
@@ -63,7 +58,7 @@ static const char *number_text(lua_State *L, int idx)
 
 static const char *json_text(lua_State *L, int idx, int pos)
 {
-	lua_getfield(L, LUA_REGISTRYINDEX, PGC_JSON_ENCODE);
+	lua_pushcfunction(L, pgc_json_encode);
 	lua_pushvalue(L, idx);
 	if (lua_pcall(L, 1, 1, 0) != LUA_OK)
 		luaL_error(L, "pgcoord: parameter $%d cannot be encoded as JSON: %s", pos,
@@ -189,7 +184,7 @@ static int parse_timestamp(const char *s, double *out)
 
 static void push_json(lua_State *L, const char *v, int len)
 {
-	lua_getfield(L, LUA_REGISTRYINDEX, PGC_JSON_DECODE);
+	lua_pushcfunction(L, pgc_json_decode);
 	lua_pushlstring(L, v, (size_t)len);
 	lua_call(L, 1, 1);
 }
@@ -344,20 +339,6 @@ static int error_tostring(lua_State *L)
 	return 1;
 }
 
-/* core.set_json(encode, decode, null): the JSON codec for params and rows. */
-static int l_set_json(lua_State *L)
-{
-	luaL_checktype(L, 1, LUA_TFUNCTION);
-	luaL_checktype(L, 2, LUA_TFUNCTION);
-	lua_pushvalue(L, 1);
-	lua_setfield(L, LUA_REGISTRYINDEX, PGC_JSON_ENCODE);
-	lua_pushvalue(L, 2);
-	lua_setfield(L, LUA_REGISTRYINDEX, PGC_JSON_DECODE);
-	lua_pushvalue(L, 3);
-	lua_setfield(L, LUA_REGISTRYINDEX, PGC_NULL);
-	return 0;
-}
-
 /* core.error(sqlstate, message) -> an error table like the server's. */
 static int l_error(lua_State *L)
 {
@@ -366,7 +347,6 @@ static int l_error(lua_State *L)
 }
 
 static const luaL_Reg value_funcs[] = {
-	{"set_json", l_set_json},
 	{"error", l_error},
 	{NULL, NULL}
 };

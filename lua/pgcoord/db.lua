@@ -482,6 +482,5 @@ end
 
 db.run = run
 db.run_script = run_script
-db.Pool, db.Tx = Pool, Tx
 
 return db

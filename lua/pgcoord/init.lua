@@ -4,7 +4,6 @@
 -- is loaded the first time it is used.
 local core = require "pgcoord.core"
 local json = require "pgcoord.json"
-core.set_json(json.encode, json.decode, json.null)
 
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"

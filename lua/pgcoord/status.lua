@@ -90,54 +90,48 @@ function status.json(s)
   })
 end
 
+-- Each section: title, field of s, what to say when the table is missing,
+-- the header and row formats, and the row's values.
+local SECTIONS = {
+  { "job groups", "jobs", "no pgcoord.jobs table: run pgcoord-run --migrate",
+    "  %-20s %8s %10s %8s %8s  %s", "  %-20s %8d %10d %8d %8d  %s",
+    { "group", "ready", "scheduled", "running", "failed", "oldest ready" },
+    function(g)
+      return g.group, g.ready, g.scheduled, g.running, g.failed, age(g.oldest_ready_age)
+    end },
+  { "queue subscriptions", "queues", "no queue tables",
+    "  %-20s %-20s %8s %8s %8s", "  %-20s %-20s %8s %8d %8d",
+    { "queue", "subscription", "ordered", "pending", "dead" },
+    function(q)
+      return q.queue, q.subscription, q.ordered and "yes" or "no", q.pending, q.dead
+    end },
+  { "job locks", "locks", "no pgcoord.job_locks table",
+    "  %-24s %-30s %8s %10s %10s", "  %-24s %-30s %8d %10s %10s",
+    { "lock", "holder", "token", "held for", "renewed" },
+    function(l)
+      return l.name, l.holder or "(released)", l.token, l.holder and age(l.held_for) or "-",
+        age(l.renewed_ago)
+    end },
+  { "outbox", "outbox", "no outbox table",
+    "  %-24s %8s %10s %8s", "  %-24s %8d %10d %8d",
+    { "table", "pending", "processing", "failed" },
+    function(o) return o.table, o.pending, o.processing, o.failed end },
+}
+
 -- One screen of text.
 function status.text(s)
   local out = {}
-  local function add(fmt, ...) out[#out + 1] = fmt:format(...) end
-  add("job groups")
-  if not s.jobs then
-    add("  (no pgcoord.jobs table: run pgcoord-run --migrate)")
-  elseif #s.jobs == 0 then
-    add("  (none)")
-  else
-    add("  %-20s %8s %10s %8s %8s  %s", "group", "ready", "scheduled", "running", "failed",
-      "oldest ready")
-    for _, g in ipairs(s.jobs) do
-      add("  %-20s %8d %10d %8d %8d  %s", g.group, g.ready, g.scheduled, g.running, g.failed,
-        age(g.oldest_ready_age))
-    end
-  end
-  add("queue subscriptions")
-  if not s.queues then
-    add("  (no queue tables)")
-  elseif #s.queues == 0 then
-    add("  (none)")
-  else
-    add("  %-20s %-20s %8s %8s %8s", "queue", "subscription", "ordered", "pending", "dead")
-    for _, q in ipairs(s.queues) do
-      add("  %-20s %-20s %8s %8d %8d", q.queue, q.subscription, q.ordered and "yes" or "no",
-        q.pending, q.dead)
-    end
-  end
-  add("job locks")
-  if not s.locks then
-    add("  (no pgcoord.job_locks table)")
-  elseif #s.locks == 0 then
-    add("  (none)")
-  else
-    add("  %-24s %-30s %8s %10s %10s", "lock", "holder", "token", "held for", "renewed")
-    for _, l in ipairs(s.locks) do
-      add("  %-24s %-30s %8d %10s %10s", l.name, l.holder or "(released)", l.token,
-        l.holder and age(l.held_for) or "-", age(l.renewed_ago))
-    end
-  end
-  add("outbox")
-  if not s.outbox then
-    add("  (no outbox table)")
-  else
-    add("  %-24s %8s %10s %8s", "table", "pending", "processing", "failed")
-    for _, o in ipairs(s.outbox) do
-      add("  %-24s %8d %10d %8d", o.table, o.pending, o.processing, o.failed)
+  for _, sec in ipairs(SECTIONS) do
+    local title, field, missing, head, row, names, values = table.unpack(sec)
+    local rows = s[field]
+    out[#out + 1] = title
+    if not rows then
+      out[#out + 1] = "  (" .. missing .. ")"
+    elseif #rows == 0 then
+      out[#out + 1] = "  (none)"
+    else
+      out[#out + 1] = head:format(table.unpack(names))
+      for _, r in ipairs(rows) do out[#out + 1] = row:format(values(r)) end
     end
   end
   return table.concat(out, "\n") .. "\n"

@@ -202,7 +202,10 @@ function Sub:start()
     self.ping_wake = task.cond()
     self.ping_task = task.spawn(self._ping_loop, self)
   end
-  require("pgcoord").on_stop(function() self:stop() end)
+  if not self.stop_hooked then -- once, however often it is restarted
+    self.stop_hooked = true
+    require("pgcoord").on_stop(function() self:stop() end)
+  end
   return self
 end
 

@@ -218,11 +218,6 @@ function task.sleep(seconds)
   end)
 end
 
--- Yields to other ready tasks and pending events, then continues.
-function task.yield()
-  task.sleep(0)
-end
-
 function task.current()
   return (current())
 end
@@ -368,7 +363,6 @@ function task.set_reporter(fn)
   reporter = fn
 end
 
-task.wake = wake
 task.now = core.now
 
 return task
