@@ -385,6 +385,25 @@ describe("conversions", function()
     end)
   end
 
+  it("array literals: integers, and strings with quotes, backslashes and NULLs", function()
+    local arrays = require "pgcoord.db"
+    local list = { 'plain', 'with "quotes"', [[back\slash]], "a,b", "{braces}", "NULL", "",
+                   " spaced ", "ünïcode" }
+    local strings = #list
+    list[strings + 2] = "after a hole"   -- list[strings + 1] stays nil: a NULL
+    local n = strings + 2
+    local text = arrays.text_array(list, n)
+    assert.are.equal(n, db:one("SELECT array_length($1::text[], 1) AS n", text).n)
+    -- arrays come back as text: read the elements back one by one
+    for i = 1, n do
+      local e = db:one("SELECT ($1::text[])[$2] AS v", text, i)
+      assert.are.equal(list[i], e.v, "element " .. i)
+    end
+    local ints = arrays.int_array({ 1, -2, 9007199254740993 })
+    assert.are.equal(9007199254740993, db:one("SELECT ($1::bigint[])[3] AS v", ints).v)
+    assert.are.equal(-2, db:one("SELECT ($1::bigint[])[2] AS v", ints).v)
+  end)
+
   it("infinite timestamps are math.huge", function()
     local row = db:one("SELECT 'infinity'::timestamptz AS a, '-infinity'::timestamptz AS b,"
       .. " 'infinity'::timestamp AS c, '-infinity'::timestamp AS d")

@@ -447,6 +447,45 @@ describe("a worker", function()
     end)
   end)
 
+  it("logs runs exactly whatever the type name and error text hold", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local odd_type = 'odd "type", {with} \\ and ,'
+    local odd_error = 'it said "no", {really}\\ NULL'
+    jobs:define(odd_type, function(job)
+      if job.error_count == 0 then error(odd_error, 0) end
+    end, { group = g, retry = { max = 1, base_delay = 0.05 } })
+    local id = jobs:schedule_now(db, odd_type, {})
+    helper.capture_log(function()
+      worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05 })
+      helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the job to end")
+    end)
+    local rows = db:query([[SELECT attempt, ok, type, error FROM pgcoord.job_runs
+                            WHERE job_id = $1 ORDER BY attempt]], id)
+    assert.are.equal(2, #rows)
+    assert.are.same({ 1, false, odd_type }, { rows[1].attempt, rows[1].ok, rows[1].type })
+    -- the error as raised, then the handler's traceback
+    assert.are.equal(odd_error .. "\n", rows[1].error:sub(1, #odd_error + 1))
+    assert.are.same({ 2, true, odd_type }, { rows[2].attempt, rows[2].ok, rows[2].type })
+    assert.is_nil(rows[2].error)
+  end)
+
+  it("runs jobs left running by a worker whose row is gone", function()
+    -- (a worker taken for dead and deleted while a claim of its was on its
+    -- way): the sweep at a worker's start hands them back
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = 0
+    jobs:define("orphan", function() ran = ran + 1 end, { group = g })
+    db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params, locked_by, locked_at)
+              SELECT $1, 'orphan', 'running', '{}', -1, now() FROM generate_series(1, 3)]], g)
+    helper.capture_log(function()
+      worker(jobs, { group = g, poll_interval = 30 })
+      helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the orphans to run")
+    end)
+    assert.are.equal(3, ran)
+  end)
+
   it("logs every run to job_runs unless should_log_run says no; log_final_runs keeps final runs",
     function()
     -- One group per policy: a job that fails once then succeeds, one that

@@ -306,6 +306,31 @@ end)
 describe("the loop", function()
   after_each(helper.cleanup)
 
+  it("tasks that keep one another ready do not hold up timers", function()
+    -- two tasks that never wait, each handing over to the other with
+    -- pass(): the loop must still poll for events between their turns
+    local task = require "pgcoord.task"
+    local t0, stop, turns = pgcoord.now(), false, 0
+    local function spin()
+      -- (a watchdog: ends on its own should the sleeper never wake)
+      while not stop and pgcoord.now() - t0 < 5 do
+        turns = turns + 1
+        task.pass()
+      end
+    end
+    local a, b = pgcoord.spawn(spin), pgcoord.spawn(spin)
+    local sleeper = pgcoord.spawn(function()
+      pgcoord.sleep(0.05)
+      return pgcoord.now()
+    end)
+    local woke = sleeper:join()
+    stop = true
+    a:join()
+    b:join()
+    assert.is_true(woke - t0 < 1, ("the sleeper woke after %.3f s"):format(woke - t0))
+    assert.is_true(turns > 10, "the spinning tasks hardly ran: " .. turns)
+  end)
+
   it("step(timeout) returns by its timeout", function()
     local elapsed = helper.timed(pgcoord.step, 0.05)
     assert.is_true(elapsed < 5, "returned after " .. elapsed)

@@ -262,6 +262,13 @@ static void on_defer(evutil_socket_t fd, short what, void *arg)
 	pgc_loop *loop = arg;
 	(void)fd, (void)what;
 	pgc_invoke(loop->main, defer_fire, loop);
+	/*
+	 * Tasks that keep one another ready re-arm the deferred run at once;
+	 * libevent would then run it again without polling, and a query result
+	 * waiting on a socket would wait until the burst ends.  Poll first.
+	 */
+	if (loop->defer_armed && event_base_loopcontinue(loop->base) != 0)
+		fputs("level=error msg=\"event_base_loopcontinue failed\"\n", stderr);
 }
 
 static void on_step_timeout(evutil_socket_t fd, short what, void *arg)

@@ -32,6 +32,11 @@ static int is_null(lua_State *L, int idx)
 /* The shortest text that reads back as the same double (0.1, not 0.10000000000000001). */
 void pgc_format_double(double d, char *buf, size_t size)
 {
+	/* whole numbers (ids, counts, epoch seconds) skip the round trip */
+	if (fabs(d) < 1e15 && d == (double)(long long)d && !(d == 0 && signbit(d))) {
+		snprintf(buf, size, "%lld", (long long)d);
+		return;
+	}
 	for (int prec = 15; prec <= 17; prec++) {
 		snprintf(buf, size, "%.*g", prec, d);
 		if (strtod(buf, NULL) == d)
@@ -161,7 +166,14 @@ static int parse_timestamp(const char *s, double *out)
 	int min = (int)strtol(end + 1, &end, 10);
 	if (*end != ':')
 		return 0;
-	double sec = strtod(end + 1, &end);
+	/* seconds as whole microseconds: strtod is slow, and the server
+	 * never sends more than six decimals */
+	long long usec = strtol(end + 1, &end, 10) * 1000000LL;
+	if (*end == '.') {
+		long long scale = 100000;
+		for (end++; *end >= '0' && *end <= '9'; end++, scale /= 10)
+			usec += (*end - '0') * scale;
+	}
 	long offset = 0;
 	if (*end == '+' || *end == '-') {
 		int sign = *end == '-' ? -1 : 1;
@@ -178,7 +190,8 @@ static int parse_timestamp(const char *s, double *out)
 	else if (*end != '\0')
 		return 0;
 	long long days = days_from_civil(year, mon, day);
-	*out = (double)(days * 86400 + hour * 3600 + min * 60 - offset) + sec;
+	long long whole = days * 86400 + hour * 3600 + min * 60 - offset;
+	*out = (double)(whole * 1000000LL + usec) / 1e6;
 	return 1;
 }
 

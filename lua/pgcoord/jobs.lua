@@ -9,6 +9,7 @@ local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
+local db = require "pgcoord.db"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -270,6 +271,11 @@ local function check_worker_options(self, opts)
     error(("jobs:worker: unknown group %q (no job type is defined in it)"):format(o.group), 3)
   end
   if o.prefetch < o.concurrency then o.prefetch = o.concurrency end
+  -- claim again once a quarter of prefetch has been taken: a claim is on
+  -- its way while the runners work through the rest
+  o.refill_at = o.prefetch - math.max(1, o.prefetch // 4)
+  o.claim_min = o.prefetch - o.refill_at
+  o.claim_max = math.max(o.claim_min, o.prefetch // 2)
   return o
 end
 
@@ -287,6 +293,9 @@ function Jobs:worker(opts)
   w.flushed = task.cond()                -- results written
   w.state = "starting"
   w.next_due = nil
+  w.claims, w.nclaims = {}, 0            -- claim tasks on their way
+  w.claiming = 0                         -- jobs they ask for
+  w.wakes, w.drained = 0, false          -- wake-ups so far; group found empty
   w.started = task.cond()
   w.main = task.spawn(w._main, w)
   return w
@@ -300,14 +309,17 @@ INSERT INTO pgcoord.job_workers (group_name, name) VALUES ($1, $2) RETURNING id]
 -- table, which costs as much as the backlog is long (50 ms a claim with
 -- 200,000 ready jobs, against 10 ms for these primary-key lookups).
 local CLAIM = [[
-UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
- WHERE j.id = ANY(ARRAY(
-         SELECT id FROM pgcoord.jobs
-          WHERE state = 'ready' AND group_name = $1
-          ORDER BY priority, id
-          LIMIT $3
-            FOR UPDATE SKIP LOCKED))
-RETURNING j.id, j.type, j.priority, j.params, j.inserted_at, j.run_at, j.error_count, j.last_error]]
+WITH c AS (
+  UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
+   WHERE j.id = ANY(ARRAY(
+           SELECT id FROM pgcoord.jobs
+            WHERE state = 'ready' AND group_name = $1
+            ORDER BY priority, id
+            LIMIT $3
+              FOR UPDATE SKIP LOCKED))
+  RETURNING j.id, j.type, j.priority, j.params, j.inserted_at, j.run_at, j.error_count,
+            j.last_error)
+SELECT * FROM c ORDER BY priority, id]]
 
 local PROMOTE = [[
 WITH p AS (
@@ -324,14 +336,18 @@ SELECT (SELECT count(*) FROM p) AS promoted,
 local HEARTBEAT = [[
 UPDATE pgcoord.job_workers SET heartbeat_at = now() WHERE id = $1]]
 
--- Hands back the jobs of workers that stopped heartbeating.
+-- Hands back the jobs of workers that stopped heartbeating ($1 seconds
+-- ago).  No index finds running jobs (one would cost a write per claim), so
+-- the table is scanned only when a worker was found dead or when $2 asks
+-- for a sweep, which also catches jobs of workers whose row is gone.
 local RECLAIM = [[
 WITH dead AS (
   DELETE FROM pgcoord.job_workers
    WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id),
 back AS (
   UPDATE pgcoord.jobs j SET state = 'ready', locked_by = NULL, locked_at = NULL
-   WHERE j.state = 'running'
+   WHERE ($2 OR EXISTS (SELECT 1 FROM dead))
+     AND j.state = 'running'
      AND (j.locked_by IN (SELECT id FROM dead)
           OR NOT EXISTS (SELECT 1 FROM pgcoord.job_workers w WHERE w.id = j.locked_by))
   RETURNING j.group_name),
@@ -340,31 +356,35 @@ n AS (
     FROM (SELECT DISTINCT group_name FROM back) g)
 SELECT (SELECT count(*) FROM back) AS reclaimed, (SELECT count(*) FROM n) AS notified]]
 
+-- A batch of results: $1 the ids of the jobs that succeeded (deleted),
+-- $2 the failed runs as JSON (rare; their jobs go back to waiting, or stay
+-- as failed), $3..$8 the runs to log, as parallel arrays (times in epoch
+-- microseconds).
 local FLUSH = [[
-WITH r AS (
-  SELECT * FROM json_to_recordset($1::json)
-    AS r(id bigint, ok boolean, error text, delay float8, at float8, final boolean,
-         log boolean, type text, attempt int, started float8, finished float8)),
+WITH f AS (
+  SELECT * FROM json_to_recordset($2::json)
+    AS f(id bigint, error text, delay float8, at float8, final boolean)),
 done AS (
-  DELETE FROM pgcoord.jobs j
-   WHERE j.id = ANY(ARRAY(SELECT id FROM r WHERE ok)) AND j.locked_by = $2 RETURNING j.id),
+  DELETE FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND locked_by = $9 RETURNING 1),
 failed AS (
   UPDATE pgcoord.jobs j
-     SET state = CASE WHEN r.final THEN 'failed' ELSE 'scheduled' END,
-         run_at = CASE WHEN r.final THEN j.run_at
-                       WHEN r.at IS NOT NULL THEN to_timestamp(r.at)
-                       ELSE now() + make_interval(secs => r.delay) END,
-         error_count = j.error_count + 1, last_error = r.error,
+     SET state = CASE WHEN f.final THEN 'failed' ELSE 'scheduled' END,
+         run_at = CASE WHEN f.final THEN j.run_at
+                       WHEN f.at IS NOT NULL THEN to_timestamp(f.at)
+                       ELSE now() + make_interval(secs => f.delay) END,
+         error_count = j.error_count + 1, last_error = f.error,
          locked_by = NULL, locked_at = NULL
-    FROM r
-   WHERE j.id = ANY(ARRAY(SELECT id FROM r WHERE NOT ok)) AND NOT r.ok AND j.id = r.id
-     AND j.locked_by = $2 RETURNING j.id),
+    FROM f
+   WHERE j.id = ANY(ARRAY(SELECT id FROM f)) AND j.id = f.id AND j.locked_by = $9
+  RETURNING 1),
 logged AS (
   INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
                                 started_at, finished_at, worker_id)
-  SELECT r.id, $3, r.type, r.attempt, r.ok, r.error,
-         to_timestamp(r.started), to_timestamp(r.finished), $2
-    FROM r WHERE r.log
+  SELECT r.id, $10, r.type, r.attempt, r.ok, f.error,
+         to_timestamp(r.started / 1e6::float8), to_timestamp(r.finished / 1e6::float8), $9
+    FROM unnest($3::bigint[], $4::text[], $5::int[], $6::boolean[], $7::bigint[], $8::bigint[])
+      AS r(id, type, attempt, ok, started, finished)
+    LEFT JOIN f ON f.id = r.id AND NOT r.ok
   RETURNING 1)
 SELECT (SELECT count(*) FROM done) AS done, (SELECT count(*) FROM failed) AS failed,
        (SELECT count(*) FROM logged) AS logged]]
@@ -388,9 +408,18 @@ function Worker:_infra_error(what, err)
 end
 
 -- Wakes the fetch loop; a wake-up that comes while it is busy is kept.
-function Worker:_wake()
+-- Returns whether the loop was waiting.
+function Worker:_nudge()
   self.woken = true
-  self.wake:signal()
+  return self.wake:signal()
+end
+
+-- Wakes the fetch loop because ready jobs may have appeared (a NOTIFY,
+-- signal(), a reconnect): a group found empty is worth a claim again.
+function Worker:_wake()
+  self.wakes = self.wakes + 1
+  self.drained = false
+  return self:_nudge()
 end
 
 function Worker:_sleep(timeout)
@@ -400,6 +429,7 @@ function Worker:_sleep(timeout)
   end
   self.wake:wait(timeout)
   self.woken = false
+  self.handoff = false
 end
 
 -- Runs fn until it succeeds, backing off while the database is away.
@@ -438,14 +468,7 @@ end
 
 -- ---- fetching ----
 
-local function by_priority(a, b)
-  if a.priority ~= b.priority then return a.priority < b.priority end
-  return a.id < b.id
-end
-
-function Worker:_claim()
-  local want = self.prefetch - self:_queued()
-  if want <= 0 then return 0 end
+function Worker:_claim(want)
   local rows = self.pool:query(CLAIM, self.group, self.id, want)
   local n = #rows
   if n == 0 then return 0 end
@@ -456,9 +479,8 @@ function Worker:_claim()
     for i = 1, n do ids[i] = rows[i].id end
     self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, ids,
       self.id)
-    return 0
+    return n
   end
-  table.sort(rows, by_priority)
   local group = self.group
   for i = 1, n do
     local r = rows[i]
@@ -469,6 +491,32 @@ function Worker:_claim()
   return n
 end
 
+-- One claim, in a task of its own.  A claim that comes back short found
+-- the group empty: no more claims until something wakes the worker.
+function Worker:_claim_task(want)
+  local wakes = self.wakes
+  local n = self:_persist("claim failed", self._claim, self, want) or 0
+  self.claims[task.current()] = nil
+  self.nclaims, self.claiming = self.nclaims - 1, self.claiming - want
+  if n < want and self.wakes == wakes then self.drained = true end
+  self:_nudge()
+end
+
+-- Starts claims while there is room for claim_min jobs or more: up to
+-- MAX_CLAIMS at once, so that one is on its way while the server works on
+-- another and the runners on what came back before.
+local MAX_CLAIMS = 2
+
+function Worker:_start_claims()
+  while not self.drained and self.state == "running" do
+    local room = self.prefetch - self:_queued() - self.claiming
+    if room < self.claim_min or self.nclaims >= MAX_CLAIMS then return end
+    local want = math.min(room, self.claim_max)
+    self.nclaims, self.claiming = self.nclaims + 1, self.claiming + want
+    self.claims[task.spawn(self._claim_task, self, want)] = true
+  end
+end
+
 function Worker:_promote()
   local row = self.pool:one(PROMOTE, self.group)
   self.next_due = row.next_in and (core.now() + math.max(0, row.next_in)) or nil
@@ -476,14 +524,20 @@ function Worker:_promote()
 end
 
 function Worker:_reclaim()
-  local row = self.pool:one(RECLAIM, self.reclaim_after)
+  local now = core.now()
+  local sweep = not self.swept_at or now - self.swept_at >= self.reclaim_after
+  local row = self.pool:one(RECLAIM, self.reclaim_after, sweep)
+  if sweep then self.swept_at = now end
   if row.reclaimed > 0 then
     log.warn("reclaimed jobs of workers that stopped heartbeating",
       { group = self.group, jobs = row.reclaimed })
   end
 end
 
--- The fetch loop: claim while there is room, else wait for a wake-up.
+-- The fetch loop: claims while there is room, promotes due jobs on each
+-- poll and when the earliest comes due, else waits for a wake-up.  What a
+-- promotion readies is claimed on the next round.  (Reclaiming the jobs of
+-- dead workers is the heartbeat loop's.)
 function Worker:_fetch_loop()
   -- the first round polls: jobs may have come due while no worker ran
   local last_poll = core.now() - self.poll_interval
@@ -492,16 +546,15 @@ function Worker:_fetch_loop()
     local polling = now - last_poll >= self.poll_interval
     if polling then
       last_poll = now
-      self:_persist("reclaim failed", self._reclaim, self)
+      self.drained = false
     end
+    self:_start_claims()
+    local promoted = 0
     if polling or (self.next_due and now >= self.next_due) then
-      self:_persist("promote failed", self._promote, self)
+      promoted = self:_persist("promote failed", self._promote, self) or 0
+      if promoted > 0 then self.drained = false end
     end
-    local claimed = 0
-    if self:_queued() <= self.prefetch // 2 then
-      claimed = self:_persist("claim failed", self._claim, self) or 0
-    end
-    if claimed == 0 or self:_queued() > self.prefetch // 2 then
+    if promoted == 0 then
       local timeout = self.poll_interval - (core.now() - last_poll)
       if self.next_due then timeout = math.min(timeout, self.next_due - core.now()) end
       if timeout > 0 then self:_sleep(timeout) end
@@ -552,7 +605,7 @@ function Worker:_result(job, ok, err, started, retryable)
   end
   local results = self.results
   results[#results + 1] = r
-  if #results >= self.flush_count then self.flush_now:signal() end
+  if #results == self.flush_count and self.flush_now:signal() then self.handoff = true end
 end
 
 local function handler_error(err)
@@ -575,16 +628,36 @@ function Worker:_run_one(job)
   self:_result(job, ok, ok and nil or err, started)
 end
 
+-- Handlers that never wait would keep the fetch and flush loops from
+-- running until the local queue is empty.  So a runner passes after
+-- PASS_EVERY jobs in a row, and every runner passes while a fetch or flush
+-- it asked for (self.handoff) has not started: with many runners ready, a
+-- loop that waited behind all of them would start too late.
+local PASS_EVERY = 32
+
 function Worker:_runner()
+  local streak = 0
   while true do
+    if self.handoff or streak >= PASS_EVERY then
+      streak = 0
+      task.pass()
+    end
     local job = self:_pop()
     if job then
       self.running = self.running + 1
-      if self:_queued() <= self.prefetch // 2 then self:_wake() end
+      if self:_queued() <= self.refill_at and not self.woken and not self.drained
+         and self:_nudge() then
+        self.handoff = true
+      end
       self.in_flight[job.id] = job
       self:_run_one(job)
       self.in_flight[job.id] = nil
       self.running = self.running - 1
+      streak = streak + 1
+      if self.running == 0 and self.qhead > self.qtail then
+        -- nothing left in hand: no reason to hold results back
+        self.flush_now:signal()
+      end
     elseif self.state ~= "running" then
       return
     else
@@ -595,9 +668,43 @@ end
 
 -- ---- writing results ----
 
+local function micros(t)
+  return math.floor(t * 1e6 + 0.5)
+end
+
+-- FLUSH's parameters for a batch of results.
+local function flush_params(batch)
+  local done, failures = {}, {}
+  local ids, types, attempts, oks, started, finished = {}, {}, {}, {}, {}, {}
+  local n = 0
+  for i = 1, #batch do
+    local r = batch[i]
+    if r.ok then
+      done[#done + 1] = r.id
+    else
+      failures[#failures + 1] = { id = r.id, error = r.error, delay = r.delay, at = r.at,
+                                  final = r.final }
+    end
+    if r.log then
+      n = n + 1
+      ids[n], types[n], attempts[n] = r.id, r.type, r.attempt
+      oks[n] = r.ok and "t" or "f"
+      started[n], finished[n] = micros(r.started), micros(r.finished)
+    end
+  end
+  local int_array = db.int_array
+  return int_array(done), #failures > 0 and json.encode(failures) or "[]",
+    int_array(ids), db.text_array(types, n), int_array(attempts), int_array(oks),
+    int_array(started), int_array(finished)
+end
+
 -- Writes one batch of results; on failure puts it back for the next try.
 function Worker:_write(batch)
-  local ok, err = pcall(self.pool.one, self.pool, FLUSH, batch, self.id, self.group)
+  local ok, err = pcall(function()
+    local done, failures, ids, types, attempts, oks, started, finished = flush_params(batch)
+    return self.pool:one(FLUSH, done, failures, ids, types, attempts, oks, started, finished,
+      self.id, self.group)
+  end)
   self.writers = self.writers - 1
   if ok then
     self:_arm_retries(batch)
@@ -639,6 +746,7 @@ function Worker:_flush_loop()
   while true do
     if #self.results < self.flush_count and self.state ~= "stopped" then
       self.flush_now:wait(self.flush_age)
+      self.handoff = false
     end
     while self.writers >= MAX_WRITERS do self.flushed:wait() end
     if self.write_failed then
@@ -662,11 +770,16 @@ function Worker:_flush_loop()
   end
 end
 
+-- Beats, and hands back the jobs of workers that stopped beating: at
+-- start-up (they may have died while no worker ran) and after each beat.
 function Worker:_heartbeat_loop()
   while self.state == "running" do
-    self.beat:wait(self.heartbeat_interval)
+    local ok, err = pcall(self._reclaim, self)
+    if not ok then self:_infra_error("reclaim failed", err) end
+    task.sleep(self.heartbeat_interval)
     if self.state ~= "running" then break end
-    local ok, beat = pcall(self.pool.exec, self.pool, HEARTBEAT, self.id)
+    local beat
+    ok, beat = pcall(self.pool.exec, self.pool, HEARTBEAT, self.id)
     if not ok then
       self:_infra_error("heartbeat failed", beat)
     elseif beat == 0 then
@@ -679,9 +792,6 @@ function Worker:_heartbeat_loop()
         self.id = row.id
       end
     end
-    local err
-    ok, err = pcall(self._reclaim, self)
-    if not ok then self:_infra_error("reclaim failed", err) end
   end
 end
 
@@ -715,7 +825,7 @@ end
 
 function Worker:_main()
   local pgcoord = require "pgcoord"
-  self.flush_now, self.beat = task.cond(), task.cond()
+  self.flush_now = task.cond()
   self.name = ("%s:%d"):format(os.getenv("HOSTNAME") or "localhost", core.getpid())
   local row = self:_persist("registering the worker failed",
     self.pool.one, self.pool, REGISTER, self.group, self.name)
@@ -724,7 +834,8 @@ function Worker:_main()
   self:_listen()
   self.state = "running"
   pgcoord.on_stop(function() self:shutdown() end)
-  self.tasks = { task.spawn(self._flush_loop, self), task.spawn(self._heartbeat_loop, self) }
+  self.flusher = task.spawn(self._flush_loop, self)
+  self.heartbeater = task.spawn(self._heartbeat_loop, self)
   self.runners = {}
   for i = 1, self.concurrency do self.runners[i] = task.spawn(self._runner, self) end
   log.info("job worker started", { group = self.group, worker = self.id,
@@ -744,6 +855,8 @@ function Worker:signal()
   self:_wake()
 end
 
+local FETCH_GRACE = 1
+
 -- Stops fetching, hands back claimed jobs not yet started, waits for
 -- running handlers (up to timeout, then cancels them as failed and
 -- retryable), writes every result, and deregisters.
@@ -758,9 +871,20 @@ function Worker:shutdown(timeout)
   self.state = "stopping"
   self:_wake()
   self.work:signal()
-  self.beat:signal()
+  -- nothing of the heartbeat loop's needs finishing, and a reclaim of its
+  -- may wait on a lock: stop it where it is
+  self.heartbeater:cancel()
   if self.listener then self.listener:close() end
   if self.own_subscriber then self.own_subscriber:stop() end
+  -- A claim or promotion on its way gets a moment to land (a claim that
+  -- lands then hands its jobs back itself); one held up longer, by a lock
+  -- say, is cancelled and its transaction rolls back.
+  local grace = core.now() + math.min(timeout or FETCH_GRACE, FETCH_GRACE)
+  local function left(deadline) return deadline and math.max(0, deadline - core.now()) end
+  for t in pairs(self.claims) do
+    if not t:wait(left(grace)) then t:cancel() end
+  end
+  if not self.main:wait(left(grace)) then self.main:cancel() end
   local back = {}
   for job in function() return self:_pop() end do back[#back + 1] = job.id end
   if #back > 0 then
@@ -768,15 +892,14 @@ function Worker:shutdown(timeout)
   end
   local deadline = timeout and core.now() + timeout
   for _, r in ipairs(self.runners) do
-    local left = deadline and math.max(0, deadline - core.now())
-    if not r:wait(left) then
+    if not r:wait(left(deadline)) then
       r:cancel()
     end
   end
   self:_cancelled_results()
   self.state = "stopped"
   self.flush_now:signal()
-  for _, t in ipairs(self.tasks) do t:wait() end
+  self.flusher:wait()
   pcall(self.pool.exec, self.pool, "DELETE FROM pgcoord.job_workers WHERE id = $1", self.id)
   log.info("job worker stopped", { group = self.group, worker = self.id })
   self.done:signal()

@@ -97,10 +97,14 @@ function Series:observe(v)
     for i = 1, #f.buckets do h.counts[i] = 0 end
     f.values[self.key] = h
   end
+  -- one count per bucket, made cumulative when rendered: an observation
+  -- costs one increment however many buckets there are
   local buckets, counts = f.buckets, h.counts
-  for i = #buckets, 1, -1 do
-    if v > buckets[i] then break end
-    counts[i] = counts[i] + 1
+  for i = 1, #buckets do
+    if v <= buckets[i] then
+      counts[i] = counts[i] + 1
+      break
+    end
   end
   h.sum = h.sum + v
   h.count = h.count + 1
@@ -158,9 +162,11 @@ function metrics.render()
     for _, key in ipairs(sorted_keys(f.values)) do
       local v = f.values[key]
       if f.kind == "histogram" then
+        local cumulative = 0
         for i, bound in ipairs(f.buckets) do
+          cumulative = cumulative + v.counts[i]
           out[#out + 1] = ("%s %d\n"):format(series(f.name .. "_bucket", key,
-            ('le="%s"'):format(number(bound))), v.counts[i])
+            ('le="%s"'):format(number(bound))), cumulative)
         end
         out[#out + 1] = ("%s %d\n"):format(series(f.name .. "_bucket", key, 'le="+Inf"'), v.count)
         out[#out + 1] = ("%s %s\n"):format(series(f.name .. "_sum", key), number(v.sum))

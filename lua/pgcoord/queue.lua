@@ -24,6 +24,7 @@
 -- subscription ends, so redelivery after a crash is as prompt as the lease.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
+local db = require "pgcoord.db"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
 
@@ -315,10 +316,7 @@ local function clip(s)
   return s
 end
 
--- A PostgreSQL array literal of integers: "{1,2,3}".
-local function int_array(list)
-  return "{" .. table.concat(list, ",") .. "}"
-end
+local int_array = db.int_array
 
 local function check_name(where, what, name, level)
   if type(name) ~= "string" or name == "" then

@@ -218,6 +218,17 @@ function task.sleep(seconds)
   end)
 end
 
+-- Lets the other ready tasks and the loop's pending events run, then goes
+-- on: a task that works through many items without waiting calls this so
+-- that it does not starve the rest (a signal it sent is acted on at once).
+local function defer_register(resume)
+  task.defer(resume)
+end
+
+function task.pass()
+  task.await(defer_register)
+end
+
 function task.current()
   return (current())
 end
@@ -336,10 +347,11 @@ function Cond:wait(timeout)
   return task.await(cond_register, self, timeout)
 end
 
--- Wakes every waiting task with value (true when nil).
+-- Wakes every waiting task with value (true when nil); returns whether
+-- any task was waiting.
 function Cond:signal(value)
   local waiters = self.waiters
-  if next(waiters) == nil then return end
+  if next(waiters) == nil then return false end
   self.waiters = self.spare or {}
   self.spare = nil
   if value == nil then value = true end
@@ -348,6 +360,7 @@ function Cond:signal(value)
     done(value)
   end
   self.spare = waiters -- empty now: reused by the next signal
+  return true
 end
 
 function task.is_cancelled(err)

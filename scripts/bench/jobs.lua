@@ -140,28 +140,42 @@ elseif mode == "pgbench-script" then
     if not sql then error(("no %s statement in %s"):format(name, path)) end
     return sql
   end
-  -- $n -> pgbench variables (sent as parameters with -M extended)
-  local function bind(sql, names)
+  -- $n -> the text given for it (pgbench variables, sent as parameters
+  -- with -M extended)
+  local function bind(sql, values)
     return (sql:gsub("%$(%d+)", function(i)
-      return ":" .. assert(names[tonumber(i)], "unexpected parameter $" .. i)
+      return assert(values[tonumber(i)], "unexpected parameter $" .. i)
     end))
   end
-  local claim = bind(statement("CLAIM"), { "grp", "wid", "batch" })
+  local claim = bind(statement("CLAIM"), { ":grp", ":wid", ":batch" })
   local flush = statement("FLUSH")
-  local batches = {}
-  for b = 1, 10 do
-    batches[b] = ([[
-  COALESCE((SELECT json_agg(r) FROM (
-    SELECT id, true AS ok, type, error_count + 1 AS attempt,
-           extract(epoch FROM clock_timestamp())::float8 AS started,
-           extract(epoch FROM clock_timestamp())::float8 AS finished, :log::boolean AS log
-      FROM c ORDER BY id LIMIT 100 OFFSET %d) r), '[]') AS b%d]]):format((b - 1) * 100, b)
+  -- each batch of 100 claimed jobs as FLUSH's arrays: ids done, and the
+  -- runs to log (none when :log is false)
+  local columns = {
+    { "d", "id" }, { "i", "id", true }, { "t", "type", true }, { "a", "error_count + 1", true },
+    { "o", "true", true }, { "s", "(extract(epoch FROM clock_timestamp()) * 1e6)::bigint", true },
+    { "f", "(extract(epoch FROM clock_timestamp()) * 1e6)::bigint", true },
+  }
+  local aggs, picks = {}, {}
+  for _, col in ipairs(columns) do
+    local agg = ("array_agg(%s ORDER BY id)"):format(col[2])
+    if col[3] then agg = ("CASE WHEN :log::boolean THEN %s ELSE '{}' END"):format(agg) end
+    aggs[#aggs + 1] = ("  %s::text AS %s"):format(agg, col[1])
+    for b = 1, 10 do
+      picks[#picks + 1] = ("  COALESCE(max(%s) FILTER (WHERE b = %d), '{}') AS %s%d")
+        :format(col[1], b - 1, col[1], b)
+    end
   end
   local out = { "-- pgcoord's CLAIM (up to :batch jobs), then its FLUSH in batches of 100.",
     "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
-    "WITH c AS (", claim, ")", "SELECT", table.concat(batches, ",\n"), "\\gset" }
+    "WITH c AS (", claim, "),",
+    "n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / 100 AS b, * FROM c),",
+    "a AS (SELECT b,", table.concat(aggs, ",\n"), "FROM n GROUP BY b)",
+    "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset" }
   for b = 1, 10 do
-    out[#out + 1] = bind(flush, { "b" .. b, "wid", "grp" }) .. ";"
+    local v = function(name) return ":" .. name .. b end
+    out[#out + 1] = bind(flush, { v "d", "'[]'", v "i", v "t", v "a", v "o", v "s", v "f",
+                                  ":wid", ":grp" }) .. ";"
   end
   say(table.concat(out, "\n"))
 
