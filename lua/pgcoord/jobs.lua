@@ -304,15 +304,17 @@ end
 local REGISTER = [[
 INSERT INTO pgcoord.job_workers (group_name, name) VALUES ($1, $2) RETURNING id]]
 
--- CLAIM, PROMOTE and FLUSH pick ids with = ANY(ARRAY(...)), not a join or IN:
--- the planner hash-joins those against a sequential scan of the whole
+-- CLAIM, PROMOTE and FLUSH pick rows with = ANY(ARRAY(...)), not a join or
+-- IN: the planner hash-joins those against a sequential scan of the whole
 -- table, which costs as much as the backlog is long (50 ms a claim with
--- 200,000 ready jobs, against 10 ms for these primary-key lookups).
+-- 200,000 ready jobs, against 10 ms for these lookups).  CLAIM names the
+-- rows it locked by ctid, a direct fetch where an id costs an index descent
+-- each (the ctid of a row locked in this statement cannot change under it).
 local CLAIM = [[
 WITH c AS (
   UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
-   WHERE j.id = ANY(ARRAY(
-           SELECT id FROM pgcoord.jobs
+   WHERE j.ctid = ANY(ARRAY(
+           SELECT ctid FROM pgcoord.jobs
             WHERE state = 'ready' AND group_name = $1
             ORDER BY priority, id
             LIMIT $3
