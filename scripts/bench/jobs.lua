@@ -147,7 +147,10 @@ elseif mode == "pgbench-script" then
       return assert(values[tonumber(i)], "unexpected parameter $" .. i)
     end))
   end
-  local claim = bind(statement("CLAIM"), { ":grp", ":wid", ":batch" })
+  -- CLAIM is "WITH c AS (UPDATE ...) SELECT ... FROM c ...": its CTE heads
+  -- the script's own chain (a data-modifying WITH cannot be nested)
+  local claim = bind(statement("CLAIM"), { ":grp", ":wid", ":batch" }):match("^(WITH c AS %b())")
+  assert(claim, "CLAIM no longer starts with WITH c AS (...)")
   local flush = statement("FLUSH")
   -- each batch of 100 claimed jobs as FLUSH's arrays: ids done, and the
   -- runs to log (none when :log is false)
@@ -168,7 +171,7 @@ elseif mode == "pgbench-script" then
   end
   local out = { "-- pgcoord's CLAIM (up to :batch jobs), then its FLUSH in batches of 100.",
     "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
-    "WITH c AS (", claim, "),",
+    claim .. ",",
     "n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / 100 AS b, * FROM c),",
     "a AS (SELECT b,", table.concat(aggs, ",\n"), "FROM n GROUP BY b)",
     "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset" }

@@ -74,6 +74,12 @@ field() {
 # Floating-point helpers.
 calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
 max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a + 0 > b + 0) ? a : b }'; }
+# median V...: the middle value (the mean of the middle two for an even count).
+median() {
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
+    END { if (NR == 0) exit 1; m = int((NR + 1) / 2);
+          printf "%s", (NR % 2) ? v[m] : (v[m] + v[m + 1]) / 2 }'
+}
 kb_mb() { awk -v k="$1" 'BEGIN { printf "%d kB (%.2f MB)", k, k / 1024 }'; }
 
 # verdict VALUE OP TARGET: "ok" or "MISSED" (OP is >= or <).
