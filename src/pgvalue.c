@@ -359,8 +359,92 @@ static int l_error(lua_State *L)
 	return 1;
 }
 
+/* ---- array literals --------------------------------------------------- */
+
+/* Writes v in decimal at the end of buf (room for 21 bytes); returns the
+ * start.  snprintf costs more than a batch of ids is worth. */
+static char *format_integer(lua_Integer v, char *end)
+{
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	char *p = end;
+	do {
+		*--p = (char)('0' + u % 10);
+		u /= 10;
+	} while (u != 0);
+	if (v < 0)
+		*--p = '-';
+	return p;
+}
+
+/*
+ * "{e1,e2,...}" from list[1..n] (n defaults to #list), nil as NULL;
+ * elements are integers and booleans, or with quoted, strings.  Each is
+ * read and popped before it goes into the buffer, which owns the stack top
+ * (a string stays alive in the list meanwhile).
+ */
+static int array_literal(lua_State *L, int quoted)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	lua_Integer n = luaL_opt(L, luaL_checkinteger, 2, (lua_Integer)lua_rawlen(L, 1));
+	luaL_Buffer b;
+	char digits[24];
+	char *end = digits + sizeof digits;
+	luaL_buffinit(L, &b);
+	luaL_addchar(&b, '{');
+	for (lua_Integer i = 1; i <= n; i++) {
+		int type = lua_rawgeti(L, 1, i);
+		size_t len = 0;
+		const char *s = NULL;
+		if (type == LUA_TNIL) {
+			s = "NULL", len = 4;
+		} else if (quoted && type == LUA_TSTRING) {
+			s = lua_tolstring(L, -1, &len);
+		} else if (!quoted && type == LUA_TBOOLEAN) {
+			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
+		} else if (!quoted && lua_isinteger(L, -1)) {
+			s = format_integer(lua_tointeger(L, -1), end);
+			len = (size_t)(end - s);
+		} else {
+			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
+					  luaL_typename(L, -1),
+					  quoted ? "a string" : "an integer or a boolean");
+		}
+		lua_pop(L, 1);
+		if (i > 1)
+			luaL_addchar(&b, ',');
+		if (!quoted || type == LUA_TNIL) {
+			luaL_addlstring(&b, s, len);
+			continue;
+		}
+		luaL_addchar(&b, '"');
+		for (size_t k = 0; k < len; k++) {
+			if (s[k] == '"' || s[k] == '\\')
+				luaL_addchar(&b, '\\');
+			luaL_addchar(&b, s[k]);
+		}
+		luaL_addchar(&b, '"');
+	}
+	luaL_addchar(&b, '}');
+	luaL_pushresult(&b);
+	return 1;
+}
+
+/* core.int_array(list [, n]): integers and booleans. */
+static int l_int_array(lua_State *L)
+{
+	return array_literal(L, 0);
+}
+
+/* core.text_array(list [, n]): strings, quoted. */
+static int l_text_array(lua_State *L)
+{
+	return array_literal(L, 1);
+}
+
 static const luaL_Reg value_funcs[] = {
 	{"error", l_error},
+	{"int_array", l_int_array},
+	{"text_array", l_text_array},
 	{NULL, NULL}
 };
 

@@ -486,34 +486,10 @@ db.run_script = run_script
 -- ---- array literals --------------------------------------------------------
 --
 -- Batches go to the server as arrays ($1::bigint[] and unnest): the text
--- form is cheap to build here and cheaper for the server to read than JSON.
-
--- "{1,2,3}" from a list of integers (or of anything tostring keeps bare).
-function db.int_array(list)
-  return "{" .. table.concat(list, ",") .. "}"
-end
-
-local function quote_element(s)
-  return '"' .. s:gsub('[\\"]', "\\%0") .. '"'
-end
-
--- '{"a","b\\"c",NULL}' from list[1..n] of strings, nil for NULL.
-function db.text_array(list, n)
-  local parts, quoted = {}, {}   -- lists repeat their strings: quote each once
-  for i = 1, n or #list do
-    local s = list[i]
-    if s == nil then
-      parts[i] = "NULL"
-    else
-      local q = quoted[s]
-      if not q then
-        q = quote_element(s)
-        quoted[s] = q
-      end
-      parts[i] = q
-    end
-  end
-  return "{" .. table.concat(parts, ",") .. "}"
-end
+-- form is cheap to build and cheaper for the server to read than JSON.
+-- int_array(list [, n]): "{1,2,t,NULL}" from integers and booleans (nil is
+-- NULL); text_array(list [, n]): '{"a","b\\"c",NULL}' from strings.
+db.int_array = core.int_array
+db.text_array = core.text_array
 
 return db

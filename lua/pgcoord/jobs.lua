@@ -690,7 +690,7 @@ local function flush_params(batch)
     if r.log then
       n = n + 1
       ids[n], types[n], attempts[n] = r.id, r.type, r.attempt
-      oks[n] = r.ok and "t" or "f"
+      oks[n] = r.ok
       started[n], finished[n] = micros(r.started), micros(r.finished)
     end
   end
