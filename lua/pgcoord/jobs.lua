@@ -287,7 +287,7 @@ function Jobs:worker(opts)
   w.writers = 0                          -- result batches being written
   w.series = {}                          -- job type -> metric series
   w.running = 0                          -- handlers in progress
-  w.in_flight = {}                       -- job id -> runner task
+  w.in_flight = {}                       -- runner number -> the job it runs
   w.wake = task.cond()                   -- the fetcher waits here
   w.work = task.cond()                   -- runners wait here
   w.flushed = task.cond()                -- results written
@@ -319,8 +319,8 @@ WITH c AS (
             ORDER BY priority, id
             LIMIT $3
               FOR UPDATE SKIP LOCKED))
-  RETURNING j.id, j.type, j.priority, j.params, j.inserted_at, j.run_at, j.error_count,
-            j.last_error)
+  RETURNING j.id, j.type, j.group_name AS "group", j.priority, j.params, j.inserted_at,
+            j.run_at, j.error_count, j.last_error)
 SELECT * FROM c ORDER BY priority, id]]
 
 local PROMOTE = [[
@@ -483,12 +483,7 @@ function Worker:_claim(want)
       self.id)
     return n
   end
-  local group = self.group
-  for i = 1, n do
-    local r = rows[i]
-    r.group = group
-    self:_push(r)
-  end
+  for i = 1, n do self:_push(rows[i]) end
   self.work:signal()
   return n
 end
@@ -571,7 +566,7 @@ function Worker:_result(job, ok, err, started, retryable)
   local finished = core.time()
   local attempt = job.error_count + 1
   local r = { id = job.id, ok = ok, type = job.type, attempt = attempt,
-              started = started, finished = finished }
+              started = started, finished = finished, log = true }
   if not ok then
     local retry = def and def.retry or DEFAULT_RETRY
     r.error = tostring(err)
@@ -587,8 +582,6 @@ function Worker:_result(job, ok, err, started, retryable)
     local lok, keep = pcall(should_log, job, { ok = ok, error = r.error, final = r.final,
       attempt = attempt, started_at = started, finished_at = finished })
     r.log = not lok or keep ~= false
-  else
-    r.log = true
   end
   local series = self.series[job.type]
   if not series then
@@ -637,7 +630,7 @@ end
 -- loop that waited behind all of them would start too late.
 local PASS_EVERY = 32
 
-function Worker:_runner()
+function Worker:_runner(slot)
   local streak = 0
   while true do
     if self.handoff or streak >= PASS_EVERY then
@@ -651,9 +644,9 @@ function Worker:_runner()
          and self:_nudge() then
         self.handoff = true
       end
-      self.in_flight[job.id] = job
+      self.in_flight[slot] = job
       self:_run_one(job)
-      self.in_flight[job.id] = nil
+      self.in_flight[slot] = nil
       self.running = self.running - 1
       streak = streak + 1
       if self.running == 0 and self.qhead > self.qtail then
@@ -839,7 +832,7 @@ function Worker:_main()
   self.flusher = task.spawn(self._flush_loop, self)
   self.heartbeater = task.spawn(self._heartbeat_loop, self)
   self.runners = {}
-  for i = 1, self.concurrency do self.runners[i] = task.spawn(self._runner, self) end
+  for i = 1, self.concurrency do self.runners[i] = task.spawn(self._runner, self, i) end
   log.info("job worker started", { group = self.group, worker = self.id,
     concurrency = self.concurrency })
   self.started:signal()
@@ -909,8 +902,8 @@ end
 
 -- Runners cancelled mid-job leave no result: record them as retryable.
 function Worker:_cancelled_results()
-  for id, job in pairs(self.in_flight) do
-    self.in_flight[id] = nil
+  for slot, job in pairs(self.in_flight) do
+    self.in_flight[slot] = nil
     self:_result(job, false, "cancelled at shutdown", core.time(), true)
   end
 end
