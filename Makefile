@@ -25,7 +25,7 @@ HOST_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) libedit) -lm -ldl
 
 BUILD = build
 CORE_SRCS = src/loop.c src/pgconn.c src/pgvalue.c src/json.c src/http.c src/process.c src/core.c
-HOST_SRCS = src/host.c src/prompt.c
+HOST_SRCS = src/host.c src/prompt.c src/alloc.c
 CORE_OBJS = $(CORE_SRCS:src/%.c=$(BUILD)/%.o)
 HOST_OBJS = $(HOST_SRCS:src/%.c=$(BUILD)/%.o)
 CORE_SO = lua/pgcoord/core.so

@@ -100,7 +100,7 @@ static int run_cli(lua_State *L)
 
 int main(int argc, char **argv)
 {
-	lua_State *L = luaL_newstate();
+	lua_State *L = pgc_new_state();
 	if (L == NULL) {
 		fputs("pgcoord-run: cannot create a Lua state\n", stderr);
 		return 1;
@@ -120,6 +120,6 @@ int main(int argc, char **argv)
 	} else {
 		status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
 	}
-	lua_close(L);
+	pgc_close_state(L);
 	return status;
 }

@@ -16,6 +16,10 @@
 
 #define PGCOORD_VERSION "0.1.0"
 
+/* alloc.c (pgcoord-run only) */
+lua_State *pgc_new_state(void);
+void pgc_close_state(lua_State *L);
+
 /* loop.c */
 struct event_base *pgc_base(lua_State *L);
 lua_State *pgc_main_state(lua_State *L);
