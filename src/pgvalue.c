@@ -263,7 +263,12 @@ void pgc_push_result(lua_State *L, const PGresult *res)
 	for (int c = 0; c < ncols; c++)
 		lua_pushstring(L, PQfname(res, c));
 	for (int r = 0; r < nrows; r++) {
-		lua_createtable(L, 0, ncols);
+		/* sized for the columns that are not NULL: a table's hash part
+		 * doubles past a power of two, and rows are made by the thousand */
+		int present = 0;
+		for (int c = 0; c < ncols; c++)
+			present += !PQgetisnull(res, r, c);
+		lua_createtable(L, 0, present);
 		for (int c = 0; c < ncols; c++) {
 			if (PQgetisnull(res, r, c))
 				continue;

@@ -458,15 +458,20 @@ function Worker:_push(job)
   self.queue[self.qtail] = job
 end
 
-function Worker:_pop()
-  local h = self.qhead
-  if h > self.qtail then return nil end
-  local job = self.queue[h]
-  self.queue[h] = nil
-  self.qhead = h + 1
-  if self.qhead > self.qtail then self.qhead, self.qtail = 1, 0 end
+local function pop(self)
+  local h, t = self.qhead, self.qtail
+  if h > t then return nil end
+  local queue = self.queue
+  local job = queue[h]
+  queue[h] = nil
+  if h == t then
+    self.qhead, self.qtail = 1, 0
+  else
+    self.qhead = h + 1
+  end
   return job
 end
+Worker._pop = pop
 
 -- ---- fetching ----
 
@@ -561,11 +566,14 @@ end
 
 -- ---- running ----
 
-function Worker:_result(job, ok, err, started, retryable)
-  local def = self.jobs.types[job.type]
-  local finished = core.time()
+local now_time, is_cancelled = core.time, task.is_cancelled
+
+-- Records the outcome of a run (def: the job type's definition, if any).
+local function result(self, job, ok, err, started, retryable, def)
+  local finished = now_time()
+  local jtype = job.type
   local attempt = job.error_count + 1
-  local r = { id = job.id, ok = ok, type = job.type, attempt = attempt,
+  local r = { id = job.id, ok = ok, type = jtype, attempt = attempt,
               started = started, finished = finished, log = true }
   if not ok then
     local retry = def and def.retry or DEFAULT_RETRY
@@ -583,9 +591,9 @@ function Worker:_result(job, ok, err, started, retryable)
       attempt = attempt, started_at = started, finished_at = finished })
     r.log = not lok or keep ~= false
   end
-  local series = self.series[job.type]
+  local series = self.series[jtype]
   if not series then
-    local group, jtype = self.group, job.type
+    local group = self.group
     series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
                failed = failed_total:with(group, jtype), retried = retried:with(group, jtype) }
     self.series[jtype] = series
@@ -599,28 +607,30 @@ function Worker:_result(job, ok, err, started, retryable)
     series.retried:inc()
   end
   local results = self.results
-  results[#results + 1] = r
-  if #results == self.flush_count and self.flush_now:signal() then self.handoff = true end
+  local n = #results + 1
+  results[n] = r
+  if n == self.flush_count and self.flush_now:signal() then self.handoff = true end
 end
+Worker._result = result
 
 local function handler_error(err)
-  if getmetatable(err) == RetryAt or task.is_cancelled(err) then return err end
+  if getmetatable(err) == RetryAt or is_cancelled(err) then return err end
   return debug.traceback(tostring(err), 2)
 end
 
-function Worker:_run_one(job)
-  local def = self.jobs.types[job.type]
-  local started = core.time()
+local function run_one(self, job, types)
+  local def = types[job.type]
+  local started = now_time()
   if not def then
-    self:_result(job, false, ("no handler for job type %q in this worker"):format(job.type),
+    result(self, job, false, ("no handler for job type %q in this worker"):format(job.type),
       started)
     return
   end
   local ok, err = xpcall(def.fn, handler_error, job)
-  if not ok and not task.is_cancelled(err) and getmetatable(err) ~= RetryAt then
+  if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt then
     log.error("job failed", { job = job.id, type = job.type, error = err })
   end
-  self:_result(job, ok, ok and nil or err, started)
+  result(self, job, ok, ok and nil or err, started, nil, def)
 end
 
 -- Handlers that never wait would keep the fetch and flush loops from
@@ -632,24 +642,26 @@ local PASS_EVERY = 32
 
 function Worker:_runner(slot)
   local streak = 0
+  local in_flight, types, refill_at = self.in_flight, self.jobs.types, self.refill_at
   while true do
     if self.handoff or streak >= PASS_EVERY then
       streak = 0
       task.pass()
     end
-    local job = self:_pop()
+    local job = pop(self)
     if job then
       self.running = self.running + 1
-      if self:_queued() <= self.refill_at and not self.woken and not self.drained
+      if self.qtail - self.qhead + 1 <= refill_at and not self.woken and not self.drained
          and self:_nudge() then
         self.handoff = true
       end
-      self.in_flight[slot] = job
-      self:_run_one(job)
-      self.in_flight[slot] = nil
-      self.running = self.running - 1
+      in_flight[slot] = job
+      run_one(self, job, types)
+      in_flight[slot] = nil
+      local running = self.running - 1
+      self.running = running
       streak = streak + 1
-      if self.running == 0 and self.qhead > self.qtail then
+      if running == 0 and self.qhead > self.qtail then
         -- nothing left in hand: no reason to hold results back
         self.flush_now:signal()
       end
@@ -904,7 +916,8 @@ end
 function Worker:_cancelled_results()
   for slot, job in pairs(self.in_flight) do
     self.in_flight[slot] = nil
-    self:_result(job, false, "cancelled at shutdown", core.time(), true)
+    self:_result(job, false, "cancelled at shutdown", core.time(), true,
+      self.jobs.types[job.type])
   end
 end
 
