@@ -283,7 +283,24 @@ static void add_utf8(lua_State *L, jbuf *b, unsigned cp)
 }
 
 /* Pushes the string at r->p (just past the opening quote). */
-static void decode_string(lua_State *L, jreader *r, jbuf *b)
+/*
+ * The scratch buffer for strings with escapes, in stack slot 2 of
+ * json_decode: made on first need, since a buffer is a userdata with a
+ * finalizer and most documents (a job's params) have no escapes at all.
+ */
+static jbuf *scratch(lua_State *L)
+{
+	if (lua_isnil(L, 2)) {
+		jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
+		b->p = NULL;
+		b->len = b->cap = 0;
+		luaL_setmetatable(L, JBUF_META);
+		lua_replace(L, 2);
+	}
+	return lua_touserdata(L, 2);
+}
+
+static void decode_string(lua_State *L, jreader *r)
 {
 	const char *run = r->p;
 	while (r->p < r->end && *r->p != '"' && *r->p != '\\' && (unsigned char)*r->p >= 0x20)
@@ -293,6 +310,7 @@ static void decode_string(lua_State *L, jreader *r, jbuf *b)
 		r->p++;
 		return;
 	}
+	jbuf *b = scratch(L);
 	b->len = 0;
 	jb_add(L, b, run, (size_t)(r->p - run));
 	for (;;) {
@@ -410,7 +428,7 @@ static void decode_container(lua_State *L, jreader *r, int depth, int is_array)
 			if (r->p >= r->end || *r->p != '"')
 				jfail(L, r, "expected a string key");
 			r->p++;
-			decode_string(L, r, lua_touserdata(L, 2));
+			decode_string(L, r);
 			skip_space(r);
 			if (r->p >= r->end || *r->p != ':')
 				jfail(L, r, "expected ':'");
@@ -444,7 +462,7 @@ static void decode_value(lua_State *L, jreader *r, int depth)
 	case '[': decode_container(L, r, depth, 1); return;
 	case '"':
 		r->p++;
-		decode_string(L, r, lua_touserdata(L, 2));
+		decode_string(L, r);
 		return;
 	case 't': expect_word(L, r, "true"); lua_pushboolean(L, 1); return;
 	case 'f': expect_word(L, r, "false"); lua_pushboolean(L, 0); return;
@@ -458,11 +476,9 @@ int pgc_json_decode(lua_State *L)
 {
 	size_t len;
 	const char *s = luaL_checklstring(L, 1, &len);
-	lua_settop(L, 1);
-	jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);	/* slot 2: scratch for escapes */
-	b->p = NULL;
-	b->len = b->cap = 0;
-	luaL_setmetatable(L, JBUF_META);
+	lua_settop(L, 2);	/* slot 2: the scratch buffer, once needed */
+	lua_pushnil(L);
+	lua_replace(L, 2);
 	jreader r = {s, s + len, s};
 	decode_value(L, &r, 0);
 	skip_space(&r);
