@@ -30,6 +30,27 @@ local duration = metrics.histogram("pgcoord_job_duration_seconds",
   "Job run duration.", { "group", "type" })
 
 local CHANNEL = "pgcoord_jobs"
+
+-- Results wait for their write in a batch of columns, not a table each:
+-- the ids of jobs done, the failures, and the runs to log.
+local LOG_COLUMNS = { "ids", "types", "attempts", "oks", "started", "finished" }
+
+local function new_batch()
+  return { n = 0, done = {}, failures = {}, logged = 0, ids = {}, types = {}, attempts = {},
+           oks = {}, started = {}, finished = {} }
+end
+
+-- Appends b's results to a's; returns a.
+local function merge(a, b)
+  a.n = a.n + b.n
+  table.move(b.done, 1, #b.done, #a.done + 1, a.done)
+  table.move(b.failures, 1, #b.failures, #a.failures + 1, a.failures)
+  for _, column in ipairs(LOG_COLUMNS) do
+    table.move(b[column], 1, b.logged, a.logged + 1, a[column])
+  end
+  a.logged = a.logged + b.logged
+  return a
+end
 local DEFAULT_RETRY = { max = 3, base_delay = 10 }
 
 -- ---- errors that steer retries -----------------------------------------------
@@ -283,7 +304,7 @@ function Jobs:worker(opts)
   local w = setmetatable(check_worker_options(self, opts), Worker)
   w.jobs, w.pool = self, self.pool
   w.queue, w.qhead, w.qtail = {}, 1, 0   -- claimed, not started
-  w.results = {}                         -- finished, not written
+  w.results = new_batch()                -- finished, not written
   w.writers = 0                          -- result batches being written
   w.series = {}                          -- job type -> metric series
   w.running = 0                          -- handlers in progress
@@ -568,28 +589,31 @@ end
 
 local now_time, is_cancelled = core.time, task.is_cancelled
 
+local function micros(t)
+  return math.floor(t * 1e6 + 0.5)
+end
+
 -- Records the outcome of a run (def: the job type's definition, if any).
 local function result(self, job, ok, err, started, retryable, def)
   local finished = now_time()
   local jtype = job.type
   local attempt = job.error_count + 1
-  local r = { id = job.id, ok = ok, type = jtype, attempt = attempt,
-              started = started, finished = finished, log = true }
+  local failure
   if not ok then
     local retry = def and def.retry or DEFAULT_RETRY
-    r.error = tostring(err)
+    failure = { id = job.id, error = tostring(err), delay = retry.base_delay * attempt,
+                final = not retryable and attempt > retry.max }
     if getmetatable(err) == RetryAt then
-      r.at = err.at
-      r.error = err.message
+      failure.at, failure.error = err.at, err.message
     end
-    r.final = not retryable and attempt > retry.max
-    r.delay = retry.base_delay * attempt
   end
+  local log_run = true
   local should_log = self.should_log_run
   if should_log then
-    local lok, keep = pcall(should_log, job, { ok = ok, error = r.error, final = r.final,
-      attempt = attempt, started_at = started, finished_at = finished })
-    r.log = not lok or keep ~= false
+    local lok, keep = pcall(should_log, job, { ok = ok, error = failure and failure.error,
+      final = failure and failure.final, attempt = attempt, started_at = started,
+      finished_at = finished })
+    log_run = not lok or keep ~= false
   end
   local series = self.series[jtype]
   if not series then
@@ -599,16 +623,26 @@ local function result(self, job, ok, err, started, retryable, def)
     self.series[jtype] = series
   end
   series.duration:observe(finished - started)
+  -- (the batch is looked up only now: should_log_run may have waited, and
+  -- the flush loop taken the batch that was current before)
+  local batch = self.results
   if ok then
     series.completed:inc()
-  elseif r.final then
-    series.failed:inc()
+    local done = batch.done
+    done[#done + 1] = job.id
   else
-    series.retried:inc()
+    if failure.final then series.failed:inc() else series.retried:inc() end
+    local failures = batch.failures
+    failures[#failures + 1] = failure
   end
-  local results = self.results
-  local n = #results + 1
-  results[n] = r
+  if log_run then
+    local m = batch.logged + 1
+    batch.logged = m
+    batch.ids[m], batch.types[m], batch.attempts[m], batch.oks[m] = job.id, jtype, attempt, ok
+    batch.started[m], batch.finished[m] = micros(started), micros(finished)
+  end
+  local n = batch.n + 1
+  batch.n = n
   if n == self.flush_count and self.flush_now:signal() then self.handoff = true end
 end
 Worker._result = result
@@ -675,34 +709,12 @@ end
 
 -- ---- writing results ----
 
-local function micros(t)
-  return math.floor(t * 1e6 + 0.5)
-end
-
 -- FLUSH's parameters for a batch of results.
 local function flush_params(batch)
-  local done, failures = {}, {}
-  local ids, types, attempts, oks, started, finished = {}, {}, {}, {}, {}, {}
-  local n = 0
-  for i = 1, #batch do
-    local r = batch[i]
-    if r.ok then
-      done[#done + 1] = r.id
-    else
-      failures[#failures + 1] = { id = r.id, error = r.error, delay = r.delay, at = r.at,
-                                  final = r.final }
-    end
-    if r.log then
-      n = n + 1
-      ids[n], types[n], attempts[n] = r.id, r.type, r.attempt
-      oks[n] = r.ok
-      started[n], finished[n] = micros(r.started), micros(r.finished)
-    end
-  end
-  local int_array = db.int_array
-  return int_array(done), #failures > 0 and json.encode(failures) or "[]",
-    int_array(ids), db.text_array(types, n), int_array(attempts), int_array(oks),
-    int_array(started), int_array(finished)
+  local int_array, m = db.int_array, batch.logged
+  return int_array(batch.done), #batch.failures > 0 and json.encode(batch.failures) or "[]",
+    int_array(batch.ids, m), db.text_array(batch.types, m), int_array(batch.attempts, m),
+    int_array(batch.oks, m), int_array(batch.started, m), int_array(batch.finished, m)
 end
 
 -- Writes one batch of results; on failure puts it back for the next try.
@@ -716,9 +728,7 @@ function Worker:_write(batch)
   if ok then
     self:_arm_retries(batch)
   else
-    local results = self.results
-    table.move(results, 1, #results, #batch + 1, batch)
-    self.results = batch
+    self.results = merge(batch, self.results)
     self.write_failed = true
     self:_infra_error("writing results failed", err)
   end
@@ -730,10 +740,9 @@ end
 function Worker:_arm_retries(batch)
   local due
   local now, wall = core.now(), core.time()
-  for i = 1, #batch do
-    local r = batch[i]
-    if not r.ok and not r.final then
-      local at = r.at and (now + (r.at - wall)) or (now + r.delay)
+  for _, f in ipairs(batch.failures) do
+    if not f.final then
+      local at = f.at and (now + (f.at - wall)) or (now + f.delay)
       if not due or at < due then due = at end
     end
   end
@@ -751,7 +760,7 @@ local MAX_WRITERS = 2
 function Worker:_flush_loop()
   local backoff = 0.1
   while true do
-    if #self.results < self.flush_count and self.state ~= "stopped" then
+    if self.results.n < self.flush_count and self.state ~= "stopped" then
       self.flush_now:wait(self.flush_age)
       self.handoff = false
     end
@@ -765,8 +774,8 @@ function Worker:_flush_loop()
       backoff = 0.1
     end
     local batch = self.results
-    if #batch > 0 then
-      self.results = {}
+    if batch.n > 0 then
+      self.results = new_batch()
       self.writers = self.writers + 1
       task.spawn(self._write, self, batch)
     elseif self.state == "stopped" and self.writers == 0 then
@@ -923,7 +932,7 @@ end
 
 function Worker:stats()
   return { group = self.group, id = self.id, state = self.state, queued = self:_queued(),
-           running = self.running, unflushed = #self.results }
+           running = self.running, unflushed = self.results.n }
 end
 
 return jobs
