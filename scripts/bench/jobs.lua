@@ -4,17 +4,17 @@
 --       VACUUM ANALYZE on pgcoord.jobs, then times one worker with
 --       CONCURRENCY draining them; LOG is "all" (default history logging)
 --       or "none" (should_log_run returns false); prefetch from
---       $BENCH_PREFETCH (default 1000).  Prints
+--       $BENCH_PREFETCH, flush_count from $BENCH_FLUSH.  Prints
 --       "jobs=N seconds=S rate=R ..."
 --   jobs.lua latency GROUP JOBS CONCURRENCY
 --       an idle worker; JOBS single jobs scheduled one at a time with
 --       schedule_now from a pool of its own, each once the last one has
 --       started.  Prints "jobs=N p50_ms=.. p99_ms=.. max_ms=.. mean_ms=.."
---   jobs.lua pgbench-script
+--   jobs.lua pgbench-script CLAIM FLUSH
 --       prints a pgbench script made of the CLAIM and FLUSH statements of
 --       lua/pgcoord/jobs.lua (their text, read from the file): one
---       transaction claims up to :batch jobs of group :grp for worker :wid,
---       turns the claimed rows into ten result batches of 100 like the
+--       transaction claims up to CLAIM jobs of group :grp for worker :wid,
+--       turns the claimed rows into result batches of FLUSH like the
 --       worker's (log = :log), and writes each batch with FLUSH
 --
 -- Throughput, defined: t0 is taken just before jobs:worker() is called,
@@ -73,7 +73,7 @@ if mode == "throughput" then
   local w = jobs:worker({
     group = group, concurrency = concurrency,
     prefetch = math.tointeger(tonumber(os.getenv("BENCH_PREFETCH") or "")) or 1000,
-    flush_count = 100,
+    flush_count = math.tointeger(tonumber(os.getenv("BENCH_FLUSH") or "")) or 100,
     flush_age = 0.02, poll_interval = 10,
     should_log_run = log_runs == "none" and function() return false end or nil,
   })
@@ -149,10 +149,14 @@ elseif mode == "pgbench-script" then
   end
   -- CLAIM is "WITH c AS (UPDATE ...) SELECT ... FROM c ...": its CTE heads
   -- the script's own chain (a data-modifying WITH cannot be nested)
-  local claim = bind(statement("CLAIM"), { ":grp", ":wid", ":batch" }):match("^(WITH c AS %b())")
+  local claim_size, flush_size = arg_number(2, "CLAIM"), arg_number(3, "FLUSH")
+  assert(claim_size % flush_size == 0, "CLAIM must be a multiple of FLUSH")
+  local batches = claim_size // flush_size
+  local claim = bind(statement("CLAIM"), { ":grp", ":wid", tostring(claim_size) })
+    :match("^(WITH c AS %b())")
   assert(claim, "CLAIM no longer starts with WITH c AS (...)")
   local flush = statement("FLUSH")
-  -- each batch of 100 claimed jobs as FLUSH's arrays: ids done, and the
+  -- each batch of flush_size claimed jobs as FLUSH's arrays: ids done, and the
   -- runs to log (none when :log is false)
   local columns = {
     { "d", "id" }, { "i", "id", true }, { "t", "type", true }, { "a", "error_count + 1", true },
@@ -164,18 +168,20 @@ elseif mode == "pgbench-script" then
     local agg = ("array_agg(%s ORDER BY id)"):format(col[2])
     if col[3] then agg = ("CASE WHEN :log::boolean THEN %s ELSE '{}' END"):format(agg) end
     aggs[#aggs + 1] = ("  %s::text AS %s"):format(agg, col[1])
-    for b = 1, 10 do
+    for b = 1, batches do
       picks[#picks + 1] = ("  COALESCE(max(%s) FILTER (WHERE b = %d), '{}') AS %s%d")
         :format(col[1], b - 1, col[1], b)
     end
   end
-  local out = { "-- pgcoord's CLAIM (up to :batch jobs), then its FLUSH in batches of 100.",
+  local out = { ("-- pgcoord's CLAIM (up to %d jobs), then its FLUSH in batches of %d.")
+    :format(claim_size, flush_size),
     "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
     claim .. ",",
-    "n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / 100 AS b, * FROM c),",
+    ("n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / %d AS b, * FROM c),")
+      :format(flush_size),
     "a AS (SELECT b,", table.concat(aggs, ",\n"), "FROM n GROUP BY b)",
     "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset" }
-  for b = 1, 10 do
+  for b = 1, batches do
     local v = function(name) return ":" .. name .. b end
     out[#out + 1] = bind(flush, { v "d", "'[]'", v "i", v "t", v "a", v "o", v "s", v "f",
                                   ":wid", ":grp" }) .. ";"
