@@ -24,9 +24,10 @@
 #define JBUF_META "pgcoord.json_buffer"
 
 /*
- * Our own buffer, not luaL_Buffer: the encoder pushes values while it
- * writes, and luaL_Buffer needs its box at the top of the stack.  The
- * userdata frees the memory if encoding raises.
+ * The encoder's own buffer, not luaL_Buffer: the encoder pushes values
+ * while it writes, and luaL_Buffer needs its box at the top of the stack.
+ * The userdata frees the memory if encoding raises.  (The decoder pushes
+ * nothing while it builds a string, so it uses luaL_Buffer.)
  */
 typedef struct jbuf {
 	char *p;
@@ -256,7 +257,7 @@ static int hex4(lua_State *L, jreader *r)
 	return v;
 }
 
-static void add_utf8(lua_State *L, jbuf *b, unsigned cp)
+static void add_utf8(luaL_Buffer *b, unsigned cp)
 {
 	char u[4];
 	size_t n;
@@ -279,27 +280,10 @@ static void add_utf8(lua_State *L, jbuf *b, unsigned cp)
 		u[3] = (char)(0x80 | (cp & 0x3F));
 		n = 4;
 	}
-	jb_add(L, b, u, n);
+	luaL_addlstring(b, u, n);
 }
 
 /* Pushes the string at r->p (just past the opening quote). */
-/*
- * The scratch buffer for strings with escapes, in stack slot 2 of
- * json_decode: made on first need, since a buffer is a userdata with a
- * finalizer and most documents (a job's params) have no escapes at all.
- */
-static jbuf *scratch(lua_State *L)
-{
-	if (lua_isnil(L, 2)) {
-		jbuf *b = lua_newuserdatauv(L, sizeof *b, 0);
-		b->p = NULL;
-		b->len = b->cap = 0;
-		luaL_setmetatable(L, JBUF_META);
-		lua_replace(L, 2);
-	}
-	return lua_touserdata(L, 2);
-}
-
 static void decode_string(lua_State *L, jreader *r)
 {
 	const char *run = r->p;
@@ -310,9 +294,9 @@ static void decode_string(lua_State *L, jreader *r)
 		r->p++;
 		return;
 	}
-	jbuf *b = scratch(L);
-	b->len = 0;
-	jb_add(L, b, run, (size_t)(r->p - run));
+	luaL_Buffer b;
+	luaL_buffinit(L, &b);
+	luaL_addlstring(&b, run, (size_t)(r->p - run));
 	for (;;) {
 		if (r->p >= r->end)
 			jfail(L, r, "unterminated string");
@@ -322,21 +306,21 @@ static void decode_string(lua_State *L, jreader *r)
 		if (c < 0x20)
 			jfail(L, r, "control character in string");
 		if (c != '\\') {
-			jb_char(L, b, (char)c);
+			luaL_addchar(&b, (char)c);
 			continue;
 		}
 		if (r->p >= r->end)
 			jfail(L, r, "unterminated string");
 		char e = *r->p++;
 		switch (e) {
-		case '"': jb_char(L, b, '"'); break;
-		case '\\': jb_char(L, b, '\\'); break;
-		case '/': jb_char(L, b, '/'); break;
-		case 'b': jb_char(L, b, '\b'); break;
-		case 'f': jb_char(L, b, '\f'); break;
-		case 'n': jb_char(L, b, '\n'); break;
-		case 'r': jb_char(L, b, '\r'); break;
-		case 't': jb_char(L, b, '\t'); break;
+		case '"': luaL_addchar(&b, '"'); break;
+		case '\\': luaL_addchar(&b, '\\'); break;
+		case '/': luaL_addchar(&b, '/'); break;
+		case 'b': luaL_addchar(&b, '\b'); break;
+		case 'f': luaL_addchar(&b, '\f'); break;
+		case 'n': luaL_addchar(&b, '\n'); break;
+		case 'r': luaL_addchar(&b, '\r'); break;
+		case 't': luaL_addchar(&b, '\t'); break;
 		case 'u': {
 			unsigned cp = (unsigned)hex4(L, r);
 			if (cp >= 0xD800 && cp < 0xDC00 && r->end - r->p >= 6 && r->p[0] == '\\'
@@ -348,14 +332,14 @@ static void decode_string(lua_State *L, jreader *r)
 				else
 					jfail(L, r, "bad surrogate pair");
 			}
-			add_utf8(L, b, cp);
+			add_utf8(&b, cp);
 			break;
 		}
 		default:
 			jfail(L, r, "bad escape");
 		}
 	}
-	lua_pushlstring(L, b->p, b->len);
+	luaL_pushresult(&b);
 }
 
 /* Integers stay integers (exact to 64 bits); the rest are floats. */
@@ -476,9 +460,7 @@ int pgc_json_decode(lua_State *L)
 {
 	size_t len;
 	const char *s = luaL_checklstring(L, 1, &len);
-	lua_settop(L, 2);	/* slot 2: the scratch buffer, once needed */
-	lua_pushnil(L);
-	lua_replace(L, 2);
+	lua_settop(L, 1);
 	jreader r = {s, s + len, s};
 	decode_value(L, &r, 0);
 	skip_space(&r);

@@ -265,10 +265,12 @@ static void on_defer(evutil_socket_t fd, short what, void *arg)
 	/*
 	 * Tasks that keep one another ready re-arm the deferred run at once;
 	 * libevent would then run it again without polling, and a query result
-	 * waiting on a socket would wait until the burst ends.  Poll first.
+	 * waiting on a socket (or core.step's caller) would wait until the
+	 * burst ends.  End this step instead: the next one polls first, with
+	 * no timeout while a callback is active.
 	 */
-	if (loop->defer_armed && event_base_loopcontinue(loop->base) != 0)
-		fputs("level=error msg=\"event_base_loopcontinue failed\"\n", stderr);
+	if (loop->defer_armed && event_base_loopbreak(loop->base) != 0)
+		fputs("level=error msg=\"event_base_loopbreak failed\"\n", stderr);
 }
 
 static void on_step_timeout(evutil_socket_t fd, short what, void *arg)

@@ -121,6 +121,15 @@ static const char *lost_message(pgc_conn *c)
 	return c->lost ? c->lost : "connection closed";
 }
 
+/* A connection that is gone keeps no callback, and nothing anchors it. */
+static void drop_refs(lua_State *L, pgc_conn *c)
+{
+	pgc_unref(L, &c->notify_ref);
+	pgc_unref(L, &c->close_ref);
+	pgc_unref(L, &c->notice_ref);
+	pgc_unref(L, &c->self_ref);
+}
+
 /*
  * Tells Lua that the link is gone: the waiting callback gets an error,
  * then the close callback runs.  Called in protected mode.
@@ -132,8 +141,7 @@ static int deliver_lost(lua_State *L)
 	c->cb_ref = LUA_NOREF;
 	c->close_ref = LUA_NOREF;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->self_ref);	/* anchor */
-	pgc_unref(L, &c->self_ref);
-	pgc_unref(L, &c->notify_ref);
+	drop_refs(L, c);
 	if (cb != LUA_NOREF) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
 		luaL_unref(L, LUA_REGISTRYINDEX, cb);
@@ -478,14 +486,10 @@ static void check_ready(lua_State *L, pgc_conn *c)
 /* Closes without callbacks and returns (nil, err) to the caller. */
 static int send_failed(lua_State *L, pgc_conn *c)
 {
-	char *msg = trimmed_copy(PQerrorMessage(c->pg));
-	shut(c, msg);
-	pgc_unref(L, &c->notify_ref);
-	pgc_unref(L, &c->close_ref);
-	pgc_unref(L, &c->self_ref);
+	shut(c, PQerrorMessage(c->pg));
+	drop_refs(L, c);
 	lua_pushnil(L);
-	pgc_push_error(L, "08006", msg ? msg : "cannot send the query");
-	free(msg);
+	pgc_push_error(L, "08006", lost_message(c));
 	return 2;
 }
 
@@ -622,10 +626,7 @@ static int conn_close(lua_State *L)
 	int cb = c->cb_ref;
 	c->cb_ref = LUA_NOREF;
 	shut(c, "connection closed");
-	pgc_unref(L, &c->notify_ref);
-	pgc_unref(L, &c->close_ref);
-	pgc_unref(L, &c->notice_ref);
-	pgc_unref(L, &c->self_ref);
+	drop_refs(L, c);
 	if (cb != LUA_NOREF) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
 		luaL_unref(L, LUA_REGISTRYINDEX, cb);
@@ -687,10 +688,7 @@ static int conn_check(lua_State *L)
 			break;
 		if (!PQconsumeInput(c->pg) || PQstatus(c->pg) == CONNECTION_BAD) {
 			shut(c, PQerrorMessage(c->pg));
-			pgc_unref(L, &c->notify_ref);
-			pgc_unref(L, &c->close_ref);
-			pgc_unref(L, &c->notice_ref);
-			pgc_unref(L, &c->self_ref);
+			drop_refs(L, c);
 		}
 	}
 	lua_pushboolean(L, c->state == READY);
@@ -709,6 +707,8 @@ static int conn_gc(lua_State *L)
 {
 	pgc_conn *c = luaL_checkudata(L, 1, CONN_META);
 	shut(c, "connection closed");
+	drop_refs(L, c);
+	pgc_unref(L, &c->cb_ref);
 	if (c->ev_timeout) {
 		event_free(c->ev_timeout);
 		c->ev_timeout = NULL;
