@@ -226,6 +226,24 @@ describe("pgcoord.queue", function()
     assert.matches("twelve fails once", by_id[ids[12].id].last_error, 1, true)
   end)
 
+  it("requeues after an error whose text the database cannot take as it is", function()
+    -- a NUL byte, and a two-byte character that the length limit would cut
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(pool(), qname)
+    q:subscribe("s")
+    q:publish(db, { n = 1 })
+    local tries = 0
+    helper.capture_log(function()
+      consume(q, "s", function()
+        tries = tries + 1
+        if tries == 1 then error(("a"):rep(1999) .. "\u{e9}\0tail", 0) end
+      end, { retry_delay = 0.05, poll_interval = 0.5, visibility_timeout = 60 })
+      -- (a requeue that failed would leave the message leased for 60 s)
+      helper.wait_until(function() return q:stats("s").acked == 1 end, 10, "the retry's ack")
+    end)
+    assert.are.equal(2, tries)
+  end)
+
   it("orders concurrent publishers by commit, and keeps one message in flight", function()
     local qname = helper.unique("q")
     local p = pool(8)

@@ -295,8 +295,7 @@ local function check_worker_options(self, opts)
   -- claim again once a quarter of prefetch has been taken: a claim is on
   -- its way while the runners work through the rest
   o.refill_at = o.prefetch - math.max(1, o.prefetch // 4)
-  o.claim_min = o.prefetch - o.refill_at
-  o.claim_max = math.max(o.claim_min, o.prefetch // 2)
+  o.claim_max = math.max(1, o.prefetch // 2)
   return o
 end
 
@@ -314,7 +313,7 @@ function Jobs:worker(opts)
   w.flushed = task.cond()                -- results written
   w.state = "starting"
   w.next_due = nil
-  w.claims, w.nclaims = {}, 0            -- claim tasks on their way
+  w.claims = {}                          -- claim tasks on their way
   w.claiming = 0                         -- jobs they ask for
   w.wakes, w.drained = 0, false          -- wake-ups so far; group found empty
   w.started = task.cond()
@@ -492,7 +491,6 @@ local function pop(self)
   end
   return job
 end
-Worker._pop = pop
 
 -- ---- fetching ----
 
@@ -520,23 +518,26 @@ function Worker:_claim_task(want)
   local wakes = self.wakes
   local n = self:_persist("claim failed", self._claim, self, want) or 0
   self.claims[task.current()] = nil
-  self.nclaims, self.claiming = self.nclaims - 1, self.claiming - want
+  self.claiming = self.claiming - want
   if n < want and self.wakes == wakes then self.drained = true end
   self:_nudge()
 end
 
--- Starts claims while there is room for claim_min jobs or more: up to
--- MAX_CLAIMS at once, so that one is on its way while the server works on
--- another and the runners on what came back before.
+-- Starts claims while what is in hand or on its way is at refill_at or
+-- below: up to MAX_CLAIMS at once, so that one is on its way while the
+-- server works on another and the runners on what came back before.
 local MAX_CLAIMS = 2
 
 function Worker:_start_claims()
-  while not self.drained and self.state == "running" do
-    local room = self.prefetch - self:_queued() - self.claiming
-    if room < self.claim_min or self.nclaims >= MAX_CLAIMS then return end
-    local want = math.min(room, self.claim_max)
-    self.nclaims, self.claiming = self.nclaims + 1, self.claiming + want
+  local on_way = 0
+  for _ in pairs(self.claims) do on_way = on_way + 1 end
+  while not self.drained and self.state == "running" and on_way < MAX_CLAIMS do
+    local held = self:_queued() + self.claiming
+    if held > self.refill_at then return end
+    local want = math.min(self.prefetch - held, self.claim_max)
+    self.claiming = self.claiming + want
     self.claims[task.spawn(self._claim_task, self, want)] = true
+    on_way = on_way + 1
   end
 end
 
@@ -645,7 +646,6 @@ local function result(self, job, ok, err, started, retryable, def)
   batch.n = n
   if n == self.flush_count and self.flush_now:signal() then self.handoff = true end
 end
-Worker._result = result
 
 local function handler_error(err)
   if getmetatable(err) == RetryAt or is_cancelled(err) then return err end
@@ -902,7 +902,7 @@ function Worker:shutdown(timeout)
   end
   if not self.main:wait(left(grace)) then self.main:cancel() end
   local back = {}
-  for job in function() return self:_pop() end do back[#back + 1] = job.id end
+  for job in pop, self do back[#back + 1] = job.id end
   if #back > 0 then
     self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, back, self.id)
   end
@@ -925,7 +925,7 @@ end
 function Worker:_cancelled_results()
   for slot, job in pairs(self.in_flight) do
     self.in_flight[slot] = nil
-    self:_result(job, false, "cancelled at shutdown", core.time(), true,
+    result(self, job, false, "cancelled at shutdown", core.time(), true,
       self.jobs.types[job.type])
   end
 end

@@ -360,7 +360,6 @@ local function envelope(msg)
   return { id = msg.id, topic = msg.topic, key = msg.key, payload = msg.payload,
            headers = msg.headers, created_at = msg.created_at }
 end
-outbox.envelope = envelope
 
 local function publisher_options(self, where, opts)
   opts = store.check_options(where, opts, PUBLISHER_KNOWN, 3)
@@ -413,11 +412,6 @@ end
 -- ---- the relay --------------------------------------------------------------------------
 
 local error_text = task.error_text
-
-local function publish_handler(err)
-  if task.is_cancelled(err) then return err end
-  return { err = err, trace = debug.traceback(error_text(err), 2) }
-end
 
 -- ob:relay(publish_fn, { poll_interval = 1, batch_size = 100, retention = 0,
 --   cleanup_interval = 3600, listen = ob.notify, subscriber = sub })
@@ -573,7 +567,7 @@ function Relay:_publish_batch(batch)
   local n = #batch
   for i = 1, n do
     local msg = batch[i]
-    local ok, res, why = xpcall(self.publish, publish_handler, msg)
+    local ok, res, why = xpcall(self.publish, task.traced, msg)
     if ok and res ~= false then
       done[#done + 1] = msg.id
     elseif ok then

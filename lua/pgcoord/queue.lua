@@ -25,6 +25,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local db = require "pgcoord.db"
+local store = require "pgcoord.store"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
 
@@ -41,7 +42,7 @@ local SWEEP_LOCK = 0x70677167   -- "pgqg": whoever deletes deliveries and messag
 
 local SWEEP_BATCH = 5000
 local ACK_BATCH = 1000
-local ERROR_LIMIT = 2000 -- characters of an error kept in last_error
+local ERROR_LIMIT = 2000 -- bytes of an error kept in last_error
 
 -- ---- SQL -------------------------------------------------------------------------
 
@@ -311,11 +312,6 @@ queue.sql = {
 
 local error_text = task.error_text
 
-local function clip(s)
-  if #s > ERROR_LIMIT then return s:sub(1, ERROR_LIMIT) .. "..." end
-  return s
-end
-
 local int_array = db.int_array
 
 local function check_name(where, what, name, level)
@@ -325,12 +321,7 @@ local function check_name(where, what, name, level)
   end
 end
 
-local function check_db(where, db_or_tx, level)
-  if type(db_or_tx) ~= "table" or type(db_or_tx.query) ~= "function" then
-    error(("%s: expected a pool or a transaction, got %s"):format(where, type(db_or_tx)),
-      level + 1)
-  end
-end
+local check_db = store.check_conn
 
 -- Encodes one payload; raises naming the queue (and the value's position).
 local function encode(self, where, value, index, level)
@@ -347,15 +338,7 @@ local function encode(self, where, value, index, level)
   return payload
 end
 
-local function number_option(where, opts, name, default, min, allow_min)
-  local v = opts[name]
-  if v == nil then return default end
-  if type(v) ~= "number" or v ~= v or v == math.huge or v < min or (v == min and not allow_min) then
-    error(("%s: option %s must be a number %s %s, got %s")
-      :format(where, name, allow_min and ">=" or ">", min, tostring(v)), 3)
-  end
-  return v
-end
+local number_option = store.number   -- (where, opts, name, default, min, allow_min)
 
 local function integer_option(where, opts, name, default)
   local v = opts[name]
@@ -366,16 +349,7 @@ local function integer_option(where, opts, name, default)
   return v
 end
 
-local function check_options(where, opts, known)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error(("%s: options must be a table, got %s"):format(where, type(opts)), 3)
-  end
-  for k in pairs(opts) do
-    if not known[k] then error(("%s: unknown option %q"):format(where, tostring(k)), 3) end
-  end
-  return opts
-end
+local check_options = store.check_options
 
 -- ---- the queue -----------------------------------------------------------------
 
@@ -766,11 +740,6 @@ local function backoff(self, deliveries)
   return math.min(self.max_retry_delay, self.retry_delay * 2 ^ (deliveries - 1))
 end
 
-local function handler_error(err)
-  if task.is_cancelled(err) then return err end
-  return { err = err, trace = debug.traceback(error_text(err), 2) }
-end
-
 -- Retries fn(...) while the database fails, up to `tries` times.
 function Consumer:_persist(what, tries, fn, ...)
   local delay = 0.05
@@ -789,7 +758,8 @@ end
 
 function Consumer:_requeue(id, n, reason)
   local ok, rows = self:_persist("requeue", 5, self.pool.query, self.pool, REQUEUE,
-    self.subscription_id, id, n, self.max_deliveries, backoff(self, n), clip(reason))
+    self.subscription_id, id, n, self.max_deliveries, backoff(self, n),
+    store.clean_text(reason, ERROR_LIMIT))
   if not ok then return end
   local row = rows[1]
   if not row then
@@ -858,7 +828,7 @@ function Consumer:_handle(row, entry)
   end })
   local msg = { id = row.id, payload = row.payload, published_at = row.published_at,
                 deliveries = row.deliveries, last_error = row.last_error }
-  local ok, res = xpcall(self.fn, handler_error, msg)
+  local ok, res = xpcall(self.fn, task.traced, msg)
   self.counters.handled = self.counters.handled + 1
   if ok and res ~= false then
     entry.outcome = "ack"

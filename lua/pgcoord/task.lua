@@ -39,6 +39,14 @@ function task.error_text(err)
   return ("(error object is a %s value)"):format(type(err))
 end
 
+-- An xpcall handler for the callbacks a task runs (job handlers, publish
+-- functions): a cancellation passes through as it is, any other error
+-- comes back as { err =, trace = }.
+function task.traced(err)
+  if err == CANCELLED then return err end
+  return { err = err, trace = debug.traceback(task.error_text(err), 2) }
+end
+
 local function on_error(err)
   if err == CANCELLED then return { err = err } end
   return { err = err, trace = debug.traceback(task.error_text(err), 2) }
@@ -375,7 +383,5 @@ end
 function task.set_reporter(fn)
   reporter = fn
 end
-
-task.now = core.now
 
 return task
