@@ -495,11 +495,17 @@ describe("outbox", function()
 
     it("a non-positive retention disables the cleanup and says so", function()
       local ob = new_outbox()
-      relay(ob, function() return true end, { retention = 0 })
-      relay(ob, function() return true end, { retention = -5 })
+      local relays_made = { relay(ob, function() return true end, { retention = 0 }),
+                            relay(ob, function() return true end, { retention = -5 }) }
       local line = logged("retention cleanup disabled")
       assert.is_truthy(line)
       assert.matches(ob.name, line, 1, true)
+      for _, r in ipairs(relays_made) do
+        -- no cleanup task was started, so nothing can ever be purged
+        assert.is_nil(r.cleanup.task)
+        assert.is_true(r.cleanup.stopped)
+        assert.are.equal(0, r:stats().cleaned)
+      end
     end)
 
     it("two relays on 5,000 messages publish each exactly once", function()
