@@ -77,6 +77,18 @@ async function main() {
   // A clean slate: nothing left from an earlier run.
   await pool.query("DELETE FROM graphile_worker._private_jobs");
 
+  // A worker pool with the bench's settings running taskList.
+  const startRunner = (taskList) =>
+    gw.run({
+      pgPool: pool,
+      logger,
+      concurrency,
+      noHandleSignals: true,
+      pollInterval: 10000,
+      preset: preset(),
+      taskList,
+    });
+
   if (mode === "throughput") {
     let done = 0;
     const specs = [];
@@ -89,17 +101,9 @@ async function main() {
     const cpu0 = process.cpuUsage();
 
     const t0 = performance.now();
-    const runner = await gw.run({
-      pgPool: pool,
-      logger,
-      concurrency,
-      noHandleSignals: true,
-      pollInterval: 10000,
-      preset: preset(),
-      taskList: {
-        noop: async () => {
-          done++;
-        },
+    const runner = await startRunner({
+      noop: async () => {
+        done++;
       },
     });
     await waitFor(() => done >= n, 300000, "last task");
@@ -120,18 +124,10 @@ async function main() {
     const producer = await gw.makeWorkerUtils({ pgPool: makePool(1), logger });
     const startedAt = new Map();
     let notify = null;
-    const runner = await gw.run({
-      pgPool: pool,
-      logger,
-      concurrency,
-      noHandleSignals: true,
-      pollInterval: 10000,
-      preset: preset(),
-      taskList: {
-        ping: async (payload) => {
-          startedAt.set(payload.i, performance.now());
-          if (notify) notify(payload.i);
-        },
+    const runner = await startRunner({
+      ping: async (payload) => {
+        startedAt.set(payload.i, performance.now());
+        if (notify) notify(payload.i);
       },
     });
     await sleep(200);

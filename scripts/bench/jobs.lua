@@ -33,9 +33,6 @@ local say = bench.say
 local args = bench.args("jobs.lua", ...)
 local mode = args.mode
 
-local function arg_number(i, name)
-  return args:integer(i, name)
-end
 
 local function remaining(db, group)
   return db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE group_name = $1", group).n
@@ -52,7 +49,7 @@ end
 
 if mode == "throughput" then
   local group = args[2]
-  local n, concurrency = arg_number(3, "JOBS"), arg_number(4, "CONCURRENCY")
+  local n, concurrency = args:integer(3, "JOBS"), args:integer(4, "CONCURRENCY")
   local log_runs = args[5] or "all"
   assert(log_runs == "all" or log_runs == "none", "LOG must be all or none")
   local db = pgcoord.connect(nil, { size = 4 })
@@ -92,7 +89,7 @@ if mode == "throughput" then
 
 elseif mode == "latency" then
   local group = args[2]
-  local n, concurrency = arg_number(3, "JOBS"), arg_number(4, "CONCURRENCY")
+  local n, concurrency = args:integer(3, "JOBS"), args:integer(4, "CONCURRENCY")
   local warmup = 50
   local db = pgcoord.connect(nil, { size = 4 })
   pgcoord.migrate(db)
@@ -149,7 +146,7 @@ elseif mode == "pgbench-script" then
   end
   -- CLAIM is "WITH c AS (UPDATE ...) SELECT ... FROM c ...": its CTE heads
   -- the script's own chain (a data-modifying WITH cannot be nested)
-  local claim_size, flush_size = arg_number(2, "CLAIM"), arg_number(3, "FLUSH")
+  local claim_size, flush_size = args:integer(2, "CLAIM"), args:integer(3, "FLUSH")
   assert(claim_size % flush_size == 0, "CLAIM must be a multiple of FLUSH")
   local batches = claim_size // flush_size
   local claim = bind(statement("CLAIM"), { ":grp", ":wid", tostring(claim_size) })

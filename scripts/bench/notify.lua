@@ -20,9 +20,6 @@ local say = bench.say
 local args = bench.args("notify.lua", ...)
 local mode = args.mode
 
-local function arg_number(i, name)
-  return args:integer(i, name)
-end
 
 -- A pool, a started subscriber and a fan-out on channel, once listening.
 local function subscribe(channel, pool_size)
@@ -40,8 +37,8 @@ end
 
 if mode == "listen" then
   local channel = args[2]
-  local n = arg_number(3, "LISTENERS")
-  local window, wait = arg_number(4, "SECONDS"), arg_number(5, "WAIT")
+  local n = args:integer(3, "LISTENERS")
+  local window, wait = args:integer(4, "SECONDS"), args:integer(5, "WAIT")
   local db, sub, fan = subscribe(channel)
   local calls, started, cpu_started = 0, nil, nil
   local function count()
@@ -67,7 +64,7 @@ if mode == "listen" then
     :format(counted // n, counted, window, counted / n / window, stats.drops, cpu))
 
 elseif mode == "latency" then
-  local rounds = arg_number(2, "ROUND_TRIPS")
+  local rounds = args:integer(2, "ROUND_TRIPS")
   local warmup = 20
   local db, sub, fan = subscribe("bench_latency", 2)
   -- The callback records the latency, then wakes the publishing loop
@@ -95,7 +92,7 @@ elseif mode == "latency" then
   say(bench.latency_line("round_trips", table.move(latency, warmup + 1, warmup + rounds, 1, {})))
 
 elseif mode == "memory" then
-  local n = arg_number(2, "LISTENERS")
+  local n = args:integer(2, "LISTENERS")
   local function snapshot()
     collectgarbage("collect")
     local f = assert(io.open("/proc/self/smaps_rollup"))

@@ -27,9 +27,6 @@ local mode = args.mode
 local DOMAIN_SQL = "INSERT INTO bench_orders (customer, amount) VALUES ($1, $2)"
 local CUSTOMER = "alice"
 
-local function arg_number(i, name)
-  return args:integer(i, name, 0)
-end
 
 local function payload(n)
   return { order = n, customer = CUSTOMER }
@@ -79,7 +76,8 @@ if mode == "setup" then
   db:close()
 
 elseif mode == "save" then
-  local seconds, clients, kind = arg_number(2, "SECONDS"), arg_number(3, "CLIENTS"), args[4]
+  local seconds, clients = args:integer(2, "SECONDS", 0), args:integer(3, "CLIENTS", 0)
+  local kind = args[4]
   local db = pgcoord.connect(nil, { size = clients })
   local ob
   if kind == "outbox" then
@@ -101,7 +99,7 @@ elseif mode == "save" then
   say(("tx=%d seconds=%.3f tps=%.1f"):format(total, elapsed, total / elapsed))
 
 elseif mode == "fill" then
-  local n = arg_number(2, "N")
+  local n = args:integer(2, "N", 0)
   local db = pgcoord.connect(nil, { size = 1 })
   local ob = pgcoord.outbox(db, { table = "bench_outbox", notify = false })
   local chunk = {}
@@ -115,7 +113,7 @@ elseif mode == "fill" then
   db:close()
 
 elseif mode == "relay" then
-  local n, batch, kind = arg_number(2, "N"), arg_number(3, "BATCH"), args[4]
+  local n, batch, kind = args:integer(2, "N", 0), args:integer(3, "BATCH", 0), args[4]
   local db = pgcoord.connect(nil, { size = 3 })
   local ob = pgcoord.outbox(db, { table = "bench_outbox" })
   local publish

@@ -26,9 +26,6 @@ local say = bench.say
 local args = bench.args("queue.lua", ...)
 local mode = args.mode
 
-local function arg_number(i, name)
-  return args:integer(i, name, 0)
-end
 
 local function write(path, text)
   local f = assert(io.open(path, "w"))
@@ -44,7 +41,7 @@ local function pgbench_sql(sql, params)
 end
 
 if mode == "setup" then
-  local name, subs, ordered = args[2], arg_number(3, "SUBSCRIPTIONS"), args[4] == "1"
+  local name, subs, ordered = args[2], args:integer(3, "SUBSCRIPTIONS", 0), args[4] == "1"
   local db = pgcoord.connect(nil, { size = 1 })
   pgcoord.migrate(db)
   local q = pgcoord.queue(db, name, { ordered = ordered })
@@ -88,7 +85,8 @@ elseif mode == "sql" then
   say("written")
 
 elseif mode == "publish" then
-  local name, seconds, clients = args[2], arg_number(3, "SECONDS"), arg_number(4, "CLIENTS")
+  local name = args[2]
+  local seconds, clients = args:integer(3, "SECONDS", 0), args:integer(4, "CLIENTS", 0)
   local db = pgcoord.connect(nil, { size = clients })
   local q = pgcoord.queue(db, name)
   bench.warm(db, clients)
@@ -99,9 +97,9 @@ elseif mode == "publish" then
   say(("published=%d seconds=%.3f rate=%.1f"):format(total, elapsed, total / elapsed))
 
 elseif mode == "consume" then
-  local name, subs = args[2], arg_number(3, "SUBSCRIPTIONS")
-  local concurrency, window = arg_number(4, "CONCURRENCY"), arg_number(5, "SECONDS")
-  local wait = arg_number(6, "WAIT")
+  local name, subs = args[2], args:integer(3, "SUBSCRIPTIONS", 0)
+  local concurrency, window = args:integer(4, "CONCURRENCY", 0), args:integer(5, "SECONDS", 0)
+  local wait = args:integer(6, "WAIT", 0)
   local db = pgcoord.connect(nil, { size = math.min(20, subs * concurrency + 2) })
   local q = pgcoord.queue(db, name)
   local handled, started = 0, nil
