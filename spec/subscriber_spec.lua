@@ -166,6 +166,22 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     sub:stop()
   end)
 
+  it("calls every reconnect hook after a reconnect, and no hook once removed", function()
+    local sub, fan, connects = subscribed(db)
+    local calls = { a = 0, b = 0 }
+    sub:hook_reconnect(function() calls.a = calls.a + 1 end)
+    local remove_b = sub:hook_reconnect(function() calls.b = calls.b + 1 end)
+    assert.are.equal(fan, sub:channel(fan.channel))   -- the fan-out it has
+    db:query("SELECT pg_terminate_backend($1)", listen_pid(db, fan.channel))
+    helper.wait_until(function() return connects() == 2 end, 10, "the first reconnect")
+    assert.are.same({ a = 1, b = 1 }, calls)
+    remove_b()
+    db:query("SELECT pg_terminate_backend($1)", listen_pid(db, fan.channel))
+    helper.wait_until(function() return connects() == 3 end, 10, "the second reconnect")
+    assert.are.same({ a = 2, b = 1 }, calls)
+    sub:stop()
+  end)
+
   it("survives a server restart", function()
     if not helper.can_pgctl() then pending("needs scripts/pg-tmp") return end
     local own = pgcoord.connect(nil, { size = 2 })

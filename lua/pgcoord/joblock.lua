@@ -115,7 +115,7 @@ local function release_listener(self)
   local sub = self.subscriber
   if not sub then return nil end
   local channel = "pgcoord_job_lock_released"
-  local fan = sub.fans[channel] or sub:add(require("pgcoord.fanout").new(channel))
+  local fan = sub:channel(channel)
   local name = self.name
   return fan:listen({ buffer = 4, filter = function(msg) return msg == name end })
 end

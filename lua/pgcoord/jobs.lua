@@ -814,19 +814,18 @@ end
 -- ---- life cycle ----
 
 function Worker:_listen()
-  local pgcoord = require "pgcoord"
   local sub = self.subscriber
   if not sub then
-    -- (re)connected: notifications may have been missed, so claim and
-    -- promote at once (next_due = now)
-    sub = pgcoord.subscriber(self.pool, {
-      on_reconnect = function()
-        self.next_due = core.now()
-        self:_wake()
-      end })
+    sub = require("pgcoord").subscriber(self.pool)
     self.own_subscriber = sub
   end
-  local fan = sub.fans[CHANNEL] or sub:add(pgcoord.fanout(CHANNEL))
+  -- (re)connected: notifications may have been missed, so claim and
+  -- promote at once (next_due = now)
+  self.unhook = sub:hook_reconnect(function()
+    self.next_due = core.now()
+    self:_wake()
+  end)
+  local fan = sub:channel(CHANNEL)
   local group = self.group
   self.listener = fan:on(function(msg)
     local due = msg.due_in
@@ -891,6 +890,7 @@ function Worker:shutdown(timeout)
   -- may wait on a lock: stop it where it is
   self.heartbeater:cancel()
   if self.listener then self.listener:close() end
+  if self.unhook then self.unhook() end
   if self.own_subscriber then self.own_subscriber:stop() end
   -- A claim or promotion on its way gets a moment to land (a claim that
   -- lands then hands its jobs back itself); one held up longer, by a lock

@@ -447,11 +447,11 @@ function Outbox:relay(publish, opts)
   local pgcoord = require "pgcoord"
   if listen then
     if not sub then
-      sub = pgcoord.subscriber(self.db, { on_reconnect = function() r:poke() end })
+      sub = pgcoord.subscriber(self.db)
       r.own_subscriber = true
     end
-    local fan = sub.fans[self.channel]
-    if not fan then fan = sub:add(pgcoord.fanout(self.channel)) end
+    r.unhook = sub:hook_reconnect(function() r:poke() end)
+    local fan = sub:channel(self.channel)
     r.subscriber, r.fan = sub, fan
     r.listener = fan:listen({ buffer = 1 }) -- a wake-up flag: more would add nothing
     sub:start()
@@ -605,6 +605,10 @@ function Relay:stop()
   local t = self.task
   if t and t ~= task.current() then pcall(t.join, t) end
   if self.cleanup then self.cleanup:stop() end
+  if self.unhook then
+    self.unhook()
+    self.unhook = nil
+  end
   if self.own_subscriber and self.subscriber then
     self.subscriber:stop()
     self.subscriber = nil

@@ -515,26 +515,11 @@ function Queue:_wake_all()
 end
 
 function Queue:_subscriber()
-  if self.sub then return self.sub end
-  local pgcoord = require "pgcoord"
-  local sub = self.shared_subscriber
-  if sub then
-    -- Chain our reload onto the subscriber's on_reconnect, which it reads
-    -- at every (re)connection.
-    local previous = sub.on_reconnect
-    sub.on_reconnect = function(s)
-      if previous then
-        local ok, err = pcall(previous, s)
-        if not ok then log.error("on_reconnect failed", { error = error_text(err) }) end
-      end
-      self:_wake_all()
-    end
-  else
-    sub = pgcoord.subscriber(self.pool, { on_reconnect = function() self:_wake_all() end })
-    self.own_subscriber = true
+  if not self.sub then
+    self.sub = self.shared_subscriber or require("pgcoord").subscriber(self.pool)
+    self.own_subscriber = self.shared_subscriber == nil
   end
-  self.sub = sub
-  return sub
+  return self.sub
 end
 
 -- One reader per queue channel and handle wakes the consumers that have
@@ -542,10 +527,11 @@ end
 -- most one (its filter turns the others away), so a burst of publishes
 -- costs one wake-up of each consumer, not one per message.
 function Queue:_listen(consumer)
-  local pgcoord = require "pgcoord"
   local sub = self:_subscriber()
+  -- (re)connected: notifications may have been missed
+  self.unhook = self.unhook or sub:hook_reconnect(function() self:_wake_all() end)
   local channel = "pgcoord_queue_" .. consumer.queue_id
-  local fan = sub.fans[channel] or sub:add(pgcoord.fanout(channel))
+  local fan = sub:channel(channel)
   if self.own_subscriber and not fan.recovery then fan:enable_recovery(sub) end
   consumer.fan = fan
   self.consumers[consumer] = true
@@ -576,7 +562,11 @@ function Queue:_unlisten(consumer)
     self.readers[channel]:close()
     self.readers[channel] = nil
   end
-  if self.own_subscriber and self.sub and next(self.consumers) == nil then self.sub:stop() end
+  if next(self.consumers) == nil then
+    if self.unhook then self.unhook() end
+    self.unhook = nil
+    if self.own_subscriber and self.sub then self.sub:stop() end
+  end
 end
 
 -- ---- consuming -------------------------------------------------------------------

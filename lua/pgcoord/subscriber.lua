@@ -63,7 +63,7 @@ function subscriber.new(pool, opts)
     ping_interval = ping_interval,
     ping_grace = ping_grace,
     ping_db = ping_db,
-    on_reconnect = opts.on_reconnect,
+    reconnect_hooks = {},      -- key -> fn(sub), after every connection
     reconnect_min = positive(opts, "reconnect_min", 0.1),
     reconnect_max = positive(opts, "reconnect_max", 30),
     fans = {},                 -- channel -> fan-out
@@ -76,11 +76,29 @@ function subscriber.new(pool, opts)
     stopped = false,
     counters = { notifications = 0, reconnects = 0, pings = 0, ping_failures = 0 },
   }, Sub)
+  if opts.on_reconnect then self:hook_reconnect(opts.on_reconnect) end
   require("pgcoord.metrics").track("subscriber", self)
   return self
 end
 
+-- Calls fn(sub) after every connection, the first included (the option
+-- on_reconnect is one of these): whatever uses the subscriber reloads what
+-- it may have missed.  Returns a function that removes the hook.
+function Sub:hook_reconnect(fn)
+  if type(fn) ~= "function" then
+    error(("sub:hook_reconnect: expected a function, got %s"):format(type(fn)), 2)
+  end
+  local key, hooks = {}, self.reconnect_hooks
+  hooks[key] = fn
+  return function() hooks[key] = nil end
+end
+
 -- ---- channels ------------------------------------------------------------
+
+-- The fan-out of channel, added first if the channel has none.
+function Sub:channel(channel)
+  return self.fans[channel] or self:add(require("pgcoord.fanout").new(channel))
+end
 
 function Sub:add(fan)
   if type(fan) ~= "table" or type(fan.channel) ~= "string" or type(fan._wire) ~= "function" then
@@ -135,8 +153,8 @@ function Sub:_session(conn)
   if self.generation > 1 then self.counters.reconnects = self.counters.reconnects + 1 end
   log.info("subscriber listening",
     { channels = self:_channel_count(), generation = self.generation })
-  if self.on_reconnect then
-    local ok, err = xpcall(self.on_reconnect, debug.traceback, self)
+  for _, fn in pairs(self.reconnect_hooks) do
+    local ok, err = xpcall(fn, debug.traceback, self)
     if not ok then log.error("on_reconnect failed", { error = err }) end
   end
   self.listening:signal()
