@@ -71,15 +71,6 @@ static void preload(lua_State *L, const char *name, lua_CFunction open)
 	lua_pop(L, 1);
 }
 
-static int traceback(lua_State *L)
-{
-	const char *msg = lua_tostring(L, 1);
-	if (msg == NULL && luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-		msg = lua_tostring(L, -1);
-	luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
-	return 1;
-}
-
 /* require("pgcoord.cli").main(argv) -> exit status */
 static int run_cli(lua_State *L)
 {
@@ -109,7 +100,7 @@ int main(int argc, char **argv)
 	set_module_paths(L);
 	preload(L, "pgcoord.core", luaopen_pgcoord_core);
 	preload(L, "pgcoord.prompt", luaopen_pgcoord_prompt);
-	lua_pushcfunction(L, traceback);
+	lua_pushcfunction(L, pgc_traceback);
 	lua_pushcfunction(L, run_cli);
 	lua_pushinteger(L, argc);
 	lua_pushlightuserdata(L, argv);

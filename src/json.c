@@ -98,13 +98,13 @@ static void add_number(lua_State *L, jbuf *b, int idx)
 {
 	char buf[64];
 	if (lua_isinteger(L, idx)) {
-		snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
-	} else {
-		double d = lua_tonumber(L, idx);
-		if (isnan(d) || isinf(d))
-			luaL_error(L, "cannot encode %f as JSON", d);
-		pgc_format_double(d, buf, sizeof buf);
+		jb_str(L, b, pgc_format_integer(lua_tointeger(L, idx), buf));
+		return;
 	}
+	double d = lua_tonumber(L, idx);
+	if (isnan(d) || isinf(d))
+		luaL_error(L, "cannot encode %f as JSON", d);
+	pgc_format_double(d, buf, sizeof buf);
 	jb_str(L, b, buf);
 }
 

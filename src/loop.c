@@ -79,7 +79,8 @@ void pgc_report(lua_State *L, const char *what)
 		what ? what : "?");
 }
 
-static int traceback(lua_State *L)
+/* A message handler for lua_pcall: the error, readable, with a traceback. */
+int pgc_traceback(lua_State *L)
 {
 	const char *msg = lua_tostring(L, 1);
 	if (msg == NULL && luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
@@ -97,7 +98,7 @@ static int traceback(lua_State *L)
 int pgc_invoke(lua_State *L, lua_CFunction fn, void *ud)
 {
 	int top = lua_gettop(L);
-	lua_pushcfunction(L, traceback);
+	lua_pushcfunction(L, pgc_traceback);
 	lua_pushcfunction(L, fn);
 	lua_pushlightuserdata(L, ud);
 	int rc = lua_pcall(L, 1, 0, top + 1);

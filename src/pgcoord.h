@@ -25,6 +25,7 @@ struct event_base *pgc_base(lua_State *L);
 lua_State *pgc_main_state(lua_State *L);
 int pgc_invoke(lua_State *L, lua_CFunction fn, void *ud);
 void pgc_report(lua_State *L, const char *what);
+int pgc_traceback(lua_State *L);
 int pgc_ref(lua_State *L, int idx);
 void pgc_unref(lua_State *L, int *ref);
 void pgc_open_loop(lua_State *L);
@@ -51,6 +52,8 @@ typedef struct pgc_params {
 void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary,
 			   pgc_params *p);
 void pgc_format_double(double d, char *buf, size_t size);
+#define PGC_INTEGER_BUF 24
+char *pgc_format_integer(lua_Integer v, char buf[PGC_INTEGER_BUF]);
 void pgc_push_result(lua_State *L, const PGresult *res);
 void pgc_push_result_error(lua_State *L, const PGresult *res);
 void pgc_push_error(lua_State *L, const char *sqlstate, const char *message);

@@ -29,12 +29,31 @@ static int is_null(lua_State *L, int idx)
 	       (lua_type(L, idx) == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == NULL);
 }
 
+/*
+ * v in decimal, NUL-terminated, written backwards into buf; returns where
+ * it starts.  snprintf costs more than a batch of ids is worth.
+ */
+char *pgc_format_integer(lua_Integer v, char buf[PGC_INTEGER_BUF])
+{
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	char *p = buf + PGC_INTEGER_BUF - 1;
+	*p = '\0';
+	do {
+		*--p = (char)('0' + u % 10);
+		u /= 10;
+	} while (u != 0);
+	if (v < 0)
+		*--p = '-';
+	return p;
+}
+
 /* The shortest text that reads back as the same double (0.1, not 0.10000000000000001). */
 void pgc_format_double(double d, char *buf, size_t size)
 {
 	/* whole numbers (ids, counts, epoch seconds) skip the round trip */
 	if (fabs(d) < 1e15 && d == (double)(long long)d && !(d == 0 && signbit(d))) {
-		snprintf(buf, size, "%lld", (long long)d);
+		char digits[PGC_INTEGER_BUF];
+		snprintf(buf, size, "%s", pgc_format_integer((lua_Integer)d, digits));
 		return;
 	}
 	for (int prec = 15; prec <= 17; prec++) {
@@ -47,17 +66,14 @@ void pgc_format_double(double d, char *buf, size_t size)
 static const char *number_text(lua_State *L, int idx)
 {
 	char buf[64];
-	if (lua_isinteger(L, idx)) {
-		snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
-	} else {
-		double d = lua_tonumber(L, idx);
-		if (isnan(d))
-			strcpy(buf, "NaN");
-		else if (isinf(d))
-			strcpy(buf, d > 0 ? "Infinity" : "-Infinity");
-		else
-			pgc_format_double(d, buf, sizeof buf);
-	}
+	if (lua_isinteger(L, idx))
+		return lua_pushstring(L, pgc_format_integer(lua_tointeger(L, idx), buf));
+	double d = lua_tonumber(L, idx);
+	if (isnan(d))
+		return lua_pushliteral(L, "NaN");
+	if (isinf(d))
+		return lua_pushstring(L, d > 0 ? "Infinity" : "-Infinity");
+	pgc_format_double(d, buf, sizeof buf);
 	return lua_pushstring(L, buf);
 }
 
@@ -366,21 +382,6 @@ static int l_error(lua_State *L)
 
 /* ---- array literals --------------------------------------------------- */
 
-/* Writes v in decimal at the end of buf (room for 21 bytes); returns the
- * start.  snprintf costs more than a batch of ids is worth. */
-static char *format_integer(lua_Integer v, char *end)
-{
-	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-	char *p = end;
-	do {
-		*--p = (char)('0' + u % 10);
-		u /= 10;
-	} while (u != 0);
-	if (v < 0)
-		*--p = '-';
-	return p;
-}
-
 /*
  * "{e1,e2,...}" from list[1..n] (n defaults to #list), nil as NULL;
  * elements are integers and booleans, or with quoted, strings.  Each is
@@ -392,8 +393,7 @@ static int array_literal(lua_State *L, int quoted)
 	luaL_checktype(L, 1, LUA_TTABLE);
 	lua_Integer n = luaL_opt(L, luaL_checkinteger, 2, (lua_Integer)lua_rawlen(L, 1));
 	luaL_Buffer b;
-	char digits[24];
-	char *end = digits + sizeof digits;
+	char digits[PGC_INTEGER_BUF];
 	luaL_buffinit(L, &b);
 	luaL_addchar(&b, '{');
 	for (lua_Integer i = 1; i <= n; i++) {
@@ -407,8 +407,8 @@ static int array_literal(lua_State *L, int quoted)
 		} else if (!quoted && type == LUA_TBOOLEAN) {
 			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
 		} else if (!quoted && lua_isinteger(L, -1)) {
-			s = format_integer(lua_tointeger(L, -1), end);
-			len = (size_t)(end - s);
+			s = pgc_format_integer(lua_tointeger(L, -1), digits);
+			len = strlen(s);
 		} else {
 			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
 					  luaL_typename(L, -1),
