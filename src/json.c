@@ -98,7 +98,7 @@ static void add_number(lua_State *L, jbuf *b, int idx)
 {
 	char buf[64];
 	if (lua_isinteger(L, idx)) {
-		jb_str(L, b, pgc_format_integer(lua_tointeger(L, idx), buf));
+		jb_str(L, b, pgc_format_integer(lua_tointeger(L, idx), buf, sizeof buf));
 		return;
 	}
 	double d = lua_tonumber(L, idx);

@@ -53,7 +53,7 @@ void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary
 			   pgc_params *p);
 void pgc_format_double(double d, char *buf, size_t size);
 #define PGC_INTEGER_BUF 24
-char *pgc_format_integer(lua_Integer v, char buf[PGC_INTEGER_BUF]);
+char *pgc_format_integer(lua_Integer v, char *buf, size_t size);
 void pgc_push_result(lua_State *L, const PGresult *res);
 void pgc_push_result_error(lua_State *L, const PGresult *res);
 void pgc_push_error(lua_State *L, const char *sqlstate, const char *message);

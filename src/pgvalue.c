@@ -33,10 +33,10 @@ static int is_null(lua_State *L, int idx)
  * v in decimal, NUL-terminated, written backwards into buf; returns where
  * it starts.  snprintf costs more than a batch of ids is worth.
  */
-char *pgc_format_integer(lua_Integer v, char buf[PGC_INTEGER_BUF])
+char *pgc_format_integer(lua_Integer v, char *buf, size_t size)
 {
 	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-	char *p = buf + PGC_INTEGER_BUF - 1;
+	char *p = buf + size - 1;	/* size >= PGC_INTEGER_BUF */
 	*p = '\0';
 	do {
 		*--p = (char)('0' + u % 10);
@@ -53,7 +53,7 @@ void pgc_format_double(double d, char *buf, size_t size)
 	/* whole numbers (ids, counts, epoch seconds) skip the round trip */
 	if (fabs(d) < 1e15 && d == (double)(long long)d && !(d == 0 && signbit(d))) {
 		char digits[PGC_INTEGER_BUF];
-		snprintf(buf, size, "%s", pgc_format_integer((lua_Integer)d, digits));
+		snprintf(buf, size, "%s", pgc_format_integer((lua_Integer)d, digits, sizeof digits));
 		return;
 	}
 	for (int prec = 15; prec <= 17; prec++) {
@@ -67,7 +67,7 @@ static const char *number_text(lua_State *L, int idx)
 {
 	char buf[64];
 	if (lua_isinteger(L, idx))
-		return lua_pushstring(L, pgc_format_integer(lua_tointeger(L, idx), buf));
+		return lua_pushstring(L, pgc_format_integer(lua_tointeger(L, idx), buf, sizeof buf));
 	double d = lua_tonumber(L, idx);
 	if (isnan(d))
 		return lua_pushliteral(L, "NaN");
@@ -407,7 +407,7 @@ static int array_literal(lua_State *L, int quoted)
 		} else if (!quoted && type == LUA_TBOOLEAN) {
 			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
 		} else if (!quoted && lua_isinteger(L, -1)) {
-			s = pgc_format_integer(lua_tointeger(L, -1), digits);
+			s = pgc_format_integer(lua_tointeger(L, -1), digits, sizeof digits);
 			len = strlen(s);
 		} else {
 			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
