@@ -34,7 +34,6 @@ local RELAY_KNOWN = { poll_interval = true, batch_size = true, retention = true,
 local PUBLISHER_KNOWN = { db = true, prefix = true, queue_options = true }
 local MESSAGE_FIELDS = { topic = true, key = true, payload = true, headers = true }
 
-local DELETE_CHUNK = 5000
 local MAX_ERROR_TEXT = 4000
 local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
@@ -170,22 +169,11 @@ function outbox.new(pool, opts)
   return self
 end
 
-function Outbox:create_table_sql()
-  return store.script(ddl(self.quoted))
-end
-
--- Creates the table unless it exists; true when it did.
-function Outbox:migrate()
-  return store.migrate(self.db, self.name, self.quoted, ddl(self.quoted))
-end
+store.table_methods(Outbox, ddl)
 
 -- ---- saving -----------------------------------------------------------------------
 
-local function check_text(where, what, s, level)
-  local problem = store.text_problem(s)
-  if problem then error(("%s: %s %s"):format(where, what, problem), level + 1) end
-  return s
-end
+local check_text = store.check_text
 
 -- A message checked and encoded: { topic, key, payload (JSON or nil), headers (JSON) }.
 local function check_message(msg, i)
@@ -344,12 +332,12 @@ end
 -- how many.
 function Outbox:delete_processed_before(t)
   check_time("ob:delete_processed_before", t)
-  return store.delete_chunked(self.db, self.sql.delete_before, DELETE_CHUNK, t)
+  return store.delete_chunked(self.db, self.sql.delete_before, t)
 end
 
 -- Deletes processed messages older than `age` seconds by the server's clock.
 function Outbox:_delete_processed_older_than(age)
-  return store.delete_chunked(self.db, self.sql.delete_older, DELETE_CHUNK, age)
+  return store.delete_chunked(self.db, self.sql.delete_older, age)
 end
 
 -- ---- ready-made publishers --------------------------------------------------------------

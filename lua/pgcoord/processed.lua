@@ -22,7 +22,6 @@ Processed.__index = Processed
 local WHERE = "pgcoord.processed"
 local KNOWN = { table = true }
 local CLEANUP_KNOWN = { retention = true, interval = true }
-local DELETE_CHUNK = 5000
 local DEFAULT_RETENTION = 7 * 24 * 3600
 
 local function ddl(q)
@@ -61,14 +60,7 @@ function processed.new(pool, opts)
     Processed)
 end
 
-function Processed:create_table_sql()
-  return store.script(ddl(self.quoted))
-end
-
--- Creates the table unless it exists; true when it did.
-function Processed:migrate()
-  return store.migrate(self.db, self.name, self.quoted, ddl(self.quoted))
-end
+store.table_methods(Processed, ddl)
 
 -- ---- arguments --------------------------------------------------------------------
 
@@ -87,10 +79,8 @@ local function check_key(where, group, id)
     error(("%s: id must be a non-empty string or an integer, got %s")
       :format(where, tostring(id)), 3)
   end
-  for what, s in pairs({ group = group, id = id }) do
-    local problem = store.text_problem(s)
-    if problem then error(("%s: %s %s"):format(where, what, problem), 3) end
-  end
+  store.check_text(where, "group", group, 3)
+  store.check_text(where, "id", id, 3)
   return group, id
 end
 
@@ -142,12 +132,12 @@ function Processed:purge_before(conn, t)
     error(("done:purge_before: time must be epoch seconds (a number), got %s")
       :format(tostring(t)), 2)
   end
-  return store.delete_chunked(conn, self.sql.purge_before, DELETE_CHUNK, t)
+  return store.delete_chunked(conn, self.sql.purge_before, t)
 end
 
 -- Deletes the marks older than age seconds by the server's clock.
 function Processed:_purge_older_than(age)
-  return store.delete_chunked(self.db, self.sql.purge_older, DELETE_CHUNK, age)
+  return store.delete_chunked(self.db, self.sql.purge_older, age)
 end
 
 -- Deletes marks older than retention seconds (default 7 days) now and

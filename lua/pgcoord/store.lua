@@ -84,6 +84,13 @@ function store.text_problem(s)
   return nil
 end
 
+-- Raises, naming what s is, unless s can be stored in a text column.
+function store.check_text(where, what, s, level)
+  local problem = store.text_problem(s)
+  if problem then error(("%s: %s %s"):format(where, what, problem), (level or 2) + 1) end
+  return s
+end
+
 -- s made storable in a text column: at most max bytes, no NUL, valid UTF-8.
 function store.clean_text(s, max)
   s = tostring(s):gsub("%z", "\\0")
@@ -290,17 +297,33 @@ function store.script(statements)
   return table.concat(parts)
 end
 
+-- Rows a retention DELETE removes per statement: short transactions, and
+-- no long lock on a table that is written to meanwhile.
+local DELETE_CHUNK = 5000
+
 -- Runs a DELETE whose LIMIT is its last parameter until it deletes fewer
 -- rows than the limit; returns the total.
-function store.delete_chunked(conn, sql, chunk, ...)
+function store.delete_chunked(conn, sql, ...)
   local args = table.pack(...)
   args.n = args.n + 1
-  args[args.n] = chunk
+  args[args.n] = DELETE_CHUNK
   local total = 0
   while true do
     local n = conn:exec(sql, table.unpack(args, 1, args.n))
     total = total + n
-    if n < chunk then return total end
+    if n < DELETE_CHUNK then return total end
+  end
+end
+
+-- create_table_sql() and migrate() for class, whose objects hold db, name
+-- and quoted (the table's name), from ddl(quoted).
+function store.table_methods(class, ddl)
+  function class:create_table_sql()
+    return store.script(ddl(self.quoted))
+  end
+  -- Creates the table unless it exists; true when it did.
+  function class:migrate()
+    return store.migrate(self.db, self.name, self.quoted, ddl(self.quoted))
   end
 end
 
