@@ -574,9 +574,10 @@ describe("a worker", function()
       end
     end, { group = g, retry = { max = 3, base_delay = 0.05 } })
     jobs:define("other", function() others = others + 1 end, { group = g })
+    local first
     helper.capture_log(function()
       local w = worker(jobs, { group = g, poll_interval = 30, flush_age = 0.05, concurrency = 2 })
-      local first = jobs:schedule(db, "keyed", { first = true }, { key = k })
+      first = jobs:schedule(db, "keyed", { first = true }, { key = k })
       helper.wait_until(function() return started end, 5, "the first keyed job to start")
       -- may be refused or taken, depending on what a key guards: either way
       -- the worker must carry on
@@ -595,7 +596,17 @@ describe("a worker", function()
         error(("%s (%d results unwritten: the failed run's retry cannot go back to"
           .. " 'scheduled' while another pending job holds its key)"):format(err, unflushed), 0)
       end
+      -- the failed run went back to waiting: it runs again and is done
+      helper.wait_until(function()
+        return db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE id = $1", first).n == 0
+      end, 5, "the retry to run")
     end)
+    local runs = {}
+    for i, r in ipairs(db:query([[SELECT attempt, ok FROM pgcoord.job_runs WHERE job_id = $1
+                                  ORDER BY attempt]], first)) do
+      runs[i] = ("%d:%s"):format(r.attempt, r.ok and "ok" or "failed")
+    end
+    assert.are.same({ "1:failed", "2:ok" }, runs)
   end)
 end)
 

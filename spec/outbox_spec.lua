@@ -416,11 +416,9 @@ describe("outbox", function()
       assert.are.equal(first, got[1].id)
       helper.wait_until(function() return r:stats().listening end, 10, "the relay to listen")
       -- polls are 60 s apart: only the notification can bring this one in time
-      local t0 = pgcoord.now()
       local second
       db:tx(function(tx) second = ob:save(tx, { topic = "t", payload = { n = 2 } }) end)
       helper.wait_until(function() return #got == 2 end, 10, "the second message")
-      assert.is_true(pgcoord.now() - t0 < 10)
       assert.are.equal(second, got[2].id)
       assert.are.same({ n = 2 }, got[2].payload)
       helper.wait_until(function() return count(ob, "status = 'processed'") == 2 end, 10,

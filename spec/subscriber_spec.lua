@@ -274,8 +274,16 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     local sub2 = subscribed(db)
     helper.wait_until(function() return sub2:stats().pings >= 2 end, 10, "pings")
     assert.are.equal(0, sub2:stats().reconnects)
-    pgcoord.send_listener_ping(db)
     sub2:stop()
+    -- with ping_db = false, pings sent from elsewhere keep the link alive
+    local sub3 = subscribed(db, nil, { ping_db = false, ping_grace = 0.5 })
+    local t0 = pgcoord.now()
+    while pgcoord.now() - t0 < 1.5 do   -- three times ping_grace
+      pgcoord.send_listener_ping(db)
+      pgcoord.sleep(0.1)
+    end
+    assert.are.equal(0, sub3:stats().reconnects)
+    sub3:stop()
   end)
 
   it("listens on channel names with quotes, spaces and non-ASCII letters", function()
