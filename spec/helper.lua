@@ -442,6 +442,13 @@ function helper.cleanup()
   end
 end
 
+-- Calls fn(...), which must raise; returns the error as text.
+function helper.error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("expected an error", 2) end
+  return tostring(err)
+end
+
 -- Captures pgcoord.log lines while fn runs; returns the lines.
 function helper.capture_log(fn)
   local lines = {}

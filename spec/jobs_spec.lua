@@ -48,11 +48,7 @@ local function db_time(pool_or_tx)
   return (pool_or_tx or db):one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
 end
 
-local function errors(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
+local errors = helper.error_of
 
 -- A table of completions, one row per job: a second completion of a job
 -- bumps runs.

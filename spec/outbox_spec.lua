@@ -52,11 +52,7 @@ local function messages(n, topic)
   return list
 end
 
-local function error_of(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
+local error_of = helper.error_of
 
 -- A sink table: what a publisher "published" (duplicates show as extra rows).
 local function new_sink()

@@ -19,11 +19,7 @@ local function count(done, where, ...)
     where and (" WHERE " .. where) or ""), ...).n
 end
 
-local function error_of(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
+local error_of = helper.error_of
 
 local function server_now()
   return db:one("SELECT extract(epoch FROM now())::float8 AS t").t

@@ -47,11 +47,7 @@ local function deliveries(db, qname, sub)
   return rows, by_id
 end
 
-local function errors(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
+local errors = helper.error_of
 
 describe("pgcoord.queue", function()
   local db
