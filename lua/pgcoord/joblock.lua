@@ -10,6 +10,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
+local store = require "pgcoord.store"
 
 local joblock = {}
 
@@ -49,33 +50,25 @@ local function identity()
   return ("%s:%d:%x%x"):format(host, core.getpid(), math.random(0, 0xffffff), nonce_counter)
 end
 
-local function number_option(opts, name, default)
-  local v = opts[name]
-  if v == nil then return default end
-  if type(v) ~= "number" or v ~= v or v <= 0 then
-    error(("pgcoord.joblock: %s must be a positive number of seconds, got %s")
-      :format(name, tostring(v)), 4)
-  end
-  return v
+local WHERE = "pgcoord.joblock"
+
+-- A number of seconds > 0.  (A tail call, so level 3 is joblock.new's
+-- caller.)
+local function seconds(opts, name, default)
+  return store.number(WHERE, opts, name, default, 0, false, 3)
 end
 
 local KNOWN = { ping_interval = true, stale_after = true, check_interval = true, timeout = true,
                 subscriber = true }
 
 local function check_options(opts)
-  if opts ~= nil and type(opts) ~= "table" then
-    error("pgcoord.joblock: options must be a table", 3)
-  end
-  opts = opts or {}
-  for k in pairs(opts) do
-    if not KNOWN[k] then error(("pgcoord.joblock: unknown option %q"):format(tostring(k)), 3) end
-  end
-  local ping = number_option(opts, "ping_interval", 10)
+  opts = store.check_options(WHERE, opts, KNOWN, 3)
+  local ping = seconds(opts, "ping_interval", 10)
   local o = {
     ping_interval = ping,
-    stale_after = number_option(opts, "stale_after", 4 * ping),
-    check_interval = number_option(opts, "check_interval", 2 * ping),
-    timeout = number_option(opts, "timeout", ping / 2),
+    stale_after = seconds(opts, "stale_after", 4 * ping),
+    check_interval = seconds(opts, "check_interval", 2 * ping),
+    timeout = seconds(opts, "timeout", ping / 2),
     subscriber = opts.subscriber,
   }
   if o.stale_after <= o.ping_interval then
@@ -90,9 +83,7 @@ local function check_options(opts)
 end
 
 function joblock.new(pool, name, opts)
-  if type(pool) ~= "table" or type(pool.query) ~= "function" then
-    error("pgcoord.joblock: expected a pool from pgcoord.connect", 2)
-  end
+  store.check_pool(WHERE, pool)
   if type(name) ~= "string" or name == "" then
     error(("pgcoord.joblock: name must be a non-empty string, got %s"):format(tostring(name)), 2)
   end

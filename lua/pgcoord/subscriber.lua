@@ -11,6 +11,7 @@ local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local db = require "pgcoord.db"
 local log = require "pgcoord.log"
+local store = require "pgcoord.store"
 
 local subscriber = {}
 
@@ -19,31 +20,23 @@ Sub.__index = Sub
 
 local PING_CHANNEL = "listener_ping"
 
+local WHERE = "pgcoord.subscriber"
+
 local function quote(name)
   return '"' .. name:gsub('"', '""') .. '"'
 end
 
+-- A number > 0.  (A tail call, so level 2 is subscriber.new's caller.)
 local function positive(opts, name, default)
-  local v = opts[name]
-  if v == nil then return default end
-  if type(v) ~= "number" or v ~= v or v <= 0 then
-    error(("pgcoord.subscriber: %s must be a positive number, got %s")
-      :format(name, tostring(v)), 3)
-  end
-  return v
+  return store.number(WHERE, opts, name, default, 0, false, 2)
 end
 
 local KNOWN = { ping_interval = true, ping_grace = true, ping_db = true, on_reconnect = true,
                 reconnect_min = true, reconnect_max = true }
 
 function subscriber.new(pool, opts)
-  if type(pool) ~= "table" or type(pool.query) ~= "function" or not pool.size then
-    error("pgcoord.subscriber: expected a pool from pgcoord.connect", 2)
-  end
-  opts = opts or {}
-  for k in pairs(opts) do
-    if not KNOWN[k] then error(("pgcoord.subscriber: unknown option %q"):format(tostring(k)), 2) end
-  end
+  store.check_pool(WHERE, pool)
+  opts = store.check_options(WHERE, opts, KNOWN)
   local ping_interval = positive(opts, "ping_interval", 300)
   local ping_grace = positive(opts, "ping_grace", opts.ping_interval and ping_interval * 1.4 or 420)
   if ping_grace <= ping_interval then
