@@ -63,16 +63,11 @@ static int call_handler(lua_State *L)
 	const char *type = luaL_optstring(L, -2, "text/plain; charset=utf-8");
 	size_t len = 0;
 	const char *body = luaL_optlstring(L, -1, "", &len);
-	struct evbuffer *buf = evbuffer_new();
-	if (buf == NULL)
-		return luaL_error(L, "out of memory");
-	if (evbuffer_add(buf, body, len) != 0 ||
-	    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Content-Type", type) != 0) {
-		evbuffer_free(buf);
+	/* the body goes straight into the request's own output buffer */
+	if (evbuffer_add(evhttp_request_get_output_buffer(r->req), body, len) != 0 ||
+	    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Content-Type", type) != 0)
 		return luaL_error(L, "cannot build the response");
-	}
-	evhttp_send_reply(r->req, status, status < 400 ? "OK" : "Error", buf);
-	evbuffer_free(buf);
+	evhttp_send_reply(r->req, status, status < 400 ? "OK" : "Error", NULL);
 	r->status = status;
 	return 0;
 }

@@ -119,7 +119,8 @@ typedef struct pgc_timer {
 	int self_ref;
 } pgc_timer;
 
-static struct timeval to_timeval(double seconds)
+/* seconds as a timeval for libevent: negative and NaN are 0, capped. */
+struct timeval pgc_timeval(double seconds)
 {
 	struct timeval tv;
 	if (!(seconds > 0))
@@ -161,7 +162,7 @@ static int l_timer(lua_State *L)
 	t->ev = evtimer_new(pgc_base(L), on_timer, t);
 	if (t->ev == NULL)
 		return luaL_error(L, "pgcoord: cannot create a timer");
-	struct timeval tv = to_timeval(seconds);
+	struct timeval tv = pgc_timeval(seconds);
 	if (evtimer_add(t->ev, &tv) != 0)
 		return luaL_error(L, "pgcoord: cannot arm a timer");
 	t->cb_ref = pgc_ref(L, 2);
@@ -332,7 +333,7 @@ static int l_step(lua_State *L)
 		if (timeout <= 0) {
 			flags |= EVLOOP_NONBLOCK;
 		} else {
-			struct timeval tv = to_timeval(timeout);
+			struct timeval tv = pgc_timeval(timeout);
 			if (evtimer_add(loop->ev_step, &tv) != 0)
 				return luaL_error(L, "pgcoord: cannot arm the step timer");
 			timed = 1;

@@ -306,9 +306,7 @@ static int l_connect(lua_State *L)
 		return 2;
 	}
 	if (timeout > 0) {
-		struct timeval tv;
-		tv.tv_sec = (time_t)timeout;
-		tv.tv_usec = (suseconds_t)((timeout - (double)tv.tv_sec) * 1e6);
+		struct timeval tv = pgc_timeval(timeout);
 		if (evtimer_add(c->ev_timeout, &tv) != 0)
 			return luaL_error(L, "pgcoord: cannot arm the connect timer");
 	}

@@ -29,6 +29,7 @@ int pgc_traceback(lua_State *L);
 int pgc_ref(lua_State *L, int idx);
 void pgc_unref(lua_State *L, int *ref);
 void pgc_open_loop(lua_State *L);
+struct timeval pgc_timeval(double seconds);
 
 /* pgconn.c */
 void pgc_open_pgconn(lua_State *L);
