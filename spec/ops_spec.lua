@@ -132,6 +132,28 @@ describe("operations", function()
     holding:cancel()
   end)
 
+  it("counts the outbox's messages by status in --status, processed ones left out", function()
+    local name = helper.create_database("outbox_status")
+    local odb = pgcoord.connect("dbname=" .. name, { size = 1 })
+    local ok, err = pcall(function()
+      local ob = pgcoord.outbox(odb)   -- the default table, outbox_messages
+      ob:migrate()
+      local ids = {}
+      for i = 1, 5 do ids[i] = ob:save(nil, { topic = "t", payload = { n = i } }) end
+      ob:mark_processed(ids[1], ids[2])
+      odb:exec("UPDATE outbox_messages SET status = 'processing' WHERE id = $1", ids[3])
+      odb:exec("UPDATE outbox_messages SET status = 'failed' WHERE id = $1", ids[4])
+      local code, out = helper.run({ "pgcoord-run", "--status", "--json" },
+        { env = { PGDATABASE = name } })
+      assert.are.equal(0, code, out)
+      local counts = pgcoord.json.decode(out).outbox[1]
+      assert.are.same({ "outbox_messages", 1, 1, 1 },
+        { counts.table, counts.pending, counts.processing, counts.failed })
+    end)
+    odb:close()
+    if not ok then error(err, 0) end
+  end)
+
   it("restarts a worker process killed by SIGKILL and stops all on SIGTERM", function()
     local group, done = helper.unique("g"), helper.unique("done")
     db:exec(("CREATE TABLE %s (id bigint PRIMARY KEY)"):format(done))

@@ -3,17 +3,17 @@
 -- `pgcoord-run --status` and by the metrics refresher; a database with
 -- none, some or all of the tables answers with what it has.
 local json = require "pgcoord.json"
+local store = require "pgcoord.store"
 
 local status = {}
 
+-- Which tables exist; outboxes: those of the outbox tables $1 (a JSON list).
 local PRESENT = [[
 SELECT to_regclass('pgcoord.jobs') IS NOT NULL AS jobs,
        to_regclass('pgcoord.queue_deliveries') IS NOT NULL AS queues,
-       to_regclass('pgcoord.job_locks') IS NOT NULL AS locks]]
-
-local OUTBOXES = [[
-SELECT t AS name FROM json_array_elements_text($1::json) t
- WHERE to_regclass(quote_ident(t)) IS NOT NULL]]
+       to_regclass('pgcoord.job_locks') IS NOT NULL AS locks,
+       (SELECT json_agg(t) FROM json_array_elements_text($1::json) t
+         WHERE to_regclass(quote_ident(t)) IS NOT NULL) AS outboxes]]
 
 local JOBS = [[
 SELECT group_name AS "group",
@@ -41,10 +41,12 @@ SELECT name, holder, token,
   FROM pgcoord.job_locks ORDER BY name]]
 
 local function outbox_counts(db, name)
-  local quoted = '"' .. name:gsub('"', '""') .. '"'
+  local _, quoted = store.table_name("pgcoord.status", name)
+  -- (processed rows, however many are kept, are not read)
   local row = db:one(([[SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
       count(*) FILTER (WHERE status = 'processing') AS processing,
-      count(*) FILTER (WHERE status = 'failed') AS failed FROM %s]]):format(quoted))
+      count(*) FILTER (WHERE status = 'failed') AS failed
+    FROM %s WHERE status <> 'processed']]):format(quoted))
   row.table = name
   return row
 end
@@ -54,15 +56,14 @@ end
 -- outbox table name.
 function status.collect(db, outbox_tables)
   outbox_tables = outbox_tables or { "outbox_messages" }
-  local present = db:one(PRESENT)
+  local present = db:one(PRESENT, json.array(outbox_tables))
   local s = {}
   if present.jobs then s.jobs = db:query(JOBS) end
   if present.queues then s.queues = db:query(QUEUES) end
   if present.locks then s.locks = db:query(LOCKS) end
-  local outboxes = db:query(OUTBOXES, outbox_tables)
-  if #outboxes > 0 then
+  if present.outboxes then
     s.outbox = {}
-    for i, row in ipairs(outboxes) do s.outbox[i] = outbox_counts(db, row.name) end
+    for i, name in ipairs(present.outboxes) do s.outbox[i] = outbox_counts(db, name) end
   end
   return s
 end
