@@ -447,6 +447,36 @@ describe("query results", function()
     assert.is_nil(db:one("SELECT 1 AS x WHERE false"))
     assert.are.equal(1, db:one("SELECT g AS x FROM generate_series(1, 3) g ORDER BY g").x)
   end)
+
+  it("a result that cannot be decoded raises in the task and the connection goes back", function()
+    local db = pool({ size = 2 })
+    local deep = ("["):rep(200) .. ("]"):rep(200)
+    for _ = 1, 5 do -- more than the pool holds: no connection may stay leased
+      local err = errors(db.one, db, "SELECT $1::json AS j", deep)
+      assert.are.equal("22000", err.sqlstate)
+      assert.matches("cannot read the query's result: .*nested too deep", tostring(err))
+    end
+    assert.are.equal(1, db:one("SELECT 1 AS x").x)
+    assert_consistent(db)
+  end)
+
+  it("running out of memory while building rows raises 53200; the pool goes on", function()
+    local script = helper.tmpname("oom") .. ".lua"
+    helper.write_file(script, [[
+      local pgcoord = require "pgcoord"
+      local db = pgcoord.connect(nil, { size = 1 })
+      local ok, err = pcall(db.query, db,
+        "SELECT g AS a, g AS b, g AS c FROM generate_series(1, 3000000) g")
+      print(ok, type(err) == "table" and err.sqlstate)
+      print(db:one("SELECT 41 + 1 AS x").x)
+    ]])
+    -- (AddressSanitizer reserves terabytes of address space: no ulimit -v)
+    if os.getenv("SANITIZE") == "address" then return end
+    local code, out = helper.run({ "sh", "-c", "ulimit -v 500000; exec "
+      .. helper.quote(helper.run_bin) .. " " .. helper.quote(script) }, { timeout = 60 })
+    assert.are.equal(0, code, out)
+    assert.are.equal("false\t53200\n42\n", out)
+  end)
 end)
 
 describe("errors", function()

@@ -11,6 +11,7 @@
  * retrying) lives in lua/pgcoord/db.lua.
  */
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -331,6 +332,31 @@ static int result_box_gc(lua_State *L)
 	return 0;
 }
 
+/* Builds what the query's callback gets; runs in protected mode, because
+ * decoding a value can raise (JSON nested too deep, out of memory). */
+static int build_result(lua_State *L)
+{
+	const PGresult *res = lua_touserdata(L, 1);
+	int describing = lua_toboolean(L, 2);
+	if (describing) {
+		int n = PQnparams(res);
+		lua_createtable(L, n, 0);
+		for (int i = 0; i < n; i++) {
+			lua_pushinteger(L, (lua_Integer)PQparamtype(res, i));
+			lua_rawseti(L, -2, i + 1);
+		}
+	} else {
+		pgc_push_result(L, res);
+	}
+	return 1;
+}
+
+/*
+ * Hands the outcome to the callback: (rows) or (nil, err).  A result that
+ * cannot be built is an error for the task that waits, never one for the
+ * loop's log: the query's rows were all read, so the connection is clean
+ * and goes back to its pool.
+ */
 static int deliver_result(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
@@ -340,19 +366,30 @@ static int deliver_result(lua_State *L)
 	luaL_setmetatable(L, RESULT_BOX_META);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
 	pgc_unref(L, &c->cb_ref);
+	int cb = lua_gettop(L);
 	ExecStatusType st = *box ? PQresultStatus(*box) : PGRES_FATAL_ERROR;
-	int nargs = 1;
 	int describing = c->describing;
 	c->describing = 0;
-	if (describing && st == PGRES_COMMAND_OK) {
-		int n = PQnparams(*box);
-		lua_createtable(L, n, 0);
-		for (int i = 0; i < n; i++) {
-			lua_pushinteger(L, (lua_Integer)PQparamtype(*box, i));
-			lua_rawseti(L, -2, i + 1);
+	int nargs = 1;
+	if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
+		lua_pushcfunction(L, build_result);
+		lua_pushlightuserdata(L, *box);
+		lua_pushboolean(L, describing && st == PGRES_COMMAND_OK);
+		int rc = lua_pcall(L, 2, 1, 0);
+		if (rc != LUA_OK) {
+			const char *why = rc == LUA_ERRMEM ? "out of memory" : lua_tostring(L, -1);
+			char msg[512];
+			snprintf(msg, sizeof msg, "pgcoord: cannot read the query's result: %s",
+				 why ? why : "(error object is not a string)");
+			lua_settop(L, cb);
+			PQclear(*box);
+			*box = NULL;
+			if (rc == LUA_ERRMEM)	/* what was built is garbage now */
+				lua_gc(L, LUA_GCCOLLECT);
+			lua_pushnil(L);
+			pgc_push_error(L, rc == LUA_ERRMEM ? "53200" : "22000", msg);
+			nargs = 2;
 		}
-	} else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
-		pgc_push_result(L, *box);
 	} else {
 		lua_pushnil(L);
 		if (*box)
