@@ -3,6 +3,7 @@
 -- while the user types.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
+local lifecycle = require "pgcoord.lifecycle"
 
 local cli = {}
 
@@ -20,6 +21,8 @@ usage: pgcoord-run [options] [script [args...]]
                       listens on port + k - 1)
   --workers n         run the script in n processes (one loop each), restart
                       one that dies, stop all on SIGTERM/SIGINT
+  --stop-timeout s    a graceful stop (SIGTERM, SIGINT) that takes longer than
+                      s seconds (default 30) cancels what still runs, exit 1
   --log-level level   debug, info (default), warn or error
   --log-format fmt    logfmt (default) or json
   -v, --version       print the version and exit
@@ -63,6 +66,11 @@ local function parse(argv)
       if math.type(o.workers) ~= "integer" or o.workers < 1 then
         error(("--workers takes a positive integer, got %s"):format(argv[i]), 0)
       end
+    elseif a == "--stop-timeout" then
+      o.stop_timeout = tonumber(value(a))
+      if not o.stop_timeout or o.stop_timeout ~= o.stop_timeout or o.stop_timeout <= 0 then
+        error(("--stop-timeout takes a number of seconds > 0, got %s"):format(argv[i]), 0)
+      end
     elseif a == "--log-level" then o.log_level = value(a)
     elseif a == "--log-format" then o.log_format = value(a)
     elseif a == "-v" or a == "--version" then o.version = true
@@ -91,6 +99,7 @@ end
 local error_text = task.error_text
 
 local function traceback(err)
+  if task.is_cancelled(err) then return err end
   return debug.traceback(error_text(err), 2)
 end
 
@@ -100,8 +109,10 @@ local exit_code = nil
 local function run_main(fn, ...)
   return task.spawn(function(...)
     local ok, err = xpcall(fn, traceback, ...)
-    if not ok then
-      io.stderr:write("pgcoord-run: ", err, "\n")
+    if not ok and task.is_cancelled(err) and lifecycle.stopping() then
+      return -- cancelled past the stop deadline: the stop decides the status
+    elseif not ok then
+      io.stderr:write("pgcoord-run: ", error_text(err), "\n")
       exit_code = 1
     end
   end, ...)
@@ -219,6 +230,7 @@ function cli.main(argv)
     if not fok then return die("%s", ferr) end
   end
   if o.db then require("pgcoord.db").set_default_conninfo(o.db) end
+  if o.stop_timeout then lifecycle.set_stop_timeout(o.stop_timeout) end
   if o.print_sql then
     local sok, sql = pcall(require("pgcoord.migrate").sql)
     if not sok then return die("%s", error_text(sql)) end
@@ -239,7 +251,7 @@ function cli.main(argv)
     end
     return require("pgcoord.supervisor").run(o.workers, function(slot)
       return cli.run(pgcoord, o, jobs, false, slot)
-    end)
+    end, lifecycle.stop_timeout())
   end
   if #jobs == 0 and not interactive then
     local chunk, lerr = load(io.stdin:read("a"), "=stdin", "t")
@@ -302,6 +314,8 @@ function cli.run(pgcoord, o, jobs, interactive, slot)
     pgcoord.handle_signals()
     loop_while(function() return task.live() > 0 end)
   end
+  lifecycle.finished()
+  if exit_code == nil and lifecycle.expired() then exit_code = 1 end
   return exit_code or 0
 end
 

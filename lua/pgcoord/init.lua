@@ -8,6 +8,7 @@ local json = require "pgcoord.json"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local db = require "pgcoord.db"
+local lifecycle = require "pgcoord.lifecycle"
 
 local pgcoord = {
   version = core.version,
@@ -32,33 +33,9 @@ pgcoord.time = core.time
 pgcoord.current_task = task.current
 pgcoord.is_cancelled = task.is_cancelled
 
-local stopping = false
-local stop_handlers = {}
-
--- fn runs (in a task of its own) when a graceful stop begins.
-function pgcoord.on_stop(fn)
-  if type(fn) ~= "function" then
-    error(("pgcoord.on_stop: expected a function, got %s"):format(type(fn)), 2)
-  end
-  if stopping then
-    task.spawn(fn)
-    return
-  end
-  stop_handlers[#stop_handlers + 1] = fn
-end
-
-function pgcoord.stopping()
-  return stopping
-end
-
--- Begins a graceful stop: the stop handlers run, tasks get to finish.
-function pgcoord.stop()
-  if stopping then return end
-  stopping = true
-  local handlers = stop_handlers
-  stop_handlers = {}
-  for _, fn in ipairs(handlers) do task.spawn(fn) end
-end
+pgcoord.on_stop = lifecycle.on_stop
+pgcoord.stopping = lifecycle.stopping
+pgcoord.stop = lifecycle.stop
 
 local signals
 local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
@@ -68,7 +45,7 @@ function pgcoord.handle_signals()
   if signals then return end
   local function on_signal(signum)
     local name = SIGNAL_NAMES[signum] or tostring(signum)
-    if stopping then
+    if lifecycle.stopping() then
       log.warn("second signal, exiting at once", { signal = name })
       os.exit(128 + signum, false)
     end
@@ -79,10 +56,13 @@ function pgcoord.handle_signals()
 end
 
 -- Runs the loop until no task is left (after pgcoord.stop(), once the
--- stop handlers and the tasks they end have finished).
+-- stop handlers and the tasks they end have finished).  Returns false
+-- when a stop ran past its deadline and tasks had to be cancelled.
 function pgcoord.run()
   pgcoord.handle_signals()
   while task.live() > 0 do core.step() end
+  lifecycle.finished()
+  return not lifecycle.expired()
 end
 
 -- One loop iteration, waiting at most timeout seconds (nil: until an event).

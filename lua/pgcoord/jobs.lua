@@ -777,7 +777,7 @@ function Worker:_flush_loop()
     if batch.n > 0 then
       self.results = new_batch()
       self.writers = self.writers + 1
-      task.spawn(self._write, self, batch)
+      task.spawn(self._write, self, batch).cleanup = true -- see lifecycle.lua
     elseif self.state == "stopped" and self.writers == 0 then
       return
     elseif self.state == "stopped" then
@@ -850,6 +850,7 @@ function Worker:_main()
   self.state = "running"
   pgcoord.on_stop(function() self:shutdown() end)
   self.flusher = task.spawn(self._flush_loop, self)
+  self.flusher.cleanup = true -- the stop's writes go through it
   self.heartbeater = task.spawn(self._heartbeat_loop, self)
   self.runners = {}
   for i = 1, self.concurrency do self.runners[i] = task.spawn(self._runner, self, i) end

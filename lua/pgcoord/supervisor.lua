@@ -2,7 +2,9 @@
 -- N children that each run the script with a loop of their own, restarts
 -- a child that dies (with backoff, so a script that crashes at start does
 -- not spin), forwards SIGTERM/SIGINT for a graceful stop of all, and
--- exits once every child has stopped.  It opens no connection itself.
+-- exits once every child has stopped: 0 when each stopped cleanly, 1 when
+-- one did not (ran past its stop deadline, or had to be killed).  It
+-- opens no connection itself.
 local core = require "pgcoord.core"
 local log = require "pgcoord.log"
 
@@ -12,12 +14,18 @@ local SIGINT, SIGTERM, SIGKILL, SIGCHLD = 2, 15, 9, 17
 local BACKOFF_MIN, BACKOFF_MAX = 0.1, 10
 local STABLE_AFTER = 10 -- a child that lived this long resets its backoff
 
--- run_child() runs the script in a child and returns its exit status.
-function supervisor.run(n, run_child)
+-- A child past its own stop deadline (and its handlers' grace) is killed
+-- this long after it.
+local KILL_AFTER = 5
+
+-- run_child() runs the script in a child and returns its exit status;
+-- stop_timeout is the children's stop deadline.
+function supervisor.run(n, run_child, stop_timeout)
   local slots = {}        -- slot -> { pid, started, backoff }
   local by_pid = {}
   local stopping = false
-  local watchers
+  local status = 0
+  local watchers, killer
 
   local function start(slot)
     local s = slots[slot]
@@ -60,6 +68,7 @@ function supervisor.run(n, run_child)
         local fields = { worker = slot, pid = pid }
         fields[how == "killed" and "signal" or "status"] = code
         if stopping then
+          if how ~= "exited" or code ~= 0 then status = 1 end
           log.info("worker stopped", fields)
         else
           log.warn("worker died", fields)
@@ -81,6 +90,14 @@ function supervisor.run(n, run_child)
       if s.timer then s.timer:cancel() end
     end
     for pid in pairs(by_pid) do core.kill(pid, SIGTERM) end
+    if stop_timeout and stop_timeout < math.huge then
+      killer = core.timer(stop_timeout + KILL_AFTER, function()
+        for pid in pairs(by_pid) do
+          log.error("worker did not stop in time: killing it", { pid = pid })
+          core.kill(pid, SIGKILL)
+        end
+      end)
+    end
   end
 
   watchers = {
@@ -103,7 +120,8 @@ function supervisor.run(n, run_child)
     end
   end
   for _, w in ipairs(watchers) do w:close() end
-  return 0
+  if killer then killer:cancel() end
+  return status
 end
 
 return supervisor

@@ -17,6 +17,7 @@ local by_co = setmetatable({}, { __mode = "k" })
 local ready = {}          -- FIFO of { t, n, ... } waiting to be resumed
 local ready_head, ready_tail = 1, 0
 local live = 0            -- tasks not yet finished, daemons excepted
+local alive = {}          -- those tasks, for a stop past its deadline
 local next_id = 0
 local reporter = function(t, err, trace)
   io.stderr:write(("level=error msg=\"task failed\" task=%d error=%q\n%s\n")
@@ -54,6 +55,7 @@ end
 
 local function finish(t, ok, ...)
   if t.daemon then t.daemon = false else live = live - 1 end
+  alive[t] = nil
   if ok then
     t.state, t.results = "done", table.pack(...)
   else
@@ -139,12 +141,14 @@ function task.spawn(fn, ...)
     error(("pgcoord.spawn: expected a function, got %s"):format(type(fn)), 2)
   end
   next_id = next_id + 1
-  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0 }, Task)
+  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0, fn = fn },
+    Task)
   t.co = coroutine.create(function(...)
     t.outcome = table.pack(xpcall(fn, on_error, ...))
   end)
   by_co[t.co] = t
   live = live + 1
+  alive[t] = true
   enqueue(t, ...)
   return t
 end
@@ -154,6 +158,7 @@ function task.spawn_daemon(fn, ...)
   local t = task.spawn(fn, ...)
   t.daemon = true
   live = live - 1
+  alive[t] = nil
   return t
 end
 
@@ -378,6 +383,14 @@ end
 -- Number of tasks still to finish (daemons excepted).
 function task.live()
   return live
+end
+
+-- Those tasks, oldest first.
+function task.alive()
+  local list = {}
+  for t in pairs(alive) do list[#list + 1] = t end
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
 end
 
 function task.set_reporter(fn)
