@@ -124,6 +124,50 @@ end
 
 -- ---- the interactive prompt ------------------------------------------------
 
+-- Completion at the prompt: the fields of a global or of a table reached
+-- through dots ("string.fo"), and methods after a colon ("s:up").
+local function is_name(k)
+  return type(k) == "string" and k:match("^[%a_][%w_]*$") ~= nil
+end
+
+local function completions(word)
+  local path, sep, prefix = word:match("^(.-)([.:]?)([%w_]*)$")
+  local t = _G
+  if sep ~= "" then
+    for name in path:gmatch("[^.:]+") do
+      local ok, v = pcall(function() return t[name] end)
+      if not ok or v == nil then return {} end
+      t = v
+    end
+    if sep == ":" or type(t) ~= "table" then
+      local mt = getmetatable(t)
+      t = type(mt) == "table" and mt.__index
+    end
+  end
+  local seen, out = {}, {}
+  while type(t) == "table" and not seen[t] do
+    seen[t] = true
+    for k, v in pairs(t) do
+      if is_name(k) and k:sub(1, #prefix) == prefix then
+        seen[k] = true
+        out[#out + 1] = path .. sep .. k .. (type(v) == "function" and "(" or "")
+      end
+    end
+    local mt = getmetatable(t)
+    t = type(mt) == "table" and mt.__index
+  end
+  table.sort(out)
+  return out
+end
+cli.completions = completions
+
+local function history_file()
+  local path = os.getenv("PGCOORD_HISTORY")
+  if path then return path ~= "" and path or nil end
+  local home = os.getenv("HOME")
+  return home and home ~= "" and (home .. "/.pgcoord_history") or nil
+end
+
 local function repl(pgcoord)
   local prompt = require "pgcoord.prompt"
   local buffer, running = nil, nil
@@ -137,10 +181,19 @@ local function repl(pgcoord)
   _G.print = interactive_print
   pgcoord.log.set_sink(function(line) prompt.print(line) end)
 
+  local function interrupted(err)
+    return task.is_cancelled(err) or (type(err) == "string" and err:find("interrupted", 1, true))
+  end
+
   local function evaluate(chunk)
     prompt.pause()
     running = task.spawn(function()
-      local r = table.pack(xpcall(chunk, traceback))
+      prompt.running(coroutine.running())
+      local r = table.pack(xpcall(chunk, function(err)
+        if interrupted(err) then return "interrupted" end
+        return traceback(err)
+      end))
+      prompt.running(nil)
       if not r[1] then
         prompt.print(r[2])
       elseif r.n > 1 then
@@ -182,29 +235,37 @@ local function repl(pgcoord)
     end
   end
 
-  local function on_interrupt(signum)
-    if signum == 2 and active then
-      if running then
+  -- Ctrl-C: a running chunk is interrupted (one that never waits by the
+  -- hook prompt.c arms, one that waits is cancelled here: a query it
+  -- waits on is dropped and cancelled on the server); at the prompt, the
+  -- line typed so far goes.  Never the end of the process.
+  local function on_interrupt(during_chunk)
+    if not active then return end
+    if running then
+      local state = running:status()
+      if state == "running" or state == "ready" then
+        prompt.running(nil)
         running:cancel()
         prompt.print("interrupted")
-      else
-        buffer = nil
-        prompt.set("> ")
-        prompt.clear()
       end
-      return
+    elseif not during_chunk then
+      buffer = nil
+      prompt.set("> ")
+      prompt.clear()
     end
+  end
+
+  local function on_terminate(signum)
     if pgcoord.stopping() then os.exit(128 + signum, false) end
     pgcoord.stop()
   end
 
   io.stdout:write(("pgcoord %s (%s) -- the loop runs while you type; Ctrl-D leaves\n")
     :format(core.version, _VERSION))
-  prompt.start("> ", on_line)
-  local sigint = core.signal(2, on_interrupt)
-  local sigterm = core.signal(15, on_interrupt)
+  prompt.start("> ", on_line, { complete = completions, interrupt = on_interrupt,
+    history = history_file() })
+  local sigterm = core.signal(15, on_terminate)
   loop_while(function() return active or task.live() > 0 end)
-  sigint:close()
   sigterm:close()
 end
 
