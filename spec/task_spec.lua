@@ -436,3 +436,67 @@ describe("the loop", function()
     assert.are.same({ "on_stop", "stopper", "worker saw stop" }, seen)
   end)
 end)
+
+describe("signals, options and backoff", function()
+  local task = require "pgcoord.task"
+  local options = require "pgcoord.options"
+  local backoff = require "pgcoord.backoff"
+  after_each(helper.cleanup)
+
+  it("a signal keeps a wake-up nobody waited for, once", function()
+    local s = task.signal()
+    s:notify()
+    s:notify()
+    local took, t = helper.timed(s.wait, s, 5)
+    assert.is_true(t)
+    assert.is_true(took < 1)
+    assert.is_false(s:wait(0.02)) -- two notifies kept one wake-up
+    local woke
+    local waiter = helper.spawn(function() woke = s:wait(5) end)
+    helper.wait_until(function() return next(s.cond.waiters) ~= nil end, 5, "the waiter")
+    s:notify()
+    waiter:join()
+    assert.is_true(woke)
+    assert.is_false(s:wait(0.02)) -- a wake-up a waiter took is not kept
+  end)
+
+  it("options: defaults, kinds, ranges, unknown keys, named at the caller's line", function()
+    local check = options.spec("thing:new", {
+      n = { "integer", default = 3, min = 1, max = 10 },
+      t = { "number", default = 1, above = 0 },
+      mode = { { "drop", "error" }, default = "drop" },
+      name = { "string" },
+    })
+    assert.are.same({ n = 3, t = 1, mode = "drop" }, check(nil))
+    assert.are.same({ n = 5, t = 0.5, mode = "error", name = "x" },
+      check({ n = 5, t = 0.5, mode = "error", name = "x" }))
+    local line = debug.getinfo(1, "l").currentline + 1
+    local ok, err = pcall(function() check({ cuont = 1 }) end)
+    assert.is_false(ok)
+    assert.are.equal(("spec/task_spec.lua:%d: unknown option \"cuont\" for thing:new"):format(line),
+      err:match("spec/.*"))
+    assert.matches("thing:new: option n must be an integer >= 1 and <= 10, got 1000000",
+      helper.error_of(check, { n = 1e6 }))
+    assert.matches("option t must be a number > 0, got 0",
+      helper.error_of(check, { t = 0 }), 1, true)
+    assert.matches("option t must be a number > 0, got inf",
+      helper.error_of(check, { t = math.huge }), 1, true)
+    assert.matches('option mode must be one of "drop", "error", got "keep"',
+      helper.error_of(check, { mode = "keep" }), 1, true)
+    assert.matches('option name must be a non-empty string, got ""',
+      helper.error_of(check, { name = "" }), 1, true)
+  end)
+
+  it("backoff grows to its cap with jitter and resets", function()
+    local b = backoff.new({ base = 0.1, cap = 1 })
+    local last
+    for i = 1, 8 do
+      last = b:next()
+      local step = math.min(1, 0.1 * 2 ^ (i - 1))
+      assert.is_true(last >= step / 2 and last <= step, ("try %d: %g"):format(i, last))
+    end
+    assert.is_true(last >= 0.5)
+    b:reset()
+    assert.is_true(b:next() <= 0.1)
+  end)
+end)

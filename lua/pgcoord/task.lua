@@ -376,6 +376,37 @@ function Cond:signal(value)
   return true
 end
 
+-- ---- signals ---------------------------------------------------------------
+
+-- A wake-up kept until a waiter takes it: notify() while nobody waits
+-- makes the next wait() return at once.  Loops that wait for "something
+-- to do" use this, so a notification that comes while they are busy is
+-- never lost (a Cond drops it).
+local Signal = {}
+Signal.__index = Signal
+
+function task.signal()
+  return setmetatable({ cond = task.cond(), kept = false }, Signal)
+end
+
+function Signal:notify()
+  if not self.cond:signal() then self.kept = true end
+end
+
+-- Returns true when notified (now or before), false when timeout passed.
+function Signal:wait(timeout)
+  if self.kept then
+    self.kept = false
+    return true
+  end
+  return self.cond:wait(timeout) ~= nil
+end
+
+-- Drops a kept wake-up (the waiter found the work itself).
+function Signal:clear()
+  self.kept = false
+end
+
 function task.is_cancelled(err)
   return err == CANCELLED
 end
