@@ -3,6 +3,7 @@
 -- while the user types.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
+local log = require "pgcoord.log"
 
 local cli = {}
 
@@ -30,8 +31,12 @@ With no script on a terminal, the prompt starts.  The database defaults to
 PGCOORD_DATABASE_URL, then DATABASE_URL, then libpq's PG* environment.
 ]=]
 
+-- What pgcoord-run prints itself (errors, tracebacks) loses its passwords
+-- as log lines do: a script's error may quote a conninfo.
+local redact = log.redact
+
 local function die(fmt, ...)
-  io.stderr:write("pgcoord-run: ", fmt:format(...), "\n")
+  io.stderr:write("pgcoord-run: ", redact(fmt:format(...)), "\n")
   return 1
 end
 
@@ -101,7 +106,7 @@ local function run_main(fn, ...)
   return task.spawn(function(...)
     local ok, err = xpcall(fn, traceback, ...)
     if not ok then
-      io.stderr:write("pgcoord-run: ", err, "\n")
+      io.stderr:write("pgcoord-run: ", redact(err), "\n")
       exit_code = 1
     end
   end, ...)
@@ -131,7 +136,7 @@ local function repl(pgcoord)
     running = task.spawn(function()
       local r = table.pack(xpcall(chunk, traceback))
       if not r[1] then
-        prompt.print(r[2])
+        prompt.print(redact(r[2]))
       elseif r.n > 1 then
         interactive_print(table.unpack(r, 2, r.n))
       end
@@ -164,7 +169,7 @@ local function repl(pgcoord)
     if not chunk then
       -- the editor would redraw the rejected line under the message
       prompt.pause()
-      prompt.print(err)
+      prompt.print(redact(err))
       prompt.resume("> ")
     else
       evaluate(chunk)
