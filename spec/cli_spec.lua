@@ -111,6 +111,32 @@ describe("pgcoord-run", function()
     assert.matches("42601", out, 1, true)
   end)
 
+  it("masks passwords in a script's top-level error and in its traceback lines", function()
+    local function run_masked(argv, shown)
+      local code, out = helper.run(argv)
+      assert.are.equal(1, code, out)
+      assert.matches(shown, out, 1, true)
+      assert.is_nil(out:find("Secret", 1, true), out)
+      return out
+    end
+    local out = run_masked({ "pgcoord-run", "-e", 'error("postgresql://u:TopSecret@h/d")' },
+      "postgresql://u:***@h/d")
+    assert.matches("stack traceback", out, 1, true)
+    -- a traceback line: the chunk's name is a URI with a password
+    run_masked({ "pgcoord-run", "-e",
+      [[load("error('deep')", "=postgresql://u:TopSecret@h/d")()]] },
+      "postgresql://u:***@h/d:1: in main chunk")
+    -- libpq quoting, from a script file
+    run_masked({ "pgcoord-run", script([[error("host=h password='Top\\'Secret word'")]]) },
+      "host=h password=***")
+    -- a chunk that does not compile
+    run_masked({ "pgcoord-run", "-e", "local x = {} 'postgresql://u:TopSecret@h/d'" },
+      "unexpected symbol near ''postgresql://u:***@h/d''")
+    -- an error that escapes the command line handling itself
+    run_masked({ "pgcoord-run", "-l", "postgresql://u:TopSecret@h/d", "-e", "" },
+      "module 'postgresql://u:***@h/d' not found")
+  end)
+
   it("keeps running until the script's tasks finish, then exits 0", function()
     local path = script([[
       for _, d in ipairs({ 0.15, 0.05, 0.1 }) do
@@ -319,6 +345,15 @@ describe("the interactive prompt", function()
     t:wait_for("oops at prompt", 10, "the error")
     t:line("2 * 21 + 1")
     t:wait_for("\n43\n>", 10, "the prompt to survive an error")
+  end)
+
+  it("masks passwords in an error shown at the prompt", function()
+    local t = prompt_session()
+    t:line([[error("postgresql://u:TopSecret@h/d")]])
+    t:wait_for("postgresql://u:%*%*%*@h/d\n", 10, "the masked error")
+    local screen = t:capture()
+    local _, n = screen:gsub("TopSecret", "")
+    assert.are.equal(1, n, "only the typed line shows the password:\n" .. screen)
   end)
 
   it("runs a multi-line for loop", function()

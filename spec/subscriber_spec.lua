@@ -296,6 +296,41 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     end
   end)
 
+  it("refuses a channel name with a NUL byte, over 63 bytes or not UTF-8 where it is given",
+    function()
+    local sub, fan = subscribed(db)
+    local l = fan:listen()
+    local long = helper.unique("ch") .. ("x"):rep(64)
+    local bad = {
+      { "bad\0ch", "contains a NUL byte" },
+      { long:sub(1, 64), "is 64 bytes long; PostgreSQL takes names of at most 63 bytes" },
+      { "bad\xffch", "is not valid UTF-8" },
+    }
+    for _, case in ipairs(bad) do
+      local name, problem = case[1], case[2]
+      -- raised at the caller's line, naming the function and the problem
+      local err = helper.error_of(function() pgcoord.fanout(name) end)
+      assert.matches("subscriber_spec.lua:%d+: pgcoord.fanout: channel ", err)
+      assert.matches(problem, err, 1, true)
+      err = helper.error_of(function() sub:channel(name) end)
+      assert.matches("subscriber_spec.lua:%d+: sub:channel: channel ", err)
+      assert.matches(problem, err, 1, true)
+      err = helper.error_of(function() pgcoord.publish(db, name, { n = 1 }) end)
+      assert.matches("subscriber_spec.lua:%d+: pgcoord.publish: channel ", err)
+      assert.matches(problem, err, 1, true)
+    end
+    -- the subscriber's other channels were never disturbed
+    fan:publish(db, { n = 2 })
+    assert.are.equal(2, l:receive(5).n)
+    assert.are.equal(0, sub:stats().reconnects)
+    -- 63 bytes is PostgreSQL's limit, and works end to end
+    local at_limit = sub:channel(long:sub(1, 63))
+    local l63 = at_limit:listen()
+    pgcoord.publish(db, long:sub(1, 63), { n = 63 })
+    assert.are.equal(63, l63:receive(5).n)
+    sub:stop()
+  end)
+
   it("refuses payloads over NOTIFY's limit and bad options, clearly", function()
     local ok, err = pcall(pgcoord.publish, db, "c", string.rep("x", 8000))
     assert.is_false(ok)

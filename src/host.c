@@ -89,6 +89,34 @@ static int run_cli(lua_State *L)
 	return 1;
 }
 
+/* pgcoord.log.redact(msg): a top-level error may quote a conninfo. */
+static int redact_message(lua_State *L)
+{
+	lua_getglobal(L, "require");
+	lua_pushliteral(L, "pgcoord.log");
+	lua_call(L, 1, 1);
+	lua_getfield(L, -1, "redact");
+	lua_pushvalue(L, 1);
+	lua_call(L, 1, 1);
+	return 1;
+}
+
+/* Prints the error on top of the stack, its passwords masked. */
+static void report_error(lua_State *L)
+{
+	lua_pushcfunction(L, redact_message);
+	lua_insert(L, -2);
+	if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_type(L, -1) == LUA_TSTRING) {
+		fprintf(stderr, "pgcoord-run: %s\n", lua_tostring(L, -1));
+	} else {
+		/* unmasked, the message might show a password: not printed */
+		const char *why = lua_tostring(L, -1);
+		fprintf(stderr, "pgcoord-run: an error escaped, and masking its passwords failed: %s\n",
+			why ? why : "?");
+	}
+	lua_pop(L, 1);
+}
+
 int main(int argc, char **argv)
 {
 	lua_State *L = pgc_new_state();
@@ -106,7 +134,7 @@ int main(int argc, char **argv)
 	lua_pushlightuserdata(L, argv);
 	int status;
 	if (lua_pcall(L, 2, 1, 1) != LUA_OK) {
-		fprintf(stderr, "pgcoord-run: %s\n", lua_tostring(L, -1));
+		report_error(L);
 		status = 1;
 	} else {
 		status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;

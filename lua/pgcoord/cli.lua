@@ -4,6 +4,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local lifecycle = require "pgcoord.lifecycle"
+local log = require "pgcoord.log"
 
 local cli = {}
 
@@ -33,8 +34,12 @@ With no script on a terminal, the prompt starts.  The database defaults to
 PGCOORD_DATABASE_URL, then DATABASE_URL, then libpq's PG* environment.
 ]=]
 
+-- What pgcoord-run prints itself (errors, tracebacks) loses its passwords
+-- as log lines do: a script's error may quote a conninfo.
+local redact = log.redact
+
 local function die(fmt, ...)
-  io.stderr:write("pgcoord-run: ", fmt:format(...), "\n")
+  io.stderr:write("pgcoord-run: ", redact(fmt:format(...)), "\n")
   return 1
 end
 
@@ -112,7 +117,7 @@ local function run_main(fn, ...)
     if not ok and task.is_cancelled(err) and lifecycle.stopping() then
       return -- cancelled past the stop deadline: the stop decides the status
     elseif not ok then
-      io.stderr:write("pgcoord-run: ", error_text(err), "\n")
+      io.stderr:write("pgcoord-run: ", redact(error_text(err)), "\n")
       exit_code = 1
     end
   end, ...)
@@ -195,7 +200,7 @@ local function repl(pgcoord)
       end))
       prompt.running(nil)
       if not r[1] then
-        prompt.print(r[2])
+        prompt.print(redact(r[2]))
       elseif r.n > 1 then
         interactive_print(table.unpack(r, 2, r.n))
       end
@@ -228,7 +233,7 @@ local function repl(pgcoord)
     if not chunk then
       -- the editor would redraw the rejected line under the message
       prompt.pause()
-      prompt.print(err)
+      prompt.print(redact(err))
       prompt.resume("> ")
     else
       evaluate(chunk)

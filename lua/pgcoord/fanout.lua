@@ -33,11 +33,38 @@ local function check_buffer(where, buffer)
   return buffer
 end
 
-function fanout.new(channel, opts)
+-- PostgreSQL's names are at most NAMEDATALEN - 1 bytes: LISTEN cuts a
+-- longer channel name (then hears nothing its publishers send), pg_notify
+-- refuses it.
+local MAX_CHANNEL = 63
+
+local function channel_problem(channel)
   if type(channel) ~= "string" or channel == "" then
-    error(("pgcoord.fanout: channel must be a non-empty string, got %s")
-      :format(tostring(channel)), 2)
+    return ("channel must be a non-empty string, got %s"):format(tostring(channel))
   end
+  local shown = #channel > MAX_CHANNEL and ("%q…"):format(channel:sub(1, MAX_CHANNEL))
+    or ("%q"):format(channel)
+  -- a NUL cuts the name short on its way to the server; a name the server
+  -- refuses fails the subscriber's one LISTEN batch for every channel
+  if channel:find("\0", 1, true) then return ("channel %s contains a NUL byte"):format(shown) end
+  if #channel > MAX_CHANNEL then
+    return ("channel %s is %d bytes long; PostgreSQL takes names of at most %d bytes")
+      :format(shown, #channel, MAX_CHANNEL)
+  end
+  if not utf8.len(channel) then return ("channel %s is not valid UTF-8"):format(shown) end
+  return nil
+end
+
+-- Raises, naming `where`, at the caller of the function that calls it,
+-- unless channel can be LISTENed to and notified as it is.
+function fanout.check_channel(where, channel)
+  local problem = channel_problem(channel)
+  if problem then error(("%s: %s"):format(where, problem), 3) end
+  return channel
+end
+
+function fanout.new(channel, opts)
+  fanout.check_channel("pgcoord.fanout", channel)
   opts = opts or {}
   local overflow = opts.overflow or "drop"
   if not OVERFLOW[overflow] then

@@ -89,10 +89,7 @@ local NOTIFY_LIMIT = 8000
 
 -- NOTIFY channel with value as JSON, inside db_or_tx's transaction if any.
 function pgcoord.publish(db_or_tx, channel, value)
-  if type(channel) ~= "string" or channel == "" then
-    error(("pgcoord.publish: channel must be a non-empty string, got %s")
-      :format(tostring(channel)), 2)
-  end
+  require("pgcoord.fanout").check_channel("pgcoord.publish", channel)
   local ok, payload = pcall(json.encode, value)
   if not ok then
     error(("pgcoord.publish: cannot encode the value for channel %q: %s")

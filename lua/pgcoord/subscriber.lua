@@ -90,14 +90,16 @@ end
 
 -- The fan-out of channel, added first if the channel has none.
 function Sub:channel(channel)
-  return self.fans[channel] or self:add(require("pgcoord.fanout").new(channel))
+  local fanout = require("pgcoord.fanout")
+  fanout.check_channel("sub:channel", channel)
+  return self.fans[channel] or self:add(fanout.new(channel))
 end
 
 function Sub:add(fan)
   if type(fan) ~= "table" or type(fan.channel) ~= "string" or type(fan._wire) ~= "function" then
     error("sub:add: expected a fan-out from pgcoord.fanout", 2)
   end
-  local channel = fan.channel
+  local channel = require("pgcoord.fanout").check_channel("sub:add", fan.channel)
   if channel == PING_CHANNEL then
     error(("sub:add: channel %q is the subscriber's own"):format(PING_CHANNEL), 2)
   end

@@ -34,7 +34,9 @@ function supervisor.run(n, run_child, stop_timeout)
       -- the child: none of the supervisor's business is ours
       for _, w in ipairs(watchers) do w:close() end
       local ok, code = xpcall(run_child, debug.traceback, slot)
-      if not ok then io.stderr:write("pgcoord-run: worker ", slot, ": ", tostring(code), "\n") end
+      if not ok then
+        io.stderr:write("pgcoord-run: worker ", slot, ": ", log.redact(tostring(code)), "\n")
+      end
       io.stdout:flush()
       io.stderr:flush()
       core.exit(ok and (code or 0) or 1)
