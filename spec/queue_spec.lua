@@ -562,6 +562,39 @@ describe("pgcoord.queue", function()
       errors(function() setmetatable({ id = id }, getmetatable(last)):fence(db) end), 1, true)
   end)
 
+  it("renews the other leases while a handler's fenced transaction is open", function()
+    local qname = helper.unique("q")
+    local p = pool(6)
+    local q = pgcoord.queue(p, qname)
+    q:subscribe("s")
+    local ids = q:publish_many(db, { "fenced", "plain" })
+    local started, release = {}, false
+    consume(q, "s", function(msg)
+      if msg.payload == "fenced" then
+        p:tx(function(tx)
+          msg:fence(tx)
+          started.fenced = true
+          helper.wait_until(function() return release end, 10, "the release")
+        end)
+      else
+        started.plain = true
+        helper.wait_until(function() return release end, 10, "the release")
+      end
+    end, { concurrency = 2, visibility_timeout = 0.3 })
+    helper.wait_until(function() return started.fenced and started.plain end, 10, "both handlers")
+    -- renewed (every 0.1 s) past the first lease and a renewal more
+    helper.wait_until(function()
+      return db:one([[SELECT visible_at > last_delivered_at + interval '0.6 s' AS renewed
+        FROM pgcoord.queue_deliveries d JOIN pgcoord.queue_subscriptions s
+          ON s.id = d.subscription_id JOIN pgcoord.queues q ON q.id = s.queue_id
+        WHERE q.name = $1 AND d.message_id = $2]], qname, ids[2]).renewed
+    end, 5, "the plain message's lease to be renewed")
+    release = true
+    helper.wait_until(function() return q:stats("s").acked == 2 end, 10, "two acks")
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.same({ 1, 1 }, { by_id[ids[1]].deliveries, by_id[ids[2]].deliveries })
+  end)
+
   it("turns a deadlock between publishers to ordered queues into an error naming them",
     function()
     local p = pool(4)

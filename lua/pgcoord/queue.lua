@@ -245,12 +245,31 @@ UPDATE pgcoord.queue_deliveries
  WHERE subscription_id = $1 AND message_id = $2 AND deliveries = $3 AND state = 'pending'
 RETURNING state]]
 
-local RENEW = [[
-UPDATE pgcoord.queue_deliveries d
-   SET visible_at = now() + make_interval(secs => $4)
-]] .. BY_TOKEN .. [[
+-- Lease renewals pass by rows that a handler's fenced transaction holds
+-- (msg:fence): nobody can claim those meanwhile, and waiting for one
+-- would hold up the renewal of every other lease.  `current` counts the
+-- leases still this consumer's, renewed or not.
+local TOKEN_ROWS = [[
+  SELECT d.subscription_id, d.message_id
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS a(sid, id, n)
+    JOIN pgcoord.queue_deliveries d
+      ON d.subscription_id = a.sid AND d.message_id = a.id AND d.deliveries = a.n
+   WHERE d.state = 'pending']]
 
-RETURNING d.message_id AS id]]
+local RENEW = [[
+WITH current AS (
+]] .. TOKEN_ROWS .. [[),
+free AS (
+]] .. TOKEN_ROWS .. [[
+
+     FOR UPDATE OF d SKIP LOCKED),
+renewed AS (
+  UPDATE pgcoord.queue_deliveries d
+     SET visible_at = now() + make_interval(secs => $4)
+    FROM free f
+   WHERE d.subscription_id = f.subscription_id AND d.message_id = f.message_id
+  RETURNING 1)
+SELECT (SELECT count(*) FROM current) AS current, (SELECT count(*) FROM renewed) AS renewed]]
 
 -- Hands back messages whose handlers were cancelled, for others at once.
 local RELEASE = [[
@@ -1073,12 +1092,12 @@ function Consumer:_renew()
   end
   if #list == 0 then return end
   local sids, ids, ns = self:_token_arrays(list)
-  local ok, rows = pcall(self.pool.query, self.pool, RENEW, sids, ids, ns, self.visibility_timeout)
+  local ok, row = pcall(self.pool.one, self.pool, RENEW, sids, ids, ns, self.visibility_timeout)
   if not ok then
-    log.warn("queue lease renewal failed", self:_fields({ error = error_text(rows) }))
-  elseif #rows < #list then
+    log.warn("queue lease renewal failed", self:_fields({ error = error_text(row) }))
+  elseif row.current < #list then
     log.warn("queue leases lost while their handlers run; the messages may be handled twice",
-      self:_fields({ lost = #list - #rows }))
+      self:_fields({ lost = #list - row.current }))
   end
 end
 
