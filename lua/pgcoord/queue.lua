@@ -9,7 +9,8 @@
 -- requeues when the handler ends.  A consumer that dies stops renewing:
 -- once its lease runs out, the message is claimed again by another.  The
 -- delivery count doubles as the lease's fencing token, so a consumer that
--- lost its lease cannot ack or requeue on top of the next one.
+-- lost its lease cannot ack or requeue on top of the next one, and
+-- msg:fence(tx) lets a handler's own transaction check it too.
 --
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
 -- there are free handlers; acks are written in batches by one task.
@@ -194,7 +195,7 @@ SELECT (SELECT count(*) FROM acked) AS acked, c.*
 -- UPDATE of a claim (an ordered claim waits for the commit) and with an
 -- unordered claim's FOR UPDATE SKIP LOCKED (which passes the row by), so
 -- no other consumer can take the message while the fenced writes are
--- uncommitted; the consumer's own lease renewal waits too.
+-- uncommitted (the consumer's own lease renewal passes it by, see RENEW).
 local FENCE = [[
 SELECT 1 AS current
   FROM pgcoord.queue_deliveries
@@ -385,9 +386,10 @@ end
 -- consumer would spin: it polls every poll_interval, renews leases every
 -- visibility_timeout / 3 and retries a failing message after retry_delay.
 -- Above a year, now() + the interval nears the end of PostgreSQL's
--- timestamp range (and nothing in a queue waits that long).  More than
--- MAX_CONCURRENCY handlers would make one claim, and the start of its
--- handlers, hold the loop for as long as they take.
+-- timestamp range (and nothing in a queue waits that long).  A claim
+-- takes at most CLAIM_BATCH rows, so that it and the start of its handlers
+-- hold the loop briefly; MAX_CONCURRENCY bounds the handlers of a consumer
+-- (and the leases its renewal statement carries).
 local MIN_POLL, MIN_LEASE, MIN_RETRY = 0.01, 0.1, 0.01
 local MAX_SECONDS = 365 * 86400
 local MAX_CONCURRENCY = 10000
