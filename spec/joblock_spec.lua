@@ -34,6 +34,40 @@ pgcoord.run_in_job_lock(db, "spec", name, { ping_interval = ping, subscriber = s
   end)
 ]]
 
+-- A competitor whose writes (token, pid, at) are fenced, each after 0.5 s
+-- of pg_sleep in its transaction (the spec stops the process there).  The
+-- writes run in a task of their own, which losing the lock does not
+-- cancel: like a write already on the wire when a paused process
+-- resumes, only the fence keeps it out.
+local FENCED_COMPETITOR = [[
+local name, fence = arg[1], arg[2]
+local ping = tonumber(arg[3])
+local db = pgcoord.connect(nil, { size = 4, params = { application_name = os.getenv("APP") } })
+local pid = require("pgcoord.core").getpid()
+local function say(fmt, ...)
+  io.stdout:write(fmt:format(...), "\n")
+  io.stdout:flush()
+end
+pgcoord.run_in_job_lock(db, "spec", name, { ping_interval = ping }, function(ctx)
+  say("holding token=%d pid=%d", ctx.token, pid)
+  pgcoord.spawn(function()
+    while true do
+      local ok, err = pcall(db.tx, db, function(tx)
+        tx:exec("SELECT pg_sleep(0.5)")
+        tx:exec(("INSERT INTO %s (token, pid, at) VALUES ($1, $2, clock_timestamp())")
+          :format(fence), ctx.token, pid)
+        ctx.fence(tx)
+      end)
+      if not ok then
+        say("fence refused token=%d: %s", ctx.token, tostring(err))
+        return
+      end
+    end
+  end)
+  pgcoord.sleep(3600)
+end)
+]]
+
 local function make_fence(db)
   local name = helper.unique("lock")
   local fence = helper.unique("fence")
@@ -42,8 +76,8 @@ local function make_fence(db)
   return name, fence
 end
 
-local function start_competitors(n, name, fence, dsn)
-  local script = helper.write_file(helper.tmpname("competitor") .. ".lua", COMPETITOR)
+local function start_competitors(n, name, fence, dsn, source)
+  local script = helper.write_file(helper.tmpname("competitor") .. ".lua", source or COMPETITOR)
   local procs = {}
   for i = 1, n do
     local app = helper.unique("competitor")
@@ -132,6 +166,69 @@ describe("pgcoord.joblock", function()
     assert.is_false(ok)
     assert.matches("name", err)
   end)
+
+  it("refuses intervals that would make it spin or its statements fail", function()
+    local function refused(opts, text)
+      local err = helper.error_of(function() pgcoord.joblock(db, "x", opts) end)
+      assert.matches("pgcoord.joblock: option " .. text, err, 1, true)
+      assert.matches("joblock_spec.lua:%d+:", err)   -- raised at the caller
+    end
+    refused({ ping_interval = 1e-9 },
+      "ping_interval must be a number of seconds from 0.1 to 31536000, got 1e-09")
+    refused({ check_interval = 1e-9 }, "check_interval must be a number of seconds from 0.05")
+    refused({ timeout = 1e-9 }, "timeout must be a number of seconds from 0.02")
+    refused({ stale_after = 1e-9 }, "stale_after must be a number of seconds from 0.1")
+    -- now() - make_interval(secs => stale_after) would fail every acquire
+    refused({ stale_after = 1e300 }, "stale_after must be a number of seconds")
+    refused({ ping_interval = math.huge }, "ping_interval must be a number of seconds")
+    refused({ check_interval = 0 / 0 }, "check_interval must be a number of seconds")
+    refused({ timeout = "1" }, "timeout must be a number of seconds")
+    -- the floors run: every statement within 0.05 s, a renewal every 0.1 s
+    local lock = pgcoord.joblock(db, helper.unique("l"), { ping_interval = 0.1 })
+    assert.are.same({ 0.4, 0.2, 0.05 }, { lock.stale_after, lock.check_interval, lock.timeout })
+    assert.are.equal("ran", lock:run(function() pgcoord.sleep(0.3) return "ran" end))
+  end)
+
+  it("ctx.fence: writes commit only while the token holds; a takeover waits for them",
+    function()
+      local name, effects = helper.unique("l"), helper.unique("effects")
+      db:exec(("CREATE TABLE %s (token bigint NOT NULL)"):format(effects))
+      local insert = ("INSERT INTO %s (token) VALUES ($1)"):format(effects)
+      local lock = pgcoord.joblock(db, name, { ping_interval = PING })
+      local held, misuse, refused
+      local ok, err = pcall(lock.run, lock, function(ctx)
+        db:tx(function(tx)
+          ctx.fence(tx)
+          tx:exec(insert, ctx.token)
+          -- the row is locked until commit: a takeover's UPDATE would wait
+          held = helper.error_of(db.query, db, [[SELECT 1 FROM pgcoord.job_locks
+            WHERE name = $1 FOR NO KEY UPDATE NOWAIT]], name)
+        end)
+        misuse = helper.error_of(ctx.fence, db)
+        -- another process takes the lock over, unseen by the keeper so far
+        db:exec("UPDATE pgcoord.job_locks SET holder = 'thief', token = token + 1 WHERE name = $1",
+          name)
+        local fenced
+        fenced, refused = pcall(db.tx, db, function(tx)
+          tx:exec(insert, ctx.token)
+          ctx.fence(tx)
+        end)
+        assert.is_false(fenced)
+        return "returned"   -- after catching the fence's error
+      end)
+      assert.matches("could not obtain lock", held, 1, true)
+      assert.matches("ctx.fence: expected a transaction (the tx of db:tx), got a pool", misuse,
+        1, true)
+      assert.are.equal("55P03", refused.sqlstate)
+      assert.matches(("ctx.fence: lock %q, token 1: another process took the lock over")
+        :format(name), tostring(refused), 1, true)
+      -- the lock is lost, so run raises even though fn returned
+      assert.is_false(ok)
+      assert.matches("was lost (a fence found the lock taken over)", tostring(err), 1, true)
+      assert.are.equal("lost", lock:state())
+      -- only the write made while the lock was held is there
+      assert.are.same({ 1 }, { db:one(("SELECT count(*) AS n FROM %s"):format(effects)).n })
+    end)
 
   it("runs fn while holding, releases at once, bumps the token each time", function()
     local name = helper.unique("l")
@@ -230,6 +327,35 @@ describe("pgcoord.joblock", function()
     assert.is_true(#rows >= 2, "the kills never moved the lock: nothing was compared")
     stop_all(procs)
   end)
+
+  it("refuses a paused holder's fenced write after a takeover; the new holder's writes hold",
+    function()
+      local name, fence = make_fence(db)
+      local procs = start_competitors(2, name, fence, nil, FENCED_COMPETITOR)
+      local first = wait_new_token(db, fence, 0)
+      local p = process_of(procs, first.pid)
+      -- stop it inside a write's transaction, well before its pg_sleep ends
+      helper.wait_until(function()
+        return db:one([[SELECT 1 AS yes FROM pg_stat_activity WHERE application_name = $1
+          AND state = 'active' AND query LIKE 'SELECT pg_sleep%'
+          AND now() - query_start < '0.2 s']], p.app)
+      end, 10, "the holder to be inside a write")
+      assert.is_true(p:kill("STOP"))
+      local count = ("SELECT count(*) AS n FROM %s WHERE token = $1"):format(fence)
+      local old_rows = db:one(count, first.token).n
+      -- stale_after is 1.2 s: the other process takes over and writes
+      local after = wait_new_token(db, fence, first.token, 15)
+      assert.are_not.equal(first.pid, after.pid)
+      assert.is_true(p:kill("CONT"))
+      p:wait_output("fence refused token=" .. first.token, 10)
+      local new_rows = db:one(count, after.token).n
+      helper.wait_until(function() return db:one(count, after.token).n > new_rows end, 10,
+        "the new holder to write on")
+      -- the write in flight at the pause was refused, and nothing came after it
+      assert.are.equal(old_rows, db:one(count, first.token).n)
+      assert_no_overlap(db, fence)
+      stop_all(procs)
+    end)
 
   it("cancels a cut-off holder's work before anyone else acquires", function()
     local name, fence = make_fence(db)

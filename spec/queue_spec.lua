@@ -427,12 +427,12 @@ describe("pgcoord.queue", function()
     assert.matches("expected a pool", errors(pgcoord.queue, {}, "x"), 1, true)
     assert.matches('unknown option "order"', errors(pgcoord.queue, db, "x", { order = true }),
       1, true)
-    assert.matches("retention must be a number >= 0",
+    assert.matches("retention must be a number of seconds from 0 to 31536000, got -1",
       errors(pgcoord.queue, db, "x", { retention = -1 }), 1, true)
     assert.matches("handler must be a function", errors(q.consume, q, "s", 42), 1, true)
-    assert.matches("concurrency must be a positive integer",
+    assert.matches("q:consume: option concurrency must be an integer from 1 to 10000, got 0",
       errors(q.consume, q, "s", print, { concurrency = 0 }), 1, true)
-    assert.matches("visibility_timeout must be a number > 0",
+    assert.matches("visibility_timeout must be a number of seconds from 0.1 to 31536000, got 0",
       errors(q.consume, q, "s", print, { visibility_timeout = 0 }), 1, true)
     assert.matches('unknown option "timeout"', errors(q.consume, q, "s", print, { timeout = 1 }),
       1, true)
@@ -440,6 +440,195 @@ describe("pgcoord.queue", function()
     assert.matches("ids must be integers", errors(q.requeue_dead, q, "s", { "x" }), 1, true)
     local qo = pgcoord.queue(db, q.name, { ordered = true })
     assert.matches("exists and is unordered", errors(qo.subscribe, qo, "s"), 1, true)
+  end)
+
+  it("refuses options that would make a consumer spin or its statements fail", function()
+    local q = pgcoord.queue(db, helper.unique("q"))
+    q:subscribe("s")
+    local function refused(opts, text)
+      local err = errors(function() q:consume("s", print, opts) end)
+      assert.matches("q:consume: option " .. text, err, 1, true)
+      assert.matches("queue_spec.lua:%d+:", err)   -- raised at the caller
+    end
+    -- each of these burned a core (a poll, a renewal or a retry per loop turn)
+    refused({ visibility_timeout = 1e-9 }, "visibility_timeout must be a number of seconds"
+      .. " from 0.1 to 31536000, got 1e-09")
+    refused({ poll_interval = 1e-9 }, "poll_interval must be a number of seconds from 0.01")
+    refused({ retry_delay = 1e-9 }, "retry_delay must be a number of seconds from 0.01")
+    refused({ retry_delay = 0 }, "retry_delay must be a number of seconds from 0.01")
+    refused({ max_retry_delay = 1e-9 }, "max_retry_delay must be a number of seconds from 0.01")
+    -- one claim and a million handlers at once would hold the loop
+    refused({ concurrency = 1000000 }, "concurrency must be an integer from 1 to 10000,"
+      .. " got 1000000")
+    refused({ concurrency = 1e6 }, "concurrency must be an integer from 1 to 10000")
+    -- the database would refuse these in every claim or requeue
+    refused({ visibility_timeout = 1e300 }, "visibility_timeout must be a number of seconds")
+    refused({ visibility_timeout = math.huge }, "visibility_timeout must be a number of seconds")
+    refused({ poll_interval = 0 / 0 }, "poll_interval must be a number of seconds")
+    refused({ max_retry_delay = 1e300 }, "max_retry_delay must be a number of seconds")
+    refused({ max_deliveries = 1 << 40 }, "max_deliveries must be an integer from 1 to 2147483647")
+    assert.matches("option retention must be a number of seconds from 0 to 31536000, got inf",
+      errors(pgcoord.queue, db, "x", { retention = math.huge }), 1, true)
+    assert.matches("option limit must be an integer from 1 to 100000",
+      errors(q.dead, q, "s", { limit = 1 << 40 }), 1, true)
+    -- the bounds themselves are accepted, and the largest concurrency runs
+    local c = consume(q, "s", function() end, { concurrency = 10000, poll_interval = 0.01,
+      visibility_timeout = 0.1, retry_delay = 0.01, max_deliveries = 0x7fffffff })
+    q:publish(db, "one")
+    helper.wait_until(function() return q:stats("s").acked == 1 end, 10, "the ack")
+    assert.are.equal(1, c:stats().acked)
+  end)
+
+  it("fails only the delivery of a payload it cannot decode; the rest flow", function()
+    -- nested 200 deep: the server takes it, pgcoord's decoder (128 levels)
+    -- does not.  Published by the statement any other client would run.
+    local deep = ("["):rep(200) .. ("]"):rep(200)
+    for _, ordered in ipairs({ false, true }) do
+      local qname = helper.unique("q")
+      local q = pgcoord.queue(pool(), qname, { ordered = ordered })
+      q:subscribe("s")
+      q:publish(db, { n = 1 })
+      local poison = db:one(require("pgcoord.queue").sql.publish, qname, deep).id
+      q:publish(db, { n = 2 })
+      local got = {}
+      local lines = helper.capture_log(function()
+        consume(q, "s", function(msg) got[#got + 1] = msg.payload.n end, { max_deliveries = 2,
+          retry_delay = 0.02, poll_interval = 0.2, concurrency = ordered and 1 or 4 })
+        helper.wait_until(function() return #q:dead("s") == 1 and #got == 2 end, 10,
+          "the poison message dead-lettered and the others handled")
+      end)
+      table.sort(got)
+      assert.are.same({ 1, 2 }, got)
+      local dead = q:dead("s")[1]
+      assert.are.equal(poison, dead.id)
+      assert.are.equal(2, dead.deliveries)   -- each failed decoding was a delivery
+      assert.matches("the payload cannot be decoded: .*nested too deep", dead.last_error)
+      assert.is_nil(dead.payload)
+      assert.matches("nested too deep", dead.payload_error, 1, true)
+      assert.matches("queue message payload cannot be decoded", table.concat(lines, "\n"), 1, true)
+      -- and the consumer goes on consuming
+      q:publish(db, { n = 3 })
+      helper.wait_until(function() return #got == 3 end, 10, "a later message")
+      assert.are.equal(3, q:stats("s").acked)
+    end
+  end)
+
+  it("msg:fence: a handler's writes commit only while its delivery is current", function()
+    local qname, effects = helper.unique("q"), helper.unique("effects")
+    db:exec(("CREATE TABLE %s (n int, deliveries int)"):format(effects))
+    local p = pool(4)
+    local q = pgcoord.queue(p, qname)
+    q:subscribe("s")
+    local id = q:publish(db, { n = 1 })
+    local insert = ("INSERT INTO %s (n, deliveries) VALUES ($1, $2)"):format(effects)
+    local refused, misuse, held, last
+    local c = consume(q, "s", function(msg)
+      last = msg
+      misuse = errors(msg.fence, msg, p)
+      if msg.deliveries == 1 then
+        -- another consumer takes the message, as it would after a lost lease
+        p:exec([[UPDATE pgcoord.queue_deliveries SET deliveries = deliveries + 1,
+          visible_at = now() WHERE message_id = $1]], msg.id)
+        local ok, err = pcall(p.tx, p, function(tx)
+          tx:exec(insert, msg.payload.n, msg.deliveries)
+          msg:fence(tx)
+        end)
+        refused = not ok and err
+        error(err, 0)
+      end
+      p:tx(function(tx)
+        msg:fence(tx)
+        tx:exec(insert, msg.payload.n, msg.deliveries)
+        -- the row stays locked until commit: nobody can claim it meanwhile
+        held = errors(p.query, p, [[SELECT 1 FROM pgcoord.queue_deliveries
+          WHERE message_id = $1 FOR UPDATE NOWAIT]], msg.id)
+      end)
+    end, { poll_interval = 0.2, retry_delay = 0.02 })
+    helper.wait_until(function() return q:stats("s").acked == 1 end, 10, "the ack")
+    assert.are.equal("55P03", refused.sqlstate)
+    assert.matches(("msg:fence: message %d (delivery 1) of queue %q, subscription \"s\": its"
+      .. " lease was lost"):format(id, qname), tostring(refused), 1, true)
+    assert.matches("expected a transaction (the tx of db:tx), got a pool", misuse, 1, true)
+    assert.matches("could not obtain lock", held, 1, true)
+    -- the refused write was rolled back; the one of the current delivery holds
+    local rows = db:query(("SELECT n, deliveries FROM %s"):format(effects))
+    assert.are.equal(1, #rows)
+    assert.are.same({ n = 1, deliveries = 3 }, rows[1])
+    assert.are.equal(1, c:stats().fenced)
+    -- a fence after the handler ended, or on a table that was never handed out
+    local after = errors(db.tx, db, function(tx) last:fence(tx) end)
+    assert.matches("its handler has ended", after, 1, true)
+    assert.matches("expected a message given to a queue handler",
+      errors(function() setmetatable({ id = id }, getmetatable(last)):fence(db) end), 1, true)
+  end)
+
+  it("renews the other leases while a handler's fenced transaction is open", function()
+    local qname = helper.unique("q")
+    local p = pool(6)
+    local q = pgcoord.queue(p, qname)
+    q:subscribe("s")
+    local ids = q:publish_many(db, { "fenced", "plain" })
+    local started, release = {}, false
+    consume(q, "s", function(msg)
+      if msg.payload == "fenced" then
+        p:tx(function(tx)
+          msg:fence(tx)
+          started.fenced = true
+          helper.wait_until(function() return release end, 10, "the release")
+        end)
+      else
+        started.plain = true
+        helper.wait_until(function() return release end, 10, "the release")
+      end
+    end, { concurrency = 2, visibility_timeout = 0.3 })
+    helper.wait_until(function() return started.fenced and started.plain end, 10, "both handlers")
+    -- renewed (every 0.1 s) past the first lease and a renewal more
+    helper.wait_until(function()
+      return db:one([[SELECT visible_at > last_delivered_at + interval '0.6 s' AS renewed
+        FROM pgcoord.queue_deliveries d JOIN pgcoord.queue_subscriptions s
+          ON s.id = d.subscription_id JOIN pgcoord.queues q ON q.id = s.queue_id
+        WHERE q.name = $1 AND d.message_id = $2]], qname, ids[2]).renewed
+    end, 5, "the plain message's lease to be renewed")
+    release = true
+    helper.wait_until(function() return q:stats("s").acked == 2 end, 10, "two acks")
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.same({ 1, 1 }, { by_id[ids[1]].deliveries, by_id[ids[2]].deliveries })
+  end)
+
+  it("turns a deadlock between publishers to ordered queues into an error naming them",
+    function()
+    local p = pool(4)
+    local qa = pgcoord.queue(p, helper.unique("qa"), { ordered = true })
+    local qb = pgcoord.queue(p, helper.unique("qb"), { ordered = true })
+    qa:subscribe("s")
+    qb:subscribe("s")
+    local published = {}
+    -- each publishes to one queue, waits for the other to do the same,
+    -- then publishes to the other's queue: opposite orders
+    local function publisher(i, first, second)
+      return helper.spawn(function()
+        return pcall(p.tx, p, function(tx)
+          first:publish(tx, "first")
+          published[i] = true
+          helper.wait_until(function() return published[3 - i] end, 10, "the other publisher")
+          second:publish(tx, "second")
+        end)
+      end)
+    end
+    local t1, t2 = publisher(1, qa, qb), publisher(2, qb, qa)
+    local ok1, err1 = t1:join()
+    local ok2, err2 = t2:join()
+    assert.is_true(ok1 ~= ok2, "exactly one of the two transactions fails")
+    local err = ok1 and err2 or err1
+    assert.are.equal("40P01", err.sqlstate)
+    local text = tostring(err)
+    assert.matches("deadlock publishing to queue", text, 1, true)
+    assert.matches(("publish locks of ordered queues (%q, %q)"):format(qa.name, qb.name), text,
+      1, true)
+    assert.matches("publish to ordered queues in one order", text, 1, true)
+    -- the other transaction committed both of its messages
+    assert.are.equal(1, qa:stats("s").pending)
+    assert.are.equal(1, qb:stats("s").pending)
   end)
 end)
 
@@ -572,5 +761,85 @@ describe("pgcoord.queue with three consumer processes", function()
     for _, r in ipairs(handled_by) do assert.are_not.equal(procs[1].pid, r.pid) end
     for i = 2, 3 do procs[i]:kill("TERM") end
     for i = 2, 3 do assert.are.equal(0, procs[i]:wait(20), procs[i]:output()) end
+  end)
+end)
+
+-- ---- a consumer paused past its lease --------------------------------------------
+
+-- An ordered consumer whose handler writes (n, pid) into table EFFECTS in
+-- a fenced transaction, after PAUSE seconds of pg_sleep in it (the spec
+-- stops the process there).
+local FENCED_CONSUMER = [[
+local qname, effects, pause = arg[1], arg[2], tonumber(arg[3])
+local pid = require("pgcoord.core").getpid()
+local db = pgcoord.connect(nil, { size = 4, params = { application_name = os.getenv("APP") } })
+local q = pgcoord.queue(db, qname, { ordered = true })
+q:consume("o", function(msg)
+  db:tx(function(tx)
+    tx:exec("SELECT pg_sleep($1)", pause)
+    tx:exec(("INSERT INTO %s (n, pid) VALUES ($1, $2)"):format(effects), msg.payload.n, pid)
+    msg:fence(tx)
+  end)
+end, { visibility_timeout = 1, poll_interval = 0.5 })
+io.stdout:write("ready\n")
+io.stdout:flush()
+]]
+
+describe("pgcoord.queue with a consumer paused past its lease", function()
+  local db
+
+  setup(function()
+    db = pgcoord.connect(nil, { size = 4, params = { application_name = "queue_spec_pause" } })
+    pgcoord.migrate(db)
+  end)
+
+  teardown(function()
+    db:close()
+  end)
+
+  after_each(cleanup)
+
+  it("refuses its fenced write on resume; handled messages keep publish order", function()
+    local qname, effects = helper.unique("q"), helper.unique("effects")
+    db:exec(("CREATE TABLE %s (seq bigserial PRIMARY KEY, n int NOT NULL, pid int NOT NULL)")
+      :format(effects))
+    local q = pgcoord.queue(db, qname, { ordered = true })
+    q:subscribe("o")
+    q:publish_many(db, { { n = 1 }, { n = 2 }, { n = 3 }, { n = 4 }, { n = 5 } })
+    local app = helper.unique("paused")
+    local script = helper.write_file(helper.tmpname("fenced") .. ".lua", FENCED_CONSUMER)
+    local paused = helper.start({ "pgcoord-run", script, qname, effects, "2" },
+      { env = { APP = app } })
+    -- stop it inside the handler of message 1, well before its pg_sleep ends
+    helper.wait_until(function()
+      return db:one([[SELECT 1 AS yes FROM pg_stat_activity WHERE application_name = $1
+        AND state = 'active' AND query LIKE 'SELECT pg_sleep%' AND now() - query_start < '0.5 s']],
+        app)
+    end, 20, "the handler of message 1 to be sleeping")
+    assert.is_true(paused:kill("STOP"))
+    -- another consumer takes message 1 once the lease (1 s) runs out, and the rest
+    local pid = tonumber(helper.pid)
+    local insert = ("INSERT INTO %s (n, pid) VALUES ($1, $2)"):format(effects)
+    local p = pool(4)
+    consume(pgcoord.queue(p, qname), "o", function(msg)
+      p:tx(function(tx)
+        tx:exec(insert, msg.payload.n, pid)
+        msg:fence(tx)
+      end)
+    end, { poll_interval = 0.2 })
+    helper.wait_until(function() return q:stats("o").acked == 5 end, 20, "5 acks")
+    assert.is_true(paused:kill("CONT"))
+    paused:wait_output("queue fence refused a write", 10)
+    local rows = db:query(("SELECT n, pid FROM %s ORDER BY seq"):format(effects))
+    local ns = {}
+    for i, r in ipairs(rows) do
+      ns[i] = r.n
+      assert.are.equal(pid, r.pid, "a write of the paused consumer committed")
+    end
+    assert.are.same({ 1, 2, 3, 4, 5 }, ns)
+    local _, by_id = deliveries(db, qname, "o")
+    for _, d in pairs(by_id) do assert.are.equal("acked", d.state) end
+    paused:kill("TERM")
+    assert.are.equal(0, paused:wait(20), paused:output())
   end)
 end)

@@ -5,8 +5,13 @@
 -- must stop before that can happen, so it counts from the moment it *sent*
 -- its last successful renewal and declares the lock lost once
 -- stale_after - timeout has passed without another: its work is cancelled
--- while the row still protects it.  Every acquisition bumps a fencing
--- token that the work can write beside its effects.
+-- while the row still protects it.  That protects only work that runs: a
+-- process paused (SIGSTOP, a VM freeze, a long GC) past stale_after
+-- resumes with writes on the wire before its keeper can notice.  Those
+-- writes are safe only when fenced: ctx.fence(tx) checks, in the work's
+-- transaction, that the row still carries this token, and locks it FOR
+-- SHARE until that transaction ends, so a takeover (an UPDATE of the row)
+-- waits for the commit, and a write after a takeover is refused.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
@@ -37,6 +42,13 @@ WITH released AS (
   RETURNING name)
 SELECT pg_notify('pgcoord_job_lock_released', name) FROM released]]
 
+-- The fence: this holder and token still hold the row, locked until the
+-- caller's transaction ends.
+local FENCE = [[
+SELECT token FROM pgcoord.job_locks
+ WHERE name = $1 AND holder = $2 AND token = $3
+   FOR SHARE]]
+
 local nonce_counter = 0
 
 local function identity()
@@ -52,10 +64,24 @@ end
 
 local WHERE = "pgcoord.joblock"
 
--- A number of seconds > 0.  (A tail call, so level 3 is joblock.new's
--- caller.)
+-- Below these floors the keeper or a waiter would spin (a renewal every
+-- ping_interval, retried after at most timeout; a look every
+-- check_interval); above a year, now() - stale_after leaves PostgreSQL's
+-- range, and nothing waits that long.
+local MIN_SECONDS = { ping_interval = 0.1, check_interval = 0.05, timeout = 0.02,
+                      stale_after = 0.1 }
+local MAX_SECONDS = 365 * 86400
+
 local function seconds(opts, name, default)
-  return store.number(WHERE, opts, name, default, 0, false, 3)
+  local v = opts[name]
+  if v == nil then return default end
+  local min = MIN_SECONDS[name]
+  if type(v) ~= "number" or not (v >= min and v <= MAX_SECONDS) then
+    -- level 4: joblock.new's caller
+    error(("%s: option %s must be a number of seconds from %s to %d, got %s")
+      :format(WHERE, name, min, MAX_SECONDS, tostring(v)), 4)
+  end
+  return v
 end
 
 local KNOWN = { ping_interval = true, stale_after = true, check_interval = true, timeout = true,
@@ -205,6 +231,34 @@ local function lost_error(self)
     :format(self.name, self.lost_reason or "?"))
 end
 
+local function fence_error(self, token, why)
+  return core.error("55P03", ("ctx.fence: lock %q, token %d: %s; the transaction must not commit")
+    :format(self.name, token, why))
+end
+
+-- ctx.fence(tx) for the holding with this token: see the top of the file.
+function Lock:_fence(tx, token)
+  if type(tx) ~= "table" or type(tx.query) ~= "function" or tx.size ~= nil then
+    local got = type(tx) == "table" and tx.size ~= nil and "a pool" or type(tx)
+    error(("ctx.fence: expected a transaction (the tx of db:tx), got %s: a fence holds only"
+      .. " until its transaction ends"):format(got), 2)
+  end
+  if token ~= self.token or self.current ~= "held" then
+    error(fence_error(self, token, token ~= self.token and "that holding has ended"
+      or ("the lock is %s"):format(self.current)), 0)
+  end
+  if tx:one(FENCE, self.name, self.holder, token) then return end
+  -- taken over (or its row changed) while this process did not look
+  self.current, self.lost_reason = "lost", "a fence found the lock taken over"
+  log.error("job lock lost: a fence refused a write", { lock = self.name, token = token })
+  local work = self.work
+  if work and work ~= task.current() and (work.state == "ready" or work.state == "running") then
+    work:cancel()
+  end
+  self.wake:signal()
+  error(fence_error(self, token, "another process took the lock over"), 0)
+end
+
 -- At a graceful stop: stop waiting, cancel the work, release at once.
 function Lock:_hook_stop()
   if self.stop_hooked then return end
@@ -232,6 +286,7 @@ function Lock:run(fn)
   log.info("job lock acquired", { lock = self.name, token = token })
   local ctx = { name = self.name, token = token, lock = self }
   function ctx.lost() return self.current == "lost" end
+  function ctx.fence(tx) return self:_fence(tx, token) end
   local work = task.spawn(fn, ctx)
   self.work = work
   local keeper = task.spawn(self._keep, self, work, sent)
@@ -243,8 +298,9 @@ function Lock:run(fn)
     self:_release()
     log.info("job lock released", { lock = self.name, token = token })
   end
-  if r[1] then return table.unpack(r, 2, r.n) end
+  -- (fn may have caught the error of a fence that found the lock lost)
   if self.current == "lost" then error(lost_error(self), 0) end
+  if r[1] then return table.unpack(r, 2, r.n) end
   if task.is_cancelled(r[2]) and pgcoord.stopping() then return nil end
   error(r[2], 0)
 end

@@ -9,7 +9,8 @@
 -- requeues when the handler ends.  A consumer that dies stops renewing:
 -- once its lease runs out, the message is claimed again by another.  The
 -- delivery count doubles as the lease's fencing token, so a consumer that
--- lost its lease cannot ack or requeue on top of the next one.
+-- lost its lease cannot ack or requeue on top of the next one, and
+-- msg:fence(tx) lets a handler's own transaction check it too.
 --
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
 -- there are free handlers; acks are written in batches by one task.
@@ -35,6 +36,13 @@ local Queue = {}
 Queue.__index = Queue
 local Consumer = {}
 Consumer.__index = Consumer
+-- What a handler gets: { id, payload, published_at, deliveries,
+-- last_error } and msg:fence(tx).  Its delivery (the in-flight entry) is
+-- kept aside, so that a handler that changes the fields cannot move the
+-- fence onto another delivery.
+local Message = {}
+Message.__index = Message
+local leases = setmetatable({}, { __mode = "k" })   -- msg -> in-flight entry
 
 -- Advisory lock keys (pg_advisory_xact_lock(int, int), the queue id second).
 local PUBLISH_LOCK = 0x70677170 -- "pgqp": publishers to a queue with an ordered subscription
@@ -76,7 +84,7 @@ copies AS (
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT id FROM msgs) AS id, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified]]
+       (SELECT count(*) FROM wake) AS notified, (SELECT queue_id FROM target) AS queue_id]]
 
 -- Many messages ($2, a JSON array of payloads), ids in array order.
 local PUBLISH_MANY = PUBLISH_TARGET .. [[
@@ -92,7 +100,7 @@ copies AS (
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT json_agg(id ORDER BY id) FROM msgs) AS ids, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified]]
+       (SELECT count(*) FROM wake) AS notified, (SELECT queue_id FROM target) AS queue_id]]
 
 local QUEUE_CREATE = [[
 INSERT INTO pgcoord.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING]]
@@ -116,7 +124,9 @@ SELECT s.id, s.queue_id, s.ordered
 -- `picked` only (one index probe per row, as with BY_TOKEN below).  A row
 -- whose deliveries already reached max_deliveries (its handlers died, or
 -- overran their lease, each time) goes to the dead letters instead of to
--- a handler.
+-- a handler.  Payloads come back as text, decoded per message by its
+-- handler task: one that cannot be decoded (nested too deep, say) must
+-- fail its own delivery, not the claim of every message beside it.
 local CLAIM_UPDATE = [[
 UPDATE pgcoord.queue_deliveries d
    SET state = CASE WHEN d.deliveries >= $3 THEN 'dead' ELSE 'pending' END,
@@ -131,7 +141,8 @@ UPDATE pgcoord.queue_deliveries d
  WHERE d.subscription_id = p.subscription_id AND d.message_id = p.message_id
    AND d.state = 'pending' AND d.visible_at <= now()
    AND m.id = d.message_id
-RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload, m.published_at]]
+RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload::text AS payload,
+          m.published_at]]
 
 -- Unordered: the first visible pending rows that nobody else is claiming.
 local CLAIM = [[
@@ -178,6 +189,19 @@ claimed AS (
 SELECT (SELECT count(*) FROM acked) AS acked, c.*
   FROM (SELECT 1) one LEFT JOIN claimed c ON true]]
 
+-- A fence in the handler's transaction: the delivery is still the one
+-- handed out (same delivery count, still pending), and its row stays
+-- locked until that transaction ends.  FOR SHARE conflicts with the
+-- UPDATE of a claim (an ordered claim waits for the commit) and with an
+-- unordered claim's FOR UPDATE SKIP LOCKED (which passes the row by), so
+-- no other consumer can take the message while the fenced writes are
+-- uncommitted (the consumer's own lease renewal passes it by, see RENEW).
+local FENCE = [[
+SELECT 1 AS current
+  FROM pgcoord.queue_deliveries
+ WHERE subscription_id = $1 AND message_id = $2 AND deliveries = $3 AND state = 'pending'
+   FOR SHARE]]
+
 -- When a consumer found nothing: seconds until the next lease or backoff
 -- ends (nil: nothing pending), and whether the subscription still exists.
 -- A row that is visible already (its backoff ended since the claim, or
@@ -222,12 +246,31 @@ UPDATE pgcoord.queue_deliveries
  WHERE subscription_id = $1 AND message_id = $2 AND deliveries = $3 AND state = 'pending'
 RETURNING state]]
 
-local RENEW = [[
-UPDATE pgcoord.queue_deliveries d
-   SET visible_at = now() + make_interval(secs => $4)
-]] .. BY_TOKEN .. [[
+-- Lease renewals pass by rows that a handler's fenced transaction holds
+-- (msg:fence): nobody can claim those meanwhile, and waiting for one
+-- would hold up the renewal of every other lease.  `current` counts the
+-- leases still this consumer's, renewed or not.
+local TOKEN_ROWS = [[
+  SELECT d.subscription_id, d.message_id
+    FROM unnest($1::bigint[], $2::bigint[], $3::integer[]) AS a(sid, id, n)
+    JOIN pgcoord.queue_deliveries d
+      ON d.subscription_id = a.sid AND d.message_id = a.id AND d.deliveries = a.n
+   WHERE d.state = 'pending']]
 
-RETURNING d.message_id AS id]]
+local RENEW = [[
+WITH current AS (
+]] .. TOKEN_ROWS .. [[),
+free AS (
+]] .. TOKEN_ROWS .. [[
+
+     FOR UPDATE OF d SKIP LOCKED),
+renewed AS (
+  UPDATE pgcoord.queue_deliveries d
+     SET visible_at = now() + make_interval(secs => $4)
+    FROM free f
+   WHERE d.subscription_id = f.subscription_id AND d.message_id = f.message_id
+  RETURNING 1)
+SELECT (SELECT count(*) FROM current) AS current, (SELECT count(*) FROM renewed) AS renewed]]
 
 -- Hands back messages whose handlers were cancelled, for others at once.
 local RELEASE = [[
@@ -272,7 +315,7 @@ DELETE FROM pgcoord.queue_deliveries d
 RETURNING d.message_id AS id]]
 
 local DEAD = [[
-SELECT d.message_id AS id, m.payload, m.published_at, d.deliveries, d.last_error,
+SELECT d.message_id AS id, m.payload::text AS payload, m.published_at, d.deliveries, d.last_error,
        d.last_delivered_at
   FROM pgcoord.queue_deliveries d
   JOIN pgcoord.queue_messages m ON m.id = d.message_id
@@ -311,6 +354,7 @@ queue.sql = {
 -- ---- helpers ---------------------------------------------------------------------
 
 local error_text = task.error_text
+local json_decode = json.decode
 
 local int_array = db.int_array
 
@@ -338,18 +382,64 @@ local function encode(self, where, value, index, level)
   return payload
 end
 
-local number_option = store.number   -- (where, opts, name, default, min, allow_min)
+-- Bounds of the options, in seconds and counts.  Below the floors a
+-- consumer would spin: it polls every poll_interval, renews leases every
+-- visibility_timeout / 3 and retries a failing message after retry_delay.
+-- Above a year, now() + the interval nears the end of PostgreSQL's
+-- timestamp range (and nothing in a queue waits that long).  A claim
+-- takes at most CLAIM_BATCH rows, so that it and the start of its handlers
+-- hold the loop briefly; MAX_CONCURRENCY bounds the handlers of a consumer
+-- (and the leases its renewal statement carries).
+local MIN_POLL, MIN_LEASE, MIN_RETRY = 0.01, 0.1, 0.01
+local MAX_SECONDS = 365 * 86400
+local MAX_CONCURRENCY = 10000
+local MAX_DELIVERIES = 0x7fffffff   -- deliveries is an integer column
+local CLAIM_BATCH = 500             -- rows per claim statement
 
-local function integer_option(where, opts, name, default)
+-- opts[name], a number of seconds from min to max (default when absent).
+local function seconds_option(where, opts, name, default, min)
   local v = opts[name]
   if v == nil then return default end
-  if math.type(v) ~= "integer" or v < 1 then
-    error(("%s: option %s must be a positive integer, got %s"):format(where, name, tostring(v)), 3)
+  if type(v) ~= "number" or not (v >= min and v <= MAX_SECONDS) then
+    error(("%s: option %s must be a number of seconds from %s to %d, got %s")
+      :format(where, name, min, MAX_SECONDS, tostring(v)), 3)
+  end
+  return v
+end
+
+-- opts[name], an integer from 1 to max (default when absent).
+local function integer_option(where, opts, name, default, max)
+  local v = opts[name]
+  if v == nil then return default end
+  if math.type(v) ~= "integer" or v < 1 or v > max then
+    error(("%s: option %s must be an integer from 1 to %d, got %s")
+      :format(where, name, max, tostring(v)), 3)
   end
   return v
 end
 
 local check_options = store.check_options
+
+-- The error of a refused fence: SQLSTATE 55P03 (lock_not_available).
+local function fence_error(c, entry, why)
+  return core.error("55P03", ("msg:fence: message %d (delivery %d) of queue %q, subscription %q:"
+    .. " %s; the transaction must not commit"):format(entry.id, entry.n, c.queue,
+      c.subscription, why))
+end
+
+-- In the handler's transaction tx (on the queue's database): raises
+-- unless this delivery is still the current one, and keeps it current
+-- until tx ends, so the writes in tx commit only while the lease holds.
+function Message:fence(tx)
+  local entry = leases[self]
+  if not entry then error("msg:fence: expected a message given to a queue handler", 2) end
+  if type(tx) ~= "table" or type(tx.query) ~= "function" or tx.size ~= nil then
+    local got = type(tx) == "table" and tx.size ~= nil and "a pool" or type(tx)
+    error(("msg:fence: expected a transaction (the tx of db:tx), got %s: a fence holds only"
+      .. " until its transaction ends"):format(got), 2)
+  end
+  return entry.consumer:_fence(tx, entry)
+end
 
 -- ---- the queue -----------------------------------------------------------------
 
@@ -373,7 +463,7 @@ function queue.new(pool, name, opts)
     pool = pool,
     name = name,
     ordered = opts.ordered,     -- nil: as the subscription was created
-    retention = number_option("pgcoord.queue", opts, "retention", 300, 0, true),
+    retention = seconds_option("pgcoord.queue", opts, "retention", 300, 0),
     shared_subscriber = sub,
     sub = nil,                  -- the subscriber consumers listen through
     consumers = {},             -- consumer -> true, while running
@@ -440,13 +530,55 @@ function Queue:unsubscribe(name)
   return true
 end
 
+-- Names of the queues this process published to, by id: a deadlock
+-- report names queues by id, and the transaction it aborted can no
+-- longer look them up.
+local queue_names = {}
+
+local function queue_label(id)
+  local name = queue_names[id]
+  return name and ("%q"):format(name) or ("with id %d"):format(id)
+end
+
+-- A deadlock on the publish locks of ordered queues, reported by the
+-- server as advisory locks [db,PUBLISH_LOCK,queue id,2], comes back as an
+-- error that names the queues and says what to do.  Other errors pass.
+local function publish_error(self, where, err)
+  if not (db.is_error(err) and err.sqlstate == "40P01") then return err end
+  local labels, seen = {}, {}
+  for key, id in tostring(err.detail or ""):gmatch("advisory lock %[%d+,(%d+),(%d+),2%]") do
+    id = tonumber(id)
+    if tonumber(key) == PUBLISH_LOCK and not seen[id] then
+      seen[id] = true
+      labels[#labels + 1] = queue_label(id)
+    end
+  end
+  if #labels == 0 then return err end
+  table.sort(labels)
+  local e = core.error("40P01", ("%s: deadlock publishing to queue %q: transactions waited for"
+    .. " each other's publish locks of ordered queues (%s). An ordered queue's publish lock is"
+    .. " held until commit: in every transaction, publish to ordered queues in one order"
+    .. " (by name, say), before taking other locks; this transaction is aborted, run it again")
+    :format(where, self.name, table.concat(labels, ", ")))
+  e.detail = err.detail
+  return e
+end
+
+-- Runs a publish statement; remembers the queue's name for publish_error.
+function Queue:_publish(where, db_or_tx, sql, payload)
+  local ok, row = pcall(db_or_tx.one, db_or_tx, sql, self.name, payload)
+  if not ok then error(publish_error(self, where, row), 0) end
+  if row.queue_id then queue_names[row.queue_id] = self.name end
+  return row
+end
+
 -- Publishes value to every current subscription, in db_or_tx's
 -- transaction; returns the message id (nil when there was no
 -- subscription) and the number of copies.
 function Queue:publish(db_or_tx, value)
   check_db("q:publish", db_or_tx, 2)
   local payload = encode(self, "q:publish", value, nil, 2)
-  local row = db_or_tx:one(PUBLISH, self.name, payload)
+  local row = self:_publish("q:publish", db_or_tx, PUBLISH, payload)
   return row.id, row.copies
 end
 
@@ -461,18 +593,24 @@ function Queue:publish_many(db_or_tx, values)
   if n == 0 then return {}, 0 end
   local parts = {}
   for i = 1, n do parts[i] = encode(self, "q:publish_many", values[i], i, 2) end
-  local row = db_or_tx:one(PUBLISH_MANY, self.name, "[" .. table.concat(parts, ",") .. "]")
+  local row = self:_publish("q:publish_many", db_or_tx, PUBLISH_MANY,
+    "[" .. table.concat(parts, ",") .. "]")
   return row.ids or {}, row.copies
 end
 
 -- Dead letters of a subscription, oldest first: { id, payload,
--- published_at, deliveries, last_error, last_delivered_at }.
+-- published_at, deliveries, last_error, last_delivered_at }; a payload
+-- that cannot be decoded is absent, and payload_error says why.
 function Queue:dead(name, opts)
   opts = check_options("q:dead", opts, { limit = true })
-  local limit = integer_option("q:dead", opts, "limit", 1000)
+  local limit = integer_option("q:dead", opts, "limit", 1000, 100000)
   local sub = self:_subscription("q:dead", name, 2)
   local rows = self.pool:query(DEAD, sub.id, limit)
   rows.affected = nil
+  for _, r in ipairs(rows) do
+    local ok, payload = pcall(json_decode, r.payload)
+    if ok then r.payload = payload else r.payload, r.payload_error = nil, error_text(payload) end
+  end
   return rows
 end
 
@@ -587,12 +725,12 @@ function Queue:consume(name, fn, opts)
   end
   opts = check_options(where, opts, CONSUME_OPTIONS)
   local o = {
-    concurrency = integer_option(where, opts, "concurrency", 1),
-    poll_interval = number_option(where, opts, "poll_interval", 5, 0),
-    visibility_timeout = number_option(where, opts, "visibility_timeout", 30, 0),
-    max_deliveries = integer_option(where, opts, "max_deliveries", nil),
-    retry_delay = number_option(where, opts, "retry_delay", 1, 0, true),
-    max_retry_delay = number_option(where, opts, "max_retry_delay", 300, 0, true),
+    concurrency = integer_option(where, opts, "concurrency", 1, MAX_CONCURRENCY),
+    poll_interval = seconds_option(where, opts, "poll_interval", 5, MIN_POLL),
+    visibility_timeout = seconds_option(where, opts, "visibility_timeout", 30, MIN_LEASE),
+    max_deliveries = integer_option(where, opts, "max_deliveries", nil, MAX_DELIVERIES),
+    retry_delay = seconds_option(where, opts, "retry_delay", 1, MIN_RETRY),
+    max_retry_delay = seconds_option(where, opts, "max_retry_delay", 300, MIN_RETRY),
   }
   if o.max_retry_delay < o.retry_delay then
     error(("%s: max_retry_delay (%s) must not be less than retry_delay (%s)")
@@ -620,7 +758,7 @@ function Queue:consume(name, fn, opts)
   c.acks, c.ack_wake = {}, task.cond()
   c.keeper_wake = task.cond()
   c.done = task.cond()
-  c.counters = { handled = 0, acked = 0, requeued = 0, dead = 0, lost = 0 }
+  c.counters = { handled = 0, acked = 0, requeued = 0, dead = 0, lost = 0, fenced = 0 }
   self:_listen(c)
   c.loop_task = task.spawn(c._loop, c)
   c.ack_task = task.spawn(c._ack_loop, c)
@@ -676,7 +814,7 @@ function Consumer:_start(rows)
       self.abandoned[#self.abandoned + 1] = { row.id, row.deliveries }
     else
       if row.deliveries == 1 then fresh = fresh + 1 end
-      local entry = { n = row.deliveries }
+      local entry = { n = row.deliveries, id = row.id, consumer = self }
       self.in_flight[row.id] = entry
       self.running = self.running + 1
       entry.task = task.spawn(self._handle, self, row, entry)
@@ -689,14 +827,15 @@ end
 -- handler ends, a notification or a reconnection comes, the next lease or
 -- backoff ends, or poll_interval passes.
 function Consumer:_loop()
-  local failures = 0
+  local failures, overdue = 0, 0
   while self.state == "running" do
     local free = self.concurrency - self.running
     local wait = self.poll_interval
     if free > 0 then
       local by_timer = self.timer_woke
       self.woken, self.timer_woke = false, false
-      local ok, rows = pcall(self._claim, self, free)
+      local asked = math.min(free, CLAIM_BATCH)
+      local ok, rows = pcall(self._claim, self, asked)
       if not ok then
         failures = failures + 1
         wait = math.min(self.poll_interval, 0.05 * 2 ^ failures)
@@ -706,6 +845,9 @@ function Consumer:_loop()
         local fresh = self:_start(rows)
         -- first deliveries found by the timer: no notification announced them
         if by_timer and fresh > 0 then self.fan:polled(fresh) end
+        -- a full batch: there may be more, claim again at once
+        if #rows == asked and asked < free then self.woken = true end
+        if #rows > 0 then overdue = 0 end
         if #rows == 0 then
           local dok, row = pcall(self.pool.one, self.pool,
             self.ordered and NEXT_DUE_HEAD or NEXT_DUE, self.subscription_id)
@@ -715,7 +857,12 @@ function Consumer:_loop()
             return
           end
           local next_in = dok and row.next_in
-          if next_in then wait = math.min(wait, math.max(next_in, 0.01)) end
+          -- due, yet not claimed: another consumer is claiming it, or a
+          -- fenced transaction holds it; look again soon, less often each time
+          overdue = next_in and next_in <= 0 and overdue + 1 or 0
+          if next_in then
+            wait = math.min(wait, math.max(next_in, 0.01 * 2 ^ math.min(overdue, 8)))
+          end
         elseif self.next_due then
           wait = math.min(wait, math.max(self.next_due - core.now(), 0.01))
         end
@@ -802,8 +949,17 @@ function Consumer:_ack_claim_head(id, n)
   if r.id then self:_start({ r }) end
 end
 
--- A handler task: runs fn, then acks or requeues.  The slot is given back
--- by a to-be-closed variable, so a cancelled handler gives it back too.
+-- Requeues a delivery that failed (reason: why), with backoff.
+function Consumer:_failed(row, entry, reason)
+  entry.outcome = "requeue"
+  local due = core.now() + backoff(self, entry.n)
+  if not self.next_due or due < self.next_due then self.next_due = due end
+  self:_requeue(row.id, entry.n, reason)
+end
+
+-- A handler task: decodes the payload, runs fn, then acks or requeues.
+-- The slot is given back by a to-be-closed variable, so a cancelled
+-- handler gives it back too.
 function Consumer:_handle(row, entry)
   local _ <close> = setmetatable({}, { __close = function()
     if self.in_flight[row.id] == entry then
@@ -816,8 +972,17 @@ function Consumer:_handle(row, entry)
     self.running = self.running - 1
     self:_wake()
   end })
-  local msg = { id = row.id, payload = row.payload, published_at = row.published_at,
-                deliveries = row.deliveries, last_error = row.last_error }
+  local decoded, payload = pcall(json_decode, row.payload)
+  if not decoded then
+    -- a poison message: a delivery that failed, so max_deliveries ends it
+    local reason = "the payload cannot be decoded: " .. error_text(payload)
+    log.error("queue message payload cannot be decoded", self:_fields({ message = row.id,
+      deliveries = row.deliveries, error = reason }))
+    return self:_failed(row, entry, reason)
+  end
+  local msg = setmetatable({ id = row.id, payload = payload, published_at = row.published_at,
+                deliveries = row.deliveries, last_error = row.last_error }, Message)
+  leases[msg] = entry
   local ok, res = xpcall(self.fn, task.traced, msg)
   self.counters.handled = self.counters.handled + 1
   if ok and res ~= false then
@@ -837,7 +1002,6 @@ function Consumer:_handle(row, entry)
     return
   end
   if not ok and task.is_cancelled(res) then error(res, 0) end
-  entry.outcome = "requeue"
   local reason
   if ok then
     reason = "the handler returned false"
@@ -846,9 +1010,22 @@ function Consumer:_handle(row, entry)
     log.error("queue handler failed", self:_fields({ message = row.id,
       deliveries = row.deliveries, error = reason, traceback = res.trace }))
   end
-  local due = core.now() + backoff(self, entry.n)
-  if not self.next_due or due < self.next_due then self.next_due = due end
-  self:_requeue(row.id, entry.n, reason)
+  self:_failed(row, entry, reason)
+end
+
+-- msg:fence(tx): see Message:fence.  Raises (55P03) unless the delivery
+-- is still current; otherwise its row stays locked until tx ends.
+function Consumer:_fence(tx, entry)
+  if entry.outcome or self.in_flight[entry.id] ~= entry then
+    error(fence_error(self, entry, "its handler has ended"), 0)
+  end
+  if not tx:one(FENCE, self.subscription_id, entry.id, entry.n) then
+    self.counters.fenced = self.counters.fenced + 1
+    log.warn("queue fence refused a write: the lease was lost", self:_fields({
+      message = entry.id, deliveries = entry.n }))
+    error(fence_error(self, entry, "its lease was lost (another consumer has the message,"
+      .. " or it was acked or dead-lettered)"), 0)
+  end
 end
 
 -- Writes acks in batches: whatever accumulated while the last batch was
@@ -917,12 +1094,12 @@ function Consumer:_renew()
   end
   if #list == 0 then return end
   local sids, ids, ns = self:_token_arrays(list)
-  local ok, rows = pcall(self.pool.query, self.pool, RENEW, sids, ids, ns, self.visibility_timeout)
+  local ok, row = pcall(self.pool.one, self.pool, RENEW, sids, ids, ns, self.visibility_timeout)
   if not ok then
-    log.warn("queue lease renewal failed", self:_fields({ error = error_text(rows) }))
-  elseif #rows < #list then
+    log.warn("queue lease renewal failed", self:_fields({ error = error_text(row) }))
+  elseif row.current < #list then
     log.warn("queue leases lost while their handlers run; the messages may be handled twice",
-      self:_fields({ lost = #list - #rows }))
+      self:_fields({ lost = #list - row.current }))
   end
 end
 
@@ -1017,7 +1194,8 @@ end
 function Consumer:stats()
   local c = self.counters
   return { state = self.state, running = self.running, handled = c.handled, acked = c.acked,
-           requeued = c.requeued, dead = c.dead, lost = c.lost, unacked = #self.acks }
+           requeued = c.requeued, dead = c.dead, lost = c.lost, fenced = c.fenced,
+           unacked = #self.acks }
 end
 
 return queue
