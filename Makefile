@@ -63,12 +63,17 @@ $(BUILD)/tcp-relay: spec/tools/tcp-relay.c $(FLAGS_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $<
 
+# Holds many idle or slowly dribbling connections, for the HTTP specs.
+$(BUILD)/tcp-hold: spec/tools/tcp-hold.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $<
+
 deps:
 	scripts/install-deps
 
 # `all` is made after `deps` (not beside it) so that -j is safe on a fresh machine.
 test: deps
-	@$(MAKE) --no-print-directory all $(BUILD)/tcp-relay
+	@$(MAKE) --no-print-directory all $(BUILD)/tcp-relay $(BUILD)/tcp-hold
 	scripts/pg-tmp run scripts/test $(SPEC)
 
 demo: deps

@@ -32,6 +32,42 @@ local function logged_port(p)
   return tonumber(out:match("address=[%d%.]+:(%d+)"))
 end
 
+-- GET through curl in a child process, the loop running meanwhile (for a
+-- server in this process); returns status code and body.
+local function http_get_async(port, path)
+  local _, out = helper.run({ "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}",
+    ("http://127.0.0.1:%d%s"):format(port, path) })
+  local body, code = out:match("^(.*)\n(%d+)$")
+  return tonumber(code), body
+end
+
+local HOLD_BIN = helper.root .. "/build/tcp-hold"
+
+-- Holds n connections to 127.0.0.1:port (see spec/tools/tcp-hold.c), idle,
+-- or sending a request that never ends a byte every `dribble` seconds;
+-- returns the process once all are connected.
+local function hold(port, n, dribble)
+  local f = io.open(HOLD_BIN, "rb")
+  if f then
+    f:close()
+  else
+    assert(helper.sh("make -s -C " .. helper.quote(helper.root) .. " build/tcp-hold >/dev/null")
+      == 0, "cannot build build/tcp-hold")
+  end
+  local p = helper.start({ HOLD_BIN, tostring(port), tostring(n), dribble and tostring(dribble) })
+  p:wait_output("connected " .. n, 10)
+  return p
+end
+
+-- The closes a tcp-hold reported: { { after = seconds, status = "503" | "none" }, ... }.
+local function closes(p)
+  local t = {}
+  for after, status in p:output():gmatch("closed %d+ after ([%d%.]+) status=(%w+)") do
+    t[#t + 1] = { after = tonumber(after), status = status }
+  end
+  return t
+end
+
 describe("operations", function()
   local db
 
@@ -93,6 +129,93 @@ describe("operations", function()
     end
     p:kill("TERM")
     assert.are.equal(0, p:wait(15))
+  end)
+
+  it("closes connections that complete no request within idle_timeout, idle or dribbling",
+    function()
+    local server = pgcoord.http.serve("127.0.0.1:0", { idle_timeout = 1 })
+    finally(function() server:close() end)
+    local idle = hold(server.port, 100)
+    -- slowloris: a header byte every 0.2 s, never the blank line
+    local slow = hold(server.port, 100, 0.2)
+    for _, p in ipairs({ idle, slow }) do
+      p:wait_output("all closed", 8)
+      local c = closes(p)
+      assert.are.equal(100, #c)
+      for _, x in ipairs(c) do
+        assert.are.equal("none", x.status)
+        assert.is_true(x.after >= 0.9, ("closed after %.3fs, before idle_timeout"):format(x.after))
+      end
+    end
+    local stats = server.server:stats()
+    assert.are.same({ 0, 200 }, { stats.open, stats.timed_out })
+    local code, body = http_get_async(server.port, "/healthz")
+    assert.are.equal(200, code, body)
+  end)
+
+  it("caps open connections: more get a 503 at once, /healthz answers again below the cap",
+    function()
+    local server = pgcoord.http.serve("127.0.0.1:0", { max_connections = 20, idle_timeout = 30 })
+    finally(function() server:close() end)
+    local held = hold(server.port, 20)
+    helper.wait_until(function() return server.server:stats().open == 20 end, 10,
+      "20 open connections")
+    local extra = hold(server.port, 5)
+    extra:wait_output("all closed", 5)
+    local c = closes(extra)
+    assert.are.equal(5, #c)
+    for _, x in ipairs(c) do
+      assert.are.equal("503", x.status)
+      assert.is_true(x.after < 1, ("refused only after %.3fs"):format(x.after))
+    end
+    local code, body = http_get_async(server.port, "/healthz")
+    assert.are.equal(503, code)
+    assert.matches("too many connections", body, 1, true)
+    held:kill("TERM")
+    helper.wait_until(function() return server.server:stats().open == 0 end, 10,
+      "the held connections to be closed")
+    code, body = http_get_async(server.port, "/healthz")
+    assert.are.equal(200, code, body)
+    assert.are.equal(6, server.server:stats().refused)
+    code, body = http_get_async(server.port, "/metrics")
+    assert.are.equal(200, code)
+    assert.matches("pgcoord_http_connections_refused_total 6", body, 1, true)
+  end)
+
+  it("--http :0 binds 127.0.0.1 and logs the port; limits come from the command line",
+    function()
+    local p = helper.start({ "pgcoord-run", "--http", ":0", "--http-timeout", "1",
+      "--http-max-connections", "7", "-e",
+      "while not pgcoord.stopping() do pgcoord.sleep(0.1) end" })
+    local out = p:wait_output("http endpoint listening", 10)
+    local port = tonumber(out:match("address=127%.0%.0%.1:(%d+)"))
+    assert.is_not_nil(port, out)
+    assert.matches("idle_timeout=1 max_connections=7", out, 1, true)
+    assert.are.equal(200, (http_get(port, "/healthz")))
+    -- not every interface: another address of this host is refused
+    local curl = assert(io.popen(("curl -s -m 5 -o /dev/null -w '%%{http_code}' "
+      .. "http://127.0.0.2:%d/healthz"):format(port)))
+    local other = curl:read("a")
+    curl:close()
+    assert.are.equal("000", other)
+    local idle = hold(port, 1)
+    idle:wait_output("all closed", 8)   -- --http-timeout 1
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(15))
+    -- bad limits are refused, naming the option
+    local code
+    code, out = helper.run({ "pgcoord-run", "--http", ":0", "--http-timeout", "0", "-e", "" })
+    assert.are.equal(1, code)
+    assert.matches("--http-timeout takes a number of seconds > 0, got 0", out, 1, true)
+    code, out = helper.run({ "pgcoord-run", "--http-max-connections", "0", "-e", "" })
+    assert.are.equal(1, code)
+    assert.matches("--http-max-connections takes an integer from 1 to 1000000, got 0", out, 1, true)
+    assert.matches("option idle_timeout must be a number > 0, got 0",
+      helper.error_of(pgcoord.http.serve, ":0", { idle_timeout = 0 }), 1, true)
+    assert.matches("option max_connections must be an integer >= 1, got 1.5",
+      helper.error_of(pgcoord.http.serve, ":0", { max_connections = 1.5 }), 1, true)
+    assert.matches('pgcoord.http.serve: unknown option "timeout"',
+      helper.error_of(pgcoord.http.serve, ":0", { timeout = 1 }), 1, true)
   end)
 
   it("prints --status for an empty database and a busy one", function()

@@ -10,7 +10,12 @@
  *
  * A table is an array when its keys are exactly 1..n (n > 0), else an
  * object whose keys are strings or numbers; an empty table is {}, unless
- * its metatable has __jsonarray (pgcoord.json.array), then [].
+ * its metatable has __jsonarray (pgcoord.json.array), then [].  NaN and
+ * infinities are refused (JSON has no spelling for them).
+ *
+ * Decoding never yields what encoding would refuse: a number too large for
+ * a double raises instead of becoming inf, and a lone surrogate escape
+ * becomes U+FFFD instead of bytes that are not UTF-8 (see below).
  */
 #include <errno.h>
 #include <math.h>
@@ -283,6 +288,26 @@ static void add_utf8(luaL_Buffer *b, unsigned cp)
 	luaL_addlstring(b, u, n);
 }
 
+/*
+ * \uD800-\uDFFF are the halves of a UTF-16 pair: a high half followed by a
+ * low one is one code point.  A half on its own has no UTF-8 form; it
+ * becomes U+FFFD, the replacement character, so that the string stays valid
+ * UTF-8 and the row stays readable (PostgreSQL's json type keeps "\ud800"
+ * as written; only jsonb refuses it).  r->p is just past the first half.
+ */
+static unsigned surrogate(lua_State *L, jreader *r, unsigned first)
+{
+	if (first < 0xDC00 && r->end - r->p >= 6 && r->p[0] == '\\' && r->p[1] == 'u') {
+		const char *next = r->p;
+		r->p += 2;
+		unsigned lo = (unsigned)hex4(L, r);
+		if (lo >= 0xDC00 && lo < 0xE000)
+			return 0x10000 + ((first - 0xD800) << 10) + (lo - 0xDC00);
+		r->p = next;	/* not a low half: it is decoded on its own */
+	}
+	return 0xFFFD;
+}
+
 /* Pushes the string at r->p (just past the opening quote). */
 static void decode_string(lua_State *L, jreader *r)
 {
@@ -323,15 +348,8 @@ static void decode_string(lua_State *L, jreader *r)
 		case 't': luaL_addchar(&b, '\t'); break;
 		case 'u': {
 			unsigned cp = (unsigned)hex4(L, r);
-			if (cp >= 0xD800 && cp < 0xDC00 && r->end - r->p >= 6 && r->p[0] == '\\'
-			    && r->p[1] == 'u') {
-				r->p += 2;
-				unsigned lo = (unsigned)hex4(L, r);
-				if (lo >= 0xDC00 && lo < 0xE000)
-					cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-				else
-					jfail(L, r, "bad surrogate pair");
-			}
+			if (cp >= 0xD800 && cp < 0xE000)
+				cp = surrogate(L, r, cp);
 			add_utf8(&b, cp);
 			break;
 		}
@@ -342,44 +360,77 @@ static void decode_string(lua_State *L, jreader *r)
 	luaL_pushresult(&b);
 }
 
-/* Integers stay integers (exact to 64 bits); the rest are floats. */
+/* Skips the digits at r->p; returns how many there were. */
+static size_t skip_digits(jreader *r)
+{
+	const char *s = r->p;
+	while (r->p < r->end && *r->p >= '0' && *r->p <= '9')
+		r->p++;
+	return (size_t)(r->p - s);
+}
+
+/*
+ * JSON's number grammar.  An integer that fits in 64 bits stays an exact
+ * integer; a longer one (123456789012345678901234567890) becomes the
+ * nearest float, as do numbers with a fraction or an exponent.  A number
+ * too large for a double (1e400, which numeric and jsonb hold) raises
+ * rather than turning into inf, a value that cannot even be encoded back;
+ * one too small for a double (1e-400) becomes 0.0.
+ */
 static void decode_number(lua_State *L, jreader *r)
 {
 	const char *s = r->p;
 	int is_float = 0;
 	if (r->p < r->end && *r->p == '-')
 		r->p++;
-	while (r->p < r->end) {
-		char c = *r->p;
-		if (c >= '0' && c <= '9') {
-			r->p++;
-		} else if (c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') {
-			is_float = 1;
-			r->p++;
-		} else {
-			break;
-		}
+	const char *int_part = r->p;
+	size_t n = skip_digits(r);
+	if (n == 0 || (n > 1 && *int_part == '0'))
+		jfail(L, r, n == 0 ? "bad number" : "bad number (a leading zero)");
+	if (r->p < r->end && *r->p == '.') {
+		r->p++;
+		if (skip_digits(r) == 0)
+			jfail(L, r, "bad number (no digits after '.')");
+		is_float = 1;
 	}
+	if (r->p < r->end && (*r->p == 'e' || *r->p == 'E')) {
+		r->p++;
+		if (r->p < r->end && (*r->p == '+' || *r->p == '-'))
+			r->p++;
+		if (skip_digits(r) == 0)
+			jfail(L, r, "bad number (no digits in the exponent)");
+		is_float = 1;
+	}
+	/* strtoll and strtod need a terminated copy; a long one goes on the stack */
 	size_t len = (size_t)(r->p - s);
 	char buf[64];
-	if (len == 0 || len >= sizeof buf || (len == 1 && *s == '-')) {
-		jfail(L, r, "bad number");
-		return;
+	const char *text = buf;
+	if (len < sizeof buf) {
+		memcpy(buf, s, len);
+		buf[len] = '\0';
+	} else {
+		text = lua_pushlstring(L, s, len);
 	}
-	memcpy(buf, s, len);
-	buf[len] = '\0';
-	char *end;
+	double d = 0;
+	int is_integer = 0;
+	lua_Integer v = 0;
 	if (!is_float) {
 		errno = 0;
-		long long v = strtoll(buf, &end, 10);
-		if (*end == '\0' && errno == 0) {
-			lua_pushinteger(L, (lua_Integer)v);
-			return;
-		}
+		v = (lua_Integer)strtoll(text, NULL, 10);
+		is_integer = errno == 0;	/* else beyond 64 bits: a float */
 	}
-	double d = strtod(buf, &end);
-	if (*end != '\0')
-		jfail(L, r, "bad number");
+	if (!is_integer)
+		d = strtod(text, NULL);
+	if (text != buf)
+		lua_pop(L, 1);
+	if (is_integer) {
+		lua_pushinteger(L, v);
+		return;
+	}
+	if (isinf(d)) {
+		r->p = s;
+		jfail(L, r, "number too large for a double");
+	}
 	lua_pushnumber(L, d);
 }
 

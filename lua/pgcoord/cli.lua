@@ -19,7 +19,11 @@ usage: pgcoord-run [options] [script [args...]]
   --status            print the coordination state (job groups, queues, locks,
                       outbox) from the database and exit; --json for JSON
   --http host:port    serve /metrics and /healthz (with --workers, worker k
-                      listens on port + k - 1)
+                      listens on port + k - 1); an empty host is 127.0.0.1
+  --http-timeout s    close an HTTP connection that completes no request
+                      within s seconds of opening or of its last one (30)
+  --http-max-connections n
+                      answer 503 beyond n open HTTP connections (256)
   --workers n         run the script in n processes (one loop each), restart
                       one that dies, stop all on SIGTERM/SIGINT
   --stop-timeout s    a graceful stop (SIGTERM, SIGINT) that takes longer than
@@ -66,6 +70,18 @@ local function parse(argv)
     elseif a == "--status" then o.status = true
     elseif a == "--json" then o.json = true
     elseif a == "--http" then o.http = value(a)
+    elseif a == "--http-timeout" then
+      o.http_timeout = tonumber(value(a))
+      if not o.http_timeout or not (o.http_timeout > 0 and o.http_timeout < math.huge) then
+        error(("--http-timeout takes a number of seconds > 0, got %s"):format(argv[i]), 0)
+      end
+    elseif a == "--http-max-connections" then
+      o.http_max_connections = tonumber(value(a))
+      if math.type(o.http_max_connections) ~= "integer" or o.http_max_connections < 1
+        or o.http_max_connections > 1000000 then
+        error(("--http-max-connections takes an integer from 1 to 1000000, got %s")
+          :format(argv[i]), 0)
+      end
     elseif a == "--workers" then
       o.workers = tonumber(value(a))
       if math.type(o.workers) ~= "integer" or o.workers < 1 then
@@ -358,19 +374,21 @@ function cli.jobs(pgcoord, o)
   return jobs
 end
 
-local function serve_http(pgcoord, addr, slot)
+local function serve_http(pgcoord, o, slot)
+  local addr = o.http
   if slot and slot > 1 then
     local host, port = addr:match("^(.*):(%d+)$")
     if host and tonumber(port) > 0 then addr = ("%s:%d"):format(host, tonumber(port) + slot - 1) end
   end
   local probe = pgcoord.connect(nil, { size = 1, params = { application_name = "pgcoord-http" } })
-  return pgcoord.http.serve(addr, { db = probe })
+  return pgcoord.http.serve(addr, { db = probe, idle_timeout = o.http_timeout,
+    max_connections = o.http_max_connections })
 end
 
 -- Runs the jobs in one task, then the loop while tasks live (or the prompt).
 function cli.run(pgcoord, o, jobs, interactive, slot)
   local main = run_main(function()
-    if o.http then serve_http(pgcoord, o.http, slot) end
+    if o.http then serve_http(pgcoord, o, slot) end
     for _, fn in ipairs(jobs) do fn() end
   end)
   if interactive then

@@ -7,6 +7,7 @@ local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local metrics = require "pgcoord.metrics"
 local status = require "pgcoord.status"
+local store = require "pgcoord.store"
 
 local http = {}
 
@@ -36,6 +37,12 @@ local outbox_messages = metrics.gauge("pgcoord_outbox_messages",
   "Outbox messages per table and status (refreshed on an interval).", { "table", "status" })
 local up = metrics.gauge("pgcoord_database_up",
   "1 when the database answered the last health probe within a second.")
+local http_open = metrics.gauge("pgcoord_http_connections",
+  "Connections open to this HTTP endpoint.")
+local http_refused = metrics.counter("pgcoord_http_connections_refused_total",
+  "Connections answered 503 and closed because max_connections were open.")
+local http_timed_out = metrics.counter("pgcoord_http_connections_timed_out_total",
+  "Connections closed for not completing a request within idle_timeout.")
 
 -- The counters the modules keep, read at scrape time (they only grow, so
 -- they are exposed as counters, set rather than incremented here).
@@ -67,6 +74,14 @@ metrics.collect(function()
     local state = lock:state()
     lock_held:set(state == "held" and 1 or 0, lock.name, state == "" and "waiting" or state)
   end
+  local open, refused, timed_out = 0, 0, 0
+  for server in metrics.each("http") do
+    local s = server.server:stats()
+    open, refused, timed_out = open + s.open, refused + s.refused, timed_out + s.timed_out
+  end
+  http_open:set(open)
+  http_refused:set(refused)
+  http_timed_out:set(timed_out)
 end)
 
 local function refresh_depths(db, outbox_tables)
@@ -97,17 +112,24 @@ end
 local Server = {}
 Server.__index = Server
 
+local WHERE = "pgcoord.http.serve"
+
+-- "host:port" -> host, port; an empty host is loopback, never every
+-- interface (":9400" must not expose the endpoint to the network).
 local function parse_address(addr)
   if type(addr) ~= "string" then
-    error(("pgcoord.http.serve: address must be \"host:port\", got %s"):format(tostring(addr)), 3)
+    error(("%s: address must be \"host:port\", got %s"):format(WHERE, tostring(addr)), 3)
   end
   local host, port = addr:match("^%[?([^%]]*)%]?:(%d+)$")
   port = tonumber(port)
   if not host or not port or port > 65535 then
-    error(("pgcoord.http.serve: address must be \"host:port\", got %q"):format(addr), 3)
+    error(("%s: address must be \"host:port\", got %q"):format(WHERE, addr), 3)
   end
-  return host == "" and "0.0.0.0" or host, port
+  return host == "" and "127.0.0.1" or host, port
 end
+
+local KNOWN = { db = true, probe_interval = true, depth_interval = true, outbox_tables = true,
+                idle_timeout = true, max_connections = true }
 
 function Server:_health()
   local now = core.now()
@@ -170,28 +192,42 @@ function Server:_depth_loop()
   end
 end
 
--- Serves /metrics and /healthz on "host:port" (port 0 picks a free one).
--- opts.db: the pool to probe and to read depths from.
+-- Serves /metrics and /healthz on "host:port" (port 0 picks a free one; an
+-- empty host is 127.0.0.1).  opts.db: the pool to probe and to read depths
+-- from; idle_timeout (30 s): a connection that does not complete a request
+-- within it of opening or of its previous request is closed;
+-- max_connections (256): one more is answered 503 and closed.
 function http.serve(addr, opts)
-  opts = opts or {}
   local host, port = parse_address(addr)
+  opts = store.check_options(WHERE, opts, KNOWN, 2)
   local self = setmetatable({
     db = opts.db,
-    probe_interval = opts.probe_interval or 1,
-    depth_interval = opts.depth_interval or 15,
+    -- floors: a probe or refresh loop must not spin
+    probe_interval = store.number(WHERE, opts, "probe_interval", 1, 0.1, true, 2),
+    depth_interval = store.number(WHERE, opts, "depth_interval", 15, 1, true, 2),
     outbox_tables = opts.outbox_tables,
     wake = task.cond(),
     closed = false,
   }, Server)
+  local idle_timeout = store.number(WHERE, opts, "idle_timeout", 30, 0, false, 2)
+  local max_connections = store.integer(WHERE, opts, "max_connections", 256, 1, 2)
+  if max_connections > 1000000 then
+    error(("%s: option max_connections must be an integer <= 1000000, got %d")
+      :format(WHERE, max_connections), 2)
+  end
+  if self.db then store.check_pool(WHERE, self.db, 2) end
   self.server = core.http_listen(host, port, function(method, path)
     return self:_handle(method, path)
-  end)
+  end, idle_timeout, max_connections)
   self.port = self.server:port()
+  self.address = self.server:address()
+  metrics.track("http", self)
   -- background work: it must not keep a finished process alive
   self.tasks = { task.spawn_daemon(self._probe_loop, self) }
   if self.db then self.tasks[2] = task.spawn_daemon(self._depth_loop, self) end
   require("pgcoord").on_stop(function() self:close() end)
-  log.info("http endpoint listening", { address = ("%s:%d"):format(host, self.port) })
+  log.info("http endpoint listening", { address = self.address,
+    idle_timeout = idle_timeout, max_connections = max_connections })
   return self
 end
 
