@@ -2,8 +2,9 @@
  * pgvalue.c -- Lua values to query parameters, results to Lua values.
  *
  * Parameters go as text with type OID 0, so the server infers each type
- * from the statement; a string holding NUL bytes goes as binary, which
- * makes a bytea parameter work.  Results are converted by column type OID.
+ * from the statement; a string goes as binary to a bytea parameter (the
+ * caller knows which from a describe of the statement).  Results are
+ * converted by column type OID.
  * JSON goes through json.c, which keeps integers exact.
  */
 #include <math.h>
@@ -90,8 +91,10 @@ static const char *json_text(lua_State *L, int idx, int pos)
 /*
  * Fills p from stack slots first..last.  Converted strings are pushed on
  * the stack, so they live until the calling C function returns.  binary,
- * when given, has a '1' for each parameter the server takes as bytea: a
- * string goes there as its bytes, whatever they are.
+ * when given, has a character per parameter of the statement, '1' where
+ * the server takes it as bytea: a string goes there as its bytes, whatever
+ * they are, and a string with NUL bytes goes nowhere else.  Without it (the
+ * types unknown) such a string goes binary, for a bytea.
  */
 void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary,
 			   pgc_params *p)
@@ -130,8 +133,15 @@ void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary
 			break;
 		case LUA_TSTRING:
 			v = lua_tolstring(L, idx, &len);
-			if (((size_t)i < nbinary && binary[i] == '1') || memchr(v, '\0', len) != NULL)
+			if ((size_t)i < nbinary && binary[i] == '1') {
 				p->formats[i] = 1;
+			} else if (memchr(v, '\0', len) != NULL) {
+				/* as binary, "\0\0\0\1" would read as the int 1 */
+				if ((size_t)i < nbinary)
+					luaL_error(L, "pgcoord: parameter $%d: a string with NUL bytes "
+						   "can only go to a bytea parameter", i + 1);
+				p->formats[i] = 1;
+			}
 			break;
 		case LUA_TTABLE:
 			v = json_text(L, idx, i + 1);
