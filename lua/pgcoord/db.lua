@@ -346,16 +346,15 @@ local function behind_pooler(conn)
 end
 
 local function setup(pool, conn)
+  local pooler = behind_pooler(conn)
   local named = pool.prepare
-  if named == nil then
-    named = not behind_pooler(conn)
-    if not named and not pool.pooler_seen then
-      pool.pooler_seen = true
-      log.info("connection pooler detected: unnamed statements only",
-        { target = describe_target(pool.conninfo) })
-    end
+  if named == nil then named = not pooler end
+  if pooler and not pool.pooler_seen then
+    pool.pooler_seen = true
+    log.info("connection pooler detected", { target = describe_target(pool.conninfo),
+      statements = named and "named (prepare = true)" or "unnamed" })
   end
-  statements[conn] = { named = named, n = 0, stale = {} }
+  statements[conn] = { named = named, pooler = pooler, n = 0, stale = {} }
   local date_style = conn:parameter("DateStyle") or ""
   if not date_style:match("^ISO") then run_plain(conn, "SET DateStyle = ISO") end
 end
@@ -437,7 +436,9 @@ end
 function Pool:_discard(lease)
   local conn = lease.conn
   local mid_query = conn:status() == "busy"
-  local pid = mid_query and conn:backend_pid()
+  -- (behind a pooler the pid is the pooler's invention: it may name an
+  -- unrelated backend, and the query's own server is unknown)
+  local pid = mid_query and not statements[conn].pooler and conn:backend_pid()
   conn:close()
   self.total = self.total - 1
   if pid and not self.closed then
