@@ -978,6 +978,26 @@ describe("transactions", function()
     assert_consistent(db)
   end)
 
+  it("a statement error that fn caught: nothing is committed and tx raises 25P02", function()
+    local ok, err = pcall(db.tx, db, function(tx)
+      tx:exec(("INSERT INTO %s VALUES (1, 'one')"):format(t))
+      pcall(tx.exec, tx, "SELECT 1 / 0")
+      return "done"
+    end)
+    assert.is_false(ok, "db:tx returned as if committed")
+    assert.are.equal("25P02", err.sqlstate)
+    assert.matches("fn caught its error: rolled back, nothing committed", tostring(err), 1, true)
+    assert.are.same({}, ids())
+    -- a savepoint that took the error leaves the transaction fit to commit
+    assert.are.equal("kept", db:tx(function(tx)
+      tx:exec(("INSERT INTO %s VALUES (2, 'two')"):format(t))
+      pcall(tx.tx, tx, function(sp) sp:exec("SELECT 1 / 0") end)
+      return "kept"
+    end))
+    assert.are.same({ 2 }, ids())
+    assert_consistent(db)
+  end)
+
   it("a nested tx is a savepoint: its failure undoes only its own work", function()
     db:tx(function(tx)
       tx:exec(("INSERT INTO %s VALUES (1, 'outer')"):format(t))

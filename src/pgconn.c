@@ -733,12 +733,14 @@ static int conn_parameter(lua_State *L)
 	return 1;
 }
 
+/* conn:in_transaction() -> inside one, and whether an error aborted it */
 static int conn_in_transaction(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
 	PGTransactionStatusType ts = c->pg ? PQtransactionStatus(c->pg) : PQTRANS_UNKNOWN;
 	lua_pushboolean(L, ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR);
-	return 1;
+	lua_pushboolean(L, ts == PQTRANS_INERROR);
+	return 2;
 }
 
 /*

@@ -490,11 +490,17 @@ end
 local function end_tx(tx, ok, ...)
   tx.done = true
   local conn = tx.conn
-  if ok then
-    run_plain(conn, "COMMIT")
-    return ...
-  end
   local err = ...
+  if ok then
+    local _, aborted = conn:in_transaction()
+    if not aborted then
+      run_plain(conn, "COMMIT")
+      return ...
+    end
+    -- fn caught a statement's error: COMMIT would answer ROLLBACK, no error
+    err = core.error("25P02", "pgcoord: db:tx: a statement failed inside the transaction"
+      .. " and fn caught its error: rolled back, nothing committed")
+  end
   if conn:status() == "ready" then pcall(run_plain, conn, "ROLLBACK") end
   error(err, 0)
 end
