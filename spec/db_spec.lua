@@ -600,12 +600,13 @@ describe("SQL text and parameters", function()
     end
   end)
 
-  it("past the statements a connection keeps, NUL bytes still go only to bytea", function()
+  it("past the statements a connection keeps, strings still reach bytea as their bytes", function()
     local db = pool({ size = 1 })
     for i = 1, 300 do assert.are.equal(i, db:one(("SELECT %d AS x"):format(i)).x) end
     local err = errors(db.one, db, "SELECT $1::int AS x, 301", "\0\0\0\34")
     assert.matches("can only go to a bytea parameter", tostring(err), 1, true)
     assert.are.equal("a\0b", db:one("SELECT $1::bytea AS b, 302", "a\0b").b)
+    assert.are.equal("\\x41", db:one("SELECT $1::bytea AS b, 303", "\\x41").b)
   end)
 
   it("bytea parameters keep backslashes and non-UTF-8 bytes without named statements", function()

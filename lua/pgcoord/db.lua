@@ -169,10 +169,9 @@ local function describe(conn, name, sql)
   return binary_flags(await_ok(prepare_register, conn, name, sql))
 end
 
-local function holds_nul_string(...)
+local function holds_string(...)
   for i = 1, select("#", ...) do
-    local v = select(i, ...)
-    if type(v) == "string" and v:find("\0", 1, true) then return true end
+    if type((select(i, ...))) == "string" then return true end
   end
   return false
 end
@@ -205,14 +204,14 @@ local function prepare_named(conn, cache, sql)
   error(pooler_hint(binary), 0)
 end
 
--- The cache entry for sql, made on first use; nil past the cap, where only
--- a string with NUL bytes makes the parameter types worth a round trip.
+-- The cache entry for sql, made on first use.  Past the cap only a string
+-- parameter makes the types worth a round trip (it may be for a bytea).
 local function statement(conn, sql, ...)
   local cache = statements[conn]
   local entry = cache[sql]
   if entry then return entry end
   if cache.n >= MAX_STATEMENTS then
-    return holds_nul_string(...) and { false, describe(conn, "", sql) } or nil
+    return holds_string(...) and { false, describe(conn, "", sql) } or nil
   end
   if cache.named then
     entry = prepare_named(conn, cache, sql)
