@@ -555,6 +555,138 @@ describe("errors", function()
   end)
 end)
 
+describe("SQL text and parameters", function()
+  after_each(function()
+    close_pools()
+    helper.cleanup()
+  end)
+
+  it("SQL text with a NUL byte is refused by every function, naming it, at the caller", function()
+    local db = pool({ size = 1 })
+    local sql = "SELECT 1 AS x\0; SELECT pg_sleep(5)"
+    local calls = {
+      -- (no tail calls: the caller's line is what the message must name)
+      ["db:query"] = function() local r = db:query(sql) return r end,
+      ["db:one"] = function() local r = db:one(sql) return r end,
+      ["db:exec"] = function() local r = db:exec(sql) return r end,
+      ["db:script"] = function() local r = db:script(sql) return r end,
+      ["tx:query"] = function() db:tx(function(tx) local r = tx:query(sql) return r end) end,
+      ["tx:one"] = function() db:tx(function(tx) local r = tx:one(sql) return r end) end,
+      ["tx:exec"] = function() db:tx(function(tx) local r = tx:exec(sql) return r end) end,
+    }
+    for name, call in pairs(calls) do
+      local elapsed, msg = helper.timed(helper.error_of, call)
+      assert.matches("^spec/db_spec.lua:%d+: pgcoord: " .. name:gsub("%p", "%%%0")
+        .. ": the SQL text contains a NUL byte %(byte 14%)", msg)
+      assert.is_true(elapsed < 2, name .. " ran the text after the NUL byte")
+    end
+    assert.are.equal(1, db:one("SELECT 1 AS x").x)
+    assert_consistent(db)
+  end)
+
+  it("a string with NUL bytes goes to a bytea parameter and nowhere else", function()
+    for _, prepare in ipairs({ true, false }) do
+      local db = pool({ size = 1, prepare = prepare })
+      -- sent as binary, these would read as the int 34 and the boolean false
+      for _, case in ipairs({ { "SELECT $1::int AS x", "\0\0\0\34" },
+                              { "SELECT $1::bool AS x", "\0" },
+                              { "SELECT $2::text AS x, $1::bytea AS b", "\0", "a\0b" } }) do
+        local err = errors(db.one, db, case[1], table.unpack(case, 2))
+        assert.matches("pgcoord: parameter $" .. (#case - 1)
+          .. ": a string with NUL bytes can only go to a bytea parameter", tostring(err), 1, true)
+      end
+      assert.are.equal("a\0b", db:one("SELECT $1::bytea AS b", "a\0b").b)
+      assert_consistent(db)
+    end
+  end)
+
+  it("past the statements a connection keeps, strings still reach bytea as their bytes", function()
+    local db = pool({ size = 1 })
+    for i = 1, 300 do assert.are.equal(i, db:one(("SELECT %d AS x"):format(i)).x) end
+    local err = errors(db.one, db, "SELECT $1::int AS x, 301", "\0\0\0\34")
+    assert.matches("can only go to a bytea parameter", tostring(err), 1, true)
+    assert.are.equal("a\0b", db:one("SELECT $1::bytea AS b, 302", "a\0b").b)
+    assert.are.equal("\\x41", db:one("SELECT $1::bytea AS b, 303", "\\x41").b)
+  end)
+
+  it("bytea parameters keep backslashes and non-UTF-8 bytes without named statements", function()
+    local db = pool({ size = 1, prepare = false })
+    for _, s in ipairs({ "\255\254\253", "a\\x41", "\\", "\200\\000" }) do
+      local ok, row = pcall(db.one, db, "SELECT $1::bytea AS b, length($1::bytea) AS n", s)
+      assert.is_true(ok, ("bytea parameter %q failed: %s"):format(s, tostring(row)))
+      assert.are.equal(s, row.b)
+      assert.are.equal(#s, row.n)
+    end
+  end)
+end)
+
+describe("prepared statements", function()
+  after_each(function()
+    close_pools()
+    helper.cleanup()
+  end)
+
+  local SQL = "SELECT $1::int + 1 AS x"
+  local function named(db, sql)
+    return db:query("SELECT name FROM pg_prepared_statements WHERE statement = $1", sql)
+  end
+
+  it("a direct pool prepares each text once, under a name derived from the text", function()
+    local a, b = pool({ size = 1 }), pool({ size = 1 })
+    assert.are.equal(2, a:one(SQL, 1).x)
+    assert.are.equal(3, a:one(SQL, 2).x)
+    assert.are.equal(4, b:one(SQL, 3).x)
+    local in_a, in_b = named(a, SQL), named(b, SQL)
+    assert.are.equal(1, #in_a)
+    assert.matches("^pgc_%x+_%x+$", in_a[1].name)
+    assert.are.same(in_a, in_b) -- another connection, the same name
+    assert.are.equal(5, a:tx(function(tx) return tx:one(SQL, 4).x end))
+    assert.are.equal(0, #named(a, "BEGIN"), "transaction control is not worth a statement")
+    assert.are.equal(1, #named(a, SQL))
+    local off = pool({ size = 1, prepare = false })
+    assert.are.equal(2, off:one(SQL, 1).x)
+    assert.are.equal(0, off:one("SELECT count(*)::int AS n FROM pg_prepared_statements").n)
+  end)
+
+  it("a statement gone from the server runs unnamed outside a transaction, then named again",
+    function()
+    local db = pool({ size = 1 })
+    assert.are.equal(2, db:one(SQL, 1).x)
+    db:exec("DEALLOCATE ALL")
+    assert.are.equal(3, db:one(SQL, 2).x)
+    assert.are.equal(4, db:one(SQL, 3).x)
+    assert.are.equal(1, #named(db, SQL))
+    -- inside a transaction the statement cannot be run again: the error says why
+    db:exec("DEALLOCATE ALL")
+    local err = errors(db.tx, db, function(tx) return tx:one(SQL, 4) end)
+    assert.are.equal("26000", err.sqlstate)
+    assert.matches("pooler in transaction mode", tostring(err), 1, true)
+    assert.are.equal(5, db:tx(function(tx) return tx:one(SQL, 4).x end))
+    assert_consistent(db)
+  end)
+
+  it("a table changed under a statement fails one transaction at most, then is prepared anew",
+    function()
+    local db = pool({ size = 1 })
+    local t = helper.unique("changed")
+    db:exec(("CREATE TABLE %s (a int)"):format(t))
+    db:exec(("INSERT INTO %s VALUES (1)"):format(t))
+    local sql = ("SELECT * FROM %s"):format(t)
+    assert.are.same({ a = 1 }, db:one(sql))
+    db:exec(("ALTER TABLE %s ADD COLUMN b int DEFAULT 2"):format(t))
+    assert.are.same({ a = 1, b = 2 }, db:one(sql)) -- outside a transaction: at once
+    assert.are.same({ a = 1, b = 2 }, db:one(sql)) -- prepared anew
+    db:exec(("ALTER TABLE %s ADD COLUMN c int DEFAULT 3"):format(t))
+    local err = errors(db.tx, db, function(tx) return tx:one(sql) end)
+    assert.are.equal("0A000", err.sqlstate)
+    for _ = 1, 2 do
+      assert.are.same({ a = 1, b = 2, c = 3 }, db:tx(function(tx) return tx:one(sql) end))
+    end
+    assert.are.equal(1, #named(db, sql))
+    db:exec(("DROP TABLE %s"):format(t))
+  end)
+end)
+
 describe("connecting", function()
   after_each(function()
     close_pools()
@@ -844,6 +976,26 @@ describe("transactions", function()
     assert.is_false(ok)
     assert.is_true(pgcoord.is_constraint_error(err, t .. "_pkey"))
     assert.are.same({}, ids())
+    assert_consistent(db)
+  end)
+
+  it("a statement error that fn caught: nothing is committed and tx raises 25P02", function()
+    local ok, err = pcall(db.tx, db, function(tx)
+      tx:exec(("INSERT INTO %s VALUES (1, 'one')"):format(t))
+      pcall(tx.exec, tx, "SELECT 1 / 0")
+      return "done"
+    end)
+    assert.is_false(ok, "db:tx returned as if committed")
+    assert.are.equal("25P02", err.sqlstate)
+    assert.matches("fn caught its error: rolled back, nothing committed", tostring(err), 1, true)
+    assert.are.same({}, ids())
+    -- a savepoint that took the error leaves the transaction fit to commit
+    assert.are.equal("kept", db:tx(function(tx)
+      tx:exec(("INSERT INTO %s VALUES (2, 'two')"):format(t))
+      pcall(tx.tx, tx, function(sp) sp:exec("SELECT 1 / 0") end)
+      return "kept"
+    end))
+    assert.are.same({ 2 }, ids())
     assert_consistent(db)
   end)
 

@@ -37,6 +37,7 @@ typedef struct pgc_conn {
 	PGresult *result;	/* what the current query returned so far */
 	int failed_connecting;	/* the link was lost before it was ready */
 	int describing;		/* the result wanted is parameter types */
+	int pipelined;		/* results end at a pipeline sync, not at NULL */
 	char *lost;		/* why the connection closed, for the callbacks */
 } pgc_conn;
 
@@ -419,14 +420,39 @@ static int deliver_notify(lua_State *L)
 	return 0;
 }
 
-/* Collects results while libpq has them without blocking; 1 when done. */
+/*
+ * Collects results while libpq has them without blocking; 1 when done.
+ * A pipeline's statements each end with a NULL; the whole ends at its sync.
+ */
 static int collect_results(pgc_conn *c)
 {
+	int ended = 0;	/* NULLs in a row: two mean nothing more will come */
 	while (!PQisBusy(c->pg)) {
 		PGresult *r = PQgetResult(c->pg);
-		if (r == NULL)
-			return 1;
+		if (r == NULL) {
+			if (!c->pipelined)
+				return 1;
+			if (++ended == 2) {
+				fail(c, "the pipeline ended without its sync");
+				return 0;
+			}
+			continue;
+		}
+		ended = 0;
 		ExecStatusType st = PQresultStatus(r);
+		if (st == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			c->pipelined = 0;
+			if (!PQexitPipelineMode(c->pg)) {
+				fail(c, PQerrorMessage(c->pg));
+				return 0;
+			}
+			return 1;
+		}
+		if (st == PGRES_PIPELINE_ABORTED) {	/* skipped after an earlier error */
+			PQclear(r);
+			continue;
+		}
 		if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
 			PQclear(r);
 			fail(c, "COPY is not supported on pgcoord connections");
@@ -539,56 +565,63 @@ static int sent(lua_State *L, pgc_conn *c, int ok)
 	return 1;
 }
 
+/* The SQL text at idx: libpq takes a C string, which a NUL byte would cut. */
+static const char *check_sql(lua_State *L, int idx)
+{
+	size_t len;
+	const char *sql = luaL_checklstring(L, idx, &len);
+	if (memchr(sql, '\0', len) != NULL)
+		luaL_error(L, "pgcoord: the SQL text contains a NUL byte");
+	return sql;
+}
+
 /*
- * conn:send(sql, callback, params...) -> true | nil, err
- * The callback gets (rows) or (nil, err) once the query is done.
+ * conn:send(sql, callback, binary|nil, params...) -> true | nil, err
+ * The callback gets (rows) or (nil, err) once the query is done; binary
+ * is as for send_prepared.
  */
 static int conn_send(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
-	const char *sql = luaL_checkstring(L, 2);
+	const char *sql = check_sql(L, 2);
 	luaL_checktype(L, 3, LUA_TFUNCTION);
+	const char *binary = luaL_optstring(L, 4, NULL);
 	check_ready(L, c);
 	pgc_params p;
-	pgc_params_from_stack(L, 4, lua_gettop(L), NULL, &p);
+	pgc_params_from_stack(L, 5, lua_gettop(L), binary, &p);
 	int ok = PQsendQueryParams(c->pg, sql, p.n, NULL, p.values, p.lengths,
 				   p.formats, 0);
 	return sent(L, c, ok);
 }
 
-/* conn:prepare(name, sql, callback): a named statement for send_prepared. */
+/*
+ * conn:prepare(name, sql, callback): parses sql as the statement `name`
+ * ("" for the unnamed one) and describes it; the callback gets its
+ * parameter type OIDs, { oid, ... }.  Parse and describe go in one
+ * pipeline with one sync, so a pooler in transaction mode keeps both on
+ * the same server connection.
+ */
 static int conn_prepare(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
 	const char *name = luaL_checkstring(L, 2);
-	const char *sql = luaL_checkstring(L, 3);
+	const char *sql = check_sql(L, 3);
 	luaL_checktype(L, 4, LUA_TFUNCTION);
 	check_ready(L, c);
-	int ok = PQsendPrepare(c->pg, name, sql, 0, NULL);
+	int ok = PQenterPipelineMode(c->pg) && PQsendPrepare(c->pg, name, sql, 0, NULL) &&
+		 PQsendDescribePrepared(c->pg, name) && PQpipelineSync(c->pg);
 	lua_settop(L, 4);
 	lua_replace(L, 3);	/* sent() takes the callback from slot 3 */
-	return sent(L, c, ok);
-}
-
-/*
- * conn:describe(name, callback): the callback gets the parameter type OIDs
- * of a prepared statement, { oid, ... }.
- */
-static int conn_describe(lua_State *L)
-{
-	pgc_conn *c = check_conn(L);
-	const char *name = luaL_checkstring(L, 2);
-	luaL_checktype(L, 3, LUA_TFUNCTION);
-	check_ready(L, c);
-	int r = sent(L, c, PQsendDescribePrepared(c->pg, name));
+	int r = sent(L, c, ok);
 	if (c->state == BUSY)
-		c->describing = 1;
+		c->describing = c->pipelined = 1;
 	return r;
 }
 
 /*
  * conn:send_prepared(name, callback, binary|nil, params...): runs a
- * prepared statement; binary marks bytea parameters (see pgvalue.c).
+ * prepared statement.  binary, when given, has a character per parameter
+ * of the statement, '1' where it is bytea (see pgvalue.c).
  */
 static int conn_send_prepared(lua_State *L)
 {
@@ -607,7 +640,7 @@ static int conn_send_prepared(lua_State *L)
 static int conn_send_script(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
-	const char *sql = luaL_checkstring(L, 2);
+	const char *sql = check_sql(L, 2);
 	luaL_checktype(L, 3, LUA_TFUNCTION);
 	check_ready(L, c);
 	return sent(L, c, PQsendQuery(c->pg, sql));
@@ -700,12 +733,14 @@ static int conn_parameter(lua_State *L)
 	return 1;
 }
 
+/* conn:in_transaction() -> inside one, and whether an error aborted it */
 static int conn_in_transaction(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
 	PGTransactionStatusType ts = c->pg ? PQtransactionStatus(c->pg) : PQTRANS_UNKNOWN;
 	lua_pushboolean(L, ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR);
-	return 1;
+	lua_pushboolean(L, ts == PQTRANS_INERROR);
+	return 2;
 }
 
 /*
@@ -758,7 +793,6 @@ static const luaL_Reg conn_methods[] = {
 	{"send_script", conn_send_script},
 	{"prepare", conn_prepare},
 	{"send_prepared", conn_send_prepared},
-	{"describe", conn_describe},
 	{"on_notify", conn_on_notify},
 	{"on_close", conn_on_close},
 	{"on_notice", conn_on_notice},

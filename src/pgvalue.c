@@ -2,11 +2,13 @@
  * pgvalue.c -- Lua values to query parameters, results to Lua values.
  *
  * Parameters go as text with type OID 0, so the server infers each type
- * from the statement; a string holding NUL bytes goes as binary, which
- * makes a bytea parameter work.  Results are converted by column type OID.
+ * from the statement; a string goes as binary to a bytea parameter (the
+ * caller knows which from a describe of the statement).  Results are
+ * converted by column type OID.
  * JSON goes through json.c, which keeps integers exact.
  */
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,12 +79,25 @@ static const char *number_text(lua_State *L, int idx)
 	return lua_pushstring(L, buf);
 }
 
+/*
+ * A bad parameter: the message names it, never a line of db.lua (where
+ * luaL_error would place it: the Lua function that sent the query).
+ */
+static int param_error(lua_State *L, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	lua_pushvfstring(L, fmt, ap);
+	va_end(ap);
+	return lua_error(L);
+}
+
 static const char *json_text(lua_State *L, int idx, int pos)
 {
 	lua_pushcfunction(L, pgc_json_encode);
 	lua_pushvalue(L, idx);
 	if (lua_pcall(L, 1, 1, 0) != LUA_OK)
-		luaL_error(L, "pgcoord: parameter $%d cannot be encoded as JSON: %s", pos,
+		param_error(L, "pgcoord: parameter $%d cannot be encoded as JSON: %s", pos,
 			   lua_tostring(L, -1));
 	return lua_tostring(L, -1);
 }
@@ -90,8 +105,10 @@ static const char *json_text(lua_State *L, int idx, int pos)
 /*
  * Fills p from stack slots first..last.  Converted strings are pushed on
  * the stack, so they live until the calling C function returns.  binary,
- * when given, has a '1' for each parameter the server takes as bytea: a
- * string goes there as its bytes, whatever they are.
+ * when given, has a character per parameter of the statement, '1' where
+ * the server takes it as bytea: a string goes there as its bytes, whatever
+ * they are, and a string with NUL bytes goes nowhere else.  Without it (the
+ * types unknown) such a string goes binary, for a bytea.
  */
 void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary,
 			   pgc_params *p)
@@ -100,7 +117,7 @@ void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary
 	int n = last >= first ? last - first + 1 : 0;
 	luaL_checkstack(L, n + 8, "too many query parameters");
 	if (n > 65535)
-		luaL_error(L, "pgcoord: %d parameters, PostgreSQL takes at most 65535", n);
+		param_error(L, "pgcoord: %d parameters, PostgreSQL takes at most 65535", n);
 	p->n = n;
 	if (n <= PGC_INLINE_PARAMS) {
 		p->values = p->values_buf;
@@ -120,7 +137,7 @@ void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary
 		case LUA_TNIL:
 		case LUA_TLIGHTUSERDATA:
 			if (!is_null(L, idx))
-				luaL_error(L, "pgcoord: parameter $%d: cannot send a userdata", i + 1);
+				param_error(L, "pgcoord: parameter $%d: cannot send a userdata", i + 1);
 			break;
 		case LUA_TBOOLEAN:
 			v = lua_toboolean(L, idx) ? "t" : "f";
@@ -130,18 +147,25 @@ void pgc_params_from_stack(lua_State *L, int first, int last, const char *binary
 			break;
 		case LUA_TSTRING:
 			v = lua_tolstring(L, idx, &len);
-			if (((size_t)i < nbinary && binary[i] == '1') || memchr(v, '\0', len) != NULL)
+			if ((size_t)i < nbinary && binary[i] == '1') {
 				p->formats[i] = 1;
+			} else if (memchr(v, '\0', len) != NULL) {
+				/* as binary, "\0\0\0\1" would read as the int 1 */
+				if ((size_t)i < nbinary)
+					param_error(L, "pgcoord: parameter $%d: a string with NUL bytes "
+						   "can only go to a bytea parameter", i + 1);
+				p->formats[i] = 1;
+			}
 			break;
 		case LUA_TTABLE:
 			v = json_text(L, idx, i + 1);
 			break;
 		default:
-			luaL_error(L, "pgcoord: parameter $%d: cannot send a %s to PostgreSQL",
+			param_error(L, "pgcoord: parameter $%d: cannot send a %s to PostgreSQL",
 				   i + 1, luaL_typename(L, idx));
 		}
 		if (len > 0x7fffffff)
-			luaL_error(L, "pgcoord: parameter $%d is too long", i + 1);
+			param_error(L, "pgcoord: parameter $%d is too long", i + 1);
 		p->values[i] = v;
 		p->lengths[i] = (int)len;
 	}

@@ -97,8 +97,8 @@ end
 
 -- ---- one connection ------------------------------------------------------
 
-local function send_register(resume, conn, sql, ...)
-  local ok, err = conn:send(sql, resume, ...)
+local function send_register(resume, conn, sql, binary, ...)
+  local ok, err = conn:send(sql, resume, binary, ...)
   if not ok then resume(nil, err) end
 end
 
@@ -112,72 +112,160 @@ local function prepare_register(resume, conn, name, sql)
   if not ok then resume(nil, err) end
 end
 
-local function describe_register(resume, conn, name)
-  local ok, err = conn:describe(name, resume)
-  if not ok then resume(nil, err) end
-end
-
-local BYTEA = 17
-
--- Each connection prepares the statements it runs, once: the server then
--- skips parsing and planning from the second run on, and the parameter
--- types it reports let a string go to a bytea parameter as its bytes.
--- conn -> { sql -> { name, binary }, n = count }, or false (the pool's
--- `prepare = false`, for PgBouncer in transaction mode).  Capped, so
--- generated SQL cannot grow it forever.
-local statements = setmetatable({}, { __mode = "k" })
-local MAX_PREPARED = 256
-
 local function await_ok(register, ...)
   local r, err = task.await(register, ...)
   if r == nil then error(err, 0) end
   return r
 end
 
-local function prepared(conn, sql)
-  local cache = statements[conn]
-  if not cache then return nil end
-  local entry = cache[sql]
-  if entry or cache.n >= MAX_PREPARED then return entry end
-  local name = "pgcoord_" .. (cache.n + 1)
-  await_ok(prepare_register, conn, name, sql)
-  cache.n = cache.n + 1
-  local binary
-  for i, oid in ipairs(await_ok(describe_register, conn, name)) do
-    if oid == BYTEA then
-      binary = binary or {}
-      binary[i] = "1"
+-- One statement, unnamed, its parameter types left to the server.
+local function run_plain(conn, sql)
+  return await_ok(send_register, conn, sql, nil)
+end
+
+-- ---- statements ------------------------------------------------------------
+--
+-- A connection learns once per SQL text the parameter types the server
+-- infers, so that a string goes to a bytea parameter as its bytes (and a
+-- string with NUL bytes goes nowhere else), and on a direct connection it
+-- prepares the text as a named statement: the server then skips parsing
+-- and planning from the second run on.
+--
+-- A pooler in transaction mode (PgBouncer) gives each transaction to any
+-- of its server connections: a statement prepared through one client
+-- connection may be missing there, or be found under a name another
+-- client gave it.  So a name is derived from the SQL text (a statement
+-- found under it is the same statement, never another query's rows), a
+-- statement found missing outside a transaction is run unnamed instead,
+-- and a pool that finds a pooler when it connects (libpq's backend pid is
+-- not the server's pg_backend_pid()) uses unnamed statements only, each
+-- parsed, bound and run under one sync, which a pooler keeps together.
+--
+-- conn -> { named = bool, n = entries, stale = { [name] = true },
+--           [sql] = { name | false, binary flags } }, capped at
+-- MAX_STATEMENTS entries, so generated SQL cannot grow it forever.
+local statements = setmetatable({}, { __mode = "k" })
+local MAX_STATEMENTS = 256
+local BYTEA = 17
+
+-- 64-bit FNV-1a of the text, and its length: a collision is out of reach.
+local function statement_name(sql)
+  local h = 0xcbf29ce484222325
+  for i = 1, #sql do
+    h = (h ~ sql:byte(i)) * 0x100000001b3
+  end
+  return ("pgc_%016x_%x"):format(h, #sql)
+end
+
+-- "0010": a character per parameter, "1" where it is bytea (see pgvalue.c).
+local function binary_flags(types)
+  local flags = {}
+  for i, oid in ipairs(types) do flags[i] = oid == BYTEA and "1" or "0" end
+  return table.concat(flags)
+end
+
+-- Parses sql as `name` ("" for the unnamed statement): its binary flags.
+local function describe(conn, name, sql)
+  return binary_flags(await_ok(prepare_register, conn, name, sql))
+end
+
+local function holds_string(...)
+  for i = 1, select("#", ...) do
+    if type((select(i, ...))) == "string" then return true end
+  end
+  return false
+end
+
+-- Named statements fail this way only where a pooler shares servers.
+local function pooler_hint(err)
+  if is_db_error(err) and not err.hint and (err.sqlstate == "26000" or err.sqlstate == "42P05") then
+    err.hint = "named prepared statements do not survive a pooler in transaction mode:"
+      .. " leave the pool's prepare option unset (or false)"
+  end
+  return err
+end
+
+local function prepare_named(conn, cache, sql)
+  local name = statement_name(sql)
+  if cache.stale[name] then
+    -- the server still has the statement whose result type changed
+    cache.stale[name] = nil
+    local ok, err = pcall(run_plain, conn, ('DEALLOCATE "%s"'):format(name))
+    if not ok and not (is_db_error(err) and err.sqlstate == "26000" and conn:reusable()) then
+      error(err, 0)
     end
   end
-  if binary then
-    for i = 1, #binary do binary[i] = binary[i] or "0" end
-    binary = table.concat(binary)
+  local ok, binary = pcall(describe, conn, name, sql)
+  if ok then return { name, binary } end
+  if is_db_error(binary) and binary.sqlstate == "42P05" and conn:reusable() then
+    -- prepared through a pooler by another client: the same text
+    return { name, describe(conn, "", sql) }
   end
-  entry = { name, binary }
+  error(pooler_hint(binary), 0)
+end
+
+-- The cache entry for sql, made on first use.  Past the cap only a string
+-- parameter makes the types worth a round trip (it may be for a bytea).
+local function statement(conn, sql, ...)
+  local cache = statements[conn]
+  local entry = cache[sql]
+  if entry then return entry end
+  if cache.n >= MAX_STATEMENTS then
+    return holds_string(...) and { false, describe(conn, "", sql) } or nil
+  end
+  if cache.named then
+    entry = prepare_named(conn, cache, sql)
+  else
+    entry = { false, describe(conn, "", sql) }
+  end
+  cache.n = cache.n + 1
   cache[sql] = entry
   return entry
 end
 
+local function forget(conn, sql)
+  local cache = statements[conn]
+  cache[sql] = nil
+  cache.n = cache.n - 1
+end
+
 -- Runs one statement on a core connection and waits for its rows.
 local function run(conn, sql, ...)
-  if type(sql) ~= "string" then
-    error(("pgcoord: sql must be a string, got %s"):format(type(sql)), 3)
-  end
-  local entry = prepared(conn, sql)
+  local entry = statement(conn, sql, ...)
   local rows, err
-  if entry then
+  if entry and entry[1] then
     rows, err = task.await(prepared_register, conn, entry[1], entry[2], ...)
-    if rows == nil and err.sqlstate == "0A000" and conn:reusable() then
-      -- "cached plan must not change result type": the table changed
-      -- under the statement; forget it and run this once unprepared
-      statements[conn][sql] = nil
-      rows, err = task.await(send_register, conn, sql, ...)
+    local state = rows == nil and err.sqlstate
+    if state == "26000" or state == "0A000" then
+      -- missing on the server (a pooler's other server connection, a
+      -- DEALLOCATE ALL), or "cached plan must not change result type" (the
+      -- table changed under it): prepare it again next time, and outside
+      -- a transaction run it unnamed now
+      forget(conn, sql)
+      if state == "0A000" then statements[conn].stale[entry[1]] = true end
+      if conn:reusable() then
+        rows, err = task.await(send_register, conn, sql, entry[2], ...)
+      else
+        pooler_hint(err)
+      end
     end
   else
-    rows, err = task.await(send_register, conn, sql, ...)
+    rows, err = task.await(send_register, conn, sql, entry and entry[2], ...)
   end
   if rows == nil then error(err, 0) end
   return rows
+end
+
+-- The SQL text of a public call, checked at its caller's level (3).
+local function check_sql(sql, what)
+  if type(sql) ~= "string" then
+    error(("pgcoord: %s: sql must be a string, got %s"):format(what, type(sql)), 3)
+  end
+  local nul = sql:find("\0", 1, true)
+  if nul then
+    error(("pgcoord: %s: the SQL text contains a NUL byte (byte %d), where the server"
+      .. " would see it end"):format(what, nul), 3)
+  end
 end
 
 local function script_register(resume, conn, sql)
@@ -250,6 +338,26 @@ local function remove_idle(pool, lease)
   return false
 end
 
+-- A pooler answers for the server: the backend pid libpq got at connect
+-- time is its own, not the one the server runs the query in.
+local function behind_pooler(conn)
+  return run_plain(conn, "SELECT pg_backend_pid() AS pid")[1].pid ~= conn:backend_pid()
+end
+
+local function setup(pool, conn)
+  local pooler = behind_pooler(conn)
+  local named = pool.prepare
+  if named == nil then named = not pooler end
+  if pooler and not pool.pooler_seen then
+    pool.pooler_seen = true
+    log.info("connection pooler detected", { target = describe_target(pool.conninfo),
+      statements = named and "named (prepare = true)" or "unnamed" })
+  end
+  statements[conn] = { named = named, pooler = pooler, n = 0, stale = {} }
+  local date_style = conn:parameter("DateStyle") or ""
+  if not date_style:match("^ISO") then run_plain(conn, "SET DateStyle = ISO") end
+end
+
 -- Opens a connection with the pool's settings, outside the pool (the
 -- subscriber's LISTEN connection is one).
 function db.open(pool)
@@ -260,14 +368,10 @@ function db.open(pool)
     error(err, 0)
   end
   conn:on_notice(notice)
-  statements[conn] = pool.prepare ~= false and { n = 0 }
-  local date_style = conn:parameter("DateStyle") or ""
-  if not date_style:match("^ISO") then
-    local ok, serr = pcall(run, conn, "SET DateStyle = ISO")
-    if not ok then
-      conn:close()
-      error(serr, 0)
-    end
+  local ok, serr = pcall(setup, pool, conn)
+  if not ok then
+    conn:close()
+    error(serr, 0)
   end
   return conn
 end
@@ -331,7 +435,9 @@ end
 function Pool:_discard(lease)
   local conn = lease.conn
   local mid_query = conn:status() == "busy"
-  local pid = mid_query and conn:backend_pid()
+  -- (behind a pooler the pid is the pooler's invention: it may name an
+  -- unrelated backend, and the query's own server is unknown)
+  local pid = mid_query and not statements[conn].pooler and conn:backend_pid()
   conn:close()
   self.total = self.total - 1
   if pid and not self.closed then
@@ -357,21 +463,25 @@ end
 Lease.__close = function(lease) lease.pool:release(lease) end
 
 function Pool:query(sql, ...)
+  check_sql(sql, "db:query")
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...)
 end
 
 function Pool:one(sql, ...)
+  check_sql(sql, "db:one")
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...)[1]
 end
 
 function Pool:exec(sql, ...)
+  check_sql(sql, "db:exec")
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...).affected
 end
 
 function Pool:script(sql)
+  check_sql(sql, "db:script")
   local lease <close> = self:acquire()
   return run_script(lease.conn, sql)
 end
@@ -379,12 +489,18 @@ end
 local function end_tx(tx, ok, ...)
   tx.done = true
   local conn = tx.conn
-  if ok then
-    run(conn, "COMMIT")
-    return ...
-  end
   local err = ...
-  if conn:status() == "ready" then pcall(run, conn, "ROLLBACK") end
+  if ok then
+    local _, aborted = conn:in_transaction()
+    if not aborted then
+      run_plain(conn, "COMMIT")
+      return ...
+    end
+    -- fn caught a statement's error: COMMIT would answer ROLLBACK, no error
+    err = core.error("25P02", "pgcoord: db:tx: a statement failed inside the transaction"
+      .. " and fn caught its error: rolled back, nothing committed")
+  end
+  if conn:status() == "ready" then pcall(run_plain, conn, "ROLLBACK") end
   error(err, 0)
 end
 
@@ -395,7 +511,7 @@ function Pool:tx(fn, ...)
     error(("pgcoord: db:tx expects a function, got %s"):format(type(fn)), 2)
   end
   local lease <close> = self:acquire()
-  run(lease.conn, "BEGIN")
+  run_plain(lease.conn, "BEGIN")
   local tx = setmetatable({ conn = lease.conn, db = self, done = false, savepoints = 0 }, Tx)
   return end_tx(tx, pcall(fn, tx, ...))
 end
@@ -425,24 +541,29 @@ local function tx_conn(tx)
 end
 
 function Tx:query(sql, ...)
+  check_sql(sql, "tx:query")
   return run(tx_conn(self), sql, ...)
 end
 
 function Tx:one(sql, ...)
+  check_sql(sql, "tx:one")
   return run(tx_conn(self), sql, ...)[1]
 end
 
 function Tx:exec(sql, ...)
+  check_sql(sql, "tx:exec")
   return run(tx_conn(self), sql, ...).affected
 end
 
 local function end_savepoint(tx, name, ok, ...)
   if ok then
-    run(tx.conn, "RELEASE SAVEPOINT " .. name)
+    run_plain(tx.conn, "RELEASE SAVEPOINT " .. name)
     return ...
   end
   local err = ...
-  if tx.conn:status() == "ready" then pcall(run, tx.conn, "ROLLBACK TO SAVEPOINT " .. name) end
+  if tx.conn:status() == "ready" then
+    pcall(run_plain, tx.conn, "ROLLBACK TO SAVEPOINT " .. name)
+  end
   error(err, 0)
 end
 
@@ -451,7 +572,7 @@ function Tx:tx(fn, ...)
   local conn = tx_conn(self)
   self.savepoints = self.savepoints + 1
   local name = "pgcoord_sp" .. self.savepoints
-  run(conn, "SAVEPOINT " .. name)
+  run_plain(conn, "SAVEPOINT " .. name)
   return end_savepoint(self, name, pcall(fn, self, ...))
 end
 
@@ -468,7 +589,7 @@ function db.connect(conninfo, opts)
     params = connection_params(opts.params, conninfo),
     size = opts.size or 10,
     connect_timeout = opts.connect_timeout or 10,
-    prepare = opts.prepare ~= false,
+    prepare = opts.prepare, -- nil: named statements unless behind a pooler
     idle = {}, waiters = {}, total = 0, closed = false,
   }, Pool)
   require("pgcoord.metrics").track("pool", pool)
