@@ -159,8 +159,9 @@ describe("scheduling jobs", function()
     jobs:define("quiet", function() ran = ran + 1 end, { group = g })
     local w = worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
     helper.wait_until(function()
+      -- (a claim is the worker's only transaction)
       for _, b in ipairs(helper.backends(app)) do
-        if b.state == "idle" and b.query:find("SET state = 'running'", 1, true) then return true end
+        if b.state == "idle" and b.query == "COMMIT" then return true end
       end
     end, 5, "the worker's first claim to be over")
     -- inserted behind the runner's back: no NOTIFY
@@ -707,6 +708,38 @@ describe("input no worker can stall on", function()
     end
     -- the worker's pool is whole: nothing stays leased
     assert.are.equal(1, wdb:one("SELECT 1 AS x").x)
+  end)
+
+  it("a claim whose rows cannot be read (out of memory) leaves them ready, not running",
+    function()
+    -- (AddressSanitizer reserves terabytes of address space: no ulimit -v)
+    if os.getenv("SANITIZE") == "address" then return end
+    local g = helper.unique("jg")
+    -- 120 MB of params in one claim, for a process limited to 100 MB
+    db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params)
+              SELECT $1, 'big', 'ready', to_json(repeat('x', 30000000))
+                FROM generate_series(1, 4)]], g)
+    local script = helper.write_file(helper.tmpname("oom") .. ".lua", [[
+      local group = ...
+      io.stdout:setvbuf("no")
+      local jobs = pgcoord.jobs(pgcoord.connect(nil, { size = 4 }))
+      jobs:define("big", function() end, { group = group })
+      jobs:worker({ group = group, poll_interval = 0.2, prefetch = 10,
+        handle_error = function(err, what) print(what .. ": " .. tostring(err)) end })
+    ]])
+    local p = helper.start({ "sh", "-c", "ulimit -v 100000; exec " .. helper.quote(helper.run_bin)
+      .. " " .. helper.quote(script) .. " " .. g })
+    p:wait_output("out of memory", 20)
+    local function ready()
+      return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                       WHERE group_name = $1 AND state = 'ready' AND locked_by IS NULL]], g).n
+    end
+    -- (a claim rolls back once the server sees its connection go)
+    local ok = pcall(helper.wait_until, function() return ready() == 4 end, 5)
+    assert.is_true(ok, ("%d of 4 jobs ready; %d running"):format(ready(), count_jobs(g, "running")))
+    assert.matches("claim failed: [^\n]*out of memory", p:output())
+    assert.is_true(p:alive(), p:output())
+    p:kill("KILL")
   end)
 
   it("a handler's retry_at(inf), a NUL byte or broken UTF-8 in its error, or a huge delay"

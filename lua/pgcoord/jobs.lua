@@ -547,9 +547,16 @@ function Worker:_undecodable(job, err)
   result(self, job, false, message, core.time(), nil, self.jobs.types[job.type])
 end
 
+local function claim_rows(tx, group, id, want)
+  return tx:query(CLAIM, group, id, want)
+end
+
 function Worker:_claim(want)
   local id = self.id
-  local rows = self.pool:query(CLAIM, self.group, id, want)
+  -- In a transaction: a claim whose rows cannot be read (out of memory)
+  -- rolls back, where one that committed would leave them 'running' under
+  -- this worker's id and in no runner's hands.
+  local rows = self.pool:tx(claim_rows, self.group, id, want)
   local n = #rows
   if n == 0 then return 0 end
   if self.state ~= "running" or self.id ~= id then
