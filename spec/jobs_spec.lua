@@ -483,6 +483,7 @@ describe("a worker", function()
       assert.are.equal("fragile", f.type)
       assert.are.equal(g, f.group)
       assert.are.same({ v = 7 }, f.params)
+      assert.is_nil(f.params_error)
       assert.are.equal(2, f.error_count)
       assert.matches("still broken", f.last_error, 1, true)
       assert.are.equal(id0, failed[2].id)
@@ -705,6 +706,14 @@ describe("input no worker can stall on", function()
       local runs = db:one([[SELECT count(*)::int AS n, bool_or(ok) AS ok FROM pgcoord.job_runs
                              WHERE job_id = $1]], p.id)
       assert.are.same({ n = 2, ok = false }, runs)
+    end
+    -- jobs:failed lists them, saying why their params are missing
+    local failed = jobs:failed({ group = g })
+    assert.are.equal(2, #failed)
+    for i, f in ipairs(failed) do
+      assert.are.equal(poison[i].id, f.id)
+      assert.is_nil(f.params)
+      assert.matches("nested too deep", f.params_error)
     end
     -- the worker's pool is whole: nothing stays leased
     assert.are.equal(1, wdb:one("SELECT 1 AS x").x)

@@ -241,15 +241,20 @@ function Jobs:schedule_many(db_or_tx, list)
   return ids
 end
 
--- Jobs whose retries ran out, kept for a look and a retry.
+-- Jobs whose retries ran out, kept for a look and a retry.  (params are
+-- decoded per job: one that cannot be, params_error says why.)
 function Jobs:failed(opts)
   opts = opts or {}
-  return self.pool:query([[
-    SELECT id, group_name AS "group", type, params, error_count, last_error,
+  local rows = self.pool:query([[
+    SELECT id, group_name AS "group", type, params::text AS params, error_count, last_error,
            inserted_at, run_at
       FROM pgcoord.jobs
      WHERE state = 'failed' AND ($1::text IS NULL OR group_name = $1)
      ORDER BY id LIMIT $2]], opts.group, opts.limit or 100)
+  for _, row in ipairs(rows) do
+    if row.params then row.params, row.params_error = json.try_decode(row.params) end
+  end
+  return rows
 end
 
 -- Schedules failed jobs (one id or a list) to run again now; returns how
@@ -845,17 +850,21 @@ end
 
 -- Whether err says the server refused what the statement holds (a data
 -- exception, an integrity violation, a limit exceeded) or the values
--- could not be sent: writing the same results again would fail again.
--- A lost link, a busy or restarting server are worth another try.
+-- could not be encoded (22000, from _flush): writing the same results
+-- again would fail again.  Anything else (a lost link, a busy or
+-- restarting server) is worth another try.
 local function refused(err)
-  if is_cancelled(err) then return false end
-  if not db.is_error(err) then return true end
+  if not db.is_error(err) then return false end
   local class = tostring(err.sqlstate):sub(1, 2)
   return class == "22" or class == "23" or class == "54"
 end
 
 function Worker:_flush(batch)
-  local done, failures, ids, types, attempts, oks, started, finished = flush_params(batch)
+  local ok, done, failures, ids, types, attempts, oks, started, finished =
+    pcall(flush_params, batch)
+  if not ok then
+    error(core.error("22000", "results cannot be encoded: " .. tostring(done)), 0)
+  end
   return self.pool:one(FLUSH, done, failures, ids, types, attempts, oks, started, finished,
     self.id, self.group)
 end
@@ -975,6 +984,7 @@ function Worker:_beat()
   end
   if beat == 0 and not self:_register_again() then return end
   self.alive_until = sent + self.reclaim_after
+  self.past_lease = false
   self.alive:signal()
 end
 
@@ -1005,6 +1015,11 @@ end
 -- A runner about to start a job past the lease: asks for a heartbeat now
 -- and waits for it.  Returns false when the worker stops meanwhile.
 function Worker:_renew_lease()
+  if not self.past_lease then
+    self.past_lease = true
+    log.warn("job worker is past its lease: no job starts until a heartbeat",
+      { group = self.group, worker = self.id, late = now_time() - self.alive_until })
+  end
   while now_time() >= self.alive_until do
     if self.state ~= "running" then return false end
     self.beat_now:signal()
