@@ -525,6 +525,38 @@ describe("a worker", function()
     assert.is_nil(rows[2].error)
   end)
 
+  it("a worker whose heartbeat is older than reclaim_after never takes itself for dead",
+    function()
+    -- (as after an outage longer than reclaim_after: its first reclaim
+    -- comes before its first heartbeat.)  A trigger makes its row stale
+    -- from the start.
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = 0
+    jobs:define("one", function() ran = ran + 1 end, { group = g })
+    local fn, trigger = helper.unique("stale_fn"), helper.unique("stale_trigger")
+    db:exec(([[CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.heartbeat_at := now() - interval '1 hour'; RETURN NEW; END $$]])
+      :format(fn))
+    db:exec(("CREATE TRIGGER %s BEFORE INSERT ON pgcoord.job_workers FOR EACH ROW"
+      .. " WHEN (NEW.group_name = '%s') EXECUTE FUNCTION %s()")
+      :format(trigger, assert(g:match("^[%w_]+$")), fn))
+    local ok, err = pcall(helper.capture_log, function(lines)
+      local w = worker(jobs, { group = g, poll_interval = 30, heartbeat_interval = 0.05,
+        reclaim_after = 0.5 })
+      jobs:schedule_now(db, "one", {})
+      helper.wait_until(function()
+        return ran == 1 and db:one([[SELECT count(*)::int AS n FROM pgcoord.job_workers
+          WHERE id = $1 AND heartbeat_at > now() - interval '1 minute']], w:stats().id).n == 1
+      end, 5, "the job to run and the worker to beat")
+      local logged = table.concat(lines, "\n")
+      assert.is_nil(logged:find("taken for dead", 1, true), logged)
+    end)
+    db:exec(("DROP TRIGGER %s ON pgcoord.job_workers"):format(trigger))
+    db:exec(("DROP FUNCTION %s()"):format(fn))
+    if not ok then error(err, 0) end
+  end)
+
   it("runs jobs left running by a worker whose row is gone", function()
     -- (a worker taken for dead and deleted while a claim of its was on its
     -- way): the sweep at a worker's start hands them back
@@ -961,7 +993,8 @@ describe("a worker in trouble", function()
   local WORKER_SCRIPT = [[
 local group, tbl, name, concurrency, prefetch, pause, heartbeat, reclaim, flush_count = ...
 io.stdout:setvbuf("no")
-local db = pgcoord.connect(nil, { size = tonumber(concurrency) + 2 })
+-- (room for every runner, claims, writers and the heartbeat at once)
+local db = pgcoord.connect(nil, { size = tonumber(concurrency) + 6 })
 local jobs = pgcoord.jobs(db)
 local sql = ("INSERT INTO %s (job_id, worker) VALUES ($1, $2)"
   .. " ON CONFLICT (job_id) DO UPDATE SET runs = %s.runs + 1")
