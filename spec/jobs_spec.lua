@@ -218,6 +218,8 @@ describe("scheduling jobs", function()
     fails("run_at must be a time", sched, "good", {}, { run_at = {} })
     fails("priority must be an integer", sched, "good", {}, { priority = 1.5 })
     fails("key must be a non-empty string", sched, "good", {}, { key = "" })
+    fails('jobs:schedule "good": key contains a NUL byte', sched, "good", {}, { key = "a\0b" })
+    fails('jobs:schedule "good": key is not valid UTF-8', sched, "good", {}, { key = "a\xffb" })
     fails("unknown job type", jobs.schedule_now, jobs, db, "nope", {})
     -- the error points at the caller
     fails("jobs_spec.lua", sched, "nope")
@@ -249,6 +251,9 @@ describe("scheduling jobs", function()
         .. tostring(d), jobs.define, jobs, "x", print, { retry = { base_delay = d } })
     end
     fails("group must be a non-empty string", jobs.define, jobs, "x", print, { group = 5 })
+    fails("jobs:define: type contains a NUL byte", jobs.define, jobs, "x\0y", print)
+    fails('jobs:define "x": group is not valid UTF-8', jobs.define, jobs, "x", print,
+      { group = "g\xff" })
     fails("expected a pool", pgcoord.jobs, nil)
 
     -- worker options

@@ -119,6 +119,7 @@ function Jobs:define(jtype, fn, opts)
   if type(jtype) ~= "string" or jtype == "" then
     error(("jobs:define: type must be a non-empty string, got %s"):format(tostring(jtype)), 2)
   end
+  store.check_text("jobs:define", "type", jtype, 2)
   if type(fn) ~= "function" then
     error(("jobs:define %q: handler must be a function, got %s"):format(jtype, type(fn)), 2)
   end
@@ -127,6 +128,7 @@ function Jobs:define(jtype, fn, opts)
   if type(group) ~= "string" or group == "" then
     error(("jobs:define %q: group must be a non-empty string"):format(jtype), 2)
   end
+  store.check_text(("jobs:define %q"):format(jtype), "group", group, 2)
   self.types[jtype] = { fn = fn, group = group, retry = check_retry(jtype, opts.retry) }
   self.groups[group] = true
   return self
@@ -159,9 +161,12 @@ function Jobs:_job_row(jtype, params, opts, level, where)
     error(("%s %q: priority must be an integer from -2147483648 to 2147483647, got %s")
       :format(where, jtype, tostring(priority)), level)
   end
-  if opts.key ~= nil and (type(opts.key) ~= "string" or opts.key == "") then
+  local key = opts.key
+  if key ~= nil and (type(key) ~= "string" or key == "") then
     error(("%s %q: key must be a non-empty string"):format(where, jtype), level)
   end
+  local problem = key and store.text_problem(key)
+  if problem then error(("%s %q: key %s"):format(where, jtype, problem), level) end
   return { g = group, type = jtype, priority = priority, params = encoded, key = opts.key,
            at = run_at }
 end
