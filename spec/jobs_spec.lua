@@ -1169,7 +1169,6 @@ print("ready worker=" .. w:stats().id)
                                    (count(*) FILTER (WHERE NOT ok))::int AS failed
                               FROM pgcoord.job_runs WHERE group_name = $1]], g)
     assert.are.same({ runs = n, jobs = n, failed = 0 }, logged)
-    print(("\n[paused worker: %d of %d jobs ran twice, bound %d]"):format(reruns, n, bound))
     stale:kill("TERM")
     assert.are.equal(0, stale:wait(10), stale:output())
   end)
