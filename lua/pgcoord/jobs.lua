@@ -1122,6 +1122,7 @@ function Worker:shutdown(timeout)
   self.state = "stopping"
   self:_wake()
   self.work:signal()
+  self.alive:signal() -- (runners waiting for a heartbeat: none comes now)
   -- nothing of the heartbeat loop's needs finishing, and a reclaim of its
   -- may wait on a lock: stop it where it is
   self.heartbeater:cancel()
