@@ -159,8 +159,9 @@ describe("scheduling jobs", function()
     jobs:define("quiet", function() ran = ran + 1 end, { group = g })
     local w = worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
     helper.wait_until(function()
+      -- (a claim is the worker's only transaction)
       for _, b in ipairs(helper.backends(app)) do
-        if b.state == "idle" and b.query:find("SET state = 'running'", 1, true) then return true end
+        if b.state == "idle" and b.query == "COMMIT" then return true end
       end
     end, 5, "the worker's first claim to be over")
     -- inserted behind the runner's back: no NOTIFY
@@ -217,6 +218,8 @@ describe("scheduling jobs", function()
     fails("run_at must be a time", sched, "good", {}, { run_at = {} })
     fails("priority must be an integer", sched, "good", {}, { priority = 1.5 })
     fails("key must be a non-empty string", sched, "good", {}, { key = "" })
+    fails('jobs:schedule "good": key contains a NUL byte', sched, "good", {}, { key = "a\0b" })
+    fails('jobs:schedule "good": key is not valid UTF-8', sched, "good", {}, { key = "a\xffb" })
     fails("unknown job type", jobs.schedule_now, jobs, db, "nope", {})
     -- the error points at the caller
     fails("jobs_spec.lua", sched, "nope")
@@ -226,6 +229,15 @@ describe("scheduling jobs", function()
     fails("item 2 is not a table", jobs.schedule_many, jobs, db, { { type = "good" }, 42 })
     fails("expected a list", jobs.schedule_many, jobs, db, "good")
     fails("retry_at: time must be epoch seconds", pgcoord.retry_at, "noon")
+    for _, t in ipairs({ math.huge, -math.huge, 0 / 0, 1e300, 253402300800 }) do
+      fails("run_at must be a time in epoch seconds from -62135596800 to 253402300799"
+        .. " (years 1 to 9999), got " .. tostring(t), sched, "good", {}, { run_at = t })
+      fails("pgcoord.retry_at: time must be epoch seconds from -62135596800 to 253402300799"
+        .. " (years 1 to 9999), got " .. tostring(t), pgcoord.retry_at, t, "why")
+    end
+    assert.is_table(pgcoord.retry_at(253402300799, "the last second of year 9999"))
+    fails("priority must be an integer from -2147483648 to 2147483647, got 2147483648", sched,
+      "good", {}, { priority = 2147483648 })
 
     -- definitions
     fails("type must be a non-empty string", jobs.define, jobs, "", print)
@@ -234,7 +246,14 @@ describe("scheduling jobs", function()
       { retry = { max = -1 } })
     fails("retry.base_delay must be a number >= 0", jobs.define, jobs, "x", print,
       { retry = { base_delay = "1" } })
+    for _, d in ipairs({ math.huge, 1e300, 1e9 + 1, -1, 0 / 0 }) do
+      fails("retry.base_delay must be a number >= 0 and <= 1000000000 (seconds), got "
+        .. tostring(d), jobs.define, jobs, "x", print, { retry = { base_delay = d } })
+    end
     fails("group must be a non-empty string", jobs.define, jobs, "x", print, { group = 5 })
+    fails("jobs:define: type contains a NUL byte", jobs.define, jobs, "x\0y", print)
+    fails('jobs:define "x": group is not valid UTF-8', jobs.define, jobs, "x", print,
+      { group = "g\xff" })
     fails("expected a pool", pgcoord.jobs, nil)
 
     -- worker options
@@ -250,10 +269,54 @@ describe("scheduling jobs", function()
       { group = g, heartbeat_interval = 2, reclaim_after = 1 })
     bad_worker("unknown group \"elsewhere\"", { group = "elsewhere" })
     bad_worker("options must be a table", "fast")
+    -- intervals that would make a loop spin, a concurrency that would stall
+    -- it while its tasks start, sizes and times the server cannot take
+    local intervals = { "poll_interval", "flush_age", "heartbeat_interval", "reclaim_after" }
+    for _, name in ipairs(intervals) do
+      bad_worker(("option %s must be a positive number from 0.01 to 1000000 (seconds), got 1e-09")
+        :format(name), { group = g, [name] = 1e-9 })
+      bad_worker(("option %s must be a positive number from 0.01"):format(name),
+        { group = g, [name] = math.huge })
+    end
+    bad_worker("option concurrency must be a positive integer from 1 to 10000, got 1000000",
+      { group = g, concurrency = 1000000 })
+    bad_worker("option prefetch must be a positive integer from 1 to 100000, got 1000000",
+      { group = g, prefetch = 1000000 })
+    bad_worker("option flush_count must be a positive integer from 1 to 100000",
+      { group = g, flush_count = 1000000 })
+    -- the bounds themselves are fine
+    local w = worker(jobs, { group = g, concurrency = 10000, poll_interval = 0.01,
+      flush_age = 0.01, heartbeat_interval = 0.01, reclaim_after = 0.02 })
+    w:shutdown(0)
 
     assert.are.equal(0, count_jobs(g))
     assert.are.equal(0, db:one(
       "SELECT count(*)::int AS n FROM pgcoord.job_workers WHERE group_name = $1", g).n)
+  end)
+
+  it("errors about a time name the function, the option and the value, at the caller's line",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("good", function() end, { group = g })
+    -- (the line of each call, for the error's position)
+    local line = debug.getinfo(1, "l").currentline
+    local e1 = errors(function() jobs:schedule(db, "good", {}, { run_at = math.huge }) end)
+    local e2 = errors(function() jobs:schedule_many(db, { { type = "good" },
+      { type = "good", run_at = math.huge } }) end)
+    local e3 = errors(function() jobs:schedule_many(db, { { type = "good", run_at = 1e300 } }) end)
+    assert.matches(("jobs_spec.lua:%d: jobs:schedule \"good\": run_at must be a time in epoch"
+      .. " seconds from %%-62135596800 to 253402300799 %%(years 1 to 9999%%), got inf$")
+      :format(line + 1), e1)
+    assert.matches(("jobs_spec.lua:%d: jobs:schedule_many %%(item 2%%) \"good\": run_at must be a"
+      .. " time in epoch seconds .*, got inf$"):format(line + 2), e2)
+    assert.matches(("jobs_spec.lua:%d: jobs:schedule_many %%(item 1%%) \"good\": run_at must be a"
+      .. " time .*, got 1e%%+300$"):format(line + 4), e3)
+    for _, e in ipairs({ e1, e2, e3 }) do
+      assert.is_nil(e:find("jobs.lua", 1, true), e)
+      assert.is_nil(e:find("infinite", 1, true), e)
+    end
+    assert.are.equal(0, count_jobs(g))
   end)
 
   it("a key makes a job unique until it has run, and is free again after", function()
@@ -425,6 +488,7 @@ describe("a worker", function()
       assert.are.equal("fragile", f.type)
       assert.are.equal(g, f.group)
       assert.are.same({ v = 7 }, f.params)
+      assert.is_nil(f.params_error)
       assert.are.equal(2, f.error_count)
       assert.matches("still broken", f.last_error, 1, true)
       assert.are.equal(id0, failed[2].id)
@@ -464,6 +528,38 @@ describe("a worker", function()
     assert.are.equal(odd_error .. "\n", rows[1].error:sub(1, #odd_error + 1))
     assert.are.same({ 2, true, odd_type }, { rows[2].attempt, rows[2].ok, rows[2].type })
     assert.is_nil(rows[2].error)
+  end)
+
+  it("a worker whose heartbeat is older than reclaim_after never takes itself for dead",
+    function()
+    -- (as after an outage longer than reclaim_after: its first reclaim
+    -- comes before its first heartbeat.)  A trigger makes its row stale
+    -- from the start.
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = 0
+    jobs:define("one", function() ran = ran + 1 end, { group = g })
+    local fn, trigger = helper.unique("stale_fn"), helper.unique("stale_trigger")
+    db:exec(([[CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.heartbeat_at := now() - interval '1 hour'; RETURN NEW; END $$]])
+      :format(fn))
+    db:exec(("CREATE TRIGGER %s BEFORE INSERT ON pgcoord.job_workers FOR EACH ROW"
+      .. " WHEN (NEW.group_name = '%s') EXECUTE FUNCTION %s()")
+      :format(trigger, assert(g:match("^[%w_]+$")), fn))
+    local ok, err = pcall(helper.capture_log, function(lines)
+      local w = worker(jobs, { group = g, poll_interval = 30, heartbeat_interval = 0.05,
+        reclaim_after = 0.5 })
+      jobs:schedule_now(db, "one", {})
+      helper.wait_until(function()
+        return ran == 1 and db:one([[SELECT count(*)::int AS n FROM pgcoord.job_workers
+          WHERE id = $1 AND heartbeat_at > now() - interval '1 minute']], w:stats().id).n == 1
+      end, 5, "the job to run and the worker to beat")
+      local logged = table.concat(lines, "\n")
+      assert.is_nil(logged:find("taken for dead", 1, true), logged)
+    end)
+    db:exec(("DROP TRIGGER %s ON pgcoord.job_workers"):format(trigger))
+    db:exec(("DROP FUNCTION %s()"):format(fn))
+    if not ok then error(err, 0) end
   end)
 
   it("runs jobs left running by a worker whose row is gone", function()
@@ -606,6 +702,182 @@ describe("a worker", function()
   end)
 end)
 
+describe("input no worker can stall on", function()
+  it("a job whose params cannot be decoded fails its runs, then stays failed; the others run",
+    function()
+    -- Rows inserted by another client: params nested 200 deep (past the
+    -- decoder's 128), one ready, one left running by a worker that is gone
+    -- (the sweep hands it back: the next worker must not hang on it either).
+    local g = helper.unique("jg")
+    local wdb = pool({ size = 4 })
+    local jobs = pgcoord.jobs(wdb)
+    local ran = 0
+    jobs:define("work", function(job)
+      assert(job.params.i)
+      ran = ran + 1
+    end, { group = g, retry = { max = 1, base_delay = 0.05 } })
+    local list = {}
+    for i = 1, 40 do list[i] = { type = "work", params = { i = i } } end
+    jobs:schedule_many(db, list)
+    local deep = ("["):rep(200) .. ("]"):rep(200)
+    local poison = db:query([[
+      INSERT INTO pgcoord.jobs (group_name, type, state, params, locked_by, locked_at)
+      VALUES ($1, 'work', 'ready', $2::json, NULL, NULL),
+             ($1, 'work', 'running', $2::json, -1, now())
+      RETURNING id]], g, deep)
+    jobs:schedule_many(db, list)
+    helper.capture_log(function()
+      worker(jobs, { group = g, concurrency = 4, prefetch = 10, poll_interval = 0.2,
+        flush_age = 0.05 })
+      helper.wait_until(function()
+        return ran == 80 and count_jobs(g) == 2 and count_jobs(g, "failed") == 2
+      end, 10, "the good jobs to run and the poison ones to fail")
+    end)
+    assert.are.equal(0, count_jobs(g, "running"))
+    for _, p in ipairs(poison) do
+      local row = db:one("SELECT state, error_count, last_error FROM pgcoord.jobs WHERE id = $1",
+        p.id)
+      assert.are.equal("failed", row.state)
+      assert.are.equal(2, row.error_count)
+      assert.matches("^job params cannot be decoded: .*nested too deep", row.last_error)
+      local runs = db:one([[SELECT count(*)::int AS n, bool_or(ok) AS ok FROM pgcoord.job_runs
+                             WHERE job_id = $1]], p.id)
+      assert.are.same({ n = 2, ok = false }, runs)
+    end
+    -- jobs:failed lists them, saying why their params are missing
+    local failed = jobs:failed({ group = g })
+    assert.are.equal(2, #failed)
+    for i, f in ipairs(failed) do
+      assert.are.equal(poison[i].id, f.id)
+      assert.is_nil(f.params)
+      assert.matches("nested too deep", f.params_error)
+    end
+    -- the worker's pool is whole: nothing stays leased
+    assert.are.equal(1, wdb:one("SELECT 1 AS x").x)
+  end)
+
+  it("a claim whose rows cannot be read (out of memory) leaves them ready, not running",
+    function()
+    -- (AddressSanitizer reserves terabytes of address space: no ulimit -v)
+    if os.getenv("SANITIZE") == "address" then return end
+    local g = helper.unique("jg")
+    -- 120 MB of params in one claim, for a process limited to 100 MB
+    db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params)
+              SELECT $1, 'big', 'ready', to_json(repeat('x', 30000000))
+                FROM generate_series(1, 4)]], g)
+    local script = helper.write_file(helper.tmpname("oom") .. ".lua", [[
+      local group = ...
+      io.stdout:setvbuf("no")
+      local jobs = pgcoord.jobs(pgcoord.connect(nil, { size = 4 }))
+      jobs:define("big", function() end, { group = group })
+      jobs:worker({ group = group, poll_interval = 0.2, prefetch = 10,
+        handle_error = function(err, what) print(what .. ": " .. tostring(err)) end })
+    ]])
+    local p = helper.start({ "sh", "-c", "ulimit -v 100000; exec " .. helper.quote(helper.run_bin)
+      .. " " .. helper.quote(script) .. " " .. g })
+    p:wait_output("out of memory", 20)
+    local function ready()
+      return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                       WHERE group_name = $1 AND state = 'ready' AND locked_by IS NULL]], g).n
+    end
+    -- (a claim rolls back once the server sees its connection go)
+    local ok = pcall(helper.wait_until, function() return ready() == 4 end, 5)
+    assert.is_true(ok, ("%d of 4 jobs ready; %d running"):format(ready(), count_jobs(g, "running")))
+    assert.matches("claim failed: [^\n]*out of memory", p:output())
+    assert.is_true(p:alive(), p:output())
+    p:kill("KILL")
+  end)
+
+  it("a handler's retry_at(inf), a NUL byte or broken UTF-8 in its error, or a huge delay"
+    .. " leave every result writable", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local runs = {}
+    local failures = {
+      inf = function() error(pgcoord.retry_at(math.huge, "never")) end,
+      far = function() error(pgcoord.retry_at(1e300)) end,
+      nul = function() error("bad\0byte", 0) end,
+      nul_reason = function() error(pgcoord.retry_at(pgcoord.time() + 0.05, "bad\0reason")) end,
+      utf8 = function() error("bad \xff\xfe byte", 0) end,
+    }
+    jobs:define("odd", function(job)
+      local how = job.params.how
+      runs[how] = (runs[how] or 0) + 1
+      if job.error_count == 0 then failures[how]() end
+    end, { group = g, retry = { max = 3, base_delay = 0.05 } })
+    -- a delay of base_delay x attempt past any timestamp: capped at 1e9 s
+    jobs:define("slow_retry", function() error("again") end,
+      { group = g, retry = { max = 1000000, base_delay = 1e9 } })
+    local ids = {}
+    for how in pairs(failures) do ids[how] = jobs:schedule_now(db, "odd", { how = how }) end
+    local slow = db:one([[INSERT INTO pgcoord.jobs (group_name, type, state, error_count)
+                          VALUES ($1, 'slow_retry', 'ready', 100000) RETURNING id]], g).id
+    local t0 = db_time()
+    helper.capture_log(function()
+      worker(jobs, { group = g, poll_interval = 0.2, flush_age = 0.05 })
+      helper.wait_until(function()
+        return count_jobs(g) == 1 and count_jobs(g, "scheduled") == 1
+      end, 10, "the odd jobs to run again and the slow retry to be written")
+    end)
+    for how in pairs(failures) do assert.are.equal(2, runs[how], how) end
+    local function first_error(how)
+      return db:one("SELECT error FROM pgcoord.job_runs WHERE job_id = $1 AND attempt = 1",
+        ids[how]).error
+    end
+    assert.matches("pgcoord.retry_at: time must be epoch seconds .*, got inf", first_error("inf"))
+    assert.matches("pgcoord.retry_at: time must be epoch seconds .*, got 1e%+300",
+      first_error("far"))
+    -- (the error's first line; the handler's traceback follows)
+    assert.are.equal("bad\\0byte", first_error("nul"):match("^[^\n]*"))
+    assert.are.equal("bad ?? byte", first_error("utf8"):match("^[^\n]*"))
+    assert.are.equal("bad\\0reason", first_error("nul_reason"))
+    local row = db:one([[SELECT error_count, extract(epoch FROM run_at)::float8 AS at
+                          FROM pgcoord.jobs WHERE id = $1]], slow)
+    assert.are.equal(100001, row.error_count)
+    assert.is_true(math.abs(row.at - (t0 + 1e9)) < 60, "run_at " .. row.at)
+  end)
+
+  it("a result the server refuses fails its job alone; the rest of the batch is written",
+    function()
+    -- A trigger makes the server refuse to delete one finished job (a data
+    -- exception), the way a row nothing in pgcoord checks could be refused.
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran = 0
+    jobs:define("work", function() ran = ran + 1 end, { group = g })
+    local list = {}
+    for i = 1, 30 do list[i] = { type = "work", params = { i = i } } end
+    local ids = jobs:schedule_many(db, list)
+    local refused = ids[17]
+    local fn, trigger = helper.unique("refuse"), helper.unique("refuse_trigger")
+    db:exec(([[CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'refused for the test' USING ERRCODE = '22023'; END $$]])
+      :format(fn))
+    db:exec(("CREATE TRIGGER %s BEFORE DELETE ON pgcoord.jobs FOR EACH ROW WHEN (OLD.id = %d)"
+      .. " EXECUTE FUNCTION %s()"):format(trigger, refused, fn))
+    local ok, err = pcall(helper.capture_log, function(lines)
+      worker(jobs, { group = g, concurrency = 4, poll_interval = 30, flush_count = 100,
+        flush_age = 0.5 })
+      helper.wait_until(function() return count_jobs(g) == 1 end, 10,
+        "every result but the refused one to be written")
+      helper.wait_until(function() return count_jobs(g, "failed") == 1 end, 5,
+        "the refused job to fail")
+      local logged = table.concat(lines, "\n")
+      assert.matches("the server refused a result; its job fails for good", logged, 1, true)
+    end)
+    db:exec(("DROP TRIGGER %s ON pgcoord.jobs"):format(trigger))
+    db:exec(("DROP FUNCTION %s()"):format(fn))
+    if not ok then error(err, 0) end
+    assert.are.equal(30, ran)
+    local row = db:one("SELECT id, state, last_error FROM pgcoord.jobs WHERE group_name = $1", g)
+    assert.are.equal(refused, row.id)
+    assert.matches("the server refused this run's result: .*refused for the test", row.last_error)
+    assert.are.same({ n = 30, ok = 29 }, db:one([[
+      SELECT count(*)::int AS n, (count(*) FILTER (WHERE ok))::int AS ok FROM pgcoord.job_runs
+       WHERE group_name = $1]], g))
+  end)
+end)
+
 describe("shutting a worker down", function()
   it("hands back claimed jobs that have not started, waits for running ones, writes results",
     function()
@@ -724,9 +996,10 @@ describe("a worker in trouble", function()
   -- A worker script for pgcoord-run: works `group`, recording each
   -- completion in `tbl`.  Prints "ready worker=<id>".
   local WORKER_SCRIPT = [[
-local group, tbl, name, concurrency, prefetch, pause, heartbeat, reclaim = ...
+local group, tbl, name, concurrency, prefetch, pause, heartbeat, reclaim, flush_count = ...
 io.stdout:setvbuf("no")
-local db = pgcoord.connect(nil, { size = tonumber(concurrency) + 2 })
+-- (room for every runner, claims, writers and the heartbeat at once)
+local db = pgcoord.connect(nil, { size = tonumber(concurrency) + 6 })
 local jobs = pgcoord.jobs(db)
 local sql = ("INSERT INTO %s (job_id, worker) VALUES ($1, $2)"
   .. " ON CONFLICT (job_id) DO UPDATE SET runs = %s.runs + 1")
@@ -738,7 +1011,8 @@ jobs:define("work", function(job)
 end, { group = group, retry = { max = 10, base_delay = 0.05 } })
 local w = jobs:worker({ group = group, concurrency = math.tointeger(tonumber(concurrency)),
   prefetch = math.tointeger(tonumber(prefetch)), poll_interval = 0.5, flush_age = 0.2,
-  heartbeat_interval = tonumber(heartbeat), reclaim_after = tonumber(reclaim) })
+  heartbeat_interval = tonumber(heartbeat), reclaim_after = tonumber(reclaim),
+  flush_count = math.tointeger(tonumber(flush_count)) })
 w:ready()
 print("ready worker=" .. w:stats().id)
 ]]
@@ -748,7 +1022,7 @@ print("ready worker=" .. w:stats().id)
     helper.write_file(path, WORKER_SCRIPT)
     local p = helper.start({ "pgcoord-run", path, group, tbl, name, tostring(o.concurrency),
       tostring(o.prefetch), tostring(o.pause or 0), tostring(o.heartbeat or 10),
-      tostring(o.reclaim or 60) })
+      tostring(o.reclaim or 60), tostring(o.flush_count or 100) })
     p:wait_output("ready worker=", 10)
     return p
   end
@@ -846,6 +1120,57 @@ print("ready worker=" .. w:stats().id)
     end
     p2:kill("TERM")
     assert.are.equal(0, p2:wait(10), p2:output())
+  end)
+
+  it("a worker paused past reclaim_after drops its prefetched jobs on resume: reruns are"
+    .. " bounded by concurrency + flush_count and logged once", function()
+    local g = helper.unique("jg")
+    local tbl = done_table()
+    local jobs = pgcoord.jobs(db)
+    jobs:define("work", function() end, { group = g })
+    local n = 3000
+    local o = { concurrency = 4, prefetch = 400, flush_count = 20, pause = 0.004,
+                heartbeat = 0.1, reclaim = 0.6 }
+    local stale = start_worker(g, tbl, "stale", o)
+    local stale_id = tonumber(stale:output():match("ready worker=(%d+)"))
+    jobs:schedule_many(db, work(n))
+    helper.wait_until(function() return done_count(tbl).n >= 100 end, 10, "some jobs done")
+    assert.is_true(stale:kill("STOP"))
+    local ok, err = pcall(function()
+      -- what the paused worker holds: others must run it
+      local held = {}
+      for i, r in ipairs(db:query([[SELECT id FROM pgcoord.jobs
+          WHERE group_name = $1 AND state = 'running' AND locked_by = $2]], g, stale_id)) do
+        held[i] = r.id
+      end
+      assert.is_true(#held > 2 * (o.concurrency + o.flush_count),
+        ("the paused worker held only %d jobs"):format(#held))
+      local other = start_worker(g, tbl, "other", o)
+      helper.wait_until(function()
+        return db:one(([[SELECT count(*)::int AS n FROM %s d
+                          JOIN json_array_elements_text($1::json) h ON d.job_id = h::bigint]])
+          :format(tbl), held).n == #held
+      end, 20, "the other worker to run every job the paused one held")
+      assert.is_true(stale:kill("CONT"))
+      helper.wait_until(function()
+        return count_jobs(g) == 0 and done_count(tbl).n == n
+      end, 30, "every job to be done")
+      stale:wait_output("job worker was taken for dead, registered again", 10)
+      other:kill("TERM")
+      assert.are.equal(0, other:wait(10), other:output())
+    end)
+    stale:kill("CONT")
+    if not ok then error(err, 0) end
+    local reruns = db:one(("SELECT count(*)::int AS n FROM %s WHERE runs > 1"):format(tbl)).n
+    local bound = o.concurrency + o.flush_count
+    assert.is_true(reruns <= bound, ("%d jobs ran twice, more than %d"):format(reruns, bound))
+    -- a run the database refused (its job was handed back) is not logged
+    local logged = db:one([[SELECT count(*)::int AS runs, count(DISTINCT job_id)::int AS jobs,
+                                   (count(*) FILTER (WHERE NOT ok))::int AS failed
+                              FROM pgcoord.job_runs WHERE group_name = $1]], g)
+    assert.are.same({ runs = n, jobs = n, failed = 0 }, logged)
+    stale:kill("TERM")
+    assert.are.equal(0, stale:wait(10), stale:output())
   end)
 
   it("two worker processes on 10,000 jobs complete each job exactly once", function()

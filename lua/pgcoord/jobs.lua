@@ -10,6 +10,7 @@ local task = require "pgcoord.task"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
 local db = require "pgcoord.db"
+local store = require "pgcoord.store"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -53,6 +54,20 @@ local function merge(a, b)
 end
 local DEFAULT_RETRY = { max = 3, base_delay = 10 }
 
+-- Times accepted for run_at and retry_at (epoch seconds): years 1 to 9999,
+-- far inside PostgreSQL's timestamptz range (4713 BC to 294276 AD), so that
+-- no time given can make a job's row unwritable.
+local MIN_TIME, MAX_TIME = -62135596800, 253402300799
+local TIME_RANGE = ("epoch seconds from %d to %d (years 1 to 9999)"):format(MIN_TIME, MAX_TIME)
+-- The longest retry delay (about 31 years), base_delay x attempt included.
+local MAX_DELAY = 1000000000
+-- The longest error text kept with a run (bytes).
+local MAX_ERROR = 65536
+
+local function is_time(t)
+  return type(t) == "number" and t >= MIN_TIME and t <= MAX_TIME -- (false for NaN)
+end
+
 -- ---- errors that steer retries -----------------------------------------------
 
 local RetryAt = {}
@@ -61,8 +76,8 @@ RetryAt.__tostring = function(e) return ("retry at %.3f: %s"):format(e.at, e.mes
 
 -- error(pgcoord.retry_at(t, "reason")) retries the job at time t (epoch s).
 function jobs.retry_at(t, reason)
-  if type(t) ~= "number" or t ~= t then
-    error(("pgcoord.retry_at: time must be epoch seconds, got %s"):format(tostring(t)), 2)
+  if not is_time(t) then
+    error(("pgcoord.retry_at: time must be %s, got %s"):format(TIME_RANGE, tostring(t)), 2)
   end
   return setmetatable({ at = t, message = tostring(reason or "retry requested") }, RetryAt)
 end
@@ -93,9 +108,9 @@ local function check_retry(jtype, retry)
     error(("jobs:define %q: retry.max must be an integer >= 0, got %s")
       :format(jtype, tostring(max)), 3)
   end
-  if type(delay) ~= "number" or delay ~= delay or delay < 0 then
-    error(("jobs:define %q: retry.base_delay must be a number >= 0, got %s")
-      :format(jtype, tostring(delay)), 3)
+  if type(delay) ~= "number" or not (delay >= 0 and delay <= MAX_DELAY) then
+    error(("jobs:define %q: retry.base_delay must be a number >= 0 and <= %d (seconds), got %s")
+      :format(jtype, MAX_DELAY, tostring(delay)), 3)
   end
   return { max = max, base_delay = delay }
 end
@@ -104,6 +119,7 @@ function Jobs:define(jtype, fn, opts)
   if type(jtype) ~= "string" or jtype == "" then
     error(("jobs:define: type must be a non-empty string, got %s"):format(tostring(jtype)), 2)
   end
+  store.check_text("jobs:define", "type", jtype, 2)
   if type(fn) ~= "function" then
     error(("jobs:define %q: handler must be a function, got %s"):format(jtype, type(fn)), 2)
   end
@@ -112,40 +128,45 @@ function Jobs:define(jtype, fn, opts)
   if type(group) ~= "string" or group == "" then
     error(("jobs:define %q: group must be a non-empty string"):format(jtype), 2)
   end
+  store.check_text(("jobs:define %q"):format(jtype), "group", group, 2)
   self.types[jtype] = { fn = fn, group = group, retry = check_retry(jtype, opts.retry) }
   self.groups[group] = true
   return self
 end
 
--- Checks one job to schedule; returns the row for SQL or raises.
-function Jobs:_job_row(jtype, params, opts, level)
+-- Checks one job to schedule; returns the row for SQL or raises at level,
+-- naming `where` (the function, and the item of a batch).
+function Jobs:_job_row(jtype, params, opts, level, where)
   local def = self.types[jtype]
   if not def then
-    error(("jobs:schedule: unknown job type %q (define it first)"):format(tostring(jtype)), level)
+    error(("%s: unknown job type %q (define it first)"):format(where, tostring(jtype)), level)
   end
   opts = opts or {}
   local group = opts.group or def.group
   if not self.groups[group] then
-    error(("jobs:schedule: unknown group %q"):format(tostring(group)), level)
+    error(("%s: unknown group %q"):format(where, tostring(group)), level)
   end
   local ok, encoded = true, nil
   if params ~= nil then ok, encoded = pcall(json.encode, params) end
   if not ok then
-    error(("jobs:schedule %q: params cannot be encoded as JSON: %s"):format(jtype, encoded), level)
+    error(("%s %q: params cannot be encoded as JSON: %s"):format(where, jtype, encoded), level)
   end
   local run_at = opts.run_at
-  if run_at ~= nil and (type(run_at) ~= "number" or run_at ~= run_at) then
-    error(("jobs:schedule %q: run_at must be a time in epoch seconds, got %s")
-      :format(jtype, tostring(run_at)), level)
+  if run_at ~= nil and not is_time(run_at) then
+    error(("%s %q: run_at must be a time in %s, got %s")
+      :format(where, jtype, TIME_RANGE, tostring(run_at)), level)
   end
   local priority = opts.priority or 0
-  if math.type(priority) ~= "integer" then
-    error(("jobs:schedule %q: priority must be an integer, got %s")
-      :format(jtype, tostring(priority)), level)
+  if math.type(priority) ~= "integer" or priority < -0x80000000 or priority > 0x7fffffff then
+    error(("%s %q: priority must be an integer from -2147483648 to 2147483647, got %s")
+      :format(where, jtype, tostring(priority)), level)
   end
-  if opts.key ~= nil and (type(opts.key) ~= "string" or opts.key == "") then
-    error(("jobs:schedule %q: key must be a non-empty string"):format(jtype), level)
+  local key = opts.key
+  if key ~= nil and (type(key) ~= "string" or key == "") then
+    error(("%s %q: key must be a non-empty string"):format(where, jtype), level)
   end
+  local problem = key and store.text_problem(key)
+  if problem then error(("%s %q: key %s"):format(where, jtype, problem), level) end
   return { g = group, type = jtype, priority = priority, params = encoded, key = opts.key,
            at = run_at }
 end
@@ -167,7 +188,7 @@ SELECT id, pg_notify('pgcoord_jobs', json_build_object('group', $1::text, 'due_i
 -- Schedules one job in db_or_tx's transaction; returns its id, or nil and
 -- a message when a pending job already has opts.key.
 function Jobs:schedule(db_or_tx, jtype, params, opts)
-  local r = self:_job_row(jtype, params, opts, 3)
+  local r = self:_job_row(jtype, params, opts, 3, "jobs:schedule")
   local row = db_or_tx:one(SCHEDULE, r.g, r.type, r.priority, r.params, r.key, r.at)
   if not row then
     return nil, ("an unfinished job already has key %q"):format(r.key)
@@ -212,7 +233,8 @@ function Jobs:schedule_many(db_or_tx, list)
     if type(item) ~= "table" then
       error(("jobs:schedule_many: item %d is not a table"):format(i), 2)
     end
-    local r = self:_job_row(item.type, item.params, item, 3)
+    local r = self:_job_row(item.type, item.params, item, 3,
+      ("jobs:schedule_many (item %d)"):format(i))
     local params = r.params
     r.params = nil
     local head = json.encode(r):sub(1, -2)
@@ -224,15 +246,20 @@ function Jobs:schedule_many(db_or_tx, list)
   return ids
 end
 
--- Jobs whose retries ran out, kept for a look and a retry.
+-- Jobs whose retries ran out, kept for a look and a retry.  (params are
+-- decoded per job: one that cannot be, params_error says why.)
 function Jobs:failed(opts)
   opts = opts or {}
-  return self.pool:query([[
-    SELECT id, group_name AS "group", type, params, error_count, last_error,
+  local rows = self.pool:query([[
+    SELECT id, group_name AS "group", type, params::text AS params, error_count, last_error,
            inserted_at, run_at
       FROM pgcoord.jobs
      WHERE state = 'failed' AND ($1::text IS NULL OR group_name = $1)
      ORDER BY id LIMIT $2]], opts.group, opts.limit or 100)
+  for _, row in ipairs(rows) do
+    if row.params then row.params, row.params_error = json.try_decode(row.params) end
+  end
+  return rows
 end
 
 -- Schedules failed jobs (one id or a list) to run again now; returns how
@@ -259,6 +286,16 @@ local WORKER_OPTIONS = {
   subscriber = "table",
 }
 
+-- Bounds of the numeric options.  An interval shorter than 0.01 s makes
+-- its loop spin; a task per unit of concurrency makes a huge concurrency
+-- stall the loop while they start; batches and intervals past the top
+-- make statements the server refuses or memory no worker needs.
+local WORKER_LIMITS = {
+  concurrency = { 1, 10000 }, prefetch = { 1, 100000 }, flush_count = { 1, 100000 },
+  poll_interval = { 0.01, 1000000 }, flush_age = { 0.01, 1000000 },
+  heartbeat_interval = { 0.01, 1000000 }, reclaim_after = { 0.01, 1000000 },
+}
+
 local function check_worker_options(self, opts)
   if opts ~= nil and type(opts) ~= "table" then error("jobs:worker: options must be a table", 3) end
   opts = opts or {}
@@ -266,9 +303,12 @@ local function check_worker_options(self, opts)
     local want = WORKER_OPTIONS[k]
     if not want then error(("jobs:worker: unknown option %q"):format(tostring(k)), 3) end
     local got = (want == "integer") and math.type(v) or type(v)
-    if got ~= want or (type(v) == "number" and (v ~= v or v <= 0)) then
-      error(("jobs:worker: option %s must be a positive %s, got %s")
-        :format(k, want, tostring(v)), 3)
+    local limits = WORKER_LIMITS[k]
+    if got ~= want or (limits and not (v >= limits[1] and v <= limits[2])) then
+      local range = limits and (" from %s to %s%s"):format(limits[1], limits[2],
+        want == "number" and " (seconds)" or "") or ""
+      error(("jobs:worker: option %s must be a positive %s%s, got %s")
+        :format(k, want, range, tostring(v)), 3)
     end
   end
   local o = {
@@ -316,6 +356,9 @@ function Jobs:worker(opts)
   w.claims = {}                          -- claim tasks on their way
   w.claiming = 0                         -- jobs they ask for
   w.wakes, w.drained = 0, false          -- wake-ups so far; group found empty
+  w.alive_until = -math.huge             -- the lease (see _beat)
+  w.alive = task.cond()                  -- a heartbeat renewed it
+  w.beat_now = task.cond()               -- runners past the lease ask for a beat
   w.started = task.cond()
   w.main = task.spawn(w._main, w)
   return w
@@ -330,6 +373,9 @@ INSERT INTO pgcoord.job_workers (group_name, name) VALUES ($1, $2) RETURNING id]
 -- 200,000 ready jobs, against 10 ms for these lookups).  CLAIM names the
 -- rows it locked by ctid, a direct fetch where an id costs an index descent
 -- each (the ctid of a row locked in this statement cannot change under it).
+-- params come back as text, decoded per job: a row whose params cannot be
+-- decoded (nested too deep, say) fails its own run rather than the claim,
+-- which would leave every row it took 'running' and in no worker's hands.
 local CLAIM = [[
 WITH c AS (
   UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
@@ -339,7 +385,8 @@ WITH c AS (
             ORDER BY priority, id
             LIMIT $3
               FOR UPDATE SKIP LOCKED))
-  RETURNING j.id, j.type, j.group_name AS "group", j.priority, j.params, j.inserted_at,
+  RETURNING j.id, j.type, j.group_name AS "group", j.priority, j.params::text AS params,
+            j.inserted_at,
             j.run_at, j.error_count, j.last_error)
 SELECT * FROM c ORDER BY priority, id]]
 
@@ -361,11 +408,13 @@ UPDATE pgcoord.job_workers SET heartbeat_at = now() WHERE id = $1]]
 -- Hands back the jobs of workers that stopped heartbeating ($1 seconds
 -- ago).  No index finds running jobs (one would cost a write per claim), so
 -- the table is scanned only when a worker was found dead or when $2 asks
--- for a sweep, which also catches jobs of workers whose row is gone.
+-- for a sweep, which also catches jobs of workers whose row is gone.  A
+-- worker never takes itself for dead ($3): back from an outage longer than
+-- reclaim_after, its jobs are still in its hands.
 local RECLAIM = [[
 WITH dead AS (
   DELETE FROM pgcoord.job_workers
-   WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id),
+   WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $3 RETURNING id),
 back AS (
   UPDATE pgcoord.jobs j SET state = 'ready', locked_by = NULL, locked_at = NULL
    WHERE ($2 OR EXISTS (SELECT 1 FROM dead))
@@ -381,13 +430,15 @@ SELECT (SELECT count(*) FROM back) AS reclaimed, (SELECT count(*) FROM n) AS not
 -- A batch of results: $1 the ids of the jobs that succeeded (deleted),
 -- $2 the failed runs as JSON (rare; their jobs go back to waiting, or stay
 -- as failed), $3..$8 the runs to log, as parallel arrays (times in epoch
--- microseconds).
+-- microseconds).  Only rows still locked by this worker ($9) take their
+-- result, and only their runs are logged: a job handed back meanwhile (its
+-- worker taken for dead) runs again elsewhere, and that run is its run.
 local FLUSH = [[
 WITH f AS (
   SELECT * FROM json_to_recordset($2::json)
     AS f(id bigint, error text, delay float8, at float8, final boolean)),
 done AS (
-  DELETE FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND locked_by = $9 RETURNING 1),
+  DELETE FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND locked_by = $9 RETURNING id),
 failed AS (
   UPDATE pgcoord.jobs j
      SET state = CASE WHEN f.final THEN 'failed' ELSE 'scheduled' END,
@@ -398,7 +449,7 @@ failed AS (
          locked_by = NULL, locked_at = NULL
     FROM f
    WHERE j.id = ANY(ARRAY(SELECT id FROM f)) AND j.id = f.id AND j.locked_by = $9
-  RETURNING 1),
+  RETURNING j.id),
 logged AS (
   INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
                                 started_at, finished_at, worker_id)
@@ -407,6 +458,7 @@ logged AS (
     FROM unnest($3::bigint[], $4::text[], $5::int[], $6::boolean[], $7::bigint[], $8::bigint[])
       AS r(id, type, attempt, ok, started, finished)
     LEFT JOIN f ON f.id = r.id AND NOT r.ok
+   WHERE r.id IN (SELECT id FROM done UNION ALL SELECT id FROM failed)
   RETURNING 1)
 SELECT (SELECT count(*) FROM done) AS done, (SELECT count(*) FROM failed) AS failed,
        (SELECT count(*) FROM logged) AS logged]]
@@ -494,20 +546,51 @@ end
 
 -- ---- fetching ----
 
+local result -- (below: records the outcome of a run)
+
+-- A claimed job whose params cannot be decoded fails its run (retries
+-- apply, then it stays as failed) without holding up the others.
+function Worker:_undecodable(job, err)
+  local message = "job params cannot be decoded: " .. tostring(err)
+  log.error("job failed", { job = job.id, type = job.type, error = message })
+  job.params = nil
+  result(self, job, false, message, core.time(), nil, self.jobs.types[job.type])
+end
+
+local function claim_rows(tx, group, id, want)
+  return tx:query(CLAIM, group, id, want)
+end
+
 function Worker:_claim(want)
-  local rows = self.pool:query(CLAIM, self.group, self.id, want)
+  local id = self.id
+  -- In a transaction: a claim whose rows cannot be read (out of memory)
+  -- rolls back, where one that committed would leave them 'running' under
+  -- this worker's id and in no runner's hands.
+  local rows = self.pool:tx(claim_rows, self.group, id, want)
   local n = #rows
   if n == 0 then return 0 end
-  if self.state ~= "running" then
-    -- shutdown began while the claim was on its way: its hand-back is
-    -- over, and the runners may be gone, so hand these back too
+  if self.state ~= "running" or self.id ~= id then
+    -- shutdown began while the claim was on its way (its hand-back is
+    -- over, and the runners may be gone), or the worker was taken for dead
+    -- and starts over under a new id: hand these back too
     local ids = {}
     for i = 1, n do ids[i] = rows[i].id end
-    self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, ids,
-      self.id)
+    self:_persist("handing back jobs failed", self.pool.query, self.pool, HAND_BACK, ids, id)
     return n
   end
-  for i = 1, n do self:_push(rows[i]) end
+  local decode = json.decode
+  for i = 1, n do
+    local job = rows[i]
+    local params = job.params
+    local ok, value = true, nil
+    if params then ok, value = pcall(decode, params) end
+    if ok then
+      job.params = value
+      self:_push(job)
+    else
+      self:_undecodable(job, value)
+    end
+  end
   self.work:signal()
   return n
 end
@@ -550,7 +633,7 @@ end
 function Worker:_reclaim()
   local now = core.now()
   local sweep = not self.swept_at or now - self.swept_at >= self.reclaim_after
-  local row = self.pool:one(RECLAIM, self.reclaim_after, sweep)
+  local row = self.pool:one(RECLAIM, self.reclaim_after, sweep, self.id)
   if sweep then self.swept_at = now end
   if row.reclaimed > 0 then
     log.warn("reclaimed jobs of workers that stopped heartbeating",
@@ -595,18 +678,21 @@ local function micros(t)
 end
 
 -- Records the outcome of a run (def: the job type's definition, if any).
-local function result(self, job, ok, err, started, retryable, def)
+function result(self, job, ok, err, started, retryable, def)
   local finished = now_time()
   local jtype = job.type
   local attempt = job.error_count + 1
   local failure
   if not ok then
     local retry = def and def.retry or DEFAULT_RETRY
-    failure = { id = job.id, error = tostring(err), delay = retry.base_delay * attempt,
+    failure = { id = job.id, error = tostring(err),
+                delay = math.min(retry.base_delay * attempt, MAX_DELAY),
                 final = not retryable and attempt > retry.max }
     if getmetatable(err) == RetryAt then
       failure.at, failure.error = err.at, err.message
     end
+    -- (a NUL byte or broken UTF-8 in the text would make the server refuse it)
+    failure.error = store.clean_text(failure.error, MAX_ERROR)
   end
   local log_run = true
   local should_log = self.should_log_run
@@ -649,12 +735,13 @@ end
 
 local function handler_error(err)
   if getmetatable(err) == RetryAt or is_cancelled(err) then return err end
-  return debug.traceback(tostring(err), 2)
+  -- (debug.traceback would cut the message at a NUL byte)
+  local message = tostring(err):gsub("%z", "\\0")
+  return debug.traceback(message, 2)
 end
 
-local function run_one(self, job, types)
+local function run_one(self, job, types, started)
   local def = types[job.type]
-  local started = now_time()
   if not def then
     result(self, job, false, ("no handler for job type %q in this worker"):format(job.type),
       started)
@@ -682,6 +769,11 @@ function Worker:_runner(slot)
       streak = 0
       task.pass()
     end
+    local started = now_time()
+    if started >= self.alive_until and self.qhead <= self.qtail then
+      if not self:_renew_lease() then return end
+      started = now_time()
+    end
     local job = pop(self)
     if job then
       self.running = self.running + 1
@@ -690,7 +782,7 @@ function Worker:_runner(slot)
         self.handoff = true
       end
       in_flight[slot] = job
-      run_one(self, job, types)
+      run_one(self, job, types, started)
       in_flight[slot] = nil
       local running = self.running - 1
       self.running = running
@@ -717,18 +809,107 @@ local function flush_params(batch)
     int_array(batch.oks, m), int_array(batch.started, m), int_array(batch.finished, m)
 end
 
--- Writes one batch of results; on failure puts it back for the next try.
-function Worker:_write(batch)
-  local ok, err = pcall(function()
-    local done, failures, ids, types, attempts, oks, started, finished = flush_params(batch)
-    return self.pool:one(FLUSH, done, failures, ids, types, attempts, oks, started, finished,
-      self.id, self.group)
-  end)
-  self.writers = self.writers - 1
+-- Splits a batch in two halves of its results; a run to log goes with
+-- its job's result.
+local function split(batch)
+  local halves, side = { new_batch(), new_batch() }, {}
+  local half = batch.n // 2
+  local function put(k, id)
+    local h = halves[k <= half and 1 or 2]
+    side[id] = h
+    h.n = h.n + 1
+    return h
+  end
+  for k, id in ipairs(batch.done) do
+    local h = put(k, id)
+    h.done[#h.done + 1] = id
+  end
+  for k, f in ipairs(batch.failures) do
+    local h = put(#batch.done + k, f.id)
+    h.failures[#h.failures + 1] = f
+  end
+  for m = 1, batch.logged do
+    local h = side[batch.ids[m]] or halves[2]
+    local i = h.logged + 1
+    h.logged = i
+    for _, column in ipairs(LOG_COLUMNS) do h[column][i] = batch[column][m] end
+  end
+  return halves[1], halves[2]
+end
+
+-- The one result of a batch the server refused, made writable: its job
+-- fails for good with the server's reason (a retry would be refused
+-- again), and its run is logged as failed.
+local function refused_result(batch, err)
+  local b = new_batch()
+  local id = batch.done[1] or batch.failures[1].id
+  b.n = 1
+  b.failures[1] = { id = id, delay = 0, final = true,
+    error = store.clean_text("the server refused this run's result: " .. tostring(err), MAX_ERROR) }
+  if batch.logged == 1 then
+    for _, column in ipairs(LOG_COLUMNS) do b[column][1] = batch[column][1] end
+    b.oks[1], b.logged = false, 1
+  end
+  return b
+end
+
+-- Whether err says the server refused what the statement holds (a data
+-- exception, an integrity violation, a limit exceeded) or the values
+-- could not be encoded (22000, from _flush): writing the same results
+-- again would fail again.  Anything else (a lost link, a busy or
+-- restarting server) is worth another try.
+local function refused(err)
+  if not db.is_error(err) then return false end
+  local class = tostring(err.sqlstate):sub(1, 2)
+  return class == "22" or class == "23" or class == "54"
+end
+
+function Worker:_flush(batch)
+  local ok, done, failures, ids, types, attempts, oks, started, finished =
+    pcall(flush_params, batch)
+  if not ok then
+    error(core.error("22000", "results cannot be encoded: " .. tostring(done)), 0)
+  end
+  return self.pool:one(FLUSH, done, failures, ids, types, attempts, oks, started, finished,
+    self.id, self.group)
+end
+
+-- Writes a batch; returns nothing when it is written, else what is left
+-- unwritten and why.  A batch the server refuses is halved until the
+-- result it refuses is alone, and that result's job fails for good: the
+-- other results are written, and no batch is retried for ever.
+function Worker:_write_all(batch)
+  local ok, err = pcall(self._flush, self, batch)
   if ok then
     self:_arm_retries(batch)
-  else
-    self.results = merge(batch, self.results)
+    return
+  end
+  if not refused(err) then return batch, err end
+  if batch.n > 1 then
+    local a, b = split(batch)
+    local left, lerr = self:_write_all(a)
+    if left then return merge(left, b), lerr end
+    return self:_write_all(b)
+  end
+  local last = refused_result(batch, err)
+  log.error("job worker: the server refused a result; its job fails for good",
+    { group = self.group, job = last.failures[1].id, error = tostring(err) })
+  local lok, lerr = pcall(self._flush, self, last)
+  if lok then return end
+  if not refused(lerr) then return batch, lerr end
+  -- nothing about this job can be written: it stays running until the
+  -- worker is taken for dead
+  log.error("job worker: the server refused a result twice; it is dropped",
+    { group = self.group, job = last.failures[1].id, error = tostring(lerr) })
+end
+
+-- Writes one batch of results; what it could not write goes back for the
+-- next try.
+function Worker:_write(batch)
+  local left, err = self:_write_all(batch)
+  self.writers = self.writers - 1
+  if left then
+    self.results = merge(left, self.results)
     self.write_failed = true
     self:_infra_error("writing results failed", err)
   end
@@ -786,28 +967,81 @@ function Worker:_flush_loop()
   end
 end
 
+-- ---- the lease ----
+--
+-- Others take the worker for dead once its heartbeat is reclaim_after
+-- old, and run its jobs.  The lease, alive_until, is when that can
+-- first happen by this process's clock: reclaim_after past the sending of
+-- the last heartbeat that found the worker's row.  (Wall-clock time, which
+-- runners read anyway for each run's start; a clock jump forward costs an
+-- early heartbeat.)  Past it (the process was stopped, paused or cut off
+-- from the server) no runner starts a job until a heartbeat tells whether
+-- the jobs in hand are still the worker's.
+
+-- Beats; when the worker's row is gone (taken for dead, its jobs handed
+-- back), drops the jobs not started and registers again.
+function Worker:_beat()
+  local sent = now_time()
+  local ok, beat = pcall(self.pool.exec, self.pool, HEARTBEAT, self.id)
+  if not ok then
+    self:_infra_error("heartbeat failed", beat)
+    return
+  end
+  if beat == 0 and not self:_register_again() then return end
+  self.alive_until = sent + self.reclaim_after
+  self.past_lease = false
+  self.alive:signal()
+end
+
+-- Others took us for dead and handed our jobs back: they run the claimed
+-- jobs not started, and results of the others will be refused.  So drop
+-- the claimed ones and start over under a new id.
+function Worker:_register_again()
+  local old, dropped = self.id, {}
+  for job in pop, self do dropped[#dropped + 1] = job.id end
+  if #dropped > 0 then
+    -- (rows a claim under the old id took after the hand-back are
+    -- nobody's: give them back; any others are not ours and stay)
+    local ok, err = pcall(self.pool.query, self.pool, HAND_BACK, dropped, old)
+    if not ok then self:_infra_error("handing back jobs failed", err) end
+  end
+  local ok, row = pcall(self.pool.one, self.pool, REGISTER, self.group, self.name)
+  if not ok then
+    self:_infra_error("registering the worker again failed", row)
+    return false
+  end
+  self.id = row.id
+  log.warn("job worker was taken for dead, registered again",
+    { group = self.group, old = old, worker = row.id, dropped = #dropped })
+  self:_wake()
+  return true
+end
+
+-- A runner about to start a job past the lease: asks for a heartbeat now
+-- and waits for it.  Returns false when the worker stops meanwhile.
+function Worker:_renew_lease()
+  if not self.past_lease then
+    self.past_lease = true
+    log.warn("job worker is past its lease: no job starts until a heartbeat",
+      { group = self.group, worker = self.id, late = now_time() - self.alive_until })
+  end
+  while now_time() >= self.alive_until do
+    if self.state ~= "running" then return false end
+    self.beat_now:signal()
+    self.alive:wait(self.heartbeat_interval)
+  end
+  return true
+end
+
 -- Beats, and hands back the jobs of workers that stopped beating: at
 -- start-up (they may have died while no worker ran) and after each beat.
 function Worker:_heartbeat_loop()
   while self.state == "running" do
     local ok, err = pcall(self._reclaim, self)
     if not ok then self:_infra_error("reclaim failed", err) end
-    task.sleep(self.heartbeat_interval)
+    self.beat_now:wait(self.heartbeat_interval)
     if self.state ~= "running" then break end
-    local beat
-    ok, beat = pcall(self.pool.exec, self.pool, HEARTBEAT, self.id)
-    if not ok then
-      self:_infra_error("heartbeat failed", beat)
-    elseif beat == 0 then
-      -- Others took us for dead and took our jobs back: their results
-      -- will be refused, so start over under a new id.
-      local rok, row = pcall(self.pool.one, self.pool, REGISTER, self.group, self.name)
-      if rok then
-        log.warn("job worker was taken for dead, registered again",
-          { group = self.group, old = self.id, worker = row.id })
-        self.id = row.id
-      end
-    end
+    self:_beat()
   end
 end
 
@@ -842,10 +1076,12 @@ function Worker:_main()
   local pgcoord = require "pgcoord"
   self.flush_now = task.cond()
   self.name = ("%s:%d"):format(os.getenv("HOSTNAME") or "localhost", core.getpid())
+  local sent = now_time()
   local row = self:_persist("registering the worker failed",
     self.pool.one, self.pool, REGISTER, self.group, self.name)
   if not row then return end
   self.id = row.id
+  self.alive_until = sent + self.reclaim_after
   self:_listen()
   self.state = "running"
   pgcoord.on_stop(function() self:shutdown() end)
@@ -887,6 +1123,7 @@ function Worker:shutdown(timeout)
   self.state = "stopping"
   self:_wake()
   self.work:signal()
+  self.alive:signal() -- (runners waiting for a heartbeat: none comes now)
   -- nothing of the heartbeat loop's needs finishing, and a reclaim of its
   -- may wait on a lock: stop it where it is
   self.heartbeater:cancel()
