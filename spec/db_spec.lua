@@ -757,10 +757,10 @@ describe("connecting", function()
   it("bad option names and values give clear errors", function()
     local cases = {
       { { sise = 5 }, 'unknown option "sise"' },
-      { { size = 0 }, "size must be a positive integer" },
-      { { size = 2.5 }, "size must be a positive integer" },
-      { { size = "5" }, "option size must be a number" },
-      { { connect_timeout = 0 }, "connect_timeout must be > 0" },
+      { { size = 0 }, "option size must be an integer >= 1" },
+      { { size = 2.5 }, "option size must be an integer >= 1" },
+      { { size = "5" }, "option size must be an integer" },
+      { { connect_timeout = 0 }, "connect_timeout must be a number > 0" },
       { { params = "application_name=x" }, "option params must be a table" },
       { { params = { application_name = {} } }, "params.application_name must be a string" },
       { "size=5", "options must be a table" },

@@ -212,9 +212,9 @@ describe("operations", function()
     assert.matches("--http-max-connections takes an integer from 1 to 1000000, got 0", out, 1, true)
     assert.matches("option idle_timeout must be a number > 0, got 0",
       helper.error_of(pgcoord.http.serve, ":0", { idle_timeout = 0 }), 1, true)
-    assert.matches("option max_connections must be an integer >= 1, got 1.5",
+    assert.matches("option max_connections must be an integer >= 1 and <= 1000000, got 1.5",
       helper.error_of(pgcoord.http.serve, ":0", { max_connections = 1.5 }), 1, true)
-    assert.matches('pgcoord.http.serve: unknown option "timeout"',
+    assert.matches('unknown option "timeout" for pgcoord.http.serve',
       helper.error_of(pgcoord.http.serve, ":0", { timeout = 1 }), 1, true)
   end)
 

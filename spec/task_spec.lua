@@ -477,6 +477,8 @@ describe("signals, options and backoff", function()
       err:match("spec/.*"))
     assert.matches("thing:new: option n must be an integer >= 1 and <= 10, got 1000000",
       helper.error_of(check, { n = 1e6 }))
+    assert.matches("option n must be an integer >= 1 and <= 10, got 2.5",
+      helper.error_of(check, { n = 2.5 }), 1, true)
     assert.matches("option t must be a number > 0, got 0",
       helper.error_of(check, { t = 0 }), 1, true)
     assert.matches("option t must be a number > 0, got inf",

@@ -8,6 +8,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
+local options = require "pgcoord.options"
 
 local db = {}
 
@@ -18,9 +19,6 @@ Tx.__index = Tx
 local Lease = {}
 Lease.__index = Lease
 
-local OPTIONS = { size = "number", params = "table", connect_timeout = "number",
-                  prepare = "boolean" }
-
 local function is_db_error(err)
   return getmetatable(err) == core.error_meta
 end
@@ -30,30 +28,12 @@ local function raise(sqlstate, fmt, ...)
   error(core.error(sqlstate, fmt:format(...)), 0)
 end
 
-local function check_options(opts)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error(("pgcoord.connect: options must be a table, got %s"):format(type(opts)), 3)
-  end
-  for k, v in pairs(opts) do
-    local want = OPTIONS[k]
-    if not want then
-      error(("pgcoord.connect: unknown option %q"):format(tostring(k)), 3)
-    elseif type(v) ~= want then
-      error(("pgcoord.connect: option %s must be a %s, got %s"):format(k, want, type(v)), 3)
-    end
-  end
-  if opts.size and (opts.size < 1 or math.type(opts.size) ~= "integer") then
-    error(("pgcoord.connect: option size must be a positive integer, got %s")
-      :format(tostring(opts.size)), 3)
-  end
-  local timeout = opts.connect_timeout
-  if timeout and (timeout ~= timeout or timeout <= 0) then
-    error(("pgcoord.connect: option connect_timeout must be > 0, got %s")
-      :format(tostring(opts.connect_timeout)), 3)
-  end
-  return opts
-end
+local check_options = options.spec("pgcoord.connect", {
+  size = { "integer", default = 10, min = 1, max = 10000 },
+  params = { "table" },
+  connect_timeout = { "number", default = 10, above = 0 },
+  prepare = { "boolean" }, -- nil: named statements unless behind a pooler
+})
 
 -- A TCP link that dies silently would otherwise hang a query for the
 -- kernel's two hours: keepalives notice an idle dead peer within a minute,
@@ -587,9 +567,9 @@ function db.connect(conninfo, opts)
   local pool = setmetatable({
     conninfo = conninfo,
     params = connection_params(opts.params, conninfo),
-    size = opts.size or 10,
-    connect_timeout = opts.connect_timeout or 10,
-    prepare = opts.prepare, -- nil: named statements unless behind a pooler
+    size = opts.size,
+    connect_timeout = opts.connect_timeout,
+    prepare = opts.prepare,
     idle = {}, waiters = {}, total = 0, closed = false,
   }, Pool)
   require("pgcoord.metrics").track("pool", pool)

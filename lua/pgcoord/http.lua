@@ -7,7 +7,8 @@ local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local metrics = require "pgcoord.metrics"
 local status = require "pgcoord.status"
-local store = require "pgcoord.store"
+local options = require "pgcoord.options"
+local lifecycle = require "pgcoord.lifecycle"
 
 local http = {}
 
@@ -128,8 +129,15 @@ local function parse_address(addr)
   return host == "" and "127.0.0.1" or host, port
 end
 
-local KNOWN = { db = true, probe_interval = true, depth_interval = true, outbox_tables = true,
-                idle_timeout = true, max_connections = true }
+local check_options = options.spec(WHERE, {
+  db = { "pool" },
+  -- floors: a probe or refresh loop must not spin
+  probe_interval = { "number", default = 1, min = 0.1 },
+  depth_interval = { "number", default = 15, min = 1 },
+  outbox_tables = { "table" },
+  idle_timeout = { "number", default = 30, above = 0 },
+  max_connections = { "integer", default = 256, min = 1, max = 1000000 },
+})
 
 function Server:_health()
   local now = core.now()
@@ -199,23 +207,16 @@ end
 -- max_connections (256): one more is answered 503 and closed.
 function http.serve(addr, opts)
   local host, port = parse_address(addr)
-  opts = store.check_options(WHERE, opts, KNOWN, 2)
+  opts = check_options(opts)
   local self = setmetatable({
     db = opts.db,
-    -- floors: a probe or refresh loop must not spin
-    probe_interval = store.number(WHERE, opts, "probe_interval", 1, 0.1, true, 2),
-    depth_interval = store.number(WHERE, opts, "depth_interval", 15, 1, true, 2),
+    probe_interval = opts.probe_interval,
+    depth_interval = opts.depth_interval,
     outbox_tables = opts.outbox_tables,
     wake = task.cond(),
     closed = false,
   }, Server)
-  local idle_timeout = store.number(WHERE, opts, "idle_timeout", 30, 0, false, 2)
-  local max_connections = store.integer(WHERE, opts, "max_connections", 256, 1, 2)
-  if max_connections > 1000000 then
-    error(("%s: option max_connections must be an integer <= 1000000, got %d")
-      :format(WHERE, max_connections), 2)
-  end
-  if self.db then store.check_pool(WHERE, self.db, 2) end
+  local idle_timeout, max_connections = opts.idle_timeout, opts.max_connections
   self.server = core.http_listen(host, port, function(method, path)
     return self:_handle(method, path)
   end, idle_timeout, max_connections)
@@ -225,7 +226,7 @@ function http.serve(addr, opts)
   -- background work: it must not keep a finished process alive
   self.tasks = { task.spawn_daemon(self._probe_loop, self) }
   if self.db then self.tasks[2] = task.spawn_daemon(self._depth_loop, self) end
-  require("pgcoord").on_stop(function() self:close() end)
+  self.unregister = lifecycle.on_stop(function() self:close() end)
   log.info("http endpoint listening", { address = self.address,
     idle_timeout = idle_timeout, max_connections = max_connections })
   return self
@@ -234,6 +235,7 @@ end
 function Server:close()
   if self.closed then return end
   self.closed = true
+  self.unregister()
   self.server:close()
   self.wake:signal()
 end
