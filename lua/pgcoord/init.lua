@@ -85,23 +85,6 @@ function pgcoord.is_constraint_error(err, name)
   return name == nil or err.constraint == name
 end
 
-local NOTIFY_LIMIT = 8000
-
--- NOTIFY channel with value as JSON, inside db_or_tx's transaction if any.
-function pgcoord.publish(db_or_tx, channel, value)
-  require("pgcoord.fanout").check_channel("pgcoord.publish", channel)
-  local ok, payload = pcall(json.encode, value)
-  if not ok then
-    error(("pgcoord.publish: cannot encode the value for channel %q: %s")
-      :format(channel, payload), 2)
-  end
-  if #payload >= NOTIFY_LIMIT then
-    error(("pgcoord.publish: the payload for channel %q is %d bytes;"
-      .. " PostgreSQL's NOTIFY takes less than %d"):format(channel, #payload, NOTIFY_LIMIT), 2)
-  end
-  db_or_tx:query("SELECT pg_notify($1, $2)", channel, payload)
-end
-
 function pgcoord.migrate(pool)
   return require("pgcoord.migrate").run(pool)
 end
@@ -121,6 +104,7 @@ local LAZY = {
   subscriber = { "pgcoord.subscriber", "new" },
   send_listener_ping = { "pgcoord.subscriber", "send_ping" },
   fanout = { "pgcoord.fanout", "new" },
+  publish = { "pgcoord.fanout", "publish" },
   joblock = { "pgcoord.joblock", "new" },
   run_in_job_lock = { "pgcoord.joblock", "run_in_job_lock" },
   queue = { "pgcoord.queue", "new" },
