@@ -91,11 +91,11 @@ local function new_listener(fan, filter, capacity)
     queue = {},
     waiting = 0,         -- tasks in receive(): only then is a wake-up worth sending
     closed = false,
-    ready = nil,         -- task.signal, made when someone first waits
+    ready = nil,         -- task.cond, made when someone first waits
   }, Listener)
   l.wake_reader = function()
     l.wake_pending = false
-    l.ready:notify()
+    l.ready:signal()
   end
   fan.listeners[l] = true
   fan.count = fan.count + 1
@@ -121,7 +121,7 @@ function Listener:_offer(msg)
       self.wake_pending = true
       task.defer(self.wake_reader)
     else
-      self.ready:notify()
+      self.ready:signal()
     end
   end
   return true
@@ -159,12 +159,11 @@ function Listener:receive(timeout)
     if self.head <= self.tail then return self:poll() end
     if self.closed then return nil, "closed" end
     if not self.ready then
-      self.ready = task.signal()
+      -- a wake-up is only sent while someone waits (waiting > 0), so a
+      -- condition is enough: there is nothing to remember for later
+      self.ready = task.cond()
       self.waiting_closer = setmetatable({ listener = self }, WAITING)
     end
-    -- the buffer is empty: a wake-up kept from before announced what
-    -- was already taken
-    self.ready:clear()
     self.waiting = self.waiting + 1
     local woken
     do
@@ -193,6 +192,34 @@ function Listener:is_closed()
   return self.closed
 end
 
+-- Open fan:on listeners.  While there are any, one stop handler closes
+-- them all, so that a graceful stop ends their tasks; the last to close
+-- removes it.
+local callbacks, callback_count, unregister_callbacks = {}, 0, nil
+
+local function close_callbacks()
+  for l in pairs(callbacks) do l:close() end
+end
+
+local function remember_callback(l)
+  callbacks[l] = true
+  callback_count = callback_count + 1
+  -- while stopping, on_stop runs the handler at once: each new listener
+  -- needs a call of its own
+  if unregister_callbacks == nil or lifecycle.stopping() then
+    unregister_callbacks = lifecycle.on_stop(close_callbacks)
+  end
+end
+
+local function forget_callback(l)
+  callbacks[l] = nil
+  callback_count = callback_count - 1
+  if callback_count == 0 then
+    unregister_callbacks()
+    unregister_callbacks = nil
+  end
+end
+
 -- Stops delivery and ends receive() and messages(); a fan:on listener's
 -- task ends after the message in hand.
 function Listener:close()
@@ -204,11 +231,8 @@ function Listener:close()
     fan.count = fan.count - 1
   end
   self.queue, self.head, self.tail = {}, 1, 0
-  if self.unregister then
-    self.unregister()
-    self.unregister = nil
-  end
-  if self.ready then self.ready:notify() end
+  if callbacks[self] then forget_callback(self) end
+  if self.ready then self.ready:signal() end
 end
 
 local on_options = options.spec("fan:on", {
@@ -232,7 +256,7 @@ function Fan:on(fn, opts)
       if not ok then log.error("listener failed", { channel = channel, error = err }) end
     end
   end)
-  l.unregister = lifecycle.on_stop(function() l:close() end)
+  remember_callback(l)
   return l
 end
 
