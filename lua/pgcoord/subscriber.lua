@@ -301,7 +301,9 @@ function Sub:stop(timeout)
     self.ping_wake:notify()
   end
   local clean = join(tasks, timeout)
-  self.state, self.task, self.ping_task = "stopped", nil, nil
+  if self.task == tasks[1] then -- not started again meanwhile
+    self.state, self.task, self.ping_task = "stopped", nil, nil
+  end
   return clean
 end
 
