@@ -30,6 +30,32 @@ local function subscribed(db, channel, opts, fan_opts)
   return sub, fan, function() return connects end
 end
 
+-- Counts the stop handlers registered through pgcoord.lifecycle and not
+-- yet removed, while fn(live) runs.
+local function counting_stop_handlers(fn)
+  local lifecycle = require "pgcoord.lifecycle"
+  local real, live = lifecycle.on_stop, 0
+  lifecycle.on_stop = function(handler)
+    live = live + 1
+    local remove, removed = real(handler), false
+    return function()
+      if not removed then removed, live = true, live - 1 end
+      remove()
+    end
+  end
+  local ok, err = pcall(fn, function() return live end)
+  lifecycle.on_stop = real
+  if not ok then error(err, 0) end
+end
+
+-- The error fn raises, which must point at the line after the caller's.
+local function error_at_next_line(fn)
+  local line = debug.getinfo(2, "l").currentline + 1
+  local err = helper.error_of(fn)
+  assert.matches("subscriber_spec.lua:" .. line .. ": ", err, 1, true)
+  return err
+end
+
 local function listen_pid(db, channel)
   return helper.wait_until(function()
     local row = db:one([[SELECT pid FROM pg_stat_activity
@@ -343,5 +369,176 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     assert.matches("unknown option", err)
     ok = pcall(pgcoord.fanout, "")
     assert.is_false(ok)
+  end)
+
+  it("refuses unknown options and bad values, naming the function, at the caller's line",
+    function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local sub = pgcoord.subscriber(db, options())
+    local cases = {
+      { function() pgcoord.subscriber(db, { ping_intervall = 1 }) end,
+        'unknown option "ping_intervall" for pgcoord.subscriber' },
+      { function() pgcoord.fanout("x", { overflo = "drop" }) end,
+        'unknown option "overflo" for pgcoord.fanout' },
+      { function() fan:listen({ bufer = 2 }) end, 'unknown option "bufer" for fan:listen' },
+      { function() fan:on(print, { filtre = print }) end,
+        'unknown option "filtre" for fan:on' },
+      { function() fan:enable_recovery(sub, { treshold = 2 }) end,
+        'unknown option "treshold" for fan:enable_recovery' },
+      { function() pgcoord.fanout("x", { overflow = "block" }) end,
+        'pgcoord.fanout: option overflow must be one of "drop", "error", got "block"' },
+      { function() fan:listen({ buffer = 0 }) end,
+        "fan:listen: option buffer must be an integer >= 1, got 0" },
+      { function() fan:on(print, { filter = 1 }) end,
+        "fan:on: option filter must be a function, got 1" },
+      { function() fan:enable_recovery(sub, { threshold = 1.5 }) end,
+        "fan:enable_recovery: option threshold must be an integer, got 1.5" },
+      { function() pgcoord.subscriber(db, { ping_db = "x" }) end,
+        'pgcoord.subscriber: option ping_db must be a pool from pgcoord.connect, got "x"' },
+      { function() pgcoord.subscriber(db, { reconnect_min = 0 }) end,
+        "pgcoord.subscriber: option reconnect_min must be a number > 0, got 0" },
+      { function() pgcoord.subscriber("db") end,
+        "pgcoord.subscriber: expected a pool from pgcoord.connect, got string" },
+      { function() fan:on("print") end, "fan:on: expected a function, got string" },
+      { function() sub:add({ channel = "x" }) end,
+        "sub:add: expected a fan-out from pgcoord.fanout, got table" },
+      { function() sub:stop(-1) end,
+        "sub:stop: timeout must be a number of seconds >= 0, got -1" },
+    }
+    for _, case in ipairs(cases) do
+      local fn, message = case[1], case[2]
+      local info = debug.getinfo(fn, "S")
+      local ok, err = pcall(fn)
+      assert.is_false(ok, message)
+      err = tostring(err)
+      -- the caller's line is the one the case's function is on
+      assert.are.equal(("%s:%d: %s"):format(info.short_src, info.linedefined, message), err)
+    end
+    assert.are.equal(0, fan:stats().listeners) -- the refused ones were never added
+    error_at_next_line(function()
+      pgcoord.publish(db, "c", string.rep("x", 8000))
+    end)
+  end)
+
+  it("is a service: start, stop and start again, one stop handler at a time", function()
+    counting_stop_handlers(function(live)
+      local sub = pgcoord.subscriber(db, options())
+      local fan = sub:channel(helper.unique("ch"))
+      local l = fan:listen()
+      assert.are.equal("stopped", sub:status())
+      assert.are.equal(sub, sub:start())
+      assert.are.equal("starting", sub:status())
+      assert.are.equal(1, live())
+      sub:start()                                  -- already started: nothing more
+      assert.are.equal(1, live())
+      assert.is_true(sub:ready(10))
+      assert.are.equal("running", sub:status())
+      local tasks = { sub.task, sub.ping_task }
+      assert.is_true(sub:stop())
+      assert.are.equal("stopped", sub:status())
+      assert.are.equal(0, live())                  -- pgcoord.stop() no longer runs it
+      for _, t in ipairs(tasks) do assert.are.equal("done", t:status()) end
+      assert.is_true(sub:stop())                   -- a second stop is a no-op
+      for _ = 1, 3 do
+        sub:start()
+        assert.is_true(sub:ready(10))
+        assert.are.equal(1, live())
+        fan:publish(db, "again")
+        assert.are.equal("again", l:receive(5))
+        sub:stop()
+        assert.are.equal(0, live())
+      end
+      assert.are.equal("stopped", sub:stats().state)
+    end)
+  end)
+
+  it("stop(timeout) cancels what does not end in time, and a stop from a hook ends it too",
+    function()
+    local in_hook, hook_closed = false, false
+    local sub = pgcoord.subscriber(db, options({ on_reconnect = function()
+      local _ <close> = setmetatable({}, { __close = function() hook_closed = true end })
+      in_hook = true
+      pgcoord.sleep(30)
+    end }))
+    sub:add(pgcoord.fanout(helper.unique("ch")))
+    sub:start()
+    helper.wait_until(function() return in_hook end, 10, "the hook to run")
+    local elapsed, clean = helper.timed(sub.stop, sub, 0.2)
+    assert.is_false(clean)
+    assert.is_true(elapsed < 5, "stopped after " .. elapsed)
+    assert.is_true(hook_closed)
+    assert.are.equal("stopped", sub:status())
+    -- a hook may stop its own subscriber; its task then ends by itself
+    local own = pgcoord.subscriber(db, options())
+    own:add(pgcoord.fanout(helper.unique("ch")))
+    own:hook_reconnect(function(s) s:stop() end)
+    own:start()
+    local t = own.task
+    helper.wait_until(function() return t:status() == "done" end, 10, "the stopped task")
+    assert.are.equal("stopped", own:status())
+  end)
+
+  it("a graceful stop runs the stop handlers of started subscribers and open listeners only",
+    function()
+    local path = helper.write_file(helper.tmpname("script") .. ".lua", [[
+      io.stdout:setvbuf("no")
+      local db = pgcoord.connect(nil, { size = 2 })
+      local function traced(name)
+        local sub = pgcoord.subscriber(db, { ping_interval = 0.2, ping_grace = 0.6 })
+        local stop = sub.stop
+        sub.stop = function(...) print("stop " .. name) return stop(...) end
+        return sub
+      end
+      local kept, stopped = traced("kept"), traced("stopped")
+      kept:start(); kept:stop(); kept:start()
+      stopped:start(); stopped:stop()
+      local fan = kept:channel("c")
+      local open, closed = fan:on(function() end), fan:on(function() end)
+      closed:close()
+      closed.close = function() print("closed again") end
+      open.close = function(l) print("open closed") getmetatable(l).close(l) end
+      assert(kept:ready(10))
+      print("stopping")
+      pgcoord.stop()
+    ]])
+    local code, out = helper.run({ "pgcoord-run", path })
+    assert.are.equal(0, code, out)
+    local after = out:match("stopping\n(.*)$")
+    assert.is_truthy(after, out)
+    assert.are.equal(1, select(2, after:gsub("stop kept", "")), out)
+    assert.are.equal(1, select(2, after:gsub("open closed", "")), out)
+    assert.is_nil(after:find("stop stopped", 1, true), out)
+    assert.is_nil(after:find("closed again", 1, true), out)
+  end)
+
+  it("fan:on's task ends when its listener closes; poll and push take and give without waiting",
+    function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local got = {}
+    local on = fan:on(function(m) got[#got + 1] = m end)
+    fan:notify(1)
+    helper.wait_until(function() return #got == 1 end, 5, "the callback")
+    assert.is_false(on:is_closed())
+    on:close()
+    assert.is_true(on:is_closed())
+    helper.wait_until(function() return on.task:status() == "done" end, 5, "the task to end")
+    local l = fan:listen({ buffer = 2 })
+    assert.is_nil(l:poll())
+    fan:notify("a")
+    assert.is_true(l:push("mine"))
+    assert.is_false(l:push("full"))
+    assert.are.equal("a", l:poll())
+    assert.are.equal("mine", l:poll())
+    assert.is_nil(l:poll())
+    -- a push wakes a waiting reader, and only that listener hears it
+    local other = fan:listen()
+    local t = pgcoord.spawn(function() return l:receive(5) end)
+    pgcoord.sleep(0)
+    l:push("wake")
+    assert.are.equal("wake", t:join())
+    assert.are.equal(0, other:pending())
+    l:close()
+    assert.is_false(l:push("closed"))
+    assert.are.same({ nil, "closed" }, { l:receive(0) })
   end)
 end)

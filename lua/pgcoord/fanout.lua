@@ -6,9 +6,14 @@
 -- fan:polled(found).  Polls that keep finding work while no notification
 -- arrives mean the LISTEN connection is deaf: after `threshold` such polls
 -- in a row the subscriber is bounced.
+--
+-- Part of the notifications layer: requires only the runtime.
 local task = require "pgcoord.task"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
+local lifecycle = require "pgcoord.lifecycle"
+local options = require "pgcoord.options"
+local notify = require "pgcoord.notify"
 
 local fanout = {}
 
@@ -17,63 +22,24 @@ Fan.__index = Fan
 local Listener = {}
 Listener.__index = Listener
 
-local OVERFLOW = { drop = true, error = true }
+-- Channel names are checked where they are given (pgcoord.notify).
+fanout.check_channel = notify.check_channel
 
-local function check_filter(where, filter)
-  if filter ~= nil and type(filter) ~= "function" then
-    error(("%s: filter must be a function, got %s"):format(where, type(filter)), 3)
-  end
-end
+local fanout_options = options.spec("pgcoord.fanout", {
+  overflow = { { "drop", "error" }, default = "drop" },
+})
 
-local function check_buffer(where, buffer)
-  if buffer == nil then return 64 end
-  if math.type(buffer) ~= "integer" or buffer < 1 then
-    error(("%s: buffer must be a positive integer, got %s"):format(where, tostring(buffer)), 3)
-  end
-  return buffer
-end
-
--- PostgreSQL's names are at most NAMEDATALEN - 1 bytes: LISTEN cuts a
--- longer channel name (then hears nothing its publishers send), pg_notify
--- refuses it.
-local MAX_CHANNEL = 63
-
-local function channel_problem(channel)
-  if type(channel) ~= "string" or channel == "" then
-    return ("channel must be a non-empty string, got %s"):format(tostring(channel))
-  end
-  local shown = #channel > MAX_CHANNEL and ("%q…"):format(channel:sub(1, MAX_CHANNEL))
-    or ("%q"):format(channel)
-  -- a NUL cuts the name short on its way to the server; a name the server
-  -- refuses fails the subscriber's one LISTEN batch for every channel
-  if channel:find("\0", 1, true) then return ("channel %s contains a NUL byte"):format(shown) end
-  if #channel > MAX_CHANNEL then
-    return ("channel %s is %d bytes long; PostgreSQL takes names of at most %d bytes")
-      :format(shown, #channel, MAX_CHANNEL)
-  end
-  if not utf8.len(channel) then return ("channel %s is not valid UTF-8"):format(shown) end
-  return nil
-end
-
--- Raises, naming `where`, at the caller of the function that calls it,
--- unless channel can be LISTENed to and notified as it is.
-function fanout.check_channel(where, channel)
-  local problem = channel_problem(channel)
-  if problem then error(("%s: %s"):format(where, problem), 3) end
-  return channel
+-- True for a fan-out from pgcoord.fanout.
+function fanout.is(v)
+  return getmetatable(v) == Fan
 end
 
 function fanout.new(channel, opts)
   fanout.check_channel("pgcoord.fanout", channel)
-  opts = opts or {}
-  local overflow = opts.overflow or "drop"
-  if not OVERFLOW[overflow] then
-    error(("pgcoord.fanout: overflow must be \"drop\" or \"error\", got %s")
-      :format(tostring(overflow)), 2)
-  end
+  local o = fanout_options(opts)
   local fan = setmetatable({
     channel = channel,
-    overflow = overflow,
+    overflow = o.overflow,
     listeners = {},      -- set: listener -> true
     count = 0,
     counters = { notifications = 0, drops = 0, overflows = 0, poll_saved = 0, streak = 0 },
@@ -85,50 +51,65 @@ end
 
 -- ---- listeners -----------------------------------------------------------
 
-function Fan:listen(opts)
-  opts = opts or {}
-  check_filter("fan:listen", opts.filter)
+local listen_options = options.spec("fan:listen", {
+  filter = { "function" },
+  buffer = { "integer", min = 1, default = 64 },
+})
+
+local function new_listener(fan, filter, capacity)
   local l = setmetatable({
-    fan = self,
-    filter = opts.filter,
-    capacity = check_buffer("fan:listen", opts.buffer),
+    fan = fan,
+    filter = filter,
+    capacity = capacity,
     head = 1, tail = 0,  -- queue[head..tail]
     queue = {},
-    drops = 0,
+    waiting = 0,         -- tasks in receive(): only then is a wake-up worth sending
     closed = false,
     ready = nil,         -- task.cond, made when someone first waits
   }, Listener)
   l.wake_reader = function()
     l.wake_pending = false
-    if l.ready then l.ready:signal() end
+    l.ready:signal()
   end
-  self.listeners[l] = true
-  self.count = self.count + 1
+  fan.listeners[l] = true
+  fan.count = fan.count + 1
   return l
 end
 
--- Queues msg; false when the buffer is full.
+function Fan:listen(opts)
+  local o = listen_options(opts)
+  return new_listener(self, o.filter, o.buffer)
+end
+
+-- Queues msg; false when the buffer is full.  On the hot path: a
+-- notification costs one call of this per listener, nothing more.
 function Listener:_offer(msg)
-  if self.tail - self.head + 1 >= self.capacity then
-    self.drops = self.drops + 1
-    return false
-  end
-  self.tail = self.tail + 1
-  self.queue[self.tail] = msg
-  local ready = self.ready
-  if ready and next(ready.waiters) ~= nil and not self.wake_pending then
-    if self.tail - self.head + 1 < self.capacity // 2 then
+  local tail = self.tail
+  if tail - self.head + 1 >= self.capacity then return false end
+  tail = tail + 1
+  self.tail = tail
+  self.queue[tail] = msg
+  if self.waiting > 0 and not self.wake_pending then
+    if tail - self.head + 1 < self.capacity // 2 then
       -- wake the reader once for the whole burst this read brought
       self.wake_pending = true
       task.defer(self.wake_reader)
     else
-      ready:signal()
+      self.ready:signal()
     end
   end
   return true
 end
 
-function Listener:_pop()
+-- Queues msg for this listener alone (a local wake-up, say); false when
+-- its buffer is full or it is closed.
+function Listener:push(msg)
+  if self.closed then return false end
+  return self:_offer(msg)
+end
+
+-- The next message without waiting, or nil.
+function Listener:poll()
   local head = self.head
   if head > self.tail then return nil end
   local msg = self.queue[head]
@@ -137,16 +118,34 @@ function Listener:_pop()
   if self.head > self.tail then self.head, self.tail = 1, 0 end
   return msg
 end
+Listener._pop = Listener.poll -- the outbox's name for it, until it calls poll
+
+-- Counts a task out of receive() however it leaves: a cancelled task is
+-- unwound, not returned from.
+local WAITING = { __close = function(closer)
+  local l = closer.listener
+  l.waiting = l.waiting - 1
+end }
 
 -- Next message; nil, "timeout" after timeout seconds; nil, "closed".
 function Listener:receive(timeout)
   while true do
-    if self.head <= self.tail then return self:_pop() end
+    if self.head <= self.tail then return self:poll() end
     if self.closed then return nil, "closed" end
-    self.ready = self.ready or task.cond()
-    local ok, err = self.ready:wait(timeout)
-    if not ok and err == "timeout" then
-      if self.head <= self.tail then return self:_pop() end
+    if not self.ready then
+      -- a wake-up is only sent while someone waits (waiting > 0), so a
+      -- condition is enough: there is nothing to remember for later
+      self.ready = task.cond()
+      self.waiting_closer = setmetatable({ listener = self }, WAITING)
+    end
+    self.waiting = self.waiting + 1
+    local woken
+    do
+      local _ <close> = self.waiting_closer
+      woken = self.ready:wait(timeout)
+    end
+    if not woken then
+      if self.head <= self.tail then return self:poll() end
       return nil, "timeout"
     end
   end
@@ -163,6 +162,40 @@ function Listener:pending()
   return self.tail - self.head + 1
 end
 
+function Listener:is_closed()
+  return self.closed
+end
+
+-- Open fan:on listeners.  While there are any, one stop handler closes
+-- them all, so that a graceful stop ends their tasks; the last to close
+-- removes it.
+local callbacks, callback_count, unregister_callbacks = {}, 0, nil
+
+local function close_callbacks()
+  for l in pairs(callbacks) do l:close() end
+end
+
+local function remember_callback(l)
+  callbacks[l] = true
+  callback_count = callback_count + 1
+  -- while stopping, on_stop runs the handler at once: each new listener
+  -- needs a call of its own
+  if unregister_callbacks == nil or lifecycle.stopping() then
+    unregister_callbacks = lifecycle.on_stop(close_callbacks)
+  end
+end
+
+local function forget_callback(l)
+  callbacks[l] = nil
+  callback_count = callback_count - 1
+  if callback_count == 0 then
+    unregister_callbacks()
+    unregister_callbacks = nil
+  end
+end
+
+-- Stops delivery and ends receive() and messages(); a fan:on listener's
+-- task ends after the message in hand.
 function Listener:close()
   if self.closed then return end
   self.closed = true
@@ -172,21 +205,24 @@ function Listener:close()
     fan.count = fan.count - 1
   end
   self.queue, self.head, self.tail = {}, 1, 0
+  if callbacks[self] then forget_callback(self) end
   if self.ready then self.ready:signal() end
 end
 
--- fan:on listeners end at a graceful stop, so that their tasks finish.
-local callback_listeners = setmetatable({}, { __mode = "k" })
-local stop_hooked = false
+local on_options = options.spec("fan:on", {
+  filter = { "function" },
+  buffer = { "integer", min = 1, default = 1024 },
+})
 
--- Runs fn(msg) for each message in a task of its own; returns the listener.
+-- Runs fn(msg) for each message in a task of its own (l.task); returns
+-- the listener.  The task lives until l:close(), which a graceful stop
+-- does for it.
 function Fan:on(fn, opts)
   if type(fn) ~= "function" then
-    error(("fan:on: expected a function, got %s"):format(type(fn)), 2)
+    options.raise("fan:on: expected a function, got %s", type(fn))
   end
-  opts = opts or {}
-  check_filter("fan:on", opts.filter)
-  local l = self:listen({ filter = opts.filter, buffer = opts.buffer or 1024 })
+  local o = on_options(opts)
+  local l = new_listener(self, o.filter, o.buffer)
   local channel = self.channel
   l.task = task.spawn(function()
     for msg in l:messages() do
@@ -194,13 +230,7 @@ function Fan:on(fn, opts)
       if not ok then log.error("listener failed", { channel = channel, error = err }) end
     end
   end)
-  callback_listeners[l] = true
-  if not stop_hooked then
-    stop_hooked = true
-    require("pgcoord").on_stop(function()
-      for cl in pairs(callback_listeners) do cl:close() end
-    end)
-  end
+  remember_callback(l)
   return l
 end
 
@@ -257,23 +287,30 @@ function Fan:notify(value)
   end
 end
 
+-- NOTIFY channel with value as JSON (pgcoord.publish).
+fanout.publish = notify.publish
+
 function Fan:publish(db_or_tx, value)
-  return require("pgcoord").publish(db_or_tx, self.channel, value)
+  return fanout.publish(db_or_tx, self.channel, value)
 end
 
 -- ---- recovery ------------------------------------------------------------
 
+local recovery_options = options.spec("fan:enable_recovery", {
+  threshold = { "integer", default = 5 },
+})
+
 function Fan:enable_recovery(sub, opts)
   if type(sub) ~= "table" or type(sub.bounce) ~= "function" then
-    error("fan:enable_recovery: expected a subscriber", 2)
+    options.raise("fan:enable_recovery: expected a subscriber, got %s", type(sub))
   end
-  opts = opts or {}
-  local threshold = opts.threshold or 5
-  if math.type(threshold) ~= "integer" then
-    error(("fan:enable_recovery: threshold must be an integer, got %s")
-      :format(tostring(threshold)), 2)
-  end
-  self.recovery = { sub = sub, threshold = threshold }
+  local o = recovery_options(opts)
+  self.recovery = { sub = sub, threshold = o.threshold }
+end
+
+-- Whether fan:enable_recovery was called (a consumer enables it only once).
+function Fan:recovery_enabled()
+  return self.recovery ~= nil
 end
 
 -- A poll found `found` items that no notification announced.

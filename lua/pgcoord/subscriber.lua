@@ -7,11 +7,19 @@
 -- socket fails, it drops the connection and reconnects with capped
 -- exponential backoff and jitter, LISTENs again on every channel, and
 -- calls on_reconnect so that a consumer can reload what it missed.
+--
+-- A service: state is "stopped", then "starting" (sub:start()) until the
+-- first connection listens, "running", "stopping" while sub:stop() waits
+-- for its tasks, and "stopped" again; it can be started once more.
+-- Part of the notifications layer: requires the runtime, db and fanout.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local db = require "pgcoord.db"
 local log = require "pgcoord.log"
-local store = require "pgcoord.store"
+local lifecycle = require "pgcoord.lifecycle"
+local options = require "pgcoord.options"
+local backoff = require "pgcoord.backoff"
+local fanout = require "pgcoord.fanout"
 
 local subscriber = {}
 
@@ -26,52 +34,69 @@ local function quote(name)
   return '"' .. name:gsub('"', '""') .. '"'
 end
 
--- A number > 0.  (A tail call, so level 2 is subscriber.new's caller.)
-local function positive(opts, name, default)
-  return store.number(WHERE, opts, name, default, 0, false, 2)
+local check_options = options.spec(WHERE, {
+  ping_interval = { "number", above = 0, default = 300 },
+  ping_grace = { "number", above = 0 },
+  ping_db = { "pool" },        -- or false, taken out before the check
+  on_reconnect = { "function" },
+  reconnect_min = { "number", above = 0, default = 0.1 },
+  reconnect_max = { "number", above = 0, default = 30 },
+})
+
+-- ping_db = false (no pinging) is the one option that is not of its kind.
+local function without_ping_db(opts)
+  local copy = {}
+  for k, v in pairs(opts) do copy[k] = v end
+  copy.ping_db = nil
+  return copy
 end
 
-local KNOWN = { ping_interval = true, ping_grace = true, ping_db = true, on_reconnect = true,
-                reconnect_min = true, reconnect_max = true }
+local function check_pool(pool)
+  if type(pool) ~= "table" or type(pool.query) ~= "function" or type(pool.tx) ~= "function"
+    or not pool.size then
+    options.raise("%s: expected a pool from pgcoord.connect, got %s", WHERE, type(pool))
+  end
+end
 
 function subscriber.new(pool, opts)
-  store.check_pool(WHERE, pool)
-  opts = store.check_options(WHERE, opts, KNOWN)
-  local ping_interval = positive(opts, "ping_interval", 300)
-  local ping_grace = positive(opts, "ping_grace", opts.ping_interval and ping_interval * 1.4 or 420)
-  if ping_grace <= ping_interval then
-    error(("pgcoord.subscriber: ping_grace (%s) must exceed ping_interval (%s)")
-      :format(ping_grace, ping_interval), 2)
+  check_pool(pool)
+  local ping_off = type(opts) == "table" and opts.ping_db == false
+  local o = check_options(ping_off and without_ping_db(opts) or opts)
+  local ping_grace = o.ping_grace or (opts and opts.ping_interval and o.ping_interval * 1.4) or 420
+  if ping_grace <= o.ping_interval then
+    options.raise("%s: ping_grace (%s) must exceed ping_interval (%s)",
+      WHERE, options.show(ping_grace), options.show(o.ping_interval))
   end
-  local ping_db = opts.ping_db
-  if ping_db == nil then ping_db = pool end
-  if ping_db ~= false and (type(ping_db) ~= "table" or type(ping_db.query) ~= "function") then
-    error("pgcoord.subscriber: ping_db must be a pool or false", 2)
-  end
-  if opts.on_reconnect ~= nil and type(opts.on_reconnect) ~= "function" then
-    error("pgcoord.subscriber: on_reconnect must be a function", 2)
-  end
+  local ping_db = o.ping_db or pool
+  if ping_off then ping_db = false end
   local self = setmetatable({
     pool = pool,
-    ping_interval = ping_interval,
+    ping_interval = o.ping_interval,
     ping_grace = ping_grace,
     ping_db = ping_db,
     reconnect_hooks = {},      -- key -> fn(sub), after every connection
-    reconnect_min = positive(opts, "reconnect_min", 0.1),
-    reconnect_max = positive(opts, "reconnect_max", 30),
+    backoff = backoff.new({ base = o.reconnect_min, cap = o.reconnect_max }),
     fans = {},                 -- channel -> fan-out
     conn = nil,
     generation = 0,            -- connections made so far
-    wake = task.cond(),        -- bounce, loss, stop
+    state = "stopped",
+    task = nil,                -- the connection loop
+    ping_task = nil,
+    unregister = nil,          -- removes the stop handler
+    wake = task.signal(),      -- bounce, loss, stop
+    ping_wake = task.signal(), -- stop
     listening = task.cond(),   -- signalled on every (re)connect
     reason = nil,              -- why the current connection must go
-    running = false,
-    stopped = false,
     counters = { notifications = 0, reconnects = 0, pings = 0, ping_failures = 0 },
   }, Sub)
-  if opts.on_reconnect then self:hook_reconnect(opts.on_reconnect) end
+  if o.on_reconnect then self:hook_reconnect(o.on_reconnect) end
   require("pgcoord.metrics").track("subscriber", self)
   return self
+end
+
+-- True for a subscriber from pgcoord.subscriber.
+function subscriber.is(v)
+  return getmetatable(v) == Sub
 end
 
 -- Calls fn(sub) after every connection, the first included (the option
@@ -79,7 +104,7 @@ end
 -- it may have missed.  Returns a function that removes the hook.
 function Sub:hook_reconnect(fn)
   if type(fn) ~= "function" then
-    error(("sub:hook_reconnect: expected a function, got %s"):format(type(fn)), 2)
+    options.raise("sub:hook_reconnect: expected a function, got %s", type(fn))
   end
   local key, hooks = {}, self.reconnect_hooks
   hooks[key] = fn
@@ -90,21 +115,20 @@ end
 
 -- The fan-out of channel, added first if the channel has none.
 function Sub:channel(channel)
-  local fanout = require("pgcoord.fanout")
   fanout.check_channel("sub:channel", channel)
   return self.fans[channel] or self:add(fanout.new(channel))
 end
 
 function Sub:add(fan)
-  if type(fan) ~= "table" or type(fan.channel) ~= "string" or type(fan._wire) ~= "function" then
-    error("sub:add: expected a fan-out from pgcoord.fanout", 2)
+  if not fanout.is(fan) then
+    options.raise("sub:add: expected a fan-out from pgcoord.fanout, got %s", type(fan))
   end
-  local channel = require("pgcoord.fanout").check_channel("sub:add", fan.channel)
+  local channel = fanout.check_channel("sub:add", fan.channel)
   if channel == PING_CHANNEL then
-    error(("sub:add: channel %q is the subscriber's own"):format(PING_CHANNEL), 2)
+    options.raise("sub:add: channel %q is the subscriber's own", PING_CHANNEL)
   end
   if self.fans[channel] and self.fans[channel] ~= fan then
-    error(("sub:add: channel %q already has a fan-out"):format(channel), 2)
+    options.raise("sub:add: channel %q already has a fan-out", channel)
   end
   self.fans[channel] = fan
   if self.conn and self.conn:status() == "ready" then
@@ -125,7 +149,7 @@ end
 -- Ends the current connection's session; the loop reconnects.
 function Sub:_drop(reason)
   if not self.reason then self.reason = reason end
-  self.wake:signal(reason)
+  self.wake:notify()
 end
 
 -- ---- the connection loop -------------------------------------------------
@@ -136,16 +160,25 @@ local function listen_all(self, conn)
   db.run_script(conn, table.concat(parts, "; "))
 end
 
+-- Whether the running task, the subscriber's task `own` (self.task or
+-- self.ping_task) when it started, goes on: not once a stop began, nor
+-- after a stop from inside it and a new start.
+function Sub:_keeps(own)
+  return own == task.current() and self.state ~= "stopping"
+end
+
 -- One connection's life: listen, tell the consumer, watch for silence.
 function Sub:_session(conn)
   self.generation = self.generation + 1
   self.reason = nil
+  self.wake:clear()
   conn:on_notify(function(channel, payload) self:_dispatch(channel, payload) end)
   conn:on_close(function(why) self:_drop("connection lost: " .. tostring(why)) end)
   listen_all(self, conn)
   self.conn = conn
   self.last_activity = core.now()
   if self.generation > 1 then self.counters.reconnects = self.counters.reconnects + 1 end
+  if self.state == "starting" then self.state = "running" end
   log.info("subscriber listening",
     { channels = self:_channel_count(), generation = self.generation })
   for _, fn in pairs(self.reconnect_hooks) do
@@ -154,7 +187,7 @@ function Sub:_session(conn)
   end
   self.listening:signal()
   local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 2
-  while not self.reason and not self.stopped do
+  while not self.reason and self:_keeps(self.task) do
     self.wake:wait(check)
     if not self.reason and core.now() - self.last_activity > self.ping_grace then
       self.reason = ("no notification within ping_grace (%gs)"):format(self.ping_grace)
@@ -170,8 +203,7 @@ function Sub:_channel_count()
 end
 
 function Sub:_loop()
-  local failures = 0
-  while not self.stopped do
+  while self:_keeps(self.task) do
     local generation = self.generation
     local reason
     local ok, conn = pcall(db.open, self.pool)
@@ -183,20 +215,21 @@ function Sub:_loop()
     else
       reason = tostring(conn)
     end
-    if self.stopped then break end
-    if self.generation > generation then failures = 0 end
-    failures = failures + 1
-    local delay = math.min(self.reconnect_max, self.reconnect_min * 2 ^ (failures - 1))
-    delay = delay * (0.5 + math.random() * 0.5)
+    if not self:_keeps(self.task) then break end
+    if self.generation > generation then self.backoff:reset() end
+    local delay = self.backoff:next()
     log.warn("subscriber reconnecting", { reason = reason, delay = ("%.3f"):format(delay) })
+    -- only a stop cuts the wait short: the loss that ended the session
+    -- may have left a wake-up
+    self.wake:clear()
     self.wake:wait(delay)
   end
 end
 
 function Sub:_ping_loop()
-  while not self.stopped do
+  while self:_keeps(self.ping_task) do
     self.ping_wake:wait(self.ping_interval)
-    if self.stopped then break end
+    if not self:_keeps(self.ping_task) then break end
     local ok, err = pcall(subscriber.send_ping, self.ping_db)
     if ok then
       self.counters.pings = self.counters.pings + 1
@@ -208,17 +241,18 @@ function Sub:_ping_loop()
 end
 
 function Sub:start()
-  if self.running then return self end
-  self.running, self.stopped = true, false
+  local state = self.state
+  if state == "starting" or state == "running" then return self end
+  if state == "stopping" then
+    options.raise("sub:start: the subscriber is stopping; start it once sub:stop() has returned")
+  end
+  self.state = "starting"
   self.task = task.spawn(self._loop, self)
   if self.ping_db then
-    self.ping_wake = task.cond()
+    self.ping_wake:clear()
     self.ping_task = task.spawn(self._ping_loop, self)
   end
-  if not self.stop_hooked then -- once, however often it is restarted
-    self.stop_hooked = true
-    require("pgcoord").on_stop(function() self:stop() end)
-  end
+  self.unregister = lifecycle.on_stop(function() self:stop() end)
   return self
 end
 
@@ -232,18 +266,45 @@ function Sub:bounce()
   return false
 end
 
--- Unlistens, closes, and waits for the subscriber's tasks to end.
-function Sub:stop()
-  if not self.running then return end
-  self.running, self.stopped = false, true
-  local conn = self.conn
-  if conn and conn:status() == "ready" then pcall(db.run, conn, "UNLISTEN *") end
-  self.wake:signal("stopped")
-  if self.ping_wake then self.ping_wake:signal() end
-  local current = task.current()
-  for _, t in ipairs({ self.task, self.ping_task }) do
-    if t and t ~= current then pcall(t.join, t) end
+-- Waits for tasks to end, at most timeout seconds (nil: as long as they
+-- take), then cancels those still alive; true when none had to be.
+local function join(tasks, timeout)
+  local deadline = timeout and core.now() + timeout
+  local me, clean = task.current(), true
+  for _, t in ipairs(tasks) do
+    if t ~= me and not t:wait(deadline and math.max(0, deadline - core.now())) then
+      t:cancel()
+      clean = false
+    end
   end
+  return clean
+end
+
+-- Unlistens, closes, and waits for the subscriber's tasks to end (at most
+-- timeout seconds, then cancels them: false); unregisters its stop handler.
+function Sub:stop(timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
+    options.raise("sub:stop: timeout must be a number of seconds >= 0, got %s",
+      options.show(timeout))
+  end
+  if self.state == "stopped" then return true end
+  local tasks = { self.task, self.ping_task }
+  if self.state ~= "stopping" then -- the first of several stops does the work
+    self.state = "stopping"
+    if self.unregister then
+      self.unregister()
+      self.unregister = nil
+    end
+    local conn = self.conn
+    if conn and conn:status() == "ready" then pcall(db.run, conn, "UNLISTEN *") end
+    self.wake:notify()
+    self.ping_wake:notify()
+  end
+  local clean = join(tasks, timeout)
+  if self.task == tasks[1] then -- not started again meanwhile
+    self.state, self.task, self.ping_task = "stopped", nil, nil
+  end
+  return clean
 end
 
 -- Waits until the subscriber listens (true), or timeout seconds (false).
@@ -261,9 +322,14 @@ function Sub:connected()
   return self.conn ~= nil and self.reason == nil
 end
 
+-- "stopped", "starting", "running" or "stopping".
+function Sub:status()
+  return self.state
+end
+
 function Sub:stats()
   local c = self.counters
-  return { connected = self:connected(), generation = self.generation,
+  return { state = self.state, connected = self:connected(), generation = self.generation,
            notifications = c.notifications, reconnects = c.reconnects,
            pings = c.pings, ping_failures = c.ping_failures }
 end
