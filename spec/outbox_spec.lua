@@ -366,6 +366,22 @@ describe("outbox", function()
       assert.is_true(d2 > 140 and d2 <= 150, tostring(d2))
     end)
 
+    it("the retry delay doubles per failure up to retry_delay_max, then stays there", function()
+      local ob = new_outbox({ retry_delay = 10, retry_delay_max = 35, max_retries = 10 })
+      local id = ob:save(nil, { topic = "t" })
+      local delays = {}
+      for i = 1, 5 do
+        db:exec(("UPDATE %s SET status = 'processing'"):format(ob.quoted))
+        assert.are.equal("pending", (ob:mark_failed(id, "x")))
+        delays[i] = db:one(("SELECT extract(epoch FROM visible_at - now())::float8 AS d FROM %s")
+          :format(ob.quoted)).d
+      end
+      for i, want in ipairs({ 10, 20, 35, 35, 35 }) do
+        assert.is_true(delays[i] > want - 5 and delays[i] <= want,
+          ("failure %d: %s, not %d"):format(i, tostring(delays[i]), want))
+      end
+    end)
+
     it("mark_processed takes ids or a list and checks them", function()
       local ob = new_outbox()
       local a, b, c = ob:save(nil, table.unpack(messages(3)))
