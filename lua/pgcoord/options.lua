@@ -131,6 +131,16 @@ function options.conn(where, v)
   return v
 end
 
+-- A service's stop(timeout): nil, or a number of seconds > 0 (math.huge:
+-- no deadline).
+function options.timeout(where, v)
+  if v ~= nil and (type(v) ~= "number" or v ~= v or v <= 0) then
+    error(("%s: timeout must be a number of seconds > 0, got %s"):format(where, show(v)),
+      options.caller_level())
+  end
+  return v
+end
+
 -- A checker for where's option table: check(opts) -> a new table.
 function options.spec(where, rules)
   return function(opts)

@@ -96,15 +96,6 @@ end
 
 -- ---- the retention cleanup ----------------------------------------------------------
 
--- Raises unless timeout, a stop's argument, is nil or a number of seconds
--- > 0 (math.huge: no deadline).
-function tables.check_timeout(where, timeout)
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout <= 0) then
-    options.raise("%s: timeout must be a number of seconds > 0, got %s", where,
-      options.show(timeout))
-  end
-end
-
 -- A service: state is "running", then "stopping" and "stopped" (at once
 -- "stopped" when disabled); task, its loop.
 local Cleanup = {}
@@ -161,7 +152,7 @@ end
 -- seconds (nil: however long it takes), else it is cancelled.  Returns
 -- true unless it had to be cancelled.
 function Cleanup:stop(timeout)
-  tables.check_timeout("cleanup:stop", timeout)
+  options.timeout("cleanup:stop", timeout)
   if self.state == "running" then
     self.state = "stopping"
     self.unregister()

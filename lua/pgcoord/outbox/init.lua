@@ -53,7 +53,7 @@ local check_options = options.spec("pgcoord.outbox", {
 
 -- The retry delay after the 1st, 2nd, ... failed attempt, as JSON for the
 -- statement `failed`: pgcoord.retry's rule, listed until it reaches its
--- cap (the statement takes the last one after that).
+-- cap, or 64 entries (the statement takes the last one after that).
 local function retry_delays(delay, cap, max_retries)
   local list = json.array()
   for n = 1, math.min(max_retries, 64) do

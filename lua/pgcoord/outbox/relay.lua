@@ -249,7 +249,7 @@ end
 -- Waits for that, unless called from the relay's own publish_fn.  Returns
 -- false when the batch had to be cancelled.
 function Relay:stop(timeout)
-  tables.check_timeout("relay:stop", timeout)
+  options.timeout("relay:stop", timeout)
   if self.state == "running" then
     self.state = "stopping"
     self.wake:notify()
