@@ -181,7 +181,7 @@ describe("outbox", function()
         assert.matches(text, error_of(pgcoord.outbox, db, opts), 1, true)
       end
       refuses({ table = "" }, "option table must be a non-empty string")
-      refuses({ table = 42 }, "option table must be a non-empty string")
+      refuses({ table = 42 }, "option table must be a string")
       refuses({ table = ("x"):rep(64) }, "at most 63")
       refuses({ table = "public.outbox" }, "unqualified")
       refuses({ table = "a\0b" }, "NUL")
@@ -366,6 +366,22 @@ describe("outbox", function()
       assert.is_true(d2 > 140 and d2 <= 150, tostring(d2))
     end)
 
+    it("the retry delay doubles per failure up to retry_delay_max, then stays there", function()
+      local ob = new_outbox({ retry_delay = 10, retry_delay_max = 35, max_retries = 10 })
+      local id = ob:save(nil, { topic = "t" })
+      local delays = {}
+      for i = 1, 5 do
+        db:exec(("UPDATE %s SET status = 'processing'"):format(ob.quoted))
+        assert.are.equal("pending", (ob:mark_failed(id, "x")))
+        delays[i] = db:one(("SELECT extract(epoch FROM visible_at - now())::float8 AS d FROM %s")
+          :format(ob.quoted)).d
+      end
+      for i, want in ipairs({ 10, 20, 35, 35, 35 }) do
+        assert.is_true(delays[i] > want - 5 and delays[i] <= want,
+          ("failure %d: %s, not %d"):format(i, tostring(delays[i]), want))
+      end
+    end)
+
     it("mark_processed takes ids or a list and checks them", function()
       local ob = new_outbox()
       local a, b, c = ob:save(nil, table.unpack(messages(3)))
@@ -497,7 +513,7 @@ describe("outbox", function()
       for _, r in ipairs(relays_made) do
         -- no cleanup task was started, so nothing can ever be purged
         assert.is_nil(r.cleanup.task)
-        assert.is_true(r.cleanup.stopped)
+        assert.is_false(r.cleanup:running())
         assert.are.equal(0, r:stats().cleaned)
       end
     end)
@@ -854,6 +870,162 @@ describe("outbox", function()
       assert.matches('unknown option "x"', error_of(ob.notify_publisher, ob, { x = 1 }), 1, true)
       assert.matches("prefix must be a string",
         error_of(ob.notify_publisher, ob, { prefix = 1 }), 1, true)
+    end)
+  end)
+
+  -- ---- errors and services -------------------------------------------------------------
+
+  describe("errors and services", function()
+    -- fn marks its line with here() and must raise `text` pointing at it.
+    local site
+    local function here() site = debug.getinfo(2, "l").currentline end
+    local function raises_here(text, fn)
+      local ok, err = pcall(fn)
+      assert.is_false(ok, "expected an error: " .. text)
+      err = tostring(err)
+      assert.matches(("outbox_spec.lua:%d: "):format(site), err, 1, true)
+      assert.matches(text, err, 1, true)
+    end
+
+    it("every option error names the function, the option and the value at the caller's line",
+      function()
+      local ob = new_outbox()
+      local fn = function() end
+      raises_here('unknown option "tabel" for pgcoord.outbox',
+        function() here(); pgcoord.outbox(db, { tabel = "x" }) end)
+      raises_here("pgcoord.outbox: option max_retries must be an integer >= 1, got 2.5",
+        function() here(); pgcoord.outbox(db, { max_retries = 2.5 }) end)
+      raises_here('pgcoord.outbox: option table contains a dot',
+        function() here(); pgcoord.outbox(db, { table = "a.b" }) end)
+      raises_here("pgcoord.outbox: expected a pool from pgcoord.connect, got nil",
+        function() here(); pgcoord.outbox(nil) end)
+      raises_here('unknown option "batch" for ob:relay',
+        function() here(); ob:relay(fn, { batch = 1 }) end)
+      raises_here("ob:relay: option poll_interval must be a number > 0, got 0",
+        function() here(); ob:relay(fn, { poll_interval = 0 }) end)
+      raises_here("ob:relay: publish_fn must be a function, got nil",
+        function() here(); ob:relay(nil) end)
+      raises_here('unknown option "x" for ob:notify_publisher',
+        function() here(); ob:notify_publisher({ x = 1 }) end)
+      raises_here('unknown option "x" for ob:queue_publisher',
+        function() here(); ob:queue_publisher({ x = 1 }) end)
+      raises_here("ob:queue_publisher: option queue_options must be a table, got 1",
+        function() here(); ob:queue_publisher({ queue_options = 1 }) end)
+      raises_here("ob:queue_publisher: option db must be a pool or a transaction",
+        function() here(); ob:queue_publisher({ db = "x" }) end)
+    end)
+
+    it("argument errors point at the caller's line too", function()
+      local ob = new_outbox()
+      raises_here("ob:save: message 1: payload cannot be encoded as JSON",
+        function() here(); ob:save(nil, { topic = "t", payload = print }) end)
+      raises_here("ob:save: message 2: headers must map strings to strings",
+        function() here(); ob:save(nil, { topic = "t" }, { topic = "t", headers = { 1 } }) end)
+      raises_here('ob:save: message 1: header "h" contains a NUL byte',
+        function() here(); ob:save(nil, { topic = "t", headers = { h = "a\0" } }) end)
+      raises_here("ob:save: expected a pool or a transaction, got string",
+        function() here(); ob:save("tx", { topic = "t" }) end)
+      raises_here("ob:fetch_pending: limit must be a positive integer",
+        function() here(); ob:fetch_pending(0) end)
+      raises_here("ob:mark_processed: id 1 is not a message id",
+        function() here(); ob:mark_processed("nope") end)
+      raises_here("ob:delete_processed_before: time must be epoch seconds",
+        function() here(); ob:delete_processed_before("yesterday") end)
+      local r = relay(ob, function() end, { listen = false })
+      raises_here("relay:stop: timeout must be a number of seconds > 0, got -1",
+        function() here(); r:stop(-1) end)
+      assert.are.equal(0, count(ob))
+    end)
+
+    it("a poke that comes while the relay is busy is kept: it looks again at once", function()
+      local ob = new_outbox({ notify = false })
+      local gate = require("pgcoord.task").cond()
+      local got, holding = {}, false
+      local r = relay(ob, function(msg)
+        if msg.key == "first" then
+          holding = true
+          gate:wait(30)
+        end
+        got[#got + 1] = msg.key
+      end, { poll_interval = 60 })
+      ob:save(nil, { topic = "t", key = "first" })
+      r:poke()
+      helper.wait_until(function() return holding end, 10, "the relay to hold the first")
+      ob:save(nil, { topic = "t", key = "second" })
+      r:poke() -- nobody waits for it now
+      gate:signal()
+      -- polls are 60 s apart: only the kept poke brings the second in time
+      helper.wait_until(function() return #got == 2 end, 10, "the second message")
+      assert.are.same({ "first", "second" }, got)
+    end)
+
+    it("stop(timeout) cancels a batch that outlasts it; its messages are claimed again",
+      function()
+      local ob = new_outbox({ visibility_timeout = 0.5 })
+      local holding = false
+      local r = relay(ob, function()
+        holding = true
+        pgcoord.sleep(3600) -- a broker that never answers
+      end, { poll_interval = 0.05 })
+      local id = ob:save(nil, { topic = "t" })
+      helper.wait_until(function() return holding end, 10, "the relay to hold the message")
+      local took, finished = helper.timed(r.stop, r, 0.2)
+      assert.is_false(finished)
+      assert.is_true(took < 5, tostring(took))
+      assert.are_not.equal("running", r.task:status())
+      assert.is_false(r:running())
+      assert.is_truthy(logged("outbox relay stopped"))
+      assert.are.same({ pending = 0, processing = 1, processed = 0, failed = 0 }, statuses(ob))
+      local again = helper.wait_until(function()
+        local batch = ob:fetch_pending(10)
+        return #batch > 0 and batch
+      end, 10, "the message claimed again")
+      assert.are.equal(id, again[1].id)
+    end)
+
+    it("a stopped relay keeps nothing alive: its stop handlers are unregistered", function()
+      local gone = setmetatable({}, { __mode = "k" })
+      -- in a function of its own, so that no register of this one holds them
+      local function run_and_stop(opts)
+        local ob = new_outbox()
+        local r = ob:relay(function() end, opts)
+        ob:save(nil, { topic = "t" })
+        helper.wait_until(function() return r:stats().published == 1 end, 10, "the message")
+        r:stop()
+        gone[r], gone[r.cleanup] = true, true
+      end
+      run_and_stop({ poll_interval = 0.05, retention = 3600, cleanup_interval = 60 })
+      run_and_stop({ poll_interval = 0.05, listen = false })
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(next(gone))
+    end)
+
+    it("past --stop-timeout a relay stuck in publish_fn is cancelled, the process exits 1,"
+      .. " and its batch is claimed again", function()
+      local ob = new_outbox({ visibility_timeout = 1 })
+      ob:save(nil, table.unpack(messages(3)))
+      local script = helper.write_file(helper.tmpname("relay") .. ".lua", [[
+        local pgcoord = require "pgcoord"
+        local db = pgcoord.connect(nil, { size = 2 })
+        local ob = pgcoord.outbox(db, { table = ..., visibility_timeout = 1 })
+        ob:relay(function()
+          io.stdout:write("stuck\n")
+          io.stdout:flush()
+          pgcoord.sleep(3600) -- never looks at pgcoord.stopping()
+        end, { poll_interval = 0.05 })
+      ]])
+      local p = helper.start({ "pgcoord-run", "--stop-timeout", "0.5", script, ob.name })
+      p:wait_output("stuck", 30)
+      assert.is_true(p:kill("TERM"))
+      assert.are.equal(1, p:wait(30), p:output())
+      assert.matches("stop deadline passed", p:output(), 1, true)
+      local published = 0
+      relay(pgcoord.outbox(db, { table = ob.name }), function() published = published + 1 end,
+        { poll_interval = 0.05, listen = false })
+      helper.wait_until(function() return count(ob, "status = 'processed'") == 3 end, 20,
+        "the batch published by another relay")
+      assert.are.equal(3, published)
     end)
   end)
 end)

@@ -305,4 +305,86 @@ describe("processed-messages store", function()
         error_of(done.start_cleanup, done, { interval = 0 }), 1, true)
     end)
   end)
+
+  describe("errors and services", function()
+    -- fn marks its line with here() and must raise `text` pointing at it.
+    local site
+    local function here() site = debug.getinfo(2, "l").currentline end
+    local function raises_here(text, fn)
+      local ok, err = pcall(fn)
+      assert.is_false(ok, "expected an error: " .. text)
+      err = tostring(err)
+      assert.matches(("processed_spec.lua:%d: "):format(site), err, 1, true)
+      assert.matches(text, err, 1, true)
+    end
+
+    it("errors name the function, the option or argument and the value at the caller's line",
+      function()
+      local done = new_store()
+      raises_here('unknown option "name" for pgcoord.processed',
+        function() here(); pgcoord.processed(db, { name = "x" }) end)
+      raises_here("pgcoord.processed: option table is 64 bytes",
+        function() here(); pgcoord.processed(db, { table = ("x"):rep(64) }) end)
+      raises_here("pgcoord.processed: expected a pool from pgcoord.connect, got string",
+        function() here(); pgcoord.processed("db") end)
+      raises_here('unknown option "every" for done:start_cleanup',
+        function() here(); done:start_cleanup({ every = 1 }) end)
+      raises_here("done:start_cleanup: option interval must be a number > 0, got 0",
+        function() here(); done:start_cleanup({ interval = 0 }) end)
+      raises_here("done:mark: metadata is a string, so it must be JSON text",
+        function() here(); done:mark(nil, "g", "m", "{oops") end)
+      raises_here("done:mark: metadata cannot be encoded as JSON",
+        function() here(); done:mark(nil, "g", "m", { f = print }) end)
+      raises_here("done:mark: group must be a non-empty string",
+        function() here(); done:mark(nil, "", "m") end)
+      raises_here("done:mark: id contains a NUL byte",
+        function() here(); done:mark(nil, "g", "a\0") end)
+      raises_here("done:is_processed: expected a pool or a transaction, got string",
+        function() here(); done:is_processed("x", "g", "m") end)
+      raises_here("done:purge_before: time must be epoch seconds",
+        function() here(); done:purge_before(db, "now") end)
+      local h = done:start_cleanup({ retention = 3600, interval = 60 })
+      raises_here("cleanup:stop: timeout must be a number of seconds > 0, got 0",
+        function() here(); h:stop(0) end)
+      h:stop()
+      assert.are.equal(0, count(done))
+    end)
+
+    it("refuses, before the INSERT, JSON text the C decoder reads but jsonb refuses", function()
+      local done = new_store()
+      local bad = { '"\\ud800"', '"\\udc00"', '["\\ud83d x"]', '"\\ud83d\\ud83d"', "1.",
+                    ".5", "-01", '{"a": [1, 00]}', '"\\\\\\u0000"' }
+      db:tx(function(tx)
+        for _, s in ipairs(bad) do
+          local err = error_of(done.mark, done, tx, "g", "m", s)
+          assert.matches("done:mark: metadata is a string, so it must be JSON text", err, 1, true)
+          assert.are.equal(1, tx:one("SELECT 1 AS one").one)
+        end
+        -- what looks like them inside strings, or escaped, is fine
+        local good = { '"\\ud83d\\ude00"', '"\\\\ud800"', '"\\\\u0000"', '{"01": ".5 1."}',
+                       "-0.5e-3", "[0, 10, 1E+2]" }
+        for i, s in ipairs(good) do assert.is_true(done:mark(tx, "g", "ok" .. i, s), s) end
+      end)
+      assert.are.equal(6, count(done))
+      assert.are.same({ ["01"] = ".5 1." }, db:one(("SELECT metadata FROM %s"
+        .. " WHERE message_id = 'ok4'"):format(done.quoted)).metadata)
+    end)
+
+    it("a stopped cleanup keeps nothing alive: its stop handler is unregistered", function()
+      local gone = setmetatable({}, { __mode = "k" })
+      -- in a function of its own, so that no register of this one holds it
+      local function run_and_stop()
+        local done = new_store()
+        local h = done:start_cleanup({ retention = 3600, interval = 60 })
+        helper.wait_until(function() return h:stats().runs == 1 end, 10, "the first cleanup")
+        h:stop()
+        assert.is_false(h:running())
+        gone[h] = true
+      end
+      run_and_stop()
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(next(gone))
+    end)
+  end)
 end)

@@ -114,7 +114,7 @@ local LAZY = {
   jobs = { "pgcoord.jobs" },
   retry_at = { "pgcoord.jobs", "retry_at" },
   outbox = { "pgcoord.outbox", "new" },
-  processed = { "pgcoord.processed", "new" },
+  processed = { "pgcoord.outbox.processed", "new" },
   http = { "pgcoord.http" },
   metrics = { "pgcoord.metrics" },
 }

@@ -10,7 +10,6 @@ local task = require "pgcoord.task"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
 local db = require "pgcoord.db"
-local store = require "pgcoord.store"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -119,7 +118,7 @@ function Jobs:define(jtype, fn, opts)
   if type(jtype) ~= "string" or jtype == "" then
     error(("jobs:define: type must be a non-empty string, got %s"):format(tostring(jtype)), 2)
   end
-  store.check_text("jobs:define", "type", jtype, 2)
+  json.check_text("jobs:define", "type", jtype)
   if type(fn) ~= "function" then
     error(("jobs:define %q: handler must be a function, got %s"):format(jtype, type(fn)), 2)
   end
@@ -128,7 +127,7 @@ function Jobs:define(jtype, fn, opts)
   if type(group) ~= "string" or group == "" then
     error(("jobs:define %q: group must be a non-empty string"):format(jtype), 2)
   end
-  store.check_text(("jobs:define %q"):format(jtype), "group", group, 2)
+  json.check_text(("jobs:define %q"):format(jtype), "group", group)
   self.types[jtype] = { fn = fn, group = group, retry = check_retry(jtype, opts.retry) }
   self.groups[group] = true
   return self
@@ -165,7 +164,7 @@ function Jobs:_job_row(jtype, params, opts, level, where)
   if key ~= nil and (type(key) ~= "string" or key == "") then
     error(("%s %q: key must be a non-empty string"):format(where, jtype), level)
   end
-  local problem = key and store.text_problem(key)
+  local problem = key and json.text_problem(key)
   if problem then error(("%s %q: key %s"):format(where, jtype, problem), level) end
   return { g = group, type = jtype, priority = priority, params = encoded, key = opts.key,
            at = run_at }
@@ -692,7 +691,7 @@ function result(self, job, ok, err, started, retryable, def)
       failure.at, failure.error = err.at, err.message
     end
     -- (a NUL byte or broken UTF-8 in the text would make the server refuse it)
-    failure.error = store.clean_text(failure.error, MAX_ERROR)
+    failure.error = json.clean_text(failure.error, MAX_ERROR)
   end
   local log_run = true
   local should_log = self.should_log_run
@@ -845,7 +844,7 @@ local function refused_result(batch, err)
   local id = batch.done[1] or batch.failures[1].id
   b.n = 1
   b.failures[1] = { id = id, delay = 0, final = true,
-    error = store.clean_text("the server refused this run's result: " .. tostring(err), MAX_ERROR) }
+    error = json.clean_text("the server refused this run's result: " .. tostring(err), MAX_ERROR) }
   if batch.logged == 1 then
     for _, column in ipairs(LOG_COLUMNS) do b[column][1] = batch[column][1] end
     b.oks[1], b.logged = false, 1

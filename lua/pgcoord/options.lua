@@ -12,6 +12,8 @@
 -- (non-empty unless empty = true), "boolean", "function", "table", "pool"
 -- (from pgcoord.connect), "conn" (a pool or a transaction), or a list of
 -- the strings allowed.  min and max are inclusive; above = x means > x.
+-- check = fn(v) -> why or nil: a further test once v is of its kind (a
+-- table name the server would refuse, say).
 -- Every error names the function, the option and the value, and points at
 -- the caller's line: the first frame outside pgcoord's own modules, found
 -- by walking the stack as luaL_argerror does, so no module counts levels.
@@ -56,8 +58,8 @@ local function range_text(rule)
   return ""
 end
 
--- Why v does not fit rule, or nil when it does.
-local function problem(rule, v)
+-- Why v is not of rule's kind, or nil when it is.
+local function kind_problem(rule, v)
   local kind = rule[1]
   if type(kind) == "table" then
     for _, allowed in ipairs(kind) do if v == allowed then return nil end end
@@ -95,11 +97,46 @@ local function problem(rule, v)
   return nil
 end
 
+-- Why v does not fit rule, or nil when it does.
+local function problem(rule, v)
+  local why = kind_problem(rule, v)
+  if why == nil and rule.check then why = rule.check(v) end
+  return why
+end
+
 -- Checks one value against a rule of the spec form; raises naming it.
 function options.check(where, name, rule, v)
   local why = problem(rule, v)
   if why then
     error(("%s: option %s %s, got %s"):format(where, name, why, show(v)), options.caller_level())
+  end
+  return v
+end
+
+-- Arguments that are not options: raise unless v is a pool from
+-- pgcoord.connect / a pool or a transaction.
+function options.pool(where, v)
+  if kind_problem({ "pool" }, v) then
+    error(("%s: expected a pool from pgcoord.connect, got %s"):format(where, type(v)),
+      options.caller_level())
+  end
+  return v
+end
+
+function options.conn(where, v)
+  if kind_problem({ "conn" }, v) then
+    error(("%s: expected a pool or a transaction, got %s"):format(where, type(v)),
+      options.caller_level())
+  end
+  return v
+end
+
+-- A service's stop(timeout): nil, or a number of seconds > 0 (math.huge:
+-- no deadline).
+function options.timeout(where, v)
+  if v ~= nil and (type(v) ~= "number" or v ~= v or v <= 0) then
+    error(("%s: timeout must be a number of seconds > 0, got %s"):format(where, show(v)),
+      options.caller_level())
   end
   return v
 end

@@ -896,7 +896,7 @@ end
 function Consumer:_requeue(id, n, reason)
   local ok, rows = self:_persist("requeue", 5, self.pool.query, self.pool, REQUEUE,
     self.subscription_id, id, n, self.max_deliveries, backoff(self, n),
-    store.clean_text(reason, ERROR_LIMIT))
+    json.clean_text(reason, ERROR_LIMIT))
   if not ok then return end
   local row = rows[1]
   if not row then

@@ -3,7 +3,7 @@
 -- `pgcoord-run --status` and by the metrics refresher; a database with
 -- none, some or all of the tables answers with what it has.
 local json = require "pgcoord.json"
-local store = require "pgcoord.store"
+local tables = require "pgcoord.tables"
 
 local status = {}
 
@@ -41,7 +41,7 @@ SELECT name, holder, token,
   FROM pgcoord.job_locks ORDER BY name]]
 
 local function outbox_counts(db, name)
-  local _, quoted = store.table_name("pgcoord.status", name)
+  local quoted = tables.checked("pgcoord.status", name)
   -- (processed rows, however many are kept, are not read)
   local row = db:one(([[SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
       count(*) FILTER (WHERE status = 'processing') AS processing,

@@ -15,7 +15,7 @@
 --       publish_fn (PUBLISHER noop) or ob:notify_publisher() (notify);
 --       prints "messages=N seconds=S rate=R"
 local pgcoord = require "pgcoord"
-local outbox = require "pgcoord.outbox"
+local outbox_sql = require "pgcoord.outbox.sql"
 
 package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
 local bench = require "benchlib"
@@ -68,7 +68,7 @@ if mode == "setup" then
   write(dir .. "/outbox_quiet.sql", head .. save_line(quiet, false) .. ";\nEND;\n")
   -- The relay's two statements per batch: the claim (here aggregating the
   -- ids it claims, for the mark) and the mark.  :p1 batch, :p2 timeout.
-  local claim = pgbench_sql(outbox._claim_sql(ob.quoted,
+  local claim = pgbench_sql(outbox_sql.claim(ob.quoted,
     "SELECT jsonb_agg(id ORDER BY seq) AS ids FROM claimed"))
   local mark = pgbench_sql(ob.sql.processed):gsub(":p1", ":ids")
   write(dir .. "/relay.sql", claim .. " \\gset\n" .. mark .. ";\n")
