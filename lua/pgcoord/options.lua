@@ -66,9 +66,13 @@ local function problem(rule, v)
     return "must be one of " .. table.concat(names, ", ")
   end
   if kind == "number" or kind == "integer" then
-    local ok = (kind == "integer") and math.type(v) == "integer"
-      or (type(v) == "number" and v == v and (v ~= math.huge and v ~= -math.huge
-                                              or rule.max == math.huge and v == math.huge))
+    local ok
+    if kind == "integer" then
+      ok = math.type(v) == "integer"
+    else
+      ok = type(v) == "number" and v == v and (v ~= math.huge and v ~= -math.huge
+                                               or rule.max == math.huge and v == math.huge)
+    end
     ok = ok and not (rule.min and v < rule.min) and not (rule.above and v <= rule.above)
       and not (rule.max and v > rule.max)
     if not ok then

@@ -389,8 +389,11 @@ function task.signal()
   return setmetatable({ cond = task.cond(), kept = false }, Signal)
 end
 
+-- Returns whether a task was waiting (and is woken now).
 function Signal:notify()
-  if not self.cond:signal() then self.kept = true end
+  if self.cond:signal() then return true end
+  self.kept = true
+  return false
 end
 
 -- Returns true when notified (now or before), false when timeout passed.
