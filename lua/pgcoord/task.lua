@@ -391,6 +391,9 @@ end
 
 -- Returns whether a task was waiting (and is woken now).
 function Signal:notify()
+  -- (kept: nobody waits, so nothing to signal; cheap for loops that
+  -- notify on every item)
+  if self.kept then return false end
   if self.cond:signal() then return true end
   self.kept = true
   return false
