@@ -101,14 +101,19 @@ LIBDIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 DATADIR ?= $(PREFIX)/share/pgcoord
 MANDIR ?= $(PREFIX)/share/man
 
+# The primitives that are folders (jobs/, queue/, outbox/, ...).
+LUA_FOLDERS = $(notdir $(patsubst %/,%,$(wildcard lua/pgcoord/*/)))
+
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pgcoord $(DESTDIR)$(LUADIR)/pgcoord \
-	    $(DESTDIR)$(LUADIR)/pgcoord/outbox \
 	    $(DESTDIR)$(DATADIR)/sql $(DESTDIR)$(DATADIR)/examples $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(HOST_BIN) $(DESTDIR)$(BINDIR)/pgcoord-run
 	install -m 755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/pgcoord/core.so
 	install -m 644 lua/pgcoord/*.lua $(DESTDIR)$(LUADIR)/pgcoord/
-	install -m 644 lua/pgcoord/outbox/*.lua $(DESTDIR)$(LUADIR)/pgcoord/outbox/
+	for d in $(LUA_FOLDERS); do \
+	    install -d $(DESTDIR)$(LUADIR)/pgcoord/$$d && \
+	    install -m 644 lua/pgcoord/$$d/*.lua $(DESTDIR)$(LUADIR)/pgcoord/$$d/ || exit 1; \
+	done
 	install -m 644 sql/*.sql $(DESTDIR)$(DATADIR)/sql/
 	install -m 644 examples/* $(DESTDIR)$(DATADIR)/examples/
 	install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(MANDIR)/man1/

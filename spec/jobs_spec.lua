@@ -247,10 +247,12 @@ describe("scheduling jobs", function()
     fails("retry.base_delay must be a number >= 0", jobs.define, jobs, "x", print,
       { retry = { base_delay = "1" } })
     for _, d in ipairs({ math.huge, 1e300, 1e9 + 1, -1, 0 / 0 }) do
-      fails("retry.base_delay must be a number >= 0 and <= 1000000000 (seconds), got "
-        .. tostring(d), jobs.define, jobs, "x", print, { retry = { base_delay = d } })
+      local shown = math.type(d) == "float" and ("%.14g"):format(d) or tostring(d)
+      fails('jobs:define "x": option retry.base_delay must be a number >= 0 and <= 1000000000,'
+        .. " got " .. shown, jobs.define, jobs, "x", print, { retry = { base_delay = d } })
     end
-    fails("group must be a non-empty string", jobs.define, jobs, "x", print, { group = 5 })
+    fails("jobs:define: option group must be a string, got 5", jobs.define, jobs, "x", print,
+      { group = 5 })
     fails("jobs:define: type contains a NUL byte", jobs.define, jobs, "x\0y", print)
     fails('jobs:define "x": group is not valid UTF-8', jobs.define, jobs, "x", print,
       { group = "g\xff" })
@@ -259,11 +261,13 @@ describe("scheduling jobs", function()
     -- worker options
     local function bad_worker(msg, opts) fails(msg, jobs.worker, jobs, opts) end
     bad_worker("unknown option \"concurency\"", { group = g, concurency = 2 })
-    bad_worker("concurrency must be a positive integer", { group = g, concurrency = 0 })
-    bad_worker("concurrency must be a positive integer", { group = g, concurrency = 2.5 })
-    bad_worker("prefetch must be a positive integer", { group = g, prefetch = "10" })
-    bad_worker("poll_interval must be a positive number", { group = g, poll_interval = -1 })
-    bad_worker("flush_age must be a positive number", { group = g, flush_age = 0 / 0 })
+    bad_worker("jobs:worker: option concurrency must be an integer >= 1 and <= 10000, got 0",
+      { group = g, concurrency = 0 })
+    bad_worker("option concurrency must be an integer >= 1", { group = g, concurrency = 2.5 })
+    bad_worker('option prefetch must be an integer >= 1 and <= 100000, got "10"',
+      { group = g, prefetch = "10" })
+    bad_worker("option poll_interval must be a number >= 0.01", { group = g, poll_interval = -1 })
+    bad_worker("option flush_age must be a number >= 0.01", { group = g, flush_age = 0 / 0 })
     bad_worker("option should_log_run must be", { group = g, should_log_run = true })
     bad_worker("reclaim_after (1) must exceed heartbeat_interval (2)",
       { group = g, heartbeat_interval = 2, reclaim_after = 1 })
@@ -273,16 +277,16 @@ describe("scheduling jobs", function()
     -- it while its tasks start, sizes and times the server cannot take
     local intervals = { "poll_interval", "flush_age", "heartbeat_interval", "reclaim_after" }
     for _, name in ipairs(intervals) do
-      bad_worker(("option %s must be a positive number from 0.01 to 1000000 (seconds), got 1e-09")
+      bad_worker(("option %s must be a number >= 0.01 and <= 1000000, got 1e-09")
         :format(name), { group = g, [name] = 1e-9 })
-      bad_worker(("option %s must be a positive number from 0.01"):format(name),
+      bad_worker(("option %s must be a number >= 0.01 and <= 1000000, got inf"):format(name),
         { group = g, [name] = math.huge })
     end
-    bad_worker("option concurrency must be a positive integer from 1 to 10000, got 1000000",
+    bad_worker("option concurrency must be an integer >= 1 and <= 10000, got 1000000",
       { group = g, concurrency = 1000000 })
-    bad_worker("option prefetch must be a positive integer from 1 to 100000, got 1000000",
+    bad_worker("option prefetch must be an integer >= 1 and <= 100000, got 1000000",
       { group = g, prefetch = 1000000 })
-    bad_worker("option flush_count must be a positive integer from 1 to 100000",
+    bad_worker("option flush_count must be an integer >= 1 and <= 100000",
       { group = g, flush_count = 1000000 })
     -- the bounds themselves are fine
     local w = worker(jobs, { group = g, concurrency = 10000, poll_interval = 0.01,
@@ -315,6 +319,46 @@ describe("scheduling jobs", function()
     for _, e in ipairs({ e1, e2, e3 }) do
       assert.is_nil(e:find("jobs.lua", 1, true), e)
       assert.is_nil(e:find("infinite", 1, true), e)
+    end
+    assert.are.equal(0, count_jobs(g))
+  end)
+
+  it("refuses unknown options of every function that takes them, at the caller's line",
+    function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("good", function() end, { group = g })
+    local two = { { type = "good" }, { type = "good", delay = 5 } }
+    -- (the line of each call, for the error's position)
+    local line = debug.getinfo(1, "l").currentline
+    local e = {
+      errors(function() pgcoord.jobs(db, { subscribr = 1 }) end),
+      errors(function() jobs:define("x", print, { grup = g }) end),
+      errors(function() jobs:define("x", print, { retry = { maxx = 1 } }) end),
+      errors(function() jobs:schedule(db, "good", {}, { delay = 5 }) end),
+      errors(function() jobs:schedule_many(db, two) end),
+      errors(function() jobs:worker({ group = g, concurency = 2 }) end),
+      errors(function() jobs:failed({ grup = g }) end),
+      errors(function() jobs:worker({ group = g, concurrency = 0 }) end),
+      errors(function() jobs:define("x", print, { retry = { max = -1 } }) end),
+      errors(function() jobs:failed({ limit = "ten" }) end),
+    }
+    local want = {
+      'unknown option "subscribr" for pgcoord.jobs',
+      'unknown option "grup" for jobs:define',
+      'unknown option "retry.maxx" for jobs:define "x"',
+      'unknown option "delay" for jobs:schedule',
+      'unknown option "delay" for jobs:schedule_many (item 2)',
+      'unknown option "concurency" for jobs:worker',
+      'unknown option "grup" for jobs:failed',
+      "jobs:worker: option concurrency must be an integer >= 1 and <= 10000, got 0",
+      'jobs:define "x": option retry.max must be an integer >= 0, got -1',
+      'jobs:failed: option limit must be an integer >= 0, got "ten"',
+    }
+    for i, msg in ipairs(want) do
+      local at = ("jobs_spec.lua:%d: "):format(line + 1 + i)
+      assert.are.equal(at .. msg, e[i]:match("jobs_spec%.lua:.*$"), e[i])
+      assert.is_nil(e[i]:find("pgcoord/jobs", 1, true), e[i])
     end
     assert.are.equal(0, count_jobs(g))
   end)
@@ -442,6 +486,27 @@ describe("a worker", function()
       assert.matches("fail #2", history[2].error, 1, true)
       assert.is_nil(history[3].error)
     end)
+  end)
+
+  it("keeps a due time learnt while a promotion is on its way (its snapshot may miss it)",
+    function()
+    -- A retry written while PROMOTE runs is not in PROMOTE's snapshot: the
+    -- promotion must not forget it, or the retry waits for the next poll.
+    local maintenance = require "pgcoord.jobs.maintenance"
+    local g = helper.unique("jg")
+    local entered = false
+    local slow = setmetatable({ one = function(_, ...)
+      entered = true
+      pgcoord.sleep(0.1) -- (the retry's write lands meanwhile)
+      return db:one(...)
+    end }, { __index = db })
+    local m = maintenance.new(slow, g, 10, 60, {})
+    local promotion = pgcoord.spawn(m.promote, m)
+    helper.wait_until(function() return entered end, 5, "the promotion to start")
+    local due = pgcoord.now() + 0.5
+    m:due(due)
+    assert.is_true(promotion:wait(5), "the promotion did not end")
+    assert.are.equal(due, m:next_due())
   end)
 
   it("retries at the time given by pgcoord.retry_at, whatever base_delay says", function()
@@ -919,6 +984,23 @@ describe("shutting a worker down", function()
     helper.wait_until(function() return count_jobs(g) == 0 end, 5, "another worker to run the rest")
     table.sort(runs)
     assert.are.same(ids, runs)
+  end)
+
+  it("w:stop() unregisters its stop handler; w:shutdown is its alias", function()
+    local lifecycle = require "pgcoord.lifecycle"
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("noop", function() end, { group = g })
+    -- (a subscriber of the test's own: the count is the worker's alone)
+    local sub = connected_subscriber()
+    local before = lifecycle.handlers()
+    local w = worker(jobs, { group = g, poll_interval = 30, subscriber = sub })
+    -- (its own, and the fan-out's for open listeners when it is the first)
+    assert.is_true(lifecycle.handlers() > before)
+    assert.are.equal(w.stop, w.shutdown)
+    w:stop()
+    assert.are.equal("stopped", w:stats().state)
+    assert.are.equal(before, lifecycle.handlers())
   end)
 
   it("cancels handlers still running after the timeout, leaving their jobs retryable", function()

@@ -454,10 +454,12 @@ describe("signals, options and backoff", function()
     local woke
     local waiter = helper.spawn(function() woke = s:wait(5) end)
     helper.wait_until(function() return next(s.cond.waiters) ~= nil end, 5, "the waiter")
-    s:notify()
+    assert.is_true(s:notify()) -- (it says whether a task was waiting)
     waiter:join()
     assert.is_true(woke)
     assert.is_false(s:wait(0.02)) -- a wake-up a waiter took is not kept
+    assert.is_false(s:notify())
+    assert.is_false(s:notify())
   end)
 
   it("options: defaults, kinds, ranges, unknown keys, named at the caller's line", function()

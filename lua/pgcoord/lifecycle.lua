@@ -47,6 +47,13 @@ function lifecycle.on_stop(fn)
   return function() handlers[fn] = nil end
 end
 
+-- How many stop handlers are registered (and not removed).
+function lifecycle.handlers()
+  local n = 0
+  for _ in pairs(handlers) do n = n + 1 end
+  return n
+end
+
 function lifecycle.stopping()
   return state ~= "running"
 end
@@ -65,7 +72,7 @@ function lifecycle.stop_timeout()
   return default_timeout
 end
 
--- "jobs.lua:612" for the function a task runs.
+-- "worker.lua:312" for the function a task runs.
 local function where(t)
   local info = t.fn and debug.getinfo(t.fn, "S")
   if not info then return "?" end

@@ -389,8 +389,14 @@ function task.signal()
   return setmetatable({ cond = task.cond(), kept = false }, Signal)
 end
 
+-- Returns whether a task was waiting (and is woken now).
 function Signal:notify()
-  if not self.cond:signal() then self.kept = true end
+  -- (kept: nobody waits, so nothing to signal; cheap for loops that
+  -- notify on every item)
+  if self.kept then return false end
+  if self.cond:signal() then return true end
+  self.kept = true
+  return false
 end
 
 -- Returns true when notified (now or before), false when timeout passed.

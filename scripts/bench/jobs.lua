@@ -12,7 +12,7 @@
 --       started.  Prints "jobs=N p50_ms=.. p99_ms=.. max_ms=.. mean_ms=.."
 --   jobs.lua pgbench-script CLAIM FLUSH
 --       prints a pgbench script made of the CLAIM and FLUSH statements of
---       lua/pgcoord/jobs.lua (their text, read from the file): one
+--       lua/pgcoord/jobs/sql.lua (their text, read from the file): one
 --       transaction claims up to CLAIM jobs of group :grp for worker :wid,
 --       turns the claimed rows into result batches of FLUSH like the
 --       worker's (log = :log), and writes each batch with FLUSH
@@ -128,7 +128,7 @@ elseif mode == "latency" then
   say(bench.latency_line("jobs", waits))
 
 elseif mode == "pgbench-script" then
-  local path = assert(package.searchpath("pgcoord.jobs", package.path))
+  local path = assert(package.searchpath("pgcoord.jobs.sql", package.path))
   local f = assert(io.open(path, "rb"))
   local source = f:read("a")
   f:close()
@@ -173,11 +173,13 @@ elseif mode == "pgbench-script" then
   local out = { ("-- pgcoord's CLAIM (up to %d jobs), then its FLUSH in batches of %d.")
     :format(claim_size, flush_size),
     "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
+    -- (the worker claims in a transaction of its own: BEGIN, CLAIM, COMMIT)
+    "BEGIN;",
     claim .. ",",
     ("n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / %d AS b, * FROM c),")
       :format(flush_size),
     "a AS (SELECT b,", table.concat(aggs, ",\n"), "FROM n GROUP BY b)",
-    "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset" }
+    "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset", "COMMIT;" }
   for b = 1, batches do
     local v = function(name) return ":" .. name .. b end
     out[#out + 1] = bind(flush, { v "d", "'[]'", v "i", v "t", v "a", v "o", v "s", v "f",

@@ -1,0 +1,260 @@
+-- The job runner: typed jobs in groups, scheduled in the caller's
+-- transaction, worked by workers (worker.lua) that claim batches, run
+-- handlers with a concurrency limit and write results back in batches
+-- (completer.lua), keeping their lease and their group's due jobs
+-- (maintenance.lua).  Every statement is in sql.lua.
+--
+-- This file is the public object: definitions, scheduling, failed jobs,
+-- and jobs:worker(), which checks the worker's options.
+local json = require "pgcoord.json"
+local options = require "pgcoord.options"
+local sql = require "pgcoord.jobs.sql"
+local worker = require "pgcoord.jobs.worker"
+
+local jobs = {}
+setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
+
+local Jobs = {}
+Jobs.__index = Jobs
+
+local raise = options.raise
+local DEFAULT_RETRY, MAX_DELAY = worker.DEFAULT_RETRY, worker.MAX_DELAY
+
+-- Times accepted for run_at and retry_at (epoch seconds): years 1 to 9999,
+-- far inside PostgreSQL's timestamptz range (4713 BC to 294276 AD), so that
+-- no time given can make a job's row unwritable.
+local MIN_TIME, MAX_TIME = -62135596800, 253402300799
+local TIME_RANGE = ("epoch seconds from %d to %d (years 1 to 9999)"):format(MIN_TIME, MAX_TIME)
+
+local function is_time(t)
+  return type(t) == "number" and t >= MIN_TIME and t <= MAX_TIME -- (false for NaN)
+end
+
+local text_problem, check_text = json.text_problem, json.check_text
+
+-- Raises naming the first key of opts that known lacks.
+local function refuse_unknown(where, opts, known)
+  for k in pairs(opts) do
+    if not known[k] then raise("unknown option %s for %s", options.show(k), where) end
+  end
+end
+
+-- ---- errors that steer retries -----------------------------------------------
+
+-- error(pgcoord.retry_at(t, "reason")) retries the job at time t (epoch s).
+function jobs.retry_at(t, reason)
+  if not is_time(t) then
+    raise("pgcoord.retry_at: time must be %s, got %s", TIME_RANGE, tostring(t))
+  end
+  return worker.retry_at(t, reason)
+end
+
+-- A ready should_log_run: keeps a job's final run only.
+function jobs.log_final_runs(_, run)
+  return run.ok or run.final
+end
+
+-- ---- definitions and scheduling ----------------------------------------------
+
+local check_new = options.spec("pgcoord.jobs", { subscriber = { "table" } })
+
+function jobs.new(pool, opts)
+  if type(pool) ~= "table" or type(pool.query) ~= "function" then
+    raise("pgcoord.jobs: expected a pool from pgcoord.connect, got %s", type(pool))
+  end
+  local o = check_new(opts)
+  return setmetatable({ pool = pool, types = {}, groups = {}, subscriber = o.subscriber }, Jobs)
+end
+
+local check_define = options.spec("jobs:define", {
+  group = { "string", default = "default" },
+  retry = { "table" },
+})
+
+local RETRY_RULES = {
+  max = { "integer", min = 0, default = DEFAULT_RETRY.max },
+  base_delay = { "number", min = 0, max = MAX_DELAY, default = DEFAULT_RETRY.base_delay },
+}
+
+local function check_retry(where, retry)
+  if retry == nil then return DEFAULT_RETRY end
+  local out = {}
+  for k in pairs(retry) do
+    if not RETRY_RULES[k] then
+      raise("unknown option %s for %s", options.show("retry." .. tostring(k)), where)
+    end
+  end
+  for name, rule in pairs(RETRY_RULES) do
+    local v = retry[name]
+    out[name] = v == nil and rule.default or options.check(where, "retry." .. name, rule, v)
+  end
+  return out
+end
+
+function Jobs:define(jtype, fn, opts)
+  if type(jtype) ~= "string" or jtype == "" then
+    raise("jobs:define: type must be a non-empty string, got %s", tostring(jtype))
+  end
+  check_text("jobs:define", "type", jtype)
+  local where = ("jobs:define %q"):format(jtype)
+  if type(fn) ~= "function" then
+    raise("%s: handler must be a function, got %s", where, type(fn))
+  end
+  local o = check_define(opts)
+  check_text(where, "group", o.group)
+  self.types[jtype] = { fn = fn, group = o.group, retry = check_retry(where, o.retry) }
+  self.groups[o.group] = true
+  return self
+end
+
+local SCHEDULE_OPTIONS = { group = true, run_at = true, priority = true, key = true }
+local ITEM_FIELDS = { type = true, params = true, group = true, run_at = true, priority = true,
+                      key = true }
+
+-- Checks one job to schedule; returns the row for SQL or raises at the
+-- caller's line, naming `where` (the function, and the item of a batch).
+function Jobs:_job_row(jtype, params, opts, where)
+  local def = self.types[jtype]
+  if not def then
+    raise("%s: unknown job type %q (define it first)", where, tostring(jtype))
+  end
+  opts = opts or {}
+  local group = opts.group or def.group
+  if not self.groups[group] then
+    raise("%s: unknown group %q", where, tostring(group))
+  end
+  local ok, encoded = true, nil
+  if params ~= nil then ok, encoded = pcall(json.encode, params) end
+  if not ok then
+    raise("%s %q: params cannot be encoded as JSON: %s", where, jtype, encoded)
+  end
+  local run_at = opts.run_at
+  if run_at ~= nil and not is_time(run_at) then
+    raise("%s %q: run_at must be a time in %s, got %s", where, jtype, TIME_RANGE, tostring(run_at))
+  end
+  local priority = opts.priority or 0
+  if math.type(priority) ~= "integer" or priority < -0x80000000 or priority > 0x7fffffff then
+    raise("%s %q: priority must be an integer from -2147483648 to 2147483647, got %s",
+      where, jtype, tostring(priority))
+  end
+  local key = opts.key
+  if key ~= nil and (type(key) ~= "string" or key == "") then
+    raise("%s %q: key must be a non-empty string", where, jtype)
+  end
+  local problem = key and text_problem(key)
+  if problem then raise("%s %q: key %s", where, jtype, problem) end
+  return { g = group, type = jtype, priority = priority, params = encoded, key = opts.key,
+           at = run_at }
+end
+
+-- Schedules one job in db_or_tx's transaction; returns its id, or nil and
+-- a message when a pending job already has opts.key.
+function Jobs:schedule(db_or_tx, jtype, params, opts)
+  if opts ~= nil then
+    if type(opts) ~= "table" then
+      raise("jobs:schedule: options must be a table, got %s", type(opts))
+    end
+    refuse_unknown("jobs:schedule", opts, SCHEDULE_OPTIONS)
+  end
+  local r = self:_job_row(jtype, params, opts, "jobs:schedule")
+  local row = db_or_tx:one(sql.SCHEDULE, r.g, r.type, r.priority, r.params, r.key, r.at)
+  if not row then
+    return nil, ("an unfinished job already has key %q"):format(r.key)
+  end
+  return row.id
+end
+
+function Jobs:schedule_now(db_or_tx, jtype, params)
+  return self:schedule(db_or_tx, jtype, params, nil)
+end
+
+-- Schedules many jobs in one statement: list of { type =, params =,
+-- run_at =, group =, priority =, key = }.  Returns the ids inserted.
+function Jobs:schedule_many(db_or_tx, list)
+  if type(list) ~= "table" then
+    raise("jobs:schedule_many: expected a list of jobs, got %s", type(list))
+  end
+  if #list == 0 then return {} end
+  -- params are JSON already: splice them in rather than encode twice
+  local parts = {}
+  for i, item in ipairs(list) do
+    if type(item) ~= "table" then
+      raise("jobs:schedule_many: item %d is not a table", i)
+    end
+    local where = ("jobs:schedule_many (item %d)"):format(i)
+    refuse_unknown(where, item, ITEM_FIELDS)
+    local r = self:_job_row(item.type, item.params, item, where)
+    local params = r.params
+    r.params = nil
+    local head = json.encode(r):sub(1, -2)
+    parts[i] = params and (head .. ',"params":' .. params .. "}") or (head .. "}")
+  end
+  local result = db_or_tx:query(sql.SCHEDULE_MANY, "[" .. table.concat(parts, ",") .. "]")
+  local ids = {}
+  for i, row in ipairs(result) do ids[i] = row.id end
+  return ids
+end
+
+local check_failed = options.spec("jobs:failed", {
+  group = { "string" },
+  limit = { "integer", min = 0, default = 100 },
+})
+
+-- Jobs whose retries ran out, kept for a look and a retry.  (params are
+-- decoded per job: one that cannot be, params_error says why.)
+function Jobs:failed(opts)
+  local o = check_failed(opts)
+  local rows = self.pool:query(sql.FAILED, o.group, o.limit)
+  for _, row in ipairs(rows) do
+    if row.params then row.params, row.params_error = json.try_decode(row.params) end
+  end
+  return rows
+end
+
+-- Schedules failed jobs (one id or a list) to run again now; returns how
+-- many it rescheduled.
+function Jobs:retry(ids)
+  if type(ids) ~= "table" then ids = { ids } end
+  return self.pool:one(sql.RETRY, ids).retried
+end
+
+-- ---- the worker ----------------------------------------------------------------
+
+-- Bounds of the numeric options.  An interval shorter than 0.01 s makes
+-- its loop spin; a task per unit of concurrency makes a huge concurrency
+-- stall the loop while they start; batches and intervals past the top
+-- make statements the server refuses or memory no worker needs.
+local check_worker = options.spec("jobs:worker", {
+  group = { "string", default = "default" },
+  concurrency = { "integer", default = 10, min = 1, max = 10000 },
+  prefetch = { "integer", default = 1000, min = 1, max = 100000 },
+  poll_interval = { "number", default = 10, min = 0.01, max = 1000000 },
+  flush_count = { "integer", default = 100, min = 1, max = 100000 },
+  flush_age = { "number", default = 1, min = 0.01, max = 1000000 },
+  heartbeat_interval = { "number", default = 10, min = 0.01, max = 1000000 },
+  reclaim_after = { "number", min = 0.01, max = 1000000 }, -- (default: 6 heartbeats)
+  should_log_run = { "function" },
+  handle_error = { "function" },
+  subscriber = { "table" },
+})
+
+function Jobs:worker(opts)
+  local o = check_worker(opts)
+  o.subscriber = o.subscriber or self.subscriber
+  o.reclaim_after = o.reclaim_after or 6 * o.heartbeat_interval
+  if o.reclaim_after <= o.heartbeat_interval then
+    raise("jobs:worker: reclaim_after (%s) must exceed heartbeat_interval (%s)",
+      o.reclaim_after, o.heartbeat_interval)
+  end
+  if not self.groups[o.group] then
+    raise("jobs:worker: unknown group %q (no job type is defined in it)", o.group)
+  end
+  if o.prefetch < o.concurrency then o.prefetch = o.concurrency end
+  -- claim again once a quarter of prefetch has been taken: a claim is on
+  -- its way while the runners work through the rest
+  o.refill_at = o.prefetch - math.max(1, o.prefetch // 4)
+  o.claim_max = math.max(1, o.prefetch // 2)
+  return worker.new(self.types, self.pool, o)
+end
+
+return jobs

@@ -1,0 +1,520 @@
+-- The worker, a service: a fetch loop that claims batches of a group's
+-- ready jobs into a local queue, runners (concurrency of them) that take
+-- jobs from it and run their handlers, a completer that writes the
+-- results back in batches, and the maintenance of the worker's lease.
+--
+-- A job is at least once: a worker claims jobs (state 'running',
+-- locked_by = its id) and deletes each when its handler returned.  A worker
+-- that dies stops heartbeating, and the others hand its jobs back.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local json = require "pgcoord.json"
+local log = require "pgcoord.log"
+local lifecycle = require "pgcoord.lifecycle"
+local backoff = require "pgcoord.backoff"
+local retry = require "pgcoord.retry"
+local metrics = require "pgcoord.metrics"
+local subscriber = require "pgcoord.subscriber"
+local sql = require "pgcoord.jobs.sql"
+local completer = require "pgcoord.jobs.completer"
+local maintenance = require "pgcoord.jobs.maintenance"
+
+local worker = {}
+
+local completed = metrics.counter("pgcoord_jobs_completed_total",
+  "Job runs that succeeded.", { "group", "type" })
+local failed_total = metrics.counter("pgcoord_jobs_failed_total",
+  "Jobs that failed their last attempt and were kept as failed.", { "group", "type" })
+local retried = metrics.counter("pgcoord_jobs_retried_total",
+  "Job runs that failed and were scheduled again.", { "group", "type" })
+local duration = metrics.histogram("pgcoord_job_duration_seconds",
+  "Job run duration.", { "group", "type" })
+
+worker.DEFAULT_RETRY = { max = 3, base_delay = 10 }
+-- The longest retry delay (about 31 years), base_delay x attempt included.
+worker.MAX_DELAY = 1000000000
+
+local DEFAULT_RETRY, MAX_DELAY, MAX_ERROR =
+  worker.DEFAULT_RETRY, worker.MAX_DELAY, completer.MAX_ERROR
+
+-- The error of pgcoord.retry_at: the job runs again at an exact time.
+local RetryAt = {}
+RetryAt.__index = RetryAt
+RetryAt.__tostring = function(e) return ("retry at %.3f: %s"):format(e.at, e.message) end
+
+function worker.retry_at(t, reason)
+  return setmetatable({ at = t, message = tostring(reason or "retry requested") }, RetryAt)
+end
+
+local Worker = {}
+Worker.__index = Worker
+
+local now_time, is_cancelled = core.time, task.is_cancelled
+
+-- ---- the local queue: claimed, not started ----
+
+local function pop(q)
+  local h, t = q.head, q.tail
+  if h > t then return nil end
+  local job = q[h]
+  q[h] = nil
+  if h == t then
+    q.head, q.tail = 1, 0
+  else
+    q.head = h + 1
+  end
+  return job
+end
+
+local function push(q, job)
+  local t = q.tail + 1
+  q.tail = t
+  q[t] = job
+end
+
+-- ---- recording a run's outcome ----
+
+-- The failed run of a job, as the completer writes it: when it runs
+-- again (linear retry policy, or pgcoord.retry_at), or that it is final.
+local function failure_of(job, err, attempt, retryable, def)
+  local policy = def and def.retry or DEFAULT_RETRY
+  local failure = { id = job.id, error = tostring(err),
+                    delay = math.min(retry.linear(policy.base_delay, attempt), MAX_DELAY),
+                    final = not retryable and attempt > policy.max }
+  if getmetatable(err) == RetryAt then
+    failure.at, failure.error = err.at, err.message
+  end
+  -- (a NUL byte or broken UTF-8 in the text would make the server refuse it)
+  failure.error = json.clean_text(failure.error, MAX_ERROR)
+  return failure
+end
+
+-- Whether should_log_run keeps the run (it may wait; an error keeps it).
+local function keeps_run(should_log, job, ok, failure, attempt, started, finished)
+  local lok, keep = pcall(should_log, job, { ok = ok, error = failure and failure.error,
+    final = failure and failure.final, attempt = attempt, started_at = started,
+    finished_at = finished })
+  return not lok or keep ~= false
+end
+
+-- The metric series of a job type, made on its first run.
+local function new_series(self, jtype)
+  local group = self.o.group
+  local series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
+                   failed = failed_total:with(group, jtype), retried = retried:with(group, jtype) }
+  self.series[jtype] = series
+  return series
+end
+
+-- Records the outcome of a run (def: the job type's definition, if any).
+local function finish(self, job, ok, err, started, retryable, def)
+  local finished = now_time()
+  local jtype, attempt = job.type, job.error_count + 1
+  local failure = not ok and failure_of(job, err, attempt, retryable, def) or nil
+  local log_run = true
+  local should_log = self.o.should_log_run
+  if should_log then
+    log_run = keeps_run(should_log, job, ok, failure, attempt, started, finished)
+  end
+  local series = self.series[jtype] or new_series(self, jtype)
+  series.duration:observe(finished - started)
+  if ok then
+    series.completed:inc()
+  elseif failure.final then
+    series.failed:inc()
+  else
+    series.retried:inc()
+  end
+  -- (recorded only now: should_log_run may have waited, and the completer
+  -- taken the batch that was current before)
+  if self.completer:record(job.id, jtype, attempt, ok, failure, log_run, started, finished) then
+    self.handoff = true
+  end
+end
+
+local function handler_error(err)
+  if getmetatable(err) == RetryAt or is_cancelled(err) then return err end
+  -- (debug.traceback would cut the message at a NUL byte)
+  local message = tostring(err):gsub("%z", "\\0")
+  return debug.traceback(message, 2)
+end
+
+local function run_one(self, job, types, started)
+  local def = types[job.type]
+  if not def then
+    finish(self, job, false, ("no handler for job type %q in this worker"):format(job.type),
+      started)
+    return
+  end
+  local ok, err = xpcall(def.fn, handler_error, job)
+  if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt then
+    log.error("job failed", { job = job.id, type = job.type, error = err })
+  end
+  finish(self, job, ok, ok and nil or err, started, nil, def)
+end
+
+-- ---- the service ----
+
+-- types: job type -> definition; o: the options, checked (jobs:worker).
+function worker.new(types, pool, o)
+  local w = setmetatable({
+    types = types, pool = pool, o = o,
+    state = "starting", changed = task.cond(), -- (signalled at each change of state)
+    queue = { head = 1, tail = 0 },   -- claimed, not started
+    running = 0,                      -- handlers in progress
+    in_flight = {},                   -- runner number -> the job it runs
+    wake = task.signal(),             -- the fetch loop waits here
+    retry_now = task.cond(),          -- a backoff after a failure waits here
+    work = task.cond(),               -- runners wait here
+    claims = {},                      -- claim task on its way -> jobs it asks for
+    wakes = 0, drained = false,       -- wake-ups so far; group found empty
+    handoff = false,                  -- a fetch or flush asked for has not run yet
+    alive_until = -math.huge,         -- the lease (maintenance.lua)
+    series = {},                      -- job type -> metric series
+  }, Worker)
+  w.completer = completer.new(pool, o.group, o.flush_count, o.flush_age, {
+    on_error = function(what, err) w:_infra_error(what, err) end,
+    on_retry_due = function(at)
+      w.maintenance:due(at)
+      w:_wake()
+    end,
+    on_flushing = function() w.handoff = false end,
+  })
+  w.maintenance = maintenance.new(pool, o.group, o.heartbeat_interval, o.reclaim_after, {
+    on_error = function(what, err) w:_infra_error(what, err) end,
+    on_lease = function(alive_until) w.alive_until = alive_until end,
+    on_taken = function(old) return w:_drop_claimed(old) end,
+    on_registered = function(id) w.completer:set_owner(id) end,
+    on_wake = function() w:_wake() end,
+  })
+  w.main = task.spawn(w._main, w)
+  return w
+end
+
+function Worker:_infra_error(what, err)
+  local handle_error = self.o.handle_error
+  if handle_error then
+    local ok, herr = pcall(handle_error, err, what)
+    if ok then return end
+    log.error("handle_error failed", { error = tostring(herr) })
+  end
+  log.error("job worker: " .. what, { group = self.o.group, error = tostring(err) })
+end
+
+-- Wakes the fetch loop because ready jobs may have appeared (a NOTIFY,
+-- signal(), a reconnect): a group found empty is worth a claim again.
+function Worker:_wake()
+  self.wakes = self.wakes + 1
+  self.drained = false
+  self.retry_now:signal()
+  return self.wake:notify()
+end
+
+-- Runs fn until it succeeds, backing off while the database is away (a
+-- wake-up cuts a wait short: the database may be back).
+function Worker:_persist(what, fn, ...)
+  local delay = backoff.new({ base = 0.1, cap = 10 })
+  while true do
+    local ok, a, b = pcall(fn, ...)
+    if ok then return a, b end
+    self:_infra_error(what, a)
+    if self.state == "stopped" then return nil end
+    self.retry_now:wait(delay:next())
+  end
+end
+
+-- ---- fetching ----
+
+-- A claimed job whose params cannot be decoded fails its run (retries
+-- apply, then it stays as failed) without holding up the others.
+function Worker:_undecodable(job, err)
+  local message = "job params cannot be decoded: " .. tostring(err)
+  log.error("job failed", { job = job.id, type = job.type, error = message })
+  job.params = nil
+  finish(self, job, false, message, core.time(), nil, self.types[job.type])
+end
+
+local function claim_rows(tx, group, id, want)
+  return tx:query(sql.CLAIM, group, id, want)
+end
+
+local function hand_back(pool, ids, id)
+  return pool:query(sql.HAND_BACK, ids, id)
+end
+
+function Worker:_claim(want)
+  local id = self.maintenance:worker_id()
+  -- In a transaction: a claim whose rows cannot be read (out of memory)
+  -- rolls back, where one that committed would leave them 'running' under
+  -- this worker's id and in no runner's hands.
+  local rows = self.pool:tx(claim_rows, self.o.group, id, want)
+  local n = #rows
+  if n == 0 then return 0 end
+  if self.state ~= "running" or self.maintenance:worker_id() ~= id then
+    -- a stop began while the claim was on its way (its hand-back is over,
+    -- and the runners may be gone), or the worker was taken for dead and
+    -- starts over under a new id: hand these back too
+    local ids = {}
+    for i = 1, n do ids[i] = rows[i].id end
+    self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
+    return n
+  end
+  local decode, q = json.decode, self.queue
+  for i = 1, n do
+    local job = rows[i]
+    local params = job.params
+    local ok, value = true, nil
+    if params then ok, value = pcall(decode, params) end
+    if ok then
+      job.params = value
+      push(q, job)
+    else
+      self:_undecodable(job, value)
+    end
+  end
+  self.work:signal()
+  return n
+end
+
+-- One claim, in a task of its own.  A claim that comes back short found
+-- the group empty: no more claims until something wakes the worker.
+function Worker:_claim_task(want)
+  local wakes = self.wakes
+  local n = self:_persist("claim failed", self._claim, self, want) or 0
+  self.claims[task.current()] = nil
+  if n < want and self.wakes == wakes then self.drained = true end
+  self.wake:notify()
+end
+
+-- Starts claims while what is in hand or on its way is at refill_at or
+-- below: up to MAX_CLAIMS at once, so that one is on its way while the
+-- server works on another and the runners on what came back before.
+local MAX_CLAIMS = 2
+
+function Worker:_start_claims()
+  local o, q = self.o, self.queue
+  local on_way, claiming = 0, 0
+  for _, want in pairs(self.claims) do
+    on_way, claiming = on_way + 1, claiming + want
+  end
+  while not self.drained and self.state == "running" and on_way < MAX_CLAIMS do
+    local held = q.tail - q.head + 1 + claiming
+    if held > o.refill_at then return end
+    local want = math.min(o.prefetch - held, o.claim_max)
+    claiming = claiming + want
+    self.claims[task.spawn(self._claim_task, self, want)] = want
+    on_way = on_way + 1
+  end
+end
+
+-- The worker was taken for dead: drops the claimed jobs not started (the
+-- others run them now) and gives back any a claim under the old id took
+-- after the hand-back (they are nobody's; any others are not ours and
+-- stay).  Returns how many it dropped.
+function Worker:_drop_claimed(old)
+  local dropped = {}
+  for job in pop, self.queue do dropped[#dropped + 1] = job.id end
+  if #dropped > 0 then
+    local ok, err = pcall(hand_back, self.pool, dropped, old)
+    if not ok then self:_infra_error("handing back jobs failed", err) end
+  end
+  return #dropped
+end
+
+-- The fetch loop: claims while there is room, promotes due jobs on each
+-- poll and when the earliest comes due, else waits for a wake-up.  What a
+-- promotion readies is claimed on the next round.  (Reclaiming the jobs of
+-- dead workers is the maintenance's.)
+function Worker:_fetch_loop()
+  local poll_interval, m = self.o.poll_interval, self.maintenance
+  -- the first round polls: jobs may have come due while no worker ran
+  local last_poll = core.now() - poll_interval
+  while self.state == "running" do
+    local now = core.now()
+    local polling = now - last_poll >= poll_interval
+    if polling then
+      last_poll = now
+      self.drained = false
+    end
+    self:_start_claims()
+    local promoted = 0
+    local due = m:next_due()
+    if polling or (due and now >= due) then
+      promoted = self:_persist("promote failed", m.promote, m) or 0
+      if promoted > 0 then self.drained = false end
+    end
+    if promoted == 0 then
+      local timeout = poll_interval - (core.now() - last_poll)
+      due = m:next_due()
+      if due then timeout = math.min(timeout, due - core.now()) end
+      if timeout > 0 then
+        self.wake:wait(timeout)
+        self.handoff = false
+      end
+    end
+  end
+end
+
+-- ---- running ----
+
+-- Handlers that never wait would keep the fetch and flush loops from
+-- running until the local queue is empty.  So a runner passes after
+-- PASS_EVERY jobs in a row, and every runner passes while a fetch or flush
+-- it asked for (self.handoff) has not started: with many runners ready, a
+-- loop that waited behind all of them would start too late.
+local PASS_EVERY = 32
+
+function Worker:_runner(slot)
+  local streak = 0
+  local q, in_flight, types, refill_at = self.queue, self.in_flight, self.types, self.o.refill_at
+  local wake, results = self.wake, self.completer
+  while true do
+    if self.handoff or streak >= PASS_EVERY then
+      streak = 0
+      task.pass()
+    end
+    local started = now_time()
+    if started >= self.alive_until and q.head <= q.tail then
+      if not self.maintenance:renew_lease() then return end
+      started = now_time()
+    end
+    local job = pop(q)
+    if job then
+      self.running = self.running + 1
+      if q.tail - q.head + 1 <= refill_at and not self.drained and wake:notify() then
+        self.handoff = true
+      end
+      in_flight[slot] = job
+      run_one(self, job, types, started)
+      in_flight[slot] = nil
+      local running = self.running - 1
+      self.running = running
+      streak = streak + 1
+      if running == 0 and q.head > q.tail then
+        -- nothing left in hand: no reason to hold results back
+        results:flush()
+      end
+    elseif self.state ~= "running" then
+      return
+    else
+      self.work:wait()
+    end
+  end
+end
+
+-- ---- life cycle ----
+
+function Worker:_listen()
+  local sub, own = self.o.subscriber, false
+  if not sub then
+    sub, own = subscriber.new(self.pool), true
+  end
+  local m = self.maintenance
+  -- (re)connected: notifications may have been missed, so claim and
+  -- promote at once
+  local unhook = sub:hook_reconnect(function()
+    m:due(core.now())
+    self:_wake()
+  end)
+  local group = self.o.group
+  local listener = sub:channel(sql.CHANNEL):on(function(msg)
+    local due = msg.due_in
+    if type(due) == "number" and due > 0 then m:due(core.now() + due) end
+    self:_wake()
+  end, { filter = function(msg) return type(msg) == "table" and msg.group == group end })
+  if own then sub:start() end
+  self.unlisten = function()
+    listener:close()
+    unhook()
+    if own then sub:stop() end
+  end
+end
+
+function Worker:_main()
+  local m, o = self.maintenance, self.o
+  local id = self:_persist("registering the worker failed", m.register, m)
+  if not id then return end
+  self.completer:set_owner(id)
+  self:_listen()
+  self.state = "running"
+  self.unregister = lifecycle.on_stop(function() self:stop() end)
+  self.completer:start()
+  m:start()
+  self.runners = {}
+  for i = 1, o.concurrency do self.runners[i] = task.spawn(self._runner, self, i) end
+  log.info("job worker started", { group = o.group, worker = id, concurrency = o.concurrency })
+  self.changed:signal()
+  self:_fetch_loop()
+end
+
+-- Waits until the worker is registered and listening.
+function Worker:ready()
+  while self.state == "starting" do self.changed:wait() end
+  return self.state == "running"
+end
+
+-- Wakes the worker to look for jobs at once.
+function Worker:signal()
+  self:_wake()
+end
+
+local FETCH_GRACE = 1
+
+-- Stops fetching, hands back claimed jobs not yet started, waits for
+-- running handlers (up to timeout, then cancels them as failed and
+-- retryable), writes every result, deregisters, and unregisters its stop
+-- handler.  Returns once the worker is stopped, whoever stops it.
+function Worker:stop(timeout)
+  self:ready()
+  if self.state ~= "running" then
+    while self.state ~= "stopped" do self.changed:wait() end
+    return
+  end
+  self.state = "stopping"
+  self.changed:signal()
+  self.unregister()
+  self:_wake()
+  self.work:signal()
+  self.maintenance:stop()
+  self.unlisten()
+  -- A claim or promotion on its way gets a moment to land (a claim that
+  -- lands then hands its jobs back itself); one held up longer, by a lock
+  -- say, is cancelled and its transaction rolls back.
+  local grace = core.now() + math.min(timeout or FETCH_GRACE, FETCH_GRACE)
+  local function left(deadline) return deadline and math.max(0, deadline - core.now()) end
+  for t in pairs(self.claims) do
+    if not t:wait(left(grace)) then t:cancel() end
+  end
+  if not self.main:wait(left(grace)) then self.main:cancel() end
+  local back, id = {}, self.maintenance:worker_id()
+  for job in pop, self.queue do back[#back + 1] = job.id end
+  if #back > 0 then
+    self:_persist("handing back jobs failed", hand_back, self.pool, back, id)
+  end
+  local deadline = timeout and core.now() + timeout
+  for _, r in ipairs(self.runners) do
+    if not r:wait(left(deadline)) then r:cancel() end
+  end
+  -- runners cancelled mid-job leave no result: record them as retryable
+  for slot, job in pairs(self.in_flight) do
+    self.in_flight[slot] = nil
+    finish(self, job, false, "cancelled at shutdown", core.time(), true, self.types[job.type])
+  end
+  self.completer:stop()
+  self.maintenance:deregister()
+  self.state = "stopped"
+  log.info("job worker stopped", { group = self.o.group, worker = id })
+  self.changed:signal()
+end
+
+-- The name README and DESIGN give stop().
+Worker.shutdown = Worker.stop
+
+function Worker:stats()
+  local q = self.queue
+  return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
+           queued = q.tail - q.head + 1, running = self.running,
+           unflushed = self.completer:unwritten() }
+end
+
+return worker
