@@ -173,7 +173,7 @@ end
 -- Probes the database every probe_interval; measures the loop's lag.
 function Server:_probe_loop()
   local before = core.now()
-  while not self.closed do
+  while self.state == "running" do
     if self.db then
       local ok, err = pcall(task.with_timeout, 1, self.db.one, self.db, "SELECT 1 AS ok")
       if ok then
@@ -193,7 +193,7 @@ function Server:_probe_loop()
 end
 
 function Server:_depth_loop()
-  while not self.closed do
+  while self.state == "running" do
     local ok, err = pcall(refresh_depths, self.db, self.outbox_tables)
     if not ok then log.warn("metrics refresh failed", { error = tostring(err) }) end
     self.wake:wait(self.depth_interval)
@@ -214,7 +214,7 @@ function http.serve(addr, opts)
     depth_interval = opts.depth_interval,
     outbox_tables = opts.outbox_tables,
     wake = task.cond(),
-    closed = false,
+    state = "running",
   }, Server)
   local idle_timeout, max_connections = opts.idle_timeout, opts.max_connections
   self.server = core.http_listen(host, port, function(method, path)
@@ -232,12 +232,25 @@ function http.serve(addr, opts)
   return self
 end
 
-function Server:close()
-  if self.closed then return end
-  self.closed = true
+-- Stops serving: the listener closes, the probe and refresh loops end
+-- (joined up to timeout seconds), the stop handler goes.  close is its
+-- alias.
+function Server:stop(timeout)
+  if self.state == "stopped" then return true end
+  self.state = "stopped"
   self.unregister()
   self.server:close()
   self.wake:signal()
+  local deadline = timeout and core.now() + timeout
+  local all = true
+  for _, t in ipairs(self.tasks) do
+    if not t:wait(deadline and math.max(0, deadline - core.now())) then
+      t:cancel()
+      all = false
+    end
+  end
+  return all
 end
+Server.close = Server.stop
 
 return http
