@@ -102,6 +102,8 @@ install: all
 	install -m 755 $(HOST_BIN) $(DESTDIR)$(BINDIR)/pgcoord-run
 	install -m 755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/pgcoord/core.so
 	install -m 644 lua/pgcoord/*.lua $(DESTDIR)$(LUADIR)/pgcoord/
+	install -d $(DESTDIR)$(LUADIR)/pgcoord/queue
+	install -m 644 lua/pgcoord/queue/*.lua $(DESTDIR)$(LUADIR)/pgcoord/queue/
 	install -m 644 sql/*.sql $(DESTDIR)$(DATADIR)/sql/
 	install -m 644 examples/* $(DESTDIR)$(DATADIR)/examples/
 	install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(MANDIR)/man1/
