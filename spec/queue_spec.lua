@@ -391,6 +391,31 @@ describe("pgcoord.queue", function()
     assert.are.equal(0, st.delayed)  -- "second" was never claimed
   end)
 
+  it("past pgcoord-run's stop deadline, a handler that never ends is cancelled and its"
+    .. " message handed back at once, not after its lease", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(db, qname)
+    q:subscribe("s")
+    local id = q:publish(db, "stuck")
+    local path = helper.write_file(helper.tmpname("script") .. ".lua", ([[
+      io.stdout:setvbuf("no")
+      local db = pgcoord.connect(nil, { size = 2 })
+      pgcoord.queue(db, %q):consume("s", function()
+        print("handling")
+        while true do pgcoord.sleep(0.05) end   -- never looks at pgcoord.stopping()
+      end, { visibility_timeout = 600 })
+    ]]):format(qname))
+    local p = helper.start({ "pgcoord-run", "--stop-timeout", "0.5", path })
+    p:wait_output("handling", 10)
+    p:kill("TERM")
+    assert.are.equal(1, p:wait(10), p:output())   -- the deadline passed
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.equal("pending", by_id[id].state)
+    assert.are.equal("handed back unfinished when the consumer stopped", by_id[id].last_error)
+    assert.is_true(db:one([[SELECT visible_at <= now() AS due FROM pgcoord.queue_deliveries
+      WHERE message_id = $1]], id).due)
+  end)
+
   it("fetches what is pending at start and wakes on NOTIFY, not on the poll", function()
     local qname = helper.unique("q")
     local q = pgcoord.queue(pool(), qname)
