@@ -163,8 +163,8 @@ function Consumer:_start(rows)
 end
 
 -- Seconds to sleep after a claim found nothing: until the next lease or
--- backoff ends, at most wait; overdue counts the looks that found a due
--- row yet claimed none.  nil when the subscription is gone.
+-- backoff ends, at most wait; overdue spaces out the looks that find a due
+-- row yet claim none.  nil when the subscription is gone.
 function Consumer:_idle_wait(wait, overdue)
   local ctx = self.ctx
   local ok, row = pcall(ctx.pool.one, ctx.pool, ctx.ordered and sql.next_due_head
@@ -173,11 +173,15 @@ function Consumer:_idle_wait(wait, overdue)
   local next_in = ok and row.next_in
   -- due, yet not claimed: another consumer is claiming it, or a fenced
   -- transaction holds it; look again soon, less often each time
-  overdue = next_in and next_in <= 0 and overdue + 1 or 0
-  if next_in then
-    wait = math.min(wait, math.max(next_in, 0.01 * 2 ^ math.min(overdue, 8)))
+  if next_in and next_in <= 0 then
+    wait = math.min(wait, overdue:next())
+  elseif next_in then
+    overdue:reset()
+    wait = math.min(wait, math.max(next_in, 0.01))
+  else
+    overdue:reset()
   end
-  return wait, overdue
+  return wait
 end
 
 -- The claim loop: claim while handlers are free, then sleep until a
@@ -186,7 +190,8 @@ end
 function Consumer:_loop()
   local ctx, o = self.ctx, self.o
   local failed = backoff.new({ base = 0.1, cap = o.poll_interval })
-  local overdue, by_timer = 0, false
+  local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
+  local by_timer = false
   while self.state == "running" do
     local free = o.concurrency - self.running
     local wait = o.poll_interval
@@ -205,9 +210,9 @@ function Consumer:_loop()
         if by_timer and fresh > 0 then self.fan:polled(fresh) end
         -- a full batch: there may be more, claim again at once
         if #rows == asked and asked < free then self.wakeup:notify() end
-        if #rows > 0 then overdue = 0 end
+        if #rows > 0 then overdue:reset() end
         if #rows == 0 then
-          wait, overdue = self:_idle_wait(wait, overdue)
+          wait = self:_idle_wait(wait, overdue)
           if not wait then
             log.warn("queue subscription dropped, consumer stopping", ctx:fields())
             task.spawn(self.stop, self)
