@@ -17,7 +17,6 @@ local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local lifecycle = require "pgcoord.lifecycle"
 local options = require "pgcoord.options"
-local metrics = require "pgcoord.metrics"
 
 local joblock = {}
 
@@ -116,7 +115,7 @@ local function new_lock(where, pool, name, opts)
   self.current = ""          -- "", "held", "lost", "released"
   self.wake = task.signal()  -- the keeper and the waiter sleep here
   self.halted = false        -- stopped by its runner: run no more
-  metrics.track("joblock", self)
+  require("pgcoord.metrics").track("joblock", self)
   return self
 end
 
@@ -317,10 +316,10 @@ end
 function joblock.run_in_job_lock(pool, service, name, opts, fn)
   local where = "pgcoord.run_in_job_lock"
   check_name(where, "service", service)
-  local lock = new_lock(where, pool, service .. ":" .. tostring(name), opts)
   if type(fn) ~= "function" then
     options.raise("%s: expected a function, got %s", where, type(fn))
   end
+  local lock = new_lock(where, pool, service .. ":" .. tostring(name), opts)
   local self = setmetatable({ lock = lock, state = "running" }, Runner)
   self.task = task.spawn(self._loop, self, fn)
   return self
