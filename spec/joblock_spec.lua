@@ -174,19 +174,77 @@ describe("pgcoord.joblock", function()
       assert.matches("joblock_spec.lua:%d+:", err)   -- raised at the caller
     end
     refused({ ping_interval = 1e-9 },
-      "ping_interval must be a number of seconds from 0.1 to 31536000, got 1e-09")
-    refused({ check_interval = 1e-9 }, "check_interval must be a number of seconds from 0.05")
-    refused({ timeout = 1e-9 }, "timeout must be a number of seconds from 0.02")
-    refused({ stale_after = 1e-9 }, "stale_after must be a number of seconds from 0.1")
+      "ping_interval must be a number >= 0.1 and <= 31536000, got 1e-09")
+    refused({ check_interval = 1e-9 }, "check_interval must be a number >= 0.05")
+    refused({ timeout = 1e-9 }, "timeout must be a number >= 0.02")
+    refused({ stale_after = 1e-9 }, "stale_after must be a number >= 0.1")
     -- now() - make_interval(secs => stale_after) would fail every acquire
-    refused({ stale_after = 1e300 }, "stale_after must be a number of seconds")
-    refused({ ping_interval = math.huge }, "ping_interval must be a number of seconds")
-    refused({ check_interval = 0 / 0 }, "check_interval must be a number of seconds")
-    refused({ timeout = "1" }, "timeout must be a number of seconds")
+    refused({ stale_after = 1e300 }, "stale_after must be a number")
+    refused({ ping_interval = math.huge }, "ping_interval must be a number")
+    refused({ check_interval = 0 / 0 }, "check_interval must be a number")
+    refused({ timeout = "1" }, "timeout must be a number")
     -- the floors run: every statement within 0.05 s, a renewal every 0.1 s
     local lock = pgcoord.joblock(db, helper.unique("l"), { ping_interval = 0.1 })
     assert.are.same({ 0.4, 0.2, 0.05 }, { lock.stale_after, lock.check_interval, lock.timeout })
     assert.are.equal("ran", lock:run(function() pgcoord.sleep(0.3) return "ran" end))
+  end)
+
+  it("refuses unknown options and bad arguments in each function, at the caller's line",
+    function()
+    local function refused(fn, text)
+      local err = helper.error_of(fn)
+      assert.matches(text, err, 1, true)
+      assert.matches("^spec/joblock_spec.lua:%d+: ", err)   -- the line below, not pgcoord's
+    end
+    refused(function() pgcoord.joblock(db, "x", { ping_intervl = 1 }) end,
+      'unknown option "ping_intervl" for pgcoord.joblock')
+    refused(function() pgcoord.run_in_job_lock(db, "svc", "x", { stale = 1 }, print) end,
+      'unknown option "stale" for pgcoord.run_in_job_lock')
+    refused(function() pgcoord.run_in_job_lock(db, "svc", "x", { ping_interval = 0 }, print) end,
+      "pgcoord.run_in_job_lock: option ping_interval must be a number >= 0.1")
+    refused(function() pgcoord.run_in_job_lock(db, "svc", "x", {}, "fn") end,
+      "pgcoord.run_in_job_lock: expected a function, got string")
+    refused(function() pgcoord.joblock({}, "x") end,
+      "pgcoord.joblock: expected a pool from pgcoord.connect")
+    refused(function() pgcoord.joblock(db, "x", { ping_interval = 1, timeout = 2 }) end,
+      "pgcoord.joblock: timeout (2) must be less than ping_interval (1)")
+    local lock = pgcoord.joblock(db, helper.unique("l"))
+    refused(function() lock:run(42) end, "lock:run: expected a function, got number")
+  end)
+
+  it("leaves no stop handler behind: lock:run's ends with the call, runner:stop() ends its own",
+    function()
+    local name = helper.unique("l")
+    -- every stop handler the job lock registers prints when it runs
+    local path = helper.write_file(helper.tmpname("script") .. ".lua", ([[
+      io.stdout:setvbuf("no")
+      local pgcoord = require "pgcoord"
+      local lifecycle = require "pgcoord.lifecycle"
+      local on_stop = lifecycle.on_stop
+      function lifecycle.on_stop(fn)
+        if not debug.getinfo(2, "S").source:find("joblock.lua", 1, true) then
+          return on_stop(fn)
+        end
+        return on_stop(function() print("joblock stop handler ran") fn() end)
+      end
+      local db = pgcoord.connect(nil, { size = 2 })
+      local lock = pgcoord.joblock(db, %q, { ping_interval = 0.2 })
+      for _ = 1, 3 do print(lock:run(function() return "ran" end)) end
+      local runner = pgcoord.run_in_job_lock(db, "spec", %q, { ping_interval = 0.2 },
+        function(ctx) print("holding", ctx.token) while true do pgcoord.sleep(0.05) end end)
+      while lock:state() ~= "released" or runner:status() ~= "running" do pgcoord.sleep(0.01) end
+      pgcoord.sleep(0.3)
+      runner:stop()
+      print("runner", runner:status())
+      pgcoord.stop()
+    ]]):format(name, name))
+    local code, out = helper.run({ "pgcoord-run", path })
+    assert.are.equal(0, code, out)
+    local _, ran = out:gsub("\nran", "")
+    assert.are.equal(3, ran, out)
+    assert.matches("holding", out, 1, true)
+    assert.matches("runner\tstopped", out, 1, true)
+    assert.is_nil(out:find("joblock stop handler ran", 1, true), out)
   end)
 
   it("ctx.fence: writes commit only while the token holds; a takeover waits for them",

@@ -391,6 +391,31 @@ describe("pgcoord.queue", function()
     assert.are.equal(0, st.delayed)  -- "second" was never claimed
   end)
 
+  it("past pgcoord-run's stop deadline, a handler that never ends is cancelled and its"
+    .. " message handed back at once, not after its lease", function()
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(db, qname)
+    q:subscribe("s")
+    local id = q:publish(db, "stuck")
+    local path = helper.write_file(helper.tmpname("script") .. ".lua", ([[
+      io.stdout:setvbuf("no")
+      local db = pgcoord.connect(nil, { size = 2 })
+      pgcoord.queue(db, %q):consume("s", function()
+        print("handling")
+        while true do pgcoord.sleep(0.05) end   -- never looks at pgcoord.stopping()
+      end, { visibility_timeout = 600 })
+    ]]):format(qname))
+    local p = helper.start({ "pgcoord-run", "--stop-timeout", "0.5", path })
+    p:wait_output("handling", 10)
+    p:kill("TERM")
+    assert.are.equal(1, p:wait(10), p:output())   -- the deadline passed
+    local _, by_id = deliveries(db, qname, "s")
+    assert.are.equal("pending", by_id[id].state)
+    assert.are.equal("handed back unfinished when the consumer stopped", by_id[id].last_error)
+    assert.is_true(db:one([[SELECT visible_at <= now() AS due FROM pgcoord.queue_deliveries
+      WHERE message_id = $1]], id).due)
+  end)
+
   it("fetches what is pending at start and wakes on NOTIFY, not on the poll", function()
     local qname = helper.unique("q")
     local q = pgcoord.queue(pool(), qname)
@@ -427,12 +452,12 @@ describe("pgcoord.queue", function()
     assert.matches("expected a pool", errors(pgcoord.queue, {}, "x"), 1, true)
     assert.matches('unknown option "order"', errors(pgcoord.queue, db, "x", { order = true }),
       1, true)
-    assert.matches("retention must be a number of seconds from 0 to 31536000, got -1",
+    assert.matches("retention must be a number >= 0 and <= 31536000, got -1",
       errors(pgcoord.queue, db, "x", { retention = -1 }), 1, true)
     assert.matches("handler must be a function", errors(q.consume, q, "s", 42), 1, true)
-    assert.matches("q:consume: option concurrency must be an integer from 1 to 10000, got 0",
+    assert.matches("q:consume: option concurrency must be an integer >= 1 and <= 10000, got 0",
       errors(q.consume, q, "s", print, { concurrency = 0 }), 1, true)
-    assert.matches("visibility_timeout must be a number of seconds from 0.1 to 31536000, got 0",
+    assert.matches("visibility_timeout must be a number >= 0.1 and <= 31536000, got 0",
       errors(q.consume, q, "s", print, { visibility_timeout = 0 }), 1, true)
     assert.matches('unknown option "timeout"', errors(q.consume, q, "s", print, { timeout = 1 }),
       1, true)
@@ -440,6 +465,68 @@ describe("pgcoord.queue", function()
     assert.matches("ids must be integers", errors(q.requeue_dead, q, "s", { "x" }), 1, true)
     local qo = pgcoord.queue(db, q.name, { ordered = true })
     assert.matches("exists and is unordered", errors(qo.subscribe, qo, "s"), 1, true)
+  end)
+
+  it("refuses unknown options in every function that takes them, at the caller's line",
+    function()
+    local q = pgcoord.queue(db, helper.unique("q"))
+    q:subscribe("s")
+    local function refused(fn, text)
+      local err = errors(fn)
+      assert.matches(text, err, 1, true)
+      assert.matches("^spec/queue_spec.lua:%d+: ", err)   -- the line below, not pgcoord's
+    end
+    refused(function() pgcoord.queue(db, "x", { orderd = true }) end,
+      'unknown option "orderd" for pgcoord.queue')
+    refused(function() q:consume("s", print, { concurency = 2 }) end,
+      'unknown option "concurency" for q:consume')
+    -- a delay that was silently ignored: the message went out at once
+    refused(function() q:publish(db, "v", { delay = 3 }) end,
+      'unknown option "delay" for q:publish')
+    refused(function() q:dead("s", { limt = 1 }) end, 'unknown option "limt" for q:dead')
+    refused(function() q:consume("s", print, { concurrency = "2" }) end,
+      'q:consume: option concurrency must be an integer >= 1 and <= 10000, got "2"')
+    refused(function() q:publish("db", "v") end, "q:publish: expected a pool or a transaction")
+    refused(function() q:publish(db, nil) end, "q:publish: the value for queue")
+    refused(function() q:stats("") end, "q:stats: subscription name must be a non-empty string")
+    local c = consume(q, "s", function() end)
+    refused(function() c:stop(-1) end, "consumer:stop: option timeout must be a number >= 0")
+    assert.are.equal(0, messages_of(db, q.name))   -- the refused publish sent nothing
+  end)
+
+  it("consumer:stop() unregisters its stop handler: a later pgcoord.stop() does not run it",
+    function()
+    local qname = helper.unique("q")
+    pgcoord.queue(db, qname):subscribe("s")
+    -- every stop handler a consumer registers prints when it runs
+    local path = helper.write_file(helper.tmpname("script") .. ".lua", ([[
+      io.stdout:setvbuf("no")
+      local pgcoord = require "pgcoord"
+      local lifecycle = require "pgcoord.lifecycle"
+      local on_stop = lifecycle.on_stop
+      function lifecycle.on_stop(fn)
+        if not debug.getinfo(2, "S").source:find("queue/consumer.lua", 1, true) then
+          return on_stop(fn)
+        end
+        return on_stop(function() print("consumer stop handler ran") fn() end)
+      end
+      local db = pgcoord.connect(nil, { size = 2 })
+      local q = pgcoord.queue(db, %q)
+      local c = q:consume("s", function() end)
+      c:stop()
+      print("stopped by hand")
+      local kept = q:consume("s", function() end)
+      pgcoord.stop()
+      kept:stop()
+      print("done", kept:stats().state)
+    ]]):format(qname))
+    local code, out = helper.run({ "pgcoord-run", path })
+    assert.are.equal(0, code, out)
+    assert.matches("stopped by hand", out, 1, true)
+    assert.matches("done\tstopped", out, 1, true)
+    -- one ran: the one of the consumer still running at the stop
+    local _, runs = out:gsub("consumer stop handler ran", "")
+    assert.are.equal(1, runs, out)
   end)
 
   it("refuses options that would make a consumer spin or its statements fail", function()
@@ -451,25 +538,26 @@ describe("pgcoord.queue", function()
       assert.matches("queue_spec.lua:%d+:", err)   -- raised at the caller
     end
     -- each of these burned a core (a poll, a renewal or a retry per loop turn)
-    refused({ visibility_timeout = 1e-9 }, "visibility_timeout must be a number of seconds"
-      .. " from 0.1 to 31536000, got 1e-09")
-    refused({ poll_interval = 1e-9 }, "poll_interval must be a number of seconds from 0.01")
-    refused({ retry_delay = 1e-9 }, "retry_delay must be a number of seconds from 0.01")
-    refused({ retry_delay = 0 }, "retry_delay must be a number of seconds from 0.01")
-    refused({ max_retry_delay = 1e-9 }, "max_retry_delay must be a number of seconds from 0.01")
+    refused({ visibility_timeout = 1e-9 }, "visibility_timeout must be a number"
+      .. " >= 0.1 and <= 31536000, got 1e-09")
+    refused({ poll_interval = 1e-9 }, "poll_interval must be a number >= 0.01")
+    refused({ retry_delay = 1e-9 }, "retry_delay must be a number >= 0.01")
+    refused({ retry_delay = 0 }, "retry_delay must be a number >= 0.01")
+    refused({ max_retry_delay = 1e-9 }, "max_retry_delay must be a number >= 0.01")
     -- one claim and a million handlers at once would hold the loop
-    refused({ concurrency = 1000000 }, "concurrency must be an integer from 1 to 10000,"
+    refused({ concurrency = 1000000 }, "concurrency must be an integer >= 1 and <= 10000,"
       .. " got 1000000")
-    refused({ concurrency = 1e6 }, "concurrency must be an integer from 1 to 10000")
+    refused({ concurrency = 1e6 }, "concurrency must be an integer >= 1 and <= 10000")
     -- the database would refuse these in every claim or requeue
-    refused({ visibility_timeout = 1e300 }, "visibility_timeout must be a number of seconds")
-    refused({ visibility_timeout = math.huge }, "visibility_timeout must be a number of seconds")
-    refused({ poll_interval = 0 / 0 }, "poll_interval must be a number of seconds")
-    refused({ max_retry_delay = 1e300 }, "max_retry_delay must be a number of seconds")
-    refused({ max_deliveries = 1 << 40 }, "max_deliveries must be an integer from 1 to 2147483647")
-    assert.matches("option retention must be a number of seconds from 0 to 31536000, got inf",
+    refused({ visibility_timeout = 1e300 }, "visibility_timeout must be a number")
+    refused({ visibility_timeout = math.huge }, "visibility_timeout must be a number")
+    refused({ poll_interval = 0 / 0 }, "poll_interval must be a number")
+    refused({ max_retry_delay = 1e300 }, "max_retry_delay must be a number")
+    refused({ max_deliveries = 1 << 40 },
+      "max_deliveries must be an integer >= 1 and <= 2147483647")
+    assert.matches("option retention must be a number >= 0 and <= 31536000, got inf",
       errors(pgcoord.queue, db, "x", { retention = math.huge }), 1, true)
-    assert.matches("option limit must be an integer from 1 to 100000",
+    assert.matches("option limit must be an integer >= 1 and <= 100000",
       errors(q.dead, q, "s", { limit = 1 << 40 }), 1, true)
     -- the bounds themselves are accepted, and the largest concurrency runs
     local c = consume(q, "s", function() end, { concurrency = 10000, poll_interval = 0.01,

@@ -15,12 +15,15 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
-local store = require "pgcoord.store"
+local lifecycle = require "pgcoord.lifecycle"
+local options = require "pgcoord.options"
 
 local joblock = {}
 
 local Lock = {}
 Lock.__index = Lock
+local Runner = {}
+Runner.__index = Runner
 
 local ACQUIRE = [[
 INSERT INTO pgcoord.job_locks AS l (name, holder, token, acquired_at, renewed_at)
@@ -62,63 +65,62 @@ local function identity()
   return ("%s:%d:%x%x"):format(host, core.getpid(), math.random(0, 0xffffff), nonce_counter)
 end
 
-local WHERE = "pgcoord.joblock"
-
 -- Below these floors the keeper or a waiter would spin (a renewal every
 -- ping_interval, retried after at most timeout; a look every
 -- check_interval); above a year, now() - stale_after leaves PostgreSQL's
 -- range, and nothing waits that long.
-local MIN_SECONDS = { ping_interval = 0.1, check_interval = 0.05, timeout = 0.02,
-                      stale_after = 0.1 }
 local MAX_SECONDS = 365 * 86400
 
-local function seconds(opts, name, default)
-  local v = opts[name]
-  if v == nil then return default end
-  local min = MIN_SECONDS[name]
-  if type(v) ~= "number" or not (v >= min and v <= MAX_SECONDS) then
-    -- level 4: joblock.new's caller
-    error(("%s: option %s must be a number of seconds from %s to %d, got %s")
-      :format(WHERE, name, min, MAX_SECONDS, tostring(v)), 4)
-  end
-  return v
-end
+local RULES = {
+  ping_interval = { "number", default = 10, min = 0.1, max = MAX_SECONDS },
+  stale_after = { "number", min = 0.1, max = MAX_SECONDS },     -- default 4 * ping_interval
+  check_interval = { "number", min = 0.05, max = MAX_SECONDS }, -- default 2 * ping_interval
+  timeout = { "number", min = 0.02, max = MAX_SECONDS },        -- default ping_interval / 2
+  subscriber = { "table" },
+}
+local checkers = {}   -- where -> options.spec of RULES
 
-local KNOWN = { ping_interval = true, stale_after = true, check_interval = true, timeout = true,
-                subscriber = true }
-
-local function check_options(opts)
-  opts = store.check_options(WHERE, opts, KNOWN, 3)
-  local ping = seconds(opts, "ping_interval", 10)
-  local o = {
-    ping_interval = ping,
-    stale_after = seconds(opts, "stale_after", 4 * ping),
-    check_interval = seconds(opts, "check_interval", 2 * ping),
-    timeout = seconds(opts, "timeout", ping / 2),
-    subscriber = opts.subscriber,
-  }
-  if o.stale_after <= o.ping_interval then
-    error(("pgcoord.joblock: stale_after (%s) must exceed ping_interval (%s)")
-      :format(o.stale_after, o.ping_interval), 3)
+local function lock_options(where, opts)
+  checkers[where] = checkers[where] or options.spec(where, RULES)
+  local o = checkers[where](opts)
+  local ping = o.ping_interval
+  o.stale_after = o.stale_after or 4 * ping
+  o.check_interval = o.check_interval or 2 * ping
+  o.timeout = o.timeout or ping / 2
+  if o.stale_after <= ping then
+    options.raise("%s: stale_after (%s) must exceed ping_interval (%s)", where,
+      options.show(o.stale_after), options.show(ping))
   end
-  if o.timeout >= o.ping_interval then
-    error(("pgcoord.joblock: timeout (%s) must be less than ping_interval (%s)")
-      :format(o.timeout, o.ping_interval), 3)
+  if o.timeout >= ping then
+    options.raise("%s: timeout (%s) must be less than ping_interval (%s)", where,
+      options.show(o.timeout), options.show(ping))
   end
   return o
 end
 
-function joblock.new(pool, name, opts)
-  store.check_pool(WHERE, pool)
+local function check_name(where, what, name)
   if type(name) ~= "string" or name == "" then
-    error(("pgcoord.joblock: name must be a non-empty string, got %s"):format(tostring(name)), 2)
+    options.raise("%s: %s must be a non-empty string, got %s", where, what, options.show(name))
   end
-  local self = setmetatable(check_options(opts), Lock)
+end
+
+local function new_lock(where, pool, name, opts)
+  if type(pool) ~= "table" or type(pool.query) ~= "function" or type(pool.tx) ~= "function"
+     or not pool.size then
+    options.raise("%s: expected a pool from pgcoord.connect, got %s", where, type(pool))
+  end
+  check_name(where, "name", name)
+  local self = setmetatable(lock_options(where, opts), Lock)
   self.pool, self.name, self.holder = pool, name, identity()
-  self.current = ""        -- "", "held", "lost", "released"
-  self.wake = task.cond()  -- the keeper waits on it
+  self.current = ""          -- "", "held", "lost", "released"
+  self.wake = task.signal()  -- the keeper and the waiter sleep here
+  self.halted = false        -- stopped by its runner: run no more
   require("pgcoord.metrics").track("joblock", self)
   return self
+end
+
+function joblock.new(pool, name, opts)
+  return new_lock("pgcoord.joblock", pool, name, opts)
 end
 
 function Lock:state()
@@ -145,16 +147,20 @@ function Lock:_try_acquire()
   return nil
 end
 
+-- A graceful stop, or a stop of the runner, ends waiting and running.
+function Lock:_halted()
+  return self.halted or lifecycle.stopping()
+end
+
 -- Waits for the lock; nil when the process is stopping first.
 function Lock:_acquire()
-  local pgcoord = require "pgcoord"
   local listener = release_listener(self)
   self.listener = listener
   local _ <close> = setmetatable({}, { __close = function()
     if listener then listener:close() end
     self.listener = nil
   end })
-  while not pgcoord.stopping() do
+  while not self:_halted() do
     local ok, token, sent = pcall(self._try_acquire, self)
     if ok and token then return token, sent end
     if not ok then
@@ -255,31 +261,29 @@ function Lock:_fence(tx, token)
   if work and work ~= task.current() and (work.state == "ready" or work.state == "running") then
     work:cancel()
   end
-  self.wake:signal()
+  self.wake:notify()
   error(fence_error(self, token, "another process took the lock over"), 0)
 end
 
--- At a graceful stop: stop waiting, cancel the work, release at once.
-function Lock:_hook_stop()
-  if self.stop_hooked then return end
-  self.stop_hooked = true
-  require("pgcoord").on_stop(function()
-    if self.listener then self.listener:close() end
-    local work = self.work
-    if work and (work.state == "ready" or work.state == "running") then work:cancel() end
-    self.wake:signal()
-  end)
+-- Stops waiting, cancels the work; run() then releases at once.
+function Lock:_interrupt()
+  if self.listener then self.listener:close() end
+  local work = self.work
+  if work and (work.state == "ready" or work.state == "running") then work:cancel() end
+  self.wake:notify()
 end
 
 -- Waits for the lock, runs fn(ctx) in a task while holding it, releases
 -- it when fn ends; returns fn's results.  fn is cancelled if the lock is
 -- lost (then run raises) or at a graceful stop (then run returns nil).
+-- The stop handler lives as long as the call.
 function Lock:run(fn)
   if type(fn) ~= "function" then
-    error(("lock:run: expected a function, got %s"):format(type(fn)), 2)
+    options.raise("lock:run: expected a function, got %s", type(fn))
   end
-  local pgcoord = require "pgcoord"
-  self:_hook_stop()
+  local remove_stop = lifecycle.on_stop(function() self:_interrupt() end)
+  local _ <close> = setmetatable({}, { __close = function() remove_stop() end })
+  self.wake:clear()
   local token, sent = self:_acquire()
   if not token then return nil end
   self.token, self.current, self.lost_reason = token, "held", nil
@@ -292,7 +296,7 @@ function Lock:run(fn)
   local keeper = task.spawn(self._keep, self, work, sent)
   local r = table.pack(pcall(work.join, work))
   self.work = nil
-  self.wake:signal()
+  self.wake:notify()
   keeper:wait()
   if self.current == "held" then
     self:_release()
@@ -301,27 +305,62 @@ function Lock:run(fn)
   -- (fn may have caught the error of a fence that found the lock lost)
   if self.current == "lost" then error(lost_error(self), 0) end
   if r[1] then return table.unpack(r, 2, r.n) end
-  if task.is_cancelled(r[2]) and pgcoord.stopping() then return nil end
+  if task.is_cancelled(r[2]) and self:_halted() then return nil end
   error(r[2], 0)
 end
 
+-- ---- the runner of run_in_job_lock ---------------------------------------------
+
 -- Keeps competing for service:name and running fn while holding it, until
--- the process stops.
+-- the process stops or runner:stop([timeout]).  Returns the runner.
 function joblock.run_in_job_lock(pool, service, name, opts, fn)
-  if type(service) ~= "string" or service == "" then
-    error("pgcoord.run_in_job_lock: service must be a non-empty string", 2)
+  local where = "pgcoord.run_in_job_lock"
+  check_name(where, "service", service)
+  if type(fn) ~= "function" then
+    options.raise("%s: expected a function, got %s", where, type(fn))
   end
-  local lock = joblock.new(pool, service .. ":" .. tostring(name), opts)
-  local pgcoord = require "pgcoord"
-  return task.spawn(function()
-    while not pgcoord.stopping() do
-      local ok, err = pcall(lock.run, lock, fn)
-      if not ok then
-        log.warn("job lock run ended", { lock = lock.name, error = tostring(err) })
-        if not pgcoord.stopping() then lock.wake:wait(lock.check_interval) end
-      end
+  local lock = new_lock(where, pool, service .. ":" .. tostring(name), opts)
+  local self = setmetatable({ lock = lock, state = "running" }, Runner)
+  self.task = task.spawn(self._loop, self, fn)
+  return self
+end
+
+function Runner:_loop(fn)
+  local lock = self.lock
+  while not lock:_halted() do
+    local ok, err = pcall(lock.run, lock, fn)
+    if not ok then
+      log.warn("job lock run ended", { lock = lock.name, error = tostring(err) })
+      if not lock:_halted() then lock.wake:wait(lock.check_interval) end
     end
-  end)
+  end
+  self.state = "stopped"
+end
+
+-- "running", "stopping" or "stopped".
+function Runner:status()
+  return self.state
+end
+
+-- Waits until the runner ends (at most timeout seconds); true if it did.
+function Runner:wait(timeout)
+  return self.task:wait(timeout)
+end
+
+local stop_timeout_rule = { "number", min = 0, max = math.huge }
+
+-- Stops competing: the work is cancelled, the lock released; waits for
+-- that (cancelling the loop after timeout seconds, if given).
+function Runner:stop(timeout)
+  if timeout ~= nil then options.check("runner:stop", "timeout", stop_timeout_rule, timeout) end
+  if self.state == "running" then
+    self.state = "stopping"
+    self.lock.halted = true
+    self.lock:_interrupt()
+  end
+  if task.current() == self.task then return end
+  if not self.task:wait(timeout) then self.task:cancel() end
+  self.state = "stopped"
 end
 
 return joblock

@@ -1,0 +1,216 @@
+-- The outcomes of one consumer's deliveries, written back: acks in
+-- batches by one writer task (whatever accumulated while the last batch
+-- was being written goes in the next, so batches grow with the load),
+-- requeues and the ordered head's ack-and-claim at once, and, when the
+-- consumer stops, the hand-back of deliveries whose handlers were
+-- cancelled.  Every write names its rows by delivery count, the lease's
+-- fencing token: an outcome for a lease lost meanwhile changes nothing,
+-- and is counted as lost.  Part of the primitives layer.
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+local backoff = require "pgcoord.backoff"
+local sql = require "pgcoord.queue.sql"
+
+local acks = {}
+
+local Acks = {}
+Acks.__index = Acks
+
+local ACK_BATCH = 1000
+local ERROR_LIMIT = 2000 -- bytes of an error kept in last_error
+local TRIES = 5          -- of a write that cannot wait for the next batch
+
+local error_text = task.error_text
+
+-- s made storable in a text column: at most max bytes, no NUL, valid UTF-8.
+local function clean_text(s, max)
+  s = tostring(s):gsub("%z", "\\0")
+  if #s > max then s = s:sub(1, max) end
+  local out, i = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      break
+    end
+    out[#out + 1] = s:sub(i, bad - 1)
+    out[#out + 1] = "?"
+    i = bad + 1
+  end
+  return table.concat(out)
+end
+
+-- ctx: the consumer's context (pool, ids, names, counters, fields()).
+function acks.start(ctx)
+  local self = setmetatable({
+    ctx = ctx,
+    state = "running",        -- running, stopping, stopped
+    list = {},                -- { message id, delivery count } to ack
+    abandoned = {},           -- the same, to hand back at the stop
+    wake = task.signal(),     -- the writer sleeps here
+  }, Acks)
+  self.task = task.spawn(self._loop, self)
+  -- past a stop's deadline, the acks of handlers that did finish still go
+  self.task.cleanup = true
+  return self
+end
+
+-- Acks a delivery in the next batch.
+function Acks:push(id, n)
+  local list = self.list
+  list[#list + 1] = { id, n }
+  self.wake:notify()
+end
+
+-- Acks waiting for the writer.
+function Acks:count()
+  return #self.list
+end
+
+-- Keeps a delivery whose handler never finished, to hand back at the stop.
+function Acks:abandon(id, n)
+  local list = self.abandoned
+  list[#list + 1] = { id, n }
+end
+
+-- Retries fn(...) while the database fails, up to TRIES times.
+function Acks:_persist(what, fn, ...)
+  local delay = backoff.new({ base = 0.05, cap = 2 })
+  for attempt = 1, TRIES do
+    local ok, a = pcall(fn, ...)
+    if ok then return true, a end
+    log.warn("queue " .. what .. " failed", self.ctx:fields({ error = error_text(a),
+      attempt = attempt }))
+    if attempt < TRIES then task.sleep(delay:next()) end
+  end
+  return false
+end
+
+function Acks:_lost(id, n, before)
+  local ctx = self.ctx
+  ctx.counters.lost = ctx.counters.lost + 1
+  log.warn("queue lease lost before the " .. before .. "; the message may be handled again",
+    ctx:fields({ message = id, deliveries = n }))
+end
+
+-- Acks a batch now; raises when the database fails.
+function Acks:_write(batch)
+  local ctx = self.ctx
+  local rows = ctx.pool:query(sql.ack, sql.token_arrays(ctx.subscription_id, batch))
+  ctx.counters.acked = ctx.counters.acked + #rows
+  if #rows < #batch then
+    local done = {}
+    for _, r in ipairs(rows) do done[r.id] = true end
+    for _, a in ipairs(batch) do
+      if not done[a[1]] then self:_lost(a[1], a[2], "ack") end
+    end
+  end
+end
+
+-- Acks one delivery now (an ordered one, at a stop).
+function Acks:ack_one(id, n)
+  self:_persist("ack", self._write, self, { { id, n } })
+end
+
+local function ack_claim_head(self, id, n)
+  local ctx = self.ctx
+  local r = ctx.pool:one(sql.ack_claim_head, ctx.subscription_id, 1, ctx.max_deliveries,
+    ctx.visibility_timeout, id, n)
+  if r.acked == 0 then
+    self:_lost(id, n, "ack")
+    return nil
+  end
+  ctx.counters.acked = ctx.counters.acked + 1
+  return r.id and r or nil
+end
+
+-- Acks the ordered head now and claims the next one in the same
+-- statement; returns the claimed row, if any.
+function Acks:ack_head(id, n)
+  local _, row = self:_persist("ack", ack_claim_head, self, id, n)
+  return row
+end
+
+-- Requeues a failed delivery, visible again after delay seconds (or dead,
+-- past max_deliveries).
+function Acks:requeue(id, n, reason, delay)
+  local ctx = self.ctx
+  local ok, rows = self:_persist("requeue", ctx.pool.query, ctx.pool, sql.requeue,
+    ctx.subscription_id, id, n, ctx.max_deliveries, delay, clean_text(reason, ERROR_LIMIT))
+  if not ok then return end
+  local row = rows[1]
+  if not row then
+    self:_lost(id, n, "requeue")
+  elseif row.state == "dead" then
+    ctx.counters.dead = ctx.counters.dead + 1
+    log.warn("queue message moved to the dead letters", ctx:fields({ message = id,
+      deliveries = n, reason = reason }))
+  else
+    ctx.counters.requeued = ctx.counters.requeued + 1
+  end
+end
+
+-- The writer: batches of at most ACK_BATCH, retried with backoff.
+function Acks:_loop()
+  local ctx = self.ctx
+  local delay, failures = backoff.new({ base = 0.1, cap = 2 }), 0
+  while true do
+    if #self.list == 0 then
+      if self.state ~= "running" then return end
+      self.wake:wait()
+    else
+      local batch = self.list
+      if #batch > ACK_BATCH then
+        batch = table.move(self.list, 1, ACK_BATCH, 1, {})
+        self.list = table.move(self.list, ACK_BATCH + 1, #self.list, 1, {})
+      else
+        self.list = {}
+      end
+      local ok, err = pcall(self._write, self, batch)
+      if ok then
+        failures = 0
+        delay:reset()
+      else
+        failures = failures + 1
+        table.move(self.list, 1, #self.list, #batch + 1, batch)
+        self.list = batch
+        log.warn("queue ack failed", ctx:fields({ error = error_text(err), attempt = failures,
+          acks = #batch }))
+        if self.state ~= "running" and failures >= TRIES then
+          log.error("queue acks not written; their messages will be delivered again",
+            ctx:fields({ acks = #batch }))
+          self.list = {}
+          return
+        end
+        self.wake:wait(delay:next())
+      end
+    end
+  end
+end
+
+-- Hands back the deliveries of cancelled handlers, for others at once.
+function Acks:_release()
+  local list, ctx = self.abandoned, self.ctx
+  self.abandoned = {}
+  if #list == 0 then return end
+  local sids, ids, ns = sql.token_arrays(ctx.subscription_id, list)
+  local ok, err = pcall(ctx.pool.one, ctx.pool, sql.release, sids, ids, ns,
+    "handed back unfinished when the consumer stopped", ctx.queue_id)
+  if not ok then
+    log.warn("queue could not hand back cancelled messages; they return when their leases end",
+      ctx:fields({ error = error_text(err), messages = #list }))
+  end
+end
+
+-- Hands back what was abandoned, writes the acks left, and ends the
+-- writer.  Called once the consumer's handlers are done.
+function Acks:stop()
+  if self.state ~= "running" then return end
+  self.state = "stopping"
+  self:_release()
+  self.wake:notify()
+  self.task:wait()
+  self.state = "stopped"
+end
+
+return acks

@@ -1,0 +1,394 @@
+-- The consume service of one subscription: the claim loop and a handler
+-- task per claimed message.  Its outcomes are written by acks.lua, its
+-- leases renewed by keeper.lua; wakeups.lua wakes it on a NOTIFY.
+--
+-- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
+-- there are free handlers.  Ordered ones claim the head only, and ack it
+-- and claim the next in one statement.  Part of the primitives layer.
+local core = require "pgcoord.core"
+local task = require "pgcoord.task"
+local log = require "pgcoord.log"
+local lifecycle = require "pgcoord.lifecycle"
+local options = require "pgcoord.options"
+local retry = require "pgcoord.retry"
+local backoff = require "pgcoord.backoff"
+local json = require "pgcoord.json"
+local sql = require "pgcoord.queue.sql"
+local acks = require "pgcoord.queue.acks"
+local keeper = require "pgcoord.queue.keeper"
+
+local consumer = {}
+
+local Consumer = {}
+Consumer.__index = Consumer
+-- What a handler gets: { id, payload, published_at, deliveries,
+-- last_error } and msg:fence(tx).  Its delivery (the in-flight entry) is
+-- kept aside, so that a handler that changes the fields cannot move the
+-- fence onto another delivery.
+local Message = {}
+Message.__index = Message
+local leases = setmetatable({}, { __mode = "k" })   -- msg -> in-flight entry
+
+local error_text = task.error_text
+local json_decode = json.decode
+
+-- Bounds of the options, in seconds and counts.  Below the floors a
+-- consumer would spin: it polls every poll_interval, renews leases every
+-- visibility_timeout / 3 and retries a failing message after retry_delay.
+-- Above a year, now() + the interval nears the end of PostgreSQL's
+-- timestamp range (and nothing in a queue waits that long).  A claim
+-- takes at most CLAIM_BATCH rows, so that it and the start of its handlers
+-- hold the loop briefly; MAX_CONCURRENCY bounds the handlers of a consumer
+-- (and the leases its renewal statement carries).
+local MIN_POLL, MIN_LEASE, MIN_RETRY = 0.01, 0.1, 0.01
+local MAX_SECONDS = 365 * 86400
+local MAX_CONCURRENCY = 10000
+local MAX_DELIVERIES = 0x7fffffff   -- deliveries is an integer column
+local CLAIM_BATCH = 500             -- rows per claim statement
+consumer.MAX_SECONDS = MAX_SECONDS
+
+local check_options = options.spec("q:consume", {
+  concurrency = { "integer", default = 1, min = 1, max = MAX_CONCURRENCY },
+  poll_interval = { "number", default = 5, min = MIN_POLL, max = MAX_SECONDS },
+  visibility_timeout = { "number", default = 30, min = MIN_LEASE, max = MAX_SECONDS },
+  max_deliveries = { "integer", min = 1, max = MAX_DELIVERIES },   -- nil: no limit
+  retry_delay = { "number", default = 1, min = MIN_RETRY, max = MAX_SECONDS },
+  max_retry_delay = { "number", default = 300, min = MIN_RETRY, max = MAX_SECONDS },
+})
+
+-- q:consume's options, checked, with defaults.
+function consumer.options(opts)
+  local o = check_options(opts)
+  if o.max_retry_delay < o.retry_delay then
+    options.raise("q:consume: max_retry_delay (%s) must not be less than retry_delay (%s)",
+      options.show(o.max_retry_delay), options.show(o.retry_delay))
+  end
+  return o
+end
+
+-- What the parts of one consumer share: the subscription (pool, queue,
+-- subscription, subscription_id, queue_id, ordered, retention), the
+-- options of q:consume, and counters.
+local Context = {}
+Context.__index = Context
+
+-- Log fields naming the subscription, and extra.
+function Context:fields(extra)
+  local f = { queue = self.queue, subscription = self.subscription }
+  for k, v in pairs(extra or {}) do f[k] = v end
+  return f
+end
+
+-- ---- starting ------------------------------------------------------------------
+
+-- Starts consuming: sub describes the subscription, fn is the handler, o
+-- the checked options, waker the queue handle's wake-ups.
+function consumer.start(sub, fn, o, waker)
+  local ctx = setmetatable(sub, Context)
+  ctx.max_deliveries, ctx.visibility_timeout = o.max_deliveries, o.visibility_timeout
+  ctx.counters = { handled = 0, acked = 0, requeued = 0, dead = 0, lost = 0, fenced = 0 }
+  local self = setmetatable({
+    ctx = ctx,
+    fn = fn,
+    o = o,
+    state = "starting",      -- starting, running, stopping, stopped
+    wakeup = task.signal(),  -- the claim loop sleeps here
+    running = 0,             -- handlers in progress
+    in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
+    next_due = nil,          -- when the earliest backoff this consumer set ends
+    waker = waker,
+    done = task.cond(),      -- signalled once stopped
+  }, Consumer)
+  self.fan = waker:add(self, ctx.queue_id)
+  self.acks = acks.start(ctx)
+  self.keeper = keeper.start(ctx, function() return self:_leases() end)
+  self.state = "running"
+  self.loop_task = task.spawn(self._loop, self)
+  self.remove_stop = lifecycle.on_stop(function() self:stop() end)
+  log.info("queue consumer started", ctx:fields({ ordered = ctx.ordered,
+    concurrency = o.concurrency }))
+  return self
+end
+
+-- Wakes the claim loop; a wake-up that comes while it is busy is kept.
+function Consumer:wake()
+  self.wakeup:notify()
+end
+
+-- Whether a handler is free (a notification is worth a claim).
+function Consumer:has_room()
+  return self.running < self.o.concurrency
+end
+
+-- The leases of running handlers, { message id, delivery count } each.
+function Consumer:_leases()
+  local list = {}
+  for id, entry in pairs(self.in_flight) do
+    if not entry.outcome then list[#list + 1] = { id, entry.n } end
+  end
+  return list
+end
+
+-- ---- claiming ------------------------------------------------------------------
+
+function Consumer:_claim(n)
+  local ctx = self.ctx
+  local rows = ctx.pool:query(ctx.ordered and sql.claim_head or sql.claim, ctx.subscription_id,
+    n, ctx.max_deliveries, ctx.visibility_timeout)
+  table.sort(rows, function(a, b) return a.id < b.id end)
+  return rows
+end
+
+-- Starts a handler per claimed row; returns how many were first
+-- deliveries.  Rows claimed while a stop began are handed back instead.
+function Consumer:_start(rows)
+  local fresh = 0
+  local ctx = self.ctx
+  for _, row in ipairs(rows) do
+    if row.state == "dead" then
+      ctx.counters.dead = ctx.counters.dead + 1
+      log.warn("queue message moved to the dead letters", ctx:fields({ message = row.id,
+        deliveries = row.deliveries, reason = row.last_error }))
+    elseif self.state ~= "running" then
+      self.acks:abandon(row.id, row.deliveries)
+    else
+      if row.deliveries == 1 then fresh = fresh + 1 end
+      local entry = { n = row.deliveries, id = row.id, consumer = self }
+      self.in_flight[row.id] = entry
+      self.running = self.running + 1
+      entry.task = task.spawn(self._handle, self, row, entry)
+    end
+  end
+  return fresh
+end
+
+-- Seconds to sleep after a claim found nothing: until the next lease or
+-- backoff ends, at most wait; overdue spaces out the looks that find a due
+-- row yet claim none.  nil when the subscription is gone.
+function Consumer:_idle_wait(wait, overdue)
+  local ctx = self.ctx
+  local ok, row = pcall(ctx.pool.one, ctx.pool, ctx.ordered and sql.next_due_head
+    or sql.next_due, ctx.subscription_id)
+  if ok and not row.subscribed then return nil end
+  local next_in = ok and row.next_in
+  -- due, yet not claimed: another consumer is claiming it, or a fenced
+  -- transaction holds it; look again soon, less often each time
+  if next_in and next_in <= 0 then
+    wait = math.min(wait, overdue:next())
+  elseif next_in then
+    overdue:reset()
+    wait = math.min(wait, math.max(next_in, 0.01))
+  else
+    overdue:reset()
+  end
+  return wait
+end
+
+-- The claim loop: claim while handlers are free, then sleep until a
+-- handler ends, a notification or a reconnection comes, the next lease or
+-- backoff ends, or poll_interval passes.
+function Consumer:_loop()
+  local ctx, o = self.ctx, self.o
+  local failed = backoff.new({ base = 0.1, cap = o.poll_interval })
+  local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
+  local by_timer = false
+  while self.state == "running" do
+    local free = o.concurrency - self.running
+    local wait = o.poll_interval
+    if free > 0 then
+      -- wake-ups that came before this claim are answered by it
+      self.wakeup:clear()
+      local asked = math.min(free, CLAIM_BATCH)
+      local ok, rows = pcall(self._claim, self, asked)
+      if not ok then
+        wait = failed:next()
+        log.warn("queue claim failed", ctx:fields({ error = error_text(rows) }))
+      else
+        failed:reset()
+        local fresh = self:_start(rows)
+        -- first deliveries found by the timer: no notification announced them
+        if by_timer and fresh > 0 then self.fan:polled(fresh) end
+        -- a full batch: there may be more, claim again at once
+        if #rows == asked and asked < free then self.wakeup:notify() end
+        if #rows > 0 then overdue:reset() end
+        if #rows == 0 then
+          wait = self:_idle_wait(wait, overdue)
+          if not wait then
+            log.warn("queue subscription dropped, consumer stopping", ctx:fields())
+            task.spawn(self.stop, self)
+            return
+          end
+        elseif self.next_due then
+          wait = math.min(wait, math.max(self.next_due - core.now(), 0.01))
+        end
+        if self.next_due and self.next_due <= core.now() + wait then self.next_due = nil end
+      end
+    end
+    -- by_timer: only the timer ended the sleep (see fan:polled above)
+    if self.state == "running" then by_timer = not self.wakeup:wait(wait) end
+  end
+end
+
+-- ---- handling ------------------------------------------------------------------
+
+-- Requeues a delivery that failed (reason: why), with backoff.
+function Consumer:_failed(row, entry, reason)
+  entry.outcome = "requeue"
+  local delay = retry.exponential(self.o.retry_delay, self.o.max_retry_delay, entry.n)
+  local due = core.now() + delay
+  if not self.next_due or due < self.next_due then self.next_due = due end
+  self.acks:requeue(row.id, entry.n, reason, delay)
+end
+
+-- A handler task: decodes the payload, runs fn, then acks or requeues.
+-- The slot is given back by a to-be-closed variable, so a cancelled
+-- handler gives it back too.
+function Consumer:_handle(row, entry)
+  local ctx = self.ctx
+  local _ <close> = setmetatable({}, { __close = function()
+    if self.in_flight[row.id] == entry then
+      self.in_flight[row.id] = nil
+      if not entry.outcome then self.acks:abandon(row.id, entry.n) end
+    end
+    self.running = self.running - 1
+    self.wakeup:notify()
+  end })
+  local decoded, payload = pcall(json_decode, row.payload)
+  if not decoded then
+    -- a poison message: a delivery that failed, so max_deliveries ends it
+    local reason = "the payload cannot be decoded: " .. error_text(payload)
+    log.error("queue message payload cannot be decoded", ctx:fields({ message = row.id,
+      deliveries = row.deliveries, error = reason }))
+    return self:_failed(row, entry, reason)
+  end
+  local msg = setmetatable({ id = row.id, payload = payload, published_at = row.published_at,
+                deliveries = row.deliveries, last_error = row.last_error }, Message)
+  leases[msg] = entry
+  local ok, res = xpcall(self.fn, task.traced, msg)
+  ctx.counters.handled = ctx.counters.handled + 1
+  if ok and res ~= false then
+    entry.outcome = "ack"
+    if not ctx.ordered then
+      self.acks:push(row.id, entry.n)
+    elseif self.state == "running" then
+      -- the next claim must see this ack: write it before the slot frees,
+      -- and claim the next head with it
+      local next_head = self.acks:ack_head(row.id, entry.n)
+      if next_head then self:_start({ next_head }) end
+    else
+      self.acks:ack_one(row.id, entry.n)
+    end
+    return
+  end
+  if not ok and task.is_cancelled(res) then error(res, 0) end
+  local reason
+  if ok then
+    reason = "the handler returned false"
+  else
+    reason = error_text(res.err)
+    log.error("queue handler failed", ctx:fields({ message = row.id,
+      deliveries = row.deliveries, error = reason, traceback = res.trace }))
+  end
+  self:_failed(row, entry, reason)
+end
+
+-- ---- fencing -------------------------------------------------------------------
+
+-- The error of a refused fence: SQLSTATE 55P03 (lock_not_available).
+local function fence_error(ctx, entry, why)
+  return core.error("55P03", ("msg:fence: message %d (delivery %d) of queue %q, subscription %q:"
+    .. " %s; the transaction must not commit"):format(entry.id, entry.n, ctx.queue,
+      ctx.subscription, why))
+end
+
+-- Raises (55P03) unless the delivery is still current; otherwise its row
+-- stays locked until tx ends.
+function Consumer:_fence(tx, entry)
+  local ctx = self.ctx
+  if entry.outcome or self.in_flight[entry.id] ~= entry then
+    error(fence_error(ctx, entry, "its handler has ended"), 0)
+  end
+  if not tx:one(sql.fence, ctx.subscription_id, entry.id, entry.n) then
+    ctx.counters.fenced = ctx.counters.fenced + 1
+    log.warn("queue fence refused a write: the lease was lost", ctx:fields({
+      message = entry.id, deliveries = entry.n }))
+    error(fence_error(ctx, entry, "its lease was lost (another consumer has the message,"
+      .. " or it was acked or dead-lettered)"), 0)
+  end
+end
+
+-- In the handler's transaction tx (on the queue's database): raises
+-- unless this delivery is still the current one, and keeps it current
+-- until tx ends, so the writes in tx commit only while the lease holds.
+function Message:fence(tx)
+  local entry = leases[self]
+  if not entry then options.raise("msg:fence: expected a message given to a queue handler") end
+  if type(tx) ~= "table" or type(tx.query) ~= "function" or tx.size ~= nil then
+    local got = type(tx) == "table" and tx.size ~= nil and "a pool" or type(tx)
+    options.raise("msg:fence: expected a transaction (the tx of db:tx), got %s: a fence holds"
+      .. " only until its transaction ends", got)
+  end
+  return entry.consumer:_fence(tx, entry)
+end
+
+-- ---- stopping ------------------------------------------------------------------
+
+function Consumer:_shutdown(timeout)
+  local ctx = self.ctx
+  self.wakeup:notify()
+  self.waker:remove(self)
+  self.loop_task:wait()
+  local deadline = timeout and core.now() + timeout
+  local handlers = {}
+  for id, entry in pairs(self.in_flight) do handlers[id] = entry.task end
+  for id, t in pairs(handlers) do
+    if not t:wait(deadline and math.max(0, deadline - core.now())) then
+      log.warn("queue handler still running at the stop deadline, cancelling",
+        ctx:fields({ message = id }))
+      t:cancel()
+    end
+  end
+  -- a handler cancelled before it started never gave its slot back
+  for id, entry in pairs(self.in_flight) do
+    self.in_flight[id] = nil
+    self.running = self.running - 1
+    self.acks:abandon(id, entry.n)
+  end
+  self.acks:stop()
+  self.keeper:stop()
+  self.state = "stopped"
+  log.info("queue consumer stopped", ctx:fields({ handled = ctx.counters.handled }))
+  self.done:signal()
+end
+
+local check_stop_timeout = { "number", min = 0, max = math.huge }
+
+-- Stops taking messages, lets the running handlers finish (cancelling
+-- them after timeout seconds, if given: their messages are handed back at
+-- once), writes their acks, unregisters its stop handler, and returns
+-- once all that is done.
+function Consumer:stop(timeout)
+  if timeout ~= nil then options.check("consumer:stop", "timeout", check_stop_timeout, timeout) end
+  if self.state == "running" then
+    self.state = "stopping"
+    self.remove_stop()
+    -- part of the process's stop: past its deadline, this task gets the
+    -- moment stop handlers get, to hand back what was cancelled
+    task.spawn(self._shutdown, self, timeout).cleanup = true
+  end
+  -- a handler that stops its own consumer cannot wait for itself
+  local current = task.current()
+  for _, entry in pairs(self.in_flight) do
+    if entry.task == current then return end
+  end
+  while self.state ~= "stopped" do self.done:wait() end
+end
+
+function Consumer:stats()
+  local c = self.ctx.counters
+  return { state = self.state, running = self.running, handled = c.handled, acked = c.acked,
+           requeued = c.requeued, dead = c.dead, lost = c.lost, fenced = c.fenced,
+           unacked = self.acks:count() }
+end
+
+return consumer
