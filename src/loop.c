@@ -17,6 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <event2/dns.h>
+
 #include "pgcoord.h"
 
 typedef struct pgc_loop {
@@ -29,6 +31,7 @@ typedef struct pgc_loop {
 	int defer_armed;
 	int stepping;
 	int pollfd;		/* libevent's epoll descriptor, once looked up */
+	struct evdns_base *dns;	/* made on the first host name to resolve */
 } pgc_loop;
 
 static const char LOOP_KEY = 'L';
@@ -46,6 +49,29 @@ static pgc_loop *get_loop(lua_State *L)
 struct event_base *pgc_base(lua_State *L)
 {
 	return get_loop(L)->base;
+}
+
+/*
+ * The resolver, on the loop: /etc/resolv.conf and /etc/hosts, or the
+ * resolv.conf named by PGCOORD_RESOLV_CONF (a test points it at a server
+ * that never answers; evdns reads "nameserver IP:PORT").  It keeps no
+ * event registered while no lookup runs, so an idle loop stays idle.
+ */
+struct evdns_base *pgc_dns(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (loop->dns == NULL) {
+		const char *conf = getenv("PGCOORD_RESOLV_CONF");
+		if (conf == NULL || *conf == '\0')
+			conf = "/etc/resolv.conf";
+		loop->dns = evdns_base_new(loop->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+		if (loop->dns == NULL)
+			luaL_error(L, "pgcoord: cannot create the DNS resolver");
+		/* 1: no such file, and evdns falls back to its defaults */
+		if (evdns_base_resolv_conf_parse(loop->dns, DNS_OPTIONS_ALL, conf) > 1)
+			luaL_error(L, "pgcoord: cannot read %s", conf);
+	}
+	return loop->dns;
 }
 
 lua_State *pgc_main_state(lua_State *L)
@@ -516,6 +542,9 @@ static int l_next_timeout(lua_State *L)
 static int loop_gc(lua_State *L)
 {
 	pgc_loop *loop = lua_touserdata(L, 1);
+	if (loop->dns)	/* lookups still running call back nobody */
+		evdns_base_free(loop->dns, 0);
+	loop->dns = NULL;
 	if (loop->ev_defer)
 		event_free(loop->ev_defer);
 	if (loop->ev_step)
