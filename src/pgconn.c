@@ -307,11 +307,10 @@ static int split_list(const char *s, char **out)
 	while (s) {
 		const char *comma = strchr(s, ',');
 		size_t len = comma ? (size_t)(comma - s) : strlen(s);
-		if (n == PGC_MAX_HOSTS)
+		if (n == PGC_MAX_HOSTS || (out[n] = strndup(s, len)) == NULL) {
+			free_strings(out, n);
 			return -1;
-		out[n] = strndup(s, len);
-		if (out[n] == NULL)
-			return -1;
+		}
 		n++;
 		s = comma ? comma + 1 : NULL;
 	}
