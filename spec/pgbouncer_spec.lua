@@ -193,3 +193,185 @@ describe("through PgBouncer in transaction mode", function()
       :format(r.failed_tx, 50 * 10))
   end)
 end)
+
+
+-- Each primitive's core scenario through PgBouncer (transaction mode, a
+-- pool of PGCOORD_TEST_PGBOUNCER_POOL_SIZE server connections).  LISTEN
+-- needs a session, so each gets a subscriber on a direct pool that pings
+-- through PgBouncer (ping_db): the only connection that goes direct.
+describe("each primitive through PgBouncer", function()
+  local pools, subs = {}, {}
+  local dbname, bouncer, direct, sub
+
+  local function track(db)
+    pools[#pools + 1] = db
+    return db
+  end
+
+  before_each(function()
+    dbname = helper.create_database("bouncer")
+    bouncer = track(pgcoord.connect(bouncer_dsn(dbname), { size = 8 }))
+    direct = track(pgcoord.connect(helper.conninfo_for(dbname), { size = 2 }))
+    sub = pgcoord.subscriber(direct, { ping_db = bouncer }):start()
+    subs[#subs + 1] = sub
+    pgcoord.migrate(bouncer)
+    assert.is_true(sub:ready(10))
+  end)
+
+  after_each(function()
+    for _, s in ipairs(subs) do pcall(s.stop, s, 5) end
+    for _, db in ipairs(pools) do pcall(db.close, db) end
+    pools, subs = {}, {}
+    helper.cleanup()
+  end)
+
+  it("migrations: concurrent runs through PgBouncer serialise on a transaction lock", function()
+    local fresh = helper.create_database("bouncer")
+    local db = track(pgcoord.connect(bouncer_dsn(fresh), { size = 4 }))
+    local runs = {}
+    for i = 1, 4 do runs[i] = helper.spawn(pgcoord.migrate, db) end
+    for _, t in ipairs(runs) do t:join() end
+    pgcoord.migrate(db) -- and again: nothing to do
+    assert.is_truthy(db:one("SELECT to_regclass('pgcoord.job_locks') AS t").t)
+    -- no advisory lock outlives its transaction on a shared server connection
+    assert.are.equal(0, db:one("SELECT count(*)::int AS n FROM pg_locks"
+      .. " WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database"
+      .. " WHERE datname = current_database())").n)
+  end)
+
+  it("the job runner: jobs scheduled through PgBouncer all run once", function()
+    local jobs = pgcoord.jobs(bouncer, { subscriber = sub })
+    local group = helper.unique("g")
+    local ran = {}
+    jobs:define("bounced", function(job) ran[job.params.n] = (ran[job.params.n] or 0) + 1 end,
+      { group = group })
+    local w = jobs:worker({ group = group, concurrency = 10 })
+    w:ready()
+    for n = 1, 60 do
+      if n % 2 == 0 then
+        bouncer:tx(function(tx) jobs:schedule_now(tx, "bounced", { n = n }) end)
+      else
+        jobs:schedule_now(bouncer, "bounced", { n = n })
+      end
+    end
+    helper.wait_until(function()
+      for n = 1, 60 do if not ran[n] then return false end end
+      return true
+    end, 20, "60 jobs to run")
+    w:shutdown(5)
+    for n = 1, 60 do assert.are.equal(1, ran[n], "job " .. n) end
+  end)
+
+  it("the queue: messages published through PgBouncer are all consumed", function()
+    local q = pgcoord.queue(bouncer, helper.unique("q"), { subscriber = sub })
+    q:subscribe("billing")
+    local got = {}
+    local c = q:consume("billing", function(msg) got[msg.payload.n] = true end,
+      { concurrency = 4 })
+    for n = 1, 40 do
+      bouncer:tx(function(tx) q:publish(tx, { n = n }) end)
+    end
+    helper.wait_until(function()
+      for n = 1, 40 do if not got[n] then return false end end
+      return true
+    end, 20, "40 messages")
+    c:stop()
+  end)
+
+  it("the outbox relay: saved messages are published through PgBouncer", function()
+    local ob = pgcoord.outbox(bouncer, { table = helper.unique("outbox") })
+    ob:migrate()
+    local published = {}
+    local relay = ob:relay(function(msg) published[msg.payload.n] = true end,
+      { subscriber = sub, poll_interval = 5 })
+    for n = 1, 30 do
+      bouncer:tx(function(tx) ob:save(tx, { topic = "orders", key = n, payload = { n = n } }) end)
+    end
+    -- woken by NOTIFY through the direct subscriber, not the 5 s poll
+    helper.wait_until(function()
+      for n = 1, 30 do if not published[n] then return false end end
+      return true
+    end, 4, "30 relayed messages")
+    relay:stop()
+  end)
+
+  it("the processed store: a message is marked once, racing marks included", function()
+    local done = pgcoord.processed(bouncer, { table = helper.unique("processed") })
+    done:migrate()
+    assert.is_true(bouncer:tx(function(tx) return done:mark(tx, "billing", "m1") end))
+    assert.is_false(bouncer:tx(function(tx) return done:mark(tx, "billing", "m1") end))
+    local firsts = 0
+    local racers = {}
+    for i = 1, 6 do
+      racers[i] = helper.spawn(function()
+        if bouncer:tx(function(tx) return done:mark(tx, "billing", "m2") end) then
+          firsts = firsts + 1
+        end
+      end)
+    end
+    for _, t in ipairs(racers) do t:join() end
+    assert.are.equal(1, firsts)
+  end)
+
+  it("the job lock: one holder at a time, tokens increase, fenced writes commit", function()
+    local name = helper.unique("lock")
+    bouncer:exec("CREATE TABLE fenced (token bigint)")
+    local opts = { ping_interval = 0.2, subscriber = sub }
+    local holding, overlap, tokens = 0, false, {}
+    local function hold(lock)
+      return lock:run(function(ctx)
+        holding = holding + 1
+        overlap = overlap or holding > 1
+        tokens[#tokens + 1] = ctx.token
+        bouncer:tx(function(tx)
+          ctx.fence(tx)
+          tx:exec("INSERT INTO fenced VALUES ($1)", ctx.token)
+        end)
+        pgcoord.sleep(0.3) -- renewals through PgBouncer meanwhile
+        holding = holding - 1
+        return ctx.token
+      end)
+    end
+    local holders = {}
+    for i = 1, 3 do holders[i] = helper.spawn(hold, pgcoord.joblock(bouncer, name, opts)) end
+    for _, t in ipairs(holders) do t:join() end
+    assert.is_false(overlap)
+    assert.are.equal(3, #tokens)
+    for i = 2, 3 do assert.is_true(tokens[i] > tokens[i - 1]) end
+    assert.are.equal(3, bouncer:one("SELECT count(*)::int AS n FROM fenced").n)
+  end)
+
+  it("pgcoord-run --status reads the database through PgBouncer", function()
+    local jobs = pgcoord.jobs(bouncer, { subscriber = sub })
+    jobs:define("waiting", function() end, { group = "status_group" })
+    jobs:schedule(bouncer, "waiting", {}, { run_at = pgcoord.time() + 3600 })
+    local code, out = helper.run({ "pgcoord-run", "--db", bouncer_dsn(dbname), "--status" })
+    assert.are.equal(0, code, out)
+    assert.matches("status_group", out, 1, true)
+  end)
+
+  it("pings go through PgBouncer while the subscriber listens directly", function()
+    local s = pgcoord.subscriber(direct, { ping_db = bouncer, ping_interval = 0.1 }):start()
+    subs[#subs + 1] = s
+    assert.is_true(s:ready(10))
+    helper.wait_until(function()
+      local st = s:stats()
+      return st.pings >= 3 and st.notifications >= 3
+    end, 10, "three pings to come back")
+    assert.are.equal(0, s:stats().reconnects)
+  end)
+
+  it("a subscriber on PgBouncer in transaction mode fails within seconds, naming the cause",
+    function()
+    local s = pgcoord.subscriber(bouncer):start()
+    subs[#subs + 1] = s
+    local elapsed, ok, err = helper.timed(pcall, s.ready, s, 30)
+    assert.is_false(ok, "ready() returned " .. tostring(err))
+    assert.is_true(elapsed < 6, "failed after " .. elapsed)
+    assert.matches("connection pooler", tostring(err), 1, true)
+    assert.matches("transaction mode", tostring(err), 1, true)
+    assert.matches("directly", tostring(err), 1, true)
+    assert.are.equal("stopped", s:status())
+    assert.are.same(tostring(err), s:stats().error)
+  end)
+end)

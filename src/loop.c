@@ -6,12 +6,18 @@
  * anchor themselves in the registry while they are armed, so a timer nobody
  * holds still fires.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <event2/dns.h>
 
 #include "pgcoord.h"
 
@@ -24,6 +30,8 @@ typedef struct pgc_loop {
 	int report_ref;		/* Lua function(message) for callback errors */
 	int defer_armed;
 	int stepping;
+	int pollfd;		/* libevent's epoll descriptor, once looked up */
+	struct evdns_base *dns;	/* made on the first host name to resolve */
 } pgc_loop;
 
 static const char LOOP_KEY = 'L';
@@ -41,6 +49,29 @@ static pgc_loop *get_loop(lua_State *L)
 struct event_base *pgc_base(lua_State *L)
 {
 	return get_loop(L)->base;
+}
+
+/*
+ * The resolver, on the loop: /etc/resolv.conf and /etc/hosts, or the
+ * resolv.conf named by PGCOORD_RESOLV_CONF (a test points it at a server
+ * that never answers; evdns reads "nameserver IP:PORT").  It keeps no
+ * event registered while no lookup runs, so an idle loop stays idle.
+ */
+struct evdns_base *pgc_dns(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (loop->dns == NULL) {
+		const char *conf = getenv("PGCOORD_RESOLV_CONF");
+		if (conf == NULL || *conf == '\0')
+			conf = "/etc/resolv.conf";
+		loop->dns = evdns_base_new(loop->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+		if (loop->dns == NULL)
+			luaL_error(L, "pgcoord: cannot create the DNS resolver");
+		/* 1: no such file, and evdns falls back to its defaults */
+		if (evdns_base_resolv_conf_parse(loop->dns, DNS_OPTIONS_ALL, conf) > 1)
+			luaL_error(L, "pgcoord: cannot read %s", conf);
+	}
+	return loop->dns;
 }
 
 lua_State *pgc_main_state(lua_State *L)
@@ -366,9 +397,154 @@ static int l_time(lua_State *L)
 	return 1;
 }
 
+/* ---- embedding in another loop ------------------------------------ */
+
+/*
+ * libevent has no public call for its backend descriptor.  Its epoll
+ * backend applies each event_add at once (no changelist: the base is made
+ * with EVENT_BASE_FLAG_IGNORE_ENV), so the epoll descriptor is the one
+ * that lists a probe pipe right after the probe is added, and not after
+ * it is removed: /proc/self/fdinfo shows what each epoll watches.
+ */
+static int epoll_watches(int epfd, int fd)
+{
+	char path[64], line[256];
+	snprintf(path, sizeof path, "/proc/self/fdinfo/%d", epfd);
+	FILE *f = fopen(path, "r");
+	if (f == NULL)
+		return 0;
+	int found = 0;
+	while (!found && fgets(line, sizeof line, f)) {
+		int tfd;
+		found = sscanf(line, "tfd: %d ", &tfd) == 1 && tfd == fd;
+	}
+	fclose(f);
+	return found;
+}
+
+/* Every epoll descriptor of the process that watches fd, in out[] (max n). */
+static int epolls_watching(int fd, int *out, int n)
+{
+	DIR *dir = opendir("/proc/self/fd");
+	if (dir == NULL)
+		return -1;
+	int found = 0;
+	struct dirent *e;
+	while ((e = readdir(dir)) != NULL) {
+		char *end, path[64], target[64];
+		long epfd = strtol(e->d_name, &end, 10);
+		if (*end != '\0' || end == e->d_name)
+			continue;
+		snprintf(path, sizeof path, "/proc/self/fd/%ld", epfd);
+		ssize_t len = readlink(path, target, sizeof target - 1);
+		if (len <= 0)
+			continue;
+		target[len] = '\0';
+		if (strcmp(target, "anon_inode:[eventpoll]") == 0 && epoll_watches((int)epfd, fd)
+		    && found < n)
+			out[found++] = (int)epfd;
+	}
+	closedir(dir);
+	return found;
+}
+
+static void on_probe(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd, (void)what, (void)arg;
+}
+
+static int find_backend_fd(pgc_loop *loop)
+{
+	if (strcmp(event_base_get_method(loop->base), "epoll") != 0)
+		return -1;
+	int p[2];
+	if (pipe(p) != 0)
+		return -1;
+	int epfd = -1, with[4], n = 0;
+	struct event *probe = event_new(loop->base, p[0], EV_READ, on_probe, NULL);
+	if (probe != NULL && event_add(probe, NULL) == 0) {
+		n = epolls_watching(p[0], with, 4);
+		if (event_del(probe) != 0)
+			n = 0;
+	}
+	/* the one that watched the probe and forgot it with the event */
+	for (int i = 0; i < n; i++) {
+		if (!epoll_watches(with[i], p[0])) {
+			if (epfd >= 0) {
+				epfd = -1;
+				break;
+			}
+			epfd = with[i];
+		}
+	}
+	if (probe)
+		event_free(probe);
+	close(p[0]);
+	close(p[1]);
+	return epfd;
+}
+
+/*
+ * core.pollfd() -> fd: readable whenever a descriptor the loop watches is
+ * ready (libevent's epoll descriptor; a host loop polls it for reading).
+ */
+static int l_pollfd(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (loop->pollfd < 0)
+		loop->pollfd = find_backend_fd(loop);
+	if (loop->pollfd < 0)
+		return luaL_error(L, "pgcoord.pollfd: cannot find the event loop's descriptor"
+				  " (libevent backend %s; only epoll has one)",
+				  event_base_get_method(loop->base));
+	lua_pushinteger(L, loop->pollfd);
+	return 1;
+}
+
+/* The earliest deadline of the events with a timeout, libevent's own too. */
+static int earliest_deadline(const struct event_base *base, const struct event *ev, void *arg)
+{
+	struct timeval *best = arg, tv;
+	(void)base;
+	if ((event_pending(ev, EV_TIMEOUT, &tv) & EV_TIMEOUT) &&
+	    (best->tv_sec < 0 || tv.tv_sec < best->tv_sec ||
+	     (tv.tv_sec == best->tv_sec && tv.tv_usec < best->tv_usec)))
+		*best = tv;
+	return 0;
+}
+
+/*
+ * core.next_timeout() -> seconds | nil: how long a host loop may wait on
+ * core.pollfd() before it must call core.step(0); 0 when callbacks are
+ * ready now, nil when nothing is timed.  (libevent reports deadlines in
+ * wall-clock time, so the distance is taken from gettimeofday.)
+ */
+static int l_next_timeout(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (loop->defer_armed || event_base_get_num_events(loop->base, EVENT_BASE_COUNT_ACTIVE) > 0) {
+		lua_pushnumber(L, 0);
+		return 1;
+	}
+	struct timeval best = {-1, 0}, now;
+	if (event_base_foreach_event(loop->base, earliest_deadline, &best) != 0)
+		return luaL_error(L, "pgcoord.next_timeout: cannot walk the event loop's events");
+	if (best.tv_sec < 0) {
+		lua_pushnil(L);
+		return 1;
+	}
+	evutil_gettimeofday(&now, NULL);
+	double left = (double)(best.tv_sec - now.tv_sec) + (double)(best.tv_usec - now.tv_usec) / 1e6;
+	lua_pushnumber(L, left > 0 ? left : 0);
+	return 1;
+}
+
 static int loop_gc(lua_State *L)
 {
 	pgc_loop *loop = lua_touserdata(L, 1);
+	if (loop->dns)	/* lookups still running call back nobody */
+		evdns_base_free(loop->dns, 0);
+	loop->dns = NULL;
 	if (loop->ev_defer)
 		event_free(loop->ev_defer);
 	if (loop->ev_step)
@@ -397,7 +573,19 @@ static void open_loop_state(lua_State *L)
 	lua_pushcfunction(L, loop_gc);
 	lua_setfield(L, -2, "__gc");
 	lua_setmetatable(L, -2);
-	loop->base = event_base_new();
+	loop->pollfd = -1;
+	/*
+	 * Precise timers: libevent's clock is then CLOCK_MONOTONIC, not the
+	 * coarse one, so a deadline core.next_timeout() reports is when the
+	 * timer really fires.  Ignoring EVENT_* variables keeps the epoll
+	 * backend without a changelist, which core.pollfd() relies on.
+	 */
+	struct event_config *cfg = event_config_new();
+	if (cfg == NULL || event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER) != 0 ||
+	    event_config_set_flag(cfg, EVENT_BASE_FLAG_IGNORE_ENV) != 0)
+		luaL_error(L, "pgcoord: cannot configure the event loop");
+	loop->base = event_base_new_with_config(cfg);
+	event_config_free(cfg);
 	if (loop->base == NULL)
 		luaL_error(L, "pgcoord: cannot create the event loop");
 	loop->ev_defer = event_new(loop->base, -1, 0, on_defer, loop);
@@ -426,6 +614,8 @@ static const luaL_Reg loop_funcs[] = {
 	{"defer", l_defer},
 	{"set_reporter", l_set_reporter},
 	{"step", l_step},
+	{"pollfd", l_pollfd},
+	{"next_timeout", l_next_timeout},
 	{"now", l_now},
 	{"time", l_time},
 	{NULL, NULL}

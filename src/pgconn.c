@@ -10,10 +10,15 @@
  * Each outcome is handed to a Lua callback; the policy (pooling, waiting,
  * retrying) lives in lua/pgcoord/db.lua.
  */
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+
+#include <event2/dns.h>
+#include <event2/util.h>
 
 #include "pgcoord.h"
 
@@ -39,7 +44,10 @@ typedef struct pgc_conn {
 	int describing;		/* the result wanted is parameter types */
 	int pipelined;		/* results end at a pipeline sync, not at NULL */
 	char *lost;		/* why the connection closed, for the callbacks */
+	struct pgc_resolve *resolve;	/* host names being looked up first */
 } pgc_conn;
+
+static void stop_resolving(pgc_conn *c);
 
 static void on_read(evutil_socket_t fd, short what, void *arg);
 static void on_write(evutil_socket_t fd, short what, void *arg);
@@ -106,6 +114,7 @@ static void shut(pgc_conn *c, const char *why)
 	if (c->lost == NULL)
 		c->lost = trimmed_copy(why);
 	drop_events(c);
+	stop_resolving(c);
 	if (c->ev_timeout)
 		event_del(c->ev_timeout);
 	if (c->result) {
@@ -239,12 +248,396 @@ static void connect_step(pgc_conn *c)
 		fail(c, "cannot wait on the connection's socket");
 }
 
+static void on_connect_timeout(evutil_socket_t fd, short what, void *arg);
+
+/* ---- resolving host names -------------------------------------------- */
+
+/*
+ * libpq resolves a host name with getaddrinfo, which blocks the loop for
+ * as long as DNS takes.  So names are looked up first with evdns, on the
+ * loop, and libpq gets `hostaddr` beside `host` (kept for TLS's name check
+ * and for its messages).  A name with several addresses becomes that many
+ * entries of host, hostaddr (and port, when it is a list), which libpq
+ * tries in order as it would have.
+ */
+
+#define PGC_MAX_HOSTS 64
+
+typedef struct pgc_lookup {
+	struct pgc_resolve *r;	/* NULL once the connection gave up on it */
+	struct evdns_getaddrinfo_request *req;
+	struct evutil_addrinfo *ai;
+	int err;
+	int done;
+} pgc_lookup;
+
+typedef struct pgc_resolve {
+	pgc_conn *c;
+	int nkw;		/* keywords and values for PQconnectStartParams */
+	char **kw, **val;
+	int nhosts, nports;
+	char *hosts[PGC_MAX_HOSTS];
+	char *ports[PGC_MAX_HOSTS];
+	pgc_lookup *lookups[PGC_MAX_HOSTS];	/* NULL: no lookup for this entry */
+	int pending;
+	int launching;		/* answers that come at once are taken after the launch */
+} pgc_resolve;
+
+static void free_strings(char **v, int n)
+{
+	for (int i = 0; i < n; i++)
+		free(v[i]);
+}
+
+static void free_resolve(pgc_resolve *r)
+{
+	free_strings(r->kw, r->nkw);
+	free_strings(r->val, r->nkw);
+	free(r->kw);
+	free(r->val);
+	free_strings(r->hosts, r->nhosts);
+	free_strings(r->ports, r->nports);
+	free(r);
+}
+
+/* Splits a comma-separated list as libpq does; -1 when too long. */
+static int split_list(const char *s, char **out)
+{
+	int n = 0;
+	while (s) {
+		const char *comma = strchr(s, ',');
+		size_t len = comma ? (size_t)(comma - s) : strlen(s);
+		if (n == PGC_MAX_HOSTS || (out[n] = strndup(s, len)) == NULL) {
+			free_strings(out, n);
+			return -1;
+		}
+		n++;
+		s = comma ? comma + 1 : NULL;
+	}
+	return n;
+}
+
+/* Unix socket paths and IP addresses need no lookup. */
+static int needs_lookup(const char *host)
+{
+	unsigned char buf[sizeof(struct in6_addr)];
+	if (host[0] == '\0' || host[0] == '/' || host[0] == '@')
+		return 0;
+	return evutil_inet_pton(AF_INET, host, buf) != 1 &&
+	       evutil_inet_pton(AF_INET6, host, buf) != 1;
+}
+
+static void stop_resolving(pgc_conn *c)
+{
+	pgc_resolve *r = c->resolve;
+	if (r == NULL)
+		return;
+	c->resolve = NULL;
+	for (int i = 0; i < r->nhosts; i++) {
+		pgc_lookup *l = r->lookups[i];
+		if (l == NULL)
+			continue;
+		if (l->done) {
+			if (l->ai)
+				evutil_freeaddrinfo(l->ai);
+			free(l);
+		} else {
+			/* evdns still calls back (with EVUTIL_EAI_CANCEL): it frees l */
+			l->r = NULL;
+			evdns_getaddrinfo_cancel(l->req);
+		}
+	}
+	free_resolve(r);
+}
+
+static int append(char **buf, size_t *len, size_t *cap, const char *s, int comma)
+{
+	size_t need = strlen(s) + 2;
+	if (*len + need > *cap) {
+		size_t cap2 = (*cap + need) * 2;
+		char *b = realloc(*buf, cap2);
+		if (b == NULL)
+			return -1;
+		*buf = b;
+		*cap = cap2;
+	}
+	if (comma)
+		(*buf)[(*len)++] = ',';
+	strcpy(*buf + *len, s);
+	*len += strlen(s);
+	return 0;
+}
+
+typedef struct host_lists {
+	char *host, *hostaddr, *port;
+	size_t lens[3], caps[3];
+	int n;
+} host_lists;
+
+static int add_entry(host_lists *h, const char *host, const char *addr, const char *port)
+{
+	int comma = h->n++ > 0;
+	if (append(&h->host, &h->lens[0], &h->caps[0], host, comma) != 0 ||
+	    append(&h->hostaddr, &h->lens[1], &h->caps[1], addr, comma) != 0)
+		return -1;
+	return port ? append(&h->port, &h->lens[2], &h->caps[2], port, comma) : 0;
+}
+
+static void free_lists(host_lists *h)
+{
+	free(h->host);
+	free(h->hostaddr);
+	free(h->port);
+}
+
+static int start_libpq(pgc_conn *c, const char *const *keys, const char *const *vals);
+
+/*
+ * Every lookup answered: host, hostaddr and port lists in the order of the
+ * conninfo, then libpq starts.  0, or -1 with the reason in *why.
+ */
+static int resolved(pgc_conn *c, char *why, size_t size)
+{
+	pgc_resolve *r = c->resolve;
+	host_lists h = {0};
+	int per_host_ports = r->nports > 1;
+	const char *failed = NULL;
+	int err = 0;
+	for (int i = 0; i < r->nhosts; i++) {
+		const char *port = per_host_ports ? r->ports[i] : NULL;
+		pgc_lookup *l = r->lookups[i];
+		if (l == NULL) {
+			if (add_entry(&h, r->hosts[i], "", port) != 0)
+				goto oom;
+			continue;
+		}
+		if (l->err != 0 || l->ai == NULL) {	/* libpq too goes on to the next host */
+			if (failed == NULL) {
+				failed = r->hosts[i];
+				err = l->err;
+			}
+			continue;
+		}
+		for (struct evutil_addrinfo *ai = l->ai; ai; ai = ai->ai_next) {
+			char addr[64];
+			const void *a = ai->ai_family == AF_INET6
+				? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+				: (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+			if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+			    evutil_inet_ntop(ai->ai_family, a, addr, sizeof addr) == NULL)
+				continue;
+			if (add_entry(&h, r->hosts[i], addr, port) != 0)
+				goto oom;
+		}
+	}
+	if (h.n == 0) {
+		snprintf(why, size, "could not translate host name \"%s\" to address: %s",
+			 failed ? failed : "?", err ? evutil_gai_strerror(err) : "no address");
+		free_lists(&h);
+		return -1;
+	}
+	const char **keys = calloc((size_t)r->nkw + 4, sizeof *keys);
+	const char **vals = calloc((size_t)r->nkw + 4, sizeof *vals);
+	if (keys == NULL || vals == NULL) {
+		free(keys);
+		free(vals);
+		goto oom;
+	}
+	int n = 0;
+	for (int i = 0; i < r->nkw; i++) {
+		keys[n] = r->kw[i];
+		vals[n++] = r->val[i];
+	}
+	/* the last value of a keyword wins */
+	keys[n] = "host", vals[n++] = h.host;
+	keys[n] = "hostaddr", vals[n++] = h.hostaddr;
+	if (h.port)
+		keys[n] = "port", vals[n++] = h.port;
+	keys[n] = vals[n] = NULL;
+	int rc = start_libpq(c, keys, vals);
+	if (rc != 0)
+		snprintf(why, size, "%s", c->lost ? c->lost : "cannot connect");
+	free(keys);
+	free(vals);
+	free_lists(&h);
+	return rc;
+oom:
+	free_lists(&h);
+	snprintf(why, size, "out of memory resolving host names");
+	return -1;
+}
+
+static void on_resolved_later(pgc_conn *c)
+{
+	char why[512];
+	if (resolved(c, why, sizeof why) != 0) {
+		fail(c, why);
+		return;
+	}
+	stop_resolving(c);
+}
+
+static void on_lookup(int err, struct evutil_addrinfo *ai, void *arg)
+{
+	pgc_lookup *l = arg;
+	pgc_resolve *r = l->r;
+	if (r == NULL) {	/* the connection is gone */
+		if (ai)
+			evutil_freeaddrinfo(ai);
+		free(l);
+		return;
+	}
+	l->done = 1;
+	l->err = err;
+	l->ai = ai;
+	if (--r->pending == 0 && !r->launching) {
+		pgc_conn *c = r->c;
+		int top = lua_gettop(c->L);
+		if (c->self_ref != LUA_NOREF)	/* anchored while it may be collected */
+			lua_rawgeti(c->L, LUA_REGISTRYINDEX, c->self_ref);
+		on_resolved_later(c);
+		lua_settop(c->L, top);
+	}
+}
+
+/*
+ * Looks at the host, hostaddr and port the connection will use (conninfo,
+ * then params, then PGHOST, PGHOSTADDR, PGPORT); when a host name needs a
+ * lookup, starts them all and returns 1, else 0 (libpq can start now);
+ * -1 when out of memory.
+ */
+static int start_resolving(lua_State *L, pgc_conn *c, const char *const *keys,
+			   const char *const *vals)
+{
+	const char *host = NULL, *hostaddr = NULL, *port = NULL;
+	PQconninfoOption *opts = NULL;
+	for (int i = 0; keys[i]; i++) {
+		const char *k = keys[i], *v = vals[i];
+		if (i == 0 && strcmp(k, "dbname") == 0 &&
+		    (strncmp(v, "postgresql://", 13) == 0 || strncmp(v, "postgres://", 11) == 0 ||
+		     strchr(v, '=') != NULL)) {
+			char *err = NULL;
+			opts = PQconninfoParse(v, &err);
+			if (opts == NULL) {	/* libpq says what is wrong */
+				PQfreemem(err);
+				return 0;
+			}
+			for (PQconninfoOption *o = opts; o->keyword; o++) {
+				if (o->val == NULL)
+					continue;
+				if (strcmp(o->keyword, "host") == 0)
+					host = o->val;
+				else if (strcmp(o->keyword, "hostaddr") == 0)
+					hostaddr = o->val;
+				else if (strcmp(o->keyword, "port") == 0)
+					port = o->val;
+			}
+		} else if (strcmp(k, "host") == 0) {
+			host = v;
+		} else if (strcmp(k, "hostaddr") == 0) {
+			hostaddr = v;
+		} else if (strcmp(k, "port") == 0) {
+			port = v;
+		}
+	}
+	if (host == NULL)
+		host = getenv("PGHOST");
+	if (hostaddr == NULL)
+		hostaddr = getenv("PGHOSTADDR");
+	if (port == NULL)
+		port = getenv("PGPORT");
+	int rc = 0;
+	pgc_resolve *r = NULL;
+	if (host == NULL || *host == '\0' || (hostaddr && *hostaddr))
+		goto done;
+	rc = -1;
+	r = calloc(1, sizeof *r);
+	if (r == NULL)
+		goto done;
+	r->c = c;
+	r->nhosts = split_list(host, r->hosts);
+	r->nports = port && *port ? split_list(port, r->ports) : 0;
+	if (r->nhosts < 0 || r->nports < 0) {
+		/* more hosts than pgcoord looks up: libpq resolves them */
+		r->nhosts = r->nhosts < 0 ? 0 : r->nhosts;
+		r->nports = r->nports < 0 ? 0 : r->nports;
+		rc = 0;
+		goto done;
+	}
+	int any = 0;
+	for (int i = 0; i < r->nhosts; i++)
+		any |= needs_lookup(r->hosts[i]);
+	/* ports that match no host list: libpq's error says so */
+	if (!any || (r->nports > 1 && r->nports != r->nhosts)) {
+		rc = 0;
+		goto done;
+	}
+	int nkw = 0;
+	while (keys[nkw])
+		nkw++;
+	r->kw = calloc((size_t)nkw + 1, sizeof *r->kw);
+	r->val = calloc((size_t)nkw + 1, sizeof *r->val);
+	if (r->kw == NULL || r->val == NULL)
+		goto done;
+	for (; r->nkw < nkw; r->nkw++) {
+		r->kw[r->nkw] = strdup(keys[r->nkw]);
+		r->val[r->nkw] = strdup(vals[r->nkw]);
+		if (r->kw[r->nkw] == NULL || r->val[r->nkw] == NULL) {
+			r->nkw++;
+			goto done;
+		}
+	}
+	struct evdns_base *dns = pgc_dns(L);
+	c->resolve = r;
+	r->launching = 1;
+	struct evutil_addrinfo hints;
+	memset(&hints, 0, sizeof hints);
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_protocol = IPPROTO_TCP;
+	for (int i = 0; i < r->nhosts; i++) {
+		if (!needs_lookup(r->hosts[i]))
+			continue;
+		pgc_lookup *l = calloc(1, sizeof *l);
+		if (l == NULL)
+			break;
+		l->r = r;
+		r->lookups[i] = l;
+		r->pending++;
+		/* answers from /etc/hosts come before this returns (and NULL) */
+		l->req = evdns_getaddrinfo(dns, r->hosts[i], NULL, &hints, on_lookup, l);
+	}
+	r->launching = 0;
+	PQconninfoFree(opts);
+	return 1;
+done:
+	PQconninfoFree(opts);
+	if (r && c->resolve != r)
+		free_resolve(r);
+	return rc;
+}
+
 static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
 {
 	pgc_conn *c = arg;
 	(void)fd, (void)what;
-	if (c->state == CONNECTING)
-		fail(c, "timeout expired while connecting");
+	if (c->state != CONNECTING)
+		return;
+	if (c->resolve) {
+		char why[512];
+		pgc_resolve *r = c->resolve;
+		const char *name = "?";
+		for (int i = 0; i < r->nhosts; i++)
+			if (r->lookups[i] && !r->lookups[i]->done) {
+				name = r->hosts[i];
+				break;
+			}
+		snprintf(why, sizeof why,
+			 "timeout expired while resolving host name \"%s\" (no answer from DNS)", name);
+		fail(c, why);
+		return;
+	}
+	fail(c, "timeout expired while connecting");
 }
 
 /*
@@ -295,28 +688,57 @@ static int l_connect(lua_State *L)
 	c->ev_timeout = evtimer_new(pgc_base(L), on_connect_timeout, c);
 	if (c->ev_timeout == NULL)
 		return luaL_error(L, "pgcoord: cannot create the connect timer");
-	c->pg = PQconnectStartParams(keys, vals, 1);
-	if (c->pg == NULL)
-		return luaL_error(L, "pgcoord: out of memory starting a connection");
-	PQsetNoticeReceiver(c->pg, on_notice, c);
-	if (PQstatus(c->pg) == CONNECTION_BAD) {
-		char *msg = trimmed_copy(PQerrorMessage(c->pg));
-		shut(c, msg);
-		lua_pushnil(L);
-		pgc_push_error(L, "08001", msg ? msg : "cannot connect");
-		free(msg);
-		return 2;
-	}
 	if (timeout > 0) {
 		struct timeval tv = pgc_timeval(timeout);
 		if (evtimer_add(c->ev_timeout, &tv) != 0)
 			return luaL_error(L, "pgcoord: cannot arm the connect timer");
 	}
-	if (watch_socket(c, pgc_base(L)) != 0 || event_add(c->ev_write, NULL) != 0)
-		return luaL_error(L, "pgcoord: cannot watch the connection's socket");
+	int resolving = start_resolving(L, c, keys, vals);
+	if (resolving < 0) {
+		shut(c, "out of memory resolving host names");
+		return luaL_error(L, "pgcoord: out of memory resolving host names");
+	}
+	if (resolving && c->resolve->pending == 0) {
+		/* every name was answered at once (/etc/hosts) */
+		char why[512];
+		if (resolved(c, why, sizeof why) != 0) {
+			shut(c, why);
+			lua_pushnil(L);
+			pgc_push_error(L, "08001", lost_message(c));
+			return 2;
+		}
+		stop_resolving(c);
+	} else if (!resolving && start_libpq(c, keys, vals) != 0) {
+		lua_pushnil(L);
+		pgc_push_error(L, "08001", lost_message(c));
+		return 2;
+	}
 	c->self_ref = pgc_ref(L, -1);
 	c->cb_ref = pgc_ref(L, 4);
 	return 1;
+}
+
+/*
+ * Starts libpq's side: 0, or -1 with the connection CLOSED and the reason
+ * in c->lost.
+ */
+static int start_libpq(pgc_conn *c, const char *const *keys, const char *const *vals)
+{
+	c->pg = PQconnectStartParams(keys, vals, 1);
+	if (c->pg == NULL) {
+		shut(c, "out of memory starting a connection");
+		return -1;
+	}
+	PQsetNoticeReceiver(c->pg, on_notice, c);
+	if (PQstatus(c->pg) == CONNECTION_BAD) {
+		shut(c, PQerrorMessage(c->pg));
+		return -1;
+	}
+	if (watch_socket(c, event_get_base(c->ev_timeout)) != 0 || event_add(c->ev_write, NULL) != 0) {
+		shut(c, "cannot watch the connection's socket");
+		return -1;
+	}
+	return 0;
 }
 
 /* ---- queries ------------------------------------------------------- */

@@ -22,6 +22,7 @@ void pgc_close_state(lua_State *L);
 
 /* loop.c */
 struct event_base *pgc_base(lua_State *L);
+struct evdns_base *pgc_dns(lua_State *L);
 lua_State *pgc_main_state(lua_State *L);
 int pgc_invoke(lua_State *L, lua_CFunction fn, void *ud);
 void pgc_report(lua_State *L, const char *what);

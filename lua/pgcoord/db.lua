@@ -338,6 +338,12 @@ local function setup(pool, conn)
   if not date_style:match("^ISO") then run_plain(conn, "SET DateStyle = ISO") end
 end
 
+-- Whether conn (from db.open) reached the server through a pooler.
+function db.behind_pooler(conn)
+  local s = statements[conn]
+  return s ~= nil and s.pooler
+end
+
 -- Opens a connection with the pool's settings, outside the pool (the
 -- subscriber's LISTEN connection is one).
 function db.open(pool)

@@ -71,6 +71,13 @@ function pgcoord.step(timeout)
   return core.step(timeout)
 end
 
+-- Embedding in another event loop: the host polls pollfd() for reading,
+-- waits at most next_timeout() seconds (nil: no limit), and calls step(0)
+-- when either fires.  next_timeout() is 0 while work is ready, so a host
+-- asks for it again before every wait (README: the luv and cqueues recipes).
+pgcoord.pollfd = core.pollfd
+pgcoord.next_timeout = core.next_timeout
+
 -- ---- database -----------------------------------------------------------------
 
 pgcoord.connect = db.connect

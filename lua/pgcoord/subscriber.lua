@@ -85,7 +85,10 @@ function subscriber.new(pool, opts)
     unregister = nil,          -- removes the stop handler
     wake = task.signal(),      -- bounce, loss, stop
     ping_wake = task.signal(), -- stop
-    listening = task.cond(),   -- signalled on every (re)connect
+    listening = task.cond(),   -- signalled on every (re)connect, and on failure
+    heard_ping = task.cond(),  -- signalled on every ping that comes back
+    pings_heard = 0,
+    failure = nil,             -- why it cannot work (LISTEN through a pooler)
     reason = nil,              -- why the current connection must go
     counters = { notifications = 0, reconnects = 0, pings = 0, ping_failures = 0 },
   }, Sub)
@@ -141,7 +144,11 @@ end
 function Sub:_dispatch(channel, payload)
   self.last_activity = core.now()
   self.counters.notifications = self.counters.notifications + 1
-  if channel == PING_CHANNEL then return end
+  if channel == PING_CHANNEL then
+    self.pings_heard = self.pings_heard + 1
+    self.heard_ping:signal()
+    return
+  end
   local fan = self.fans[channel]
   if fan then fan:_wire(payload) end
 end
@@ -161,10 +168,29 @@ local function listen_all(self, conn)
 end
 
 -- Whether the running task, the subscriber's task `own` (self.task or
--- self.ping_task) when it started, goes on: not once a stop began, nor
--- after a stop from inside it and a new start.
+-- self.ping_task) when it started, goes on: not once a stop began or the
+-- subscriber failed, nor after a stop from inside it and a new start.
 function Sub:_keeps(own)
-  return own == task.current() and self.state ~= "stopping"
+  return own == task.current() and self.state ~= "stopping" and not self.failure
+end
+
+-- A pooler in transaction mode (PgBouncer) runs the LISTEN on a server
+-- connection it then gives to other clients: nothing comes back, ever.
+-- So behind a pooler a ping sent through another connection must come
+-- back within PROBE_TIMEOUT, or the subscriber fails, saying why: no
+-- retry could help.
+local PROBE_TIMEOUT = 3
+
+function Sub:_hears_itself()
+  local before = self.pings_heard
+  subscriber.send_ping(self.pool)
+  local deadline = core.now() + PROBE_TIMEOUT
+  while self.pings_heard == before do
+    local left = deadline - core.now()
+    if left <= 0 then return false end
+    self.heard_ping:wait(left)
+  end
+  return true
 end
 
 -- One connection's life: listen, tell the consumer, watch for silence.
@@ -175,6 +201,14 @@ function Sub:_session(conn)
   conn:on_notify(function(channel, payload) self:_dispatch(channel, payload) end)
   conn:on_close(function(why) self:_drop("connection lost: " .. tostring(why)) end)
   listen_all(self, conn)
+  if db.behind_pooler(conn) and not self:_hears_itself() then
+    self.failure = ("%s: no notification came back within %gs through a connection pooler:"
+      .. " LISTEN needs a session of its own, which a pooler in transaction mode"
+      .. " (PgBouncer's pool_mode = transaction) does not keep; connect the subscriber"
+      .. " to PostgreSQL directly (pings may still go through the pooler: ping_db)")
+      :format(WHERE, PROBE_TIMEOUT)
+    return self.failure
+  end
   self.conn = conn
   self.last_activity = core.now()
   if self.generation > 1 then self.counters.reconnects = self.counters.reconnects + 1 end
@@ -215,6 +249,17 @@ function Sub:_loop()
     else
       reason = tostring(conn)
     end
+    if self.failure then
+      log.error("subscriber failed", { error = self.failure })
+      self.state = "stopped"
+      if self.unregister then
+        self.unregister()
+        self.unregister = nil
+      end
+      self.ping_wake:notify()
+      self.listening:signal()
+      break
+    end
     if not self:_keeps(self.task) then break end
     if self.generation > generation then self.backoff:reset() end
     local delay = self.backoff:next()
@@ -247,6 +292,7 @@ function Sub:start()
     options.raise("sub:start: the subscriber is stopping; start it once sub:stop() has returned")
   end
   self.state = "starting"
+  self.failure = nil
   self.task = task.spawn(self._loop, self)
   if self.ping_db then
     self.ping_wake:clear()
@@ -307,10 +353,12 @@ function Sub:stop(timeout)
   return clean
 end
 
--- Waits until the subscriber listens (true), or timeout seconds (false).
+-- Waits until the subscriber listens (true), or timeout seconds (false);
+-- raises when it failed (LISTEN through a pooler in transaction mode).
 function Sub:ready(timeout)
   local deadline = timeout and core.now() + timeout
   while not self:connected() do
+    if self.failure then error(self.failure, 2) end
     local left = deadline and deadline - core.now()
     if left and left <= 0 then return false end
     self.listening:wait(left)
@@ -330,6 +378,7 @@ end
 function Sub:stats()
   local c = self.counters
   return { state = self.state, connected = self:connected(), generation = self.generation,
+           error = self.failure,
            notifications = c.notifications, reconnects = c.reconnects,
            pings = c.pings, ping_failures = c.ping_failures }
 end
