@@ -7,13 +7,7 @@ local function script(text)
   return helper.write_file(helper.tmpname("script") .. ".lua", text)
 end
 
-local function lua_env()
-  local root = helper.root
-  return {
-    LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
-    LUA_CPATH = root .. "/lua/?.so;;",
-  }
-end
+local lua_env = helper.lua_env
 
 describe("pgcoord-run", function()
   after_each(helper.cleanup)

@@ -5,12 +5,7 @@
 local helper = require "helper"
 
 local function lua_env(resolv_conf)
-  local root = helper.root
-  return {
-    LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
-    LUA_CPATH = root .. "/lua/?.so;;",
-    PGCOORD_RESOLV_CONF = resolv_conf,
-  }
+  return helper.lua_env({ PGCOORD_RESOLV_CONF = resolv_conf })
 end
 
 -- A resolv.conf naming a server that swallows queries (kept open here).

@@ -4,13 +4,7 @@
 local pgcoord = require "pgcoord"
 local helper = require "helper"
 
-local function lua_env()
-  local root = helper.root
-  return {
-    LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
-    LUA_CPATH = root .. "/lua/?.so;;",
-  }
-end
+local lua_env = helper.lua_env
 
 local function example(host, ...)
   return { "lua5.4", helper.root .. "/examples/embed_" .. host .. ".lua", ... }

@@ -216,6 +216,18 @@ function helper.start(argv, opts)
   return p
 end
 
+-- The environment a stock lua5.4 child needs to require this tree's
+-- pgcoord; extra: more variables.
+function helper.lua_env(extra)
+  local root = helper.root
+  local env = {
+    LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
+    LUA_CPATH = root .. "/lua/?.so;;",
+  }
+  for k, v in pairs(extra or {}) do env[k] = v end
+  return env
+end
+
 -- Runs argv to its end; returns exit code and output.
 function helper.run(argv, opts)
   local p = helper.start(argv, opts)

@@ -63,7 +63,6 @@ describe("the stop deadline", function()
   end)
 
   it("pgcoord.stop({ timeout }) in a stock lua5.4 program: run() returns false", function()
-    local root = helper.root
     local path = script([[
       local pgcoord = require "pgcoord"
       pgcoord.spawn(function() while true do pgcoord.sleep(0.1) end end)
@@ -72,9 +71,7 @@ describe("the stop deadline", function()
       print(pcall(pgcoord.stop, { timeout = -1 }))
       print(pcall(pgcoord.stop, { timout = 1 }))
     ]])
-    local code, out = helper.run({ "lua5.4", path }, { env = {
-      LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
-      LUA_CPATH = root .. "/lua/?.so;;" } })
+    local code, out = helper.run({ "lua5.4", path }, { env = helper.lua_env() })
     assert.are.equal(0, code, out)
     assert.matches("run returned\tfalse", out, 1, true)
     assert.matches("timeout must be a number of seconds > 0", out, 1, true)

@@ -8,6 +8,7 @@
 -- and is counted as lost.  Part of the primitives layer.
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
+local json = require "pgcoord.json"
 local backoff = require "pgcoord.backoff"
 local sql = require "pgcoord.queue.sql"
 
@@ -22,23 +23,7 @@ local TRIES = 5          -- of a write that cannot wait for the next batch
 
 local error_text = task.error_text
 
--- s made storable in a text column: at most max bytes, no NUL, valid UTF-8.
-local function clean_text(s, max)
-  s = tostring(s):gsub("%z", "\\0")
-  if #s > max then s = s:sub(1, max) end
-  local out, i = {}, 1
-  while true do
-    local ok, bad = utf8.len(s, i)
-    if ok then
-      out[#out + 1] = s:sub(i)
-      break
-    end
-    out[#out + 1] = s:sub(i, bad - 1)
-    out[#out + 1] = "?"
-    i = bad + 1
-  end
-  return table.concat(out)
-end
+local clean_text = json.clean_text
 
 -- ctx: the consumer's context (pool, ids, names, counters, fields()).
 function acks.start(ctx)
