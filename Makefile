@@ -80,7 +80,7 @@ demo: deps
 	@$(MAKE) --no-print-directory all
 	scripts/pg-tmp run sh -c './pgcoord-run --migrate && ./pgcoord-run examples/demo.lua'
 
-LUA_DIRS = $(wildcard lua spec examples scripts/bench)
+LUA_DIRS = $(wildcard lua spec examples scripts/bench scripts/soak)
 CPPCHECK_FLAGS = --error-exitcode=1 --enable=warning,performance,portability --inline-suppr --quiet
 lint:
 	$(if $(LUA_DIRS),luacheck $(LUA_DIRS))
