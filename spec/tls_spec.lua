@@ -102,6 +102,36 @@ describe("TLS (sslmode=require)", function()
     db:close()
   end)
 
+  it("reads every result through a TLS proxy writing 16 KB records, none stuck", function()
+    -- PostgreSQL 15 writes TLS records of 8 KB, which always fit the free
+    -- space libpq reads into; a proxy (or a newer server) writes 16 KB
+    -- ones, and the part that did not fit stays inside OpenSSL, where the
+    -- socket no longer signals it.  Results whose end lands there: 200-byte
+    -- rows make a response's last record end at every offset in turn.
+    local bin = helper.root .. "/build/tls-relay"
+    if not io.open(bin, "rb") then
+      assert(helper.sh("make -s -C " .. helper.quote(helper.root) .. " build/tls-relay") == 0,
+        "cannot build build/tls-relay")
+    end
+    local relay = helper.start({ bin, env("PGCOORD_TEST_TLS_CA"), env("PGCOORD_TEST_TLS_KEY"),
+      tostring(helper.tcp_parts().port) })
+    local port = helper.wait_until(function()
+      return tonumber(relay:output():match("^(%d+)\n"))
+    end, 10, "the TLS relay's port")
+    local dsn = tls_dsn():gsub("@localhost:%d+/", ("@localhost:%d/"):format(port))
+    local db = helper.connect({ size = 1 }, dsn)
+    -- (the relay speaks plain TCP to the server: ask the client side)
+    assert.are.equal(1, db:one("SELECT 1 AS x").x)
+    for n = 60, 400 do
+      local rows = within(5, ("%d rows of 200 bytes through the proxy"):format(n), function()
+        return db:query("SELECT repeat('x', 200) AS s FROM generate_series(1, $1::int)", n)
+      end)
+      assert.are.equal(n, #rows)
+      assert.are.equal(200, #rows[n].s)
+    end
+    db:close()
+  end)
+
   it("sends 50 MB of text as one parameter", function()
     local db = tls_pool()
     local s = string.rep("0123456789abcdef", 50 * 1024 * 1024 / 16)
