@@ -778,7 +778,7 @@ static int conn_check(lua_State *L)
 		struct pollfd pfd = {PQsocket(c->pg), POLLIN, 0};
 		if (poll(&pfd, 1, 0) <= 0)
 			break;
-		if (!PQconsumeInput(c->pg) || PQstatus(c->pg) == CONNECTION_BAD) {
+		if (!consume_input(c) || PQstatus(c->pg) == CONNECTION_BAD) {
 			shut(c, PQerrorMessage(c->pg));
 			drop_refs(L, c);
 		}
