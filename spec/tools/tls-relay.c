@@ -38,6 +38,14 @@ static void die(const char *what)
 	exit(1);
 }
 
+/* Small writes go out at once (Nagle would hold them for an ACK). */
+static void no_delay(int fd)
+{
+	int one = 1;
+	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+		die("setsockopt");
+}
+
 static int connect_target(int port)
 {
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -45,9 +53,7 @@ static int connect_target(int port)
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0)
 		die("connect to the target");
-	int one = 1;
-	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
-		die("setsockopt");
+	no_delay(fd);
 	return fd;
 }
 
@@ -71,6 +77,7 @@ static void serve(SSL_CTX *ctx, int client, int target_port)
 	char req[8];
 	if (recv(client, req, sizeof req, MSG_WAITALL) != (ssize_t)sizeof req)
 		exit(0);	/* not a client (a port probe) */
+	no_delay(client);
 	if (write(client, "S", 1) != 1)
 		die("write the SSLRequest answer");
 	SSL *ssl = SSL_new(ctx);
