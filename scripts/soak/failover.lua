@@ -256,6 +256,14 @@ for round = 1, rounds do
   odb:close()
   if wrote then failures = failures + 1 end
   line[#line + 1] = wrote and "old primary ACCEPTED a write" or "old primary back as a standby"
+  -- and replicating synchronously again, so the next round loses nothing
+  local sync = pcall(helper.wait_until, function()
+    local asked, row = pcall(db.one, db,
+      "SELECT count(*)::int AS n FROM pg_stat_replication WHERE sync_state = 'sync'")
+    return asked and row.n == 1
+  end, 30)
+  if not sync then failures = failures + 1 end
+  line[#line + 1] = sync and "(sync)" or "NOT SYNCHRONOUS"
   io.write(table.concat(line, " "), "\n")
   primary = 3 - primary
 end
