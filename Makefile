@@ -8,7 +8,7 @@ PKG_CONFIG ?= pkg-config
 PREFIX ?= /usr/local
 DESTDIR ?=
 LUA_VERSION = 5.4
-PKGS = lua5.4 libpq libevent
+PKGS = lua5.4 libpq libevent libssl
 SANITIZE ?=
 export SANITIZE
 
@@ -20,7 +20,7 @@ CFLAGS += -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE \
           -Wall -Wextra -Werror -O2 -g -fPIC $(SAN_FLAGS)
 LDFLAGS += $(SAN_FLAGS)
 PKG_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(PKGS))
-CORE_LIBS = $(shell $(PKG_CONFIG) --libs libpq libevent)
+CORE_LIBS = $(shell $(PKG_CONFIG) --libs libpq libevent libssl)
 HOST_LIBS = $(shell $(PKG_CONFIG) --libs $(PKGS) libedit) -lm -ldl
 
 BUILD = build
@@ -63,6 +63,11 @@ $(BUILD)/tcp-relay: spec/tools/tcp-relay.c $(FLAGS_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $<
 
+# A TLS-terminating forwarder writing 16 KB TLS records, for the TLS specs.
+$(BUILD)/tls-relay: spec/tools/tls-relay.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(shell $(PKG_CONFIG) --libs libssl libcrypto)
+
 # Holds many idle or slowly dribbling connections, for the HTTP specs.
 $(BUILD)/tcp-hold: spec/tools/tcp-hold.c $(FLAGS_STAMP)
 	@mkdir -p $(@D)
@@ -73,14 +78,14 @@ deps:
 
 # `all` is made after `deps` (not beside it) so that -j is safe on a fresh machine.
 test: deps
-	@$(MAKE) --no-print-directory all $(BUILD)/tcp-relay $(BUILD)/tcp-hold
+	@$(MAKE) --no-print-directory all $(BUILD)/tcp-relay $(BUILD)/tcp-hold $(BUILD)/tls-relay
 	scripts/pg-tmp run scripts/test $(SPEC)
 
 demo: deps
 	@$(MAKE) --no-print-directory all
 	scripts/pg-tmp run sh -c './pgcoord-run --migrate && ./pgcoord-run examples/demo.lua'
 
-LUA_DIRS = $(wildcard lua spec examples scripts/bench)
+LUA_DIRS = $(wildcard lua spec examples scripts/bench scripts/soak)
 CPPCHECK_FLAGS = --error-exitcode=1 --enable=warning,performance,portability --inline-suppr --quiet
 lint:
 	$(if $(LUA_DIRS),luacheck $(LUA_DIRS))

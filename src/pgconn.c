@@ -20,6 +20,8 @@
 #include <event2/dns.h>
 #include <event2/util.h>
 
+#include <openssl/ssl.h>
+
 #include "pgcoord.h"
 
 #define CONN_META "pgcoord.pgconn"
@@ -900,6 +902,26 @@ static int anchor(pgc_conn *c)
 	return top;
 }
 
+/*
+ * PQconsumeInput, until nothing waits inside TLS.  libpq reads at most its
+ * free buffer space per call (8 KB or more), and a TLS record can hold
+ * 16 KB: the rest stays decrypted in OpenSSL, where the socket does not
+ * signal it, so a result or notification ending there would wait for the
+ * next bytes from the server, maybe forever.  0 when the link broke.
+ */
+static int consume_input(pgc_conn *c)
+{
+	if (!PQconsumeInput(c->pg))
+		return 0;
+	SSL *ssl = PQsslInUse(c->pg) ? PQsslStruct(c->pg, "OpenSSL") : NULL;
+	while (ssl != NULL && SSL_pending(ssl) > 0) {
+		/* each call takes some of what is pending, and reads no socket */
+		if (!PQconsumeInput(c->pg))
+			return 0;
+	}
+	return 1;
+}
+
 static void read_ready(pgc_conn *c)
 {
 	if (c->state == CONNECTING) {
@@ -908,7 +930,7 @@ static void read_ready(pgc_conn *c)
 	}
 	if (c->state == CLOSED)
 		return;
-	if (!PQconsumeInput(c->pg)) {
+	if (!consume_input(c)) {
 		fail(c, PQerrorMessage(c->pg));
 		return;
 	}
@@ -1178,7 +1200,7 @@ static int conn_check(lua_State *L)
 		struct pollfd pfd = {PQsocket(c->pg), POLLIN, 0};
 		if (poll(&pfd, 1, 0) <= 0)
 			break;
-		if (!PQconsumeInput(c->pg) || PQstatus(c->pg) == CONNECTION_BAD) {
+		if (!consume_input(c) || PQstatus(c->pg) == CONNECTION_BAD) {
 			shut(c, PQerrorMessage(c->pg));
 			drop_refs(L, c);
 		}

@@ -91,3 +91,33 @@ verdict() {
     echo "MISSED"
   fi
 }
+
+# choose_transport: how every connection of the run (pgcoord-run, pgbench,
+# psql, the C baseline) reaches the server, through the PG* environment:
+#   default      the Unix socket
+#   BENCH_TCP=1  plain TCP to 127.0.0.1 (what BENCH_TLS=1 compares with)
+#   BENCH_TLS=1  TLS over TCP to localhost, sslmode=require
+# Sets $transport (a word for the summary).
+choose_transport() {
+  local tls=${BENCH_TLS:-0} tcp=${BENCH_TCP:-0} password
+  [[ $tls == 0 || $tls == 1 ]] || die "BENCH_TLS must be 0 or 1, got $tls"
+  [[ $tcp == 0 || $tcp == 1 ]] || die "BENCH_TCP must be 0 or 1, got $tcp"
+  [[ $tls == 0 || $tcp == 0 ]] || die "BENCH_TLS=1 and BENCH_TCP=1 exclude each other"
+  transport="unix socket"
+  ((tls || tcp)) || return 0
+  [[ -n ${PGCOORD_TEST_TCP_DSN:-} ]] || die "PGCOORD_TEST_TCP_DSN is not set (scripts/pg-tmp sets it)"
+  password=$(sed -E 's|^[a-z]+://[^:@/]*:([^@]*)@.*|\1|' <<<"$PGCOORD_TEST_TCP_DSN")
+  export PGPASSWORD=$password
+  if ((tls)); then
+    export PGHOST=localhost PGSSLMODE=require
+    transport="TLS (sslmode=require)"
+  else
+    export PGHOST=127.0.0.1 PGSSLMODE=disable
+    transport="plain TCP"
+  fi
+  # the server must agree: a run that silently fell back would mislead
+  local ssl
+  ssl=$("$pg_bindir/psql" -X -qAt -c "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") \
+    || die "cannot connect over $transport"
+  [[ $ssl == "$([[ $tls == 1 ]] && echo t || echo f)" ]] || die "the connection is not $transport"
+}
