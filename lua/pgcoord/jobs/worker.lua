@@ -478,7 +478,9 @@ function Worker:stop(timeout)
   self:_wake()
   self.work:signal()
   self.maintenance:stop()
-  if self.pruner then self.pruner:stop() end
+  -- (a pass may have many batches to go: the one on its way is given a
+  -- moment, then rolled back; the next pass, anywhere, takes it up)
+  if self.pruner then self.pruner:stop(FETCH_GRACE) end
   self.unlisten()
   -- A claim or promotion on its way gets a moment to land (a claim that
   -- lands then hands its jobs back itself); one held up longer, by a lock
