@@ -36,6 +36,8 @@ usage: pgcoord-run [options] [script [args...]]
   -                   run standard input as the script
 With no script on a terminal, the prompt starts.  The database defaults to
 PGCOORD_DATABASE_URL, then DATABASE_URL, then libpq's PG* environment.
+Admin commands (a script named jobs, queue or outbox runs as ./jobs); exit
+status 0 done, 1 failed or not every id acted on, 2 usage error:
 ]=]
 
 -- What pgcoord-run prints itself (errors, tracebacks) loses its passwords
@@ -295,7 +297,7 @@ end
 function cli.main(argv)
   local ok, o = pcall(parse, argv)
   if not ok then return die("%s", o) end
-  if o.help then io.stdout:write(USAGE) return 0 end
+  if o.help then io.stdout:write(USAGE, require("pgcoord.admin").help()) return 0 end
   if o.version then
     io.stdout:write(("pgcoord-run %s (%s, libpq %d)\n"):format(core.version, _VERSION,
       core.libpq_version))
@@ -313,6 +315,9 @@ function cli.main(argv)
   end
   if o.db then require("pgcoord.db").set_default_conninfo(o.db) end
   if o.stop_timeout then lifecycle.set_stop_timeout(o.stop_timeout) end
+  if o.script and require("pgcoord.admin").GROUPS[o.script] then
+    return require("pgcoord.admin").main(o.script, o.args, o)
+  end
   if o.print_sql then
     local sok, sql = pcall(require("pgcoord.migrate").sql)
     if not sok then return die("%s", error_text(sql)) end

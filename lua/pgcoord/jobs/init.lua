@@ -10,6 +10,7 @@ local json = require "pgcoord.json"
 local options = require "pgcoord.options"
 local sql = require "pgcoord.jobs.sql"
 local worker = require "pgcoord.jobs.worker"
+local retention = require "pgcoord.jobs.retention"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -218,6 +219,47 @@ function Jobs:retry(ids)
   return self.pool:one(sql.RETRY, ids).retried
 end
 
+-- Jobs, oldest first: { id, group, type, state, priority, params, error_count,
+-- last_error, inserted_at, run_at, locked_by }; opts: group, state, id,
+-- limit (100).  (For a look from the shell: no index serves every filter.)
+local check_list = options.spec("jobs:list", {
+  group = { "string" },
+  state = { "string" },
+  id = { "integer" },
+  limit = { "integer", min = 1, max = 100000, default = 100 },
+})
+
+function Jobs:list(opts)
+  local o = check_list(opts)
+  local rows = self.pool:query(sql.LIST, o.group, o.state, o.id, o.limit)
+  rows.affected = nil
+  for _, row in ipairs(rows) do
+    if row.params then row.params, row.params_error = json.try_decode(row.params) end
+  end
+  return rows
+end
+
+-- The logged runs of a job (at most limit, 100): { attempt, ok, error,
+-- started_at, finished_at, worker_id, type, group }.
+function Jobs:runs(id, limit)
+  if math.type(id) ~= "integer" then
+    raise("jobs:runs: id must be an integer, got %s", options.show(id))
+  end
+  limit = limit or 100
+  if math.type(limit) ~= "integer" or limit < 1 then
+    raise("jobs:runs: limit must be a positive integer, got %s", options.show(limit))
+  end
+  local rows = self.pool:query(sql.RUNS, id, limit)
+  rows.affected = nil
+  return rows
+end
+
+-- Deletes logged runs, failed jobs and cancelled jobs older than the times
+-- given (epoch seconds), in small batches: see retention.lua.
+function Jobs:prune(opts)
+  return retention.prune(self.pool, opts)
+end
+
 -- ---- the worker ----------------------------------------------------------------
 
 -- Bounds of the numeric options.  An interval shorter than 0.01 s makes
@@ -236,10 +278,12 @@ local check_worker = options.spec("jobs:worker", {
   should_log_run = { "function" },
   handle_error = { "function" },
   subscriber = { "table" },
+  retention = { "table" }, -- (checked by retention.check)
 })
 
 function Jobs:worker(opts)
   local o = check_worker(opts)
+  if o.retention then o.retention = retention.check("jobs:worker", o.retention) end
   o.subscriber = o.subscriber or self.subscriber
   o.reclaim_after = o.reclaim_after or 6 * o.heartbeat_interval
   if o.reclaim_after <= o.heartbeat_interval then

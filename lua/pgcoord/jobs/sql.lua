@@ -177,6 +177,72 @@ n AS (
 SELECT (SELECT count(*) FROM r) AS retried, (SELECT count(*) FROM n) AS notified]]
 sql.RETRY = RETRY
 
+-- Jobs for a look from the shell ($1 a group, $2 a state, $3 an id, each
+-- or NULL; $4 at most), oldest first.
+local LIST = [[
+SELECT id, group_name AS "group", type, state, priority, params::text AS params, error_count,
+       last_error, inserted_at, run_at, locked_by
+  FROM pgcoord.jobs
+ WHERE ($1::text IS NULL OR group_name = $1) AND ($2::text IS NULL OR state = $2)
+   AND ($3::bigint IS NULL OR id = $3)
+ ORDER BY id LIMIT $4]]
+sql.LIST = LIST
+
+-- The logged runs of job $1 (at most $2), in the order they ran.
+local RUNS = [[
+SELECT attempt, ok, error, started_at, finished_at, worker_id, type, group_name AS "group"
+  FROM pgcoord.job_runs WHERE job_id = $1 ORDER BY started_at, attempt LIMIT $2]]
+sql.RUNS = RUNS
+
+-- Retention (retention.lua): each deletes at most $4 rows older than the
+-- time $1 (epoch seconds) or, when $1 is NULL, than $2 seconds by the
+-- server's clock, of group $3 or of every group.  Rows another pruner
+-- holds are skipped.  A failed or cancelled job's age is its run_at: the
+-- time its last attempt was due.  ('cancelled' may not be a state yet: the
+-- statement then finds nothing.)  The state is spelt out in each, so that
+-- the planner can read the partial index of failed jobs.
+local PRUNE_RUNS = [[
+DELETE FROM pgcoord.job_runs
+ WHERE ctid = ANY(ARRAY(
+         SELECT ctid FROM pgcoord.job_runs
+          WHERE finished_at < COALESCE(to_timestamp($1::float8),
+                                       now() - make_interval(secs => $2::float8))
+            AND ($3::text IS NULL OR group_name = $3)
+          LIMIT $4 FOR UPDATE SKIP LOCKED))]]
+sql.PRUNE_RUNS = PRUNE_RUNS
+
+local PRUNE_FAILED = [[
+DELETE FROM pgcoord.jobs
+ WHERE id = ANY(ARRAY(
+         SELECT id FROM pgcoord.jobs
+          WHERE state = 'failed'
+            AND run_at < COALESCE(to_timestamp($1::float8),
+                                  now() - make_interval(secs => $2::float8))
+            AND ($3::text IS NULL OR group_name = $3)
+          LIMIT $4 FOR UPDATE SKIP LOCKED))
+   AND state = 'failed']]
+sql.PRUNE_FAILED = PRUNE_FAILED
+
+local PRUNE_CANCELLED = [[
+DELETE FROM pgcoord.jobs
+ WHERE id = ANY(ARRAY(
+         SELECT id FROM pgcoord.jobs
+          WHERE state = 'cancelled'
+            AND run_at < COALESCE(to_timestamp($1::float8),
+                                  now() - make_interval(secs => $2::float8))
+            AND ($3::text IS NULL OR group_name = $3)
+          LIMIT $4 FOR UPDATE SKIP LOCKED))
+   AND state = 'cancelled']]
+sql.PRUNE_CANCELLED = PRUNE_CANCELLED
+
+-- The retention of a group runs in one process at a time: each batch takes
+-- this transaction-scoped advisory lock (PRUNE_LOCK, hashtext(group)), and
+-- a pass that finds it taken ends.
+sql.PRUNE_LOCK = 0x70676a72 -- "pgjr"
+local PRUNE_TRY_LOCK = [[
+SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS ok]]
+sql.PRUNE_TRY_LOCK = PRUNE_TRY_LOCK
+
 local DEREGISTER = [[
 DELETE FROM pgcoord.job_workers WHERE id = $1]]
 sql.DEREGISTER = DEREGISTER

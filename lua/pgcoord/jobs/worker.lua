@@ -18,6 +18,7 @@ local subscriber = require "pgcoord.subscriber"
 local sql = require "pgcoord.jobs.sql"
 local completer = require "pgcoord.jobs.completer"
 local maintenance = require "pgcoord.jobs.maintenance"
+local retention = require "pgcoord.jobs.retention"
 
 local worker = {}
 
@@ -440,6 +441,7 @@ function Worker:_main()
   self.unregister = lifecycle.on_stop(function() self:stop() end)
   self.completer:start()
   m:start()
+  if o.retention then self.pruner = retention.start(self.pool, o.group, o.retention) end
   self.runners = {}
   for i = 1, o.concurrency do self.runners[i] = task.spawn(self._runner, self, i) end
   log.info("job worker started", { group = o.group, worker = id, concurrency = o.concurrency })
@@ -476,6 +478,9 @@ function Worker:stop(timeout)
   self:_wake()
   self.work:signal()
   self.maintenance:stop()
+  -- (a pass may have many batches to go: the one on its way is given a
+  -- moment, then rolled back; the next pass, anywhere, takes it up)
+  if self.pruner then self.pruner:stop(FETCH_GRACE) end
   self.unlisten()
   -- A claim or promotion on its way gets a moment to land (a claim that
   -- lands then hands its jobs back itself); one held up longer, by a lock
@@ -514,7 +519,8 @@ function Worker:stats()
   local q = self.queue
   return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
            queued = q.tail - q.head + 1, running = self.running,
-           unflushed = self.completer:unwritten() }
+           unflushed = self.completer:unwritten(),
+           retention = self.pruner and self.pruner:stats() or nil }
 end
 
 return worker

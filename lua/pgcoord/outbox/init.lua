@@ -237,6 +237,27 @@ function Outbox:mark_failed(id, err)
   return row.status, row.retries
 end
 
+-- Messages whose retries ran out, oldest first (at most opts.limit, 100):
+-- { id, topic, key, payload, headers, retries, last_error, created_at }.
+local check_failed = options.spec("ob:failed", {
+  limit = { "integer", default = 100, min = 1, max = 100000 },
+})
+
+function Outbox:failed(opts)
+  local o = check_failed(opts)
+  local rows = self.db:query(self.sql.failed_list, o.limit)
+  rows.affected = nil
+  return rows
+end
+
+-- Failed messages (id, ... or { id, ... }) back to pending with a fresh
+-- retry count, relays woken; returns how many were failed and now are not.
+function Outbox:retry(...)
+  local ids = id_list("ob:retry", ...)
+  if #ids == 0 then return 0 end
+  return self.db:one(self.sql.retry_failed, ids, self.notify and self.channel or nil).retried
+end
+
 -- Keeps claimed messages (a list of ids) in processing for another
 -- visibility_timeout; returns how many.  (For relays with long batches.)
 function Outbox:extend(ids)

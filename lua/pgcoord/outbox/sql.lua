@@ -99,6 +99,15 @@ function sql.outbox(q, notify)
       :format(q),
     extend = ("UPDATE %s SET visible_at = now() + make_interval(secs => $2)"
       .. " WHERE id = ANY(ARRAY(%s)) AND status = 'processing'"):format(q, IDS),
+    -- failed messages, for a look and a retry ($1 at most)
+    failed_list = ("SELECT id, topic, key, payload, headers, retries, last_error, created_at"
+      .. " FROM %s WHERE status = 'failed' ORDER BY seq LIMIT $1"):format(q),
+    -- failed messages back to pending with a fresh retry count; $2: the
+    -- channel to wake relays on, or NULL
+    retry_failed = ("WITH r AS (UPDATE %s SET status = 'pending', retries = 0,"
+      .. " visible_at = now() WHERE id = ANY(ARRAY(%s)) AND status = 'failed' RETURNING 1)"
+      .. " SELECT count(*) AS retried, CASE WHEN count(*) > 0 AND $2::text IS NOT NULL"
+      .. " THEN pg_notify($2, '') END AS notified FROM r"):format(q, IDS),
     delete_before = ("DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = 'processed'"
       .. " AND processed_at < to_timestamp($1) LIMIT $2 FOR UPDATE SKIP LOCKED)"):format(q, q),
     delete_older = ("DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = 'processed'"
