@@ -178,3 +178,41 @@ describe("installing with luarocks", function()
     assert.matches("check-luarocks: ok", out, 1, true)
   end)
 end)
+
+describe("scripts/test", function()
+  after_each(helper.cleanup)
+
+  -- Runs scripts/test on one spec file whose test logs a line and passes
+  -- or fails; returns the exit code and the output.
+  local function nested_run(passes)
+    local spec = helper.write_file(helper.tmpname("nested") .. "_spec.lua", ([[
+      local pgcoord = require "pgcoord"
+      describe("nested", function()
+        it("logs a line", function()
+          pgcoord.log.info("a line the spec logged", { marker = "m%s" })
+          assert.is_true(%s)
+        end)
+      end)
+    ]]):format(helper.pid, tostring(passes)))
+    return helper.run({ helper.root .. "/scripts/test", spec }, {
+      env = { PGCOORD_TEST_STDERR_LOG = helper.tmpname("stderr") },
+      timeout = 120,
+    })
+  end
+
+  it("prints progress and summary, not the specs' log lines, when all pass", function()
+    local code, out = nested_run(true)
+    assert.are.equal(0, code, out)
+    assert.is_nil(out:find("a line the spec logged", 1, true), out)
+    assert.matches("1 success / 0 failures", out, 1, true)
+    assert.matches("\n1 passed, 0 failed\n$", out)
+  end)
+
+  it("shows the specs' log lines after a failure, then the count", function()
+    local code, out = nested_run(false)
+    assert.are.equal(1, code, out)
+    assert.matches("the last 100 lines the specs wrote to stderr", out, 1, true)
+    assert.matches('msg="a line the spec logged" marker=m' .. helper.pid, out, 1, true)
+    assert.matches("\n0 passed, 1 failed\n$", out)
+  end)
+end)
