@@ -109,6 +109,8 @@ MANDIR ?= $(PREFIX)/share/man
 # The primitives that are folders (jobs/, queue/, outbox/, ...).
 LUA_FOLDERS = $(notdir $(patsubst %/,%,$(wildcard lua/pgcoord/*/)))
 
+# install_dirs.lua tells pgcoord.migrate where sql/ went: luarocks keeps
+# DATADIR in its rock folder, which no path relative to LUADIR reaches.
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pgcoord $(DESTDIR)$(LUADIR)/pgcoord \
 	    $(DESTDIR)$(DATADIR)/sql $(DESTDIR)$(DATADIR)/examples $(DESTDIR)$(MANDIR)/man1
@@ -120,6 +122,7 @@ install: all
 	    install -m 644 lua/pgcoord/$$d/*.lua $(DESTDIR)$(LUADIR)/pgcoord/$$d/ || exit 1; \
 	done
 	install -m 644 sql/*.sql $(DESTDIR)$(DATADIR)/sql/
+	printf 'return { sql = [==[%s]==] }\n' '$(DATADIR)/sql' > $(DESTDIR)$(LUADIR)/pgcoord/install_dirs.lua
 	install -m 644 examples/* $(DESTDIR)$(DATADIR)/examples/
 	install -m 644 doc/pgcoord-run.1 $(DESTDIR)$(MANDIR)/man1/
 

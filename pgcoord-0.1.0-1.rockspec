@@ -1,5 +1,9 @@
 -- Builds with the project's Makefile; needs the C libraries libpq,
 -- libevent and libedit (Debian: libpq-dev libevent-dev libedit-dev).
+-- The Makefile finds their headers with pkg-config (Debian keeps libpq-fe.h
+-- in /usr/include/postgresql), so luarocks checks only that the libraries
+-- exist.  Debian's lua-cjson package is not a rock: with it installed, build
+-- with --deps-mode=none (scripts/check-luarocks does).
 rockspec_format = "3.0"
 package = "pgcoord"
 version = "0.1.0-1"
@@ -22,8 +26,8 @@ dependencies = {
   "lua-cjson",
 }
 external_dependencies = {
-  PQ = { header = "libpq-fe.h" },
-  EVENT = { header = "event2/event.h" },
+  PQ = { library = "pq" },
+  EVENT = { library = "event" },
 }
 build = {
   type = "make",

@@ -10,6 +10,7 @@
  * Each outcome is handed to a Lua callback; the policy (pooling, waiting,
  * retrying) lives in lua/pgcoord/db.lua.
  */
+#include <ctype.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -59,20 +60,37 @@ static pgc_conn *check_conn(lua_State *L)
 	return luaL_checkudata(L, 1, CONN_META);
 }
 
-/* libpq's messages span lines; a log line and an error want one. */
+/*
+ * libpq's messages span lines; a log line and an error want one.  A line
+ * that starts a sentence ("Connection refused\n\tIs the server running")
+ * gets the full stop libpq leaves to the line break, a line that starts
+ * another message (one per host tried) a "; ", a continued sentence a space.
+ */
 static char *trimmed_copy(const char *msg)
 {
-	char *s = strdup(msg && *msg ? msg : "connection lost");
+	const char *in = msg && *msg ? msg : "connection lost";
+	size_t len = strlen(in);
+	char *s = malloc(2 * len + 1);	/* a break of one byte may become ". " */
 	if (s == NULL)
 		return NULL;
 	size_t n = 0;
-	for (const char *p = s; *p; p++) {
-		if (*p == '\n' || *p == '\t') {
-			if (n > 0 && s[n - 1] != ' ')
-				s[n++] = ' ';
-		} else {
-			s[n++] = *p;
+	for (size_t i = 0; i < len; i++) {
+		if (in[i] != '\n' && in[i] != '\t') {
+			s[n++] = in[i];
+			continue;
 		}
+		int continued = in[i] == '\t';
+		while (i + 1 < len && (in[i + 1] == '\n' || in[i + 1] == '\t'))
+			continued |= in[++i] == '\t';
+		if (i + 1 == len || n == 0 || s[n - 1] == ' ')
+			continue;
+		char last = s[n - 1];
+		int ended = strchr(".?!:;", last) != NULL;
+		if (!ended && continued && isupper((unsigned char)in[i + 1]))
+			s[n++] = '.';
+		else if (!ended && !continued)
+			s[n++] = ';';
+		s[n++] = ' ';
 	}
 	while (n > 0 && s[n - 1] == ' ')
 		n--;

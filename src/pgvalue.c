@@ -381,11 +381,14 @@ static int push_part(lua_State *L, const char *label, const char *field)
 	return 2;
 }
 
-/* "message (SQLSTATE 23505, constraint x) DETAIL: ... HINT: ..." */
+/* "where: message (SQLSTATE 23505, constraint x) DETAIL: ... HINT: ...",
+ * where being the caller's "file:line", as Lua puts it before a message. */
 static int error_tostring(lua_State *L)
 {
 	luaL_checktype(L, 1, LUA_TTABLE);
 	lua_settop(L, 1);
+	if (push_part(L, "", "where"))
+		lua_pushliteral(L, ": ");
 	push_part(L, "", "message");
 	if (push_part(L, " (SQLSTATE ", "sqlstate")) {
 		push_part(L, ", constraint ", "constraint");

@@ -24,6 +24,39 @@ local function is_db_error(err)
 end
 db.is_error = is_db_error
 
+-- A query against a database never migrated (or migrated by an older
+-- pgcoord): a pgcoord relation or the schema itself is missing.
+function db.schema_missing(err)
+  if not is_db_error(err) then return false end
+  local message = err.message or ""
+  return (err.sqlstate == "42P01" and message:find('relation "pgcoord.', 1, true) ~= nil)
+    or (err.sqlstate == "3F000" and message:find('schema "pgcoord"', 1, true) ~= nil)
+end
+
+-- The log level of a failure a service retries: "debug" for a missing
+-- schema it has said before (state.schema_missing_said is set the first
+-- time), so an unmigrated database is said once, not at every retry.
+function db.failure_level(state, err, level)
+  if not db.schema_missing(err) then return level end
+  if state.schema_missing_said then return "debug" end
+  state.schema_missing_said = true
+  return level
+end
+
+local MIGRATE_HINT = "pgcoord's tables are missing or out of date:"
+  .. " run `pgcoord-run --migrate` or pgcoord.migrate(db)"
+
+-- A failed statement's error, before it is raised: where = the caller's
+-- "file:line" (errors go up with level 0, so Lua adds no position) and,
+-- for a missing schema, the fix.  Only errors pay for the stack walk.
+local function annotate(err)
+  if is_db_error(err) then
+    if err.where == nil then err.where = options.caller_where() end
+    if err.hint == nil and db.schema_missing(err) then err.hint = MIGRATE_HINT end
+  end
+  return err
+end
+
 local function raise(sqlstate, fmt, ...)
   error(core.error(sqlstate, fmt:format(...)), 0)
 end
@@ -94,7 +127,7 @@ end
 
 local function await_ok(register, ...)
   local r, err = task.await(register, ...)
-  if r == nil then error(err, 0) end
+  if r == nil then error(annotate(err), 0) end
   return r
 end
 
@@ -232,7 +265,7 @@ local function run(conn, sql, ...)
   else
     rows, err = task.await(send_register, conn, sql, entry and entry[2], ...)
   end
-  if rows == nil then error(err, 0) end
+  if rows == nil then error(annotate(err), 0) end
   return rows
 end
 
@@ -256,7 +289,7 @@ end
 -- Runs several statements (no parameters), as migrations need.
 local function run_script(conn, sql)
   local rows, err = task.await(script_register, conn, sql)
-  if rows == nil then error(err, 0) end
+  if rows == nil then error(annotate(err), 0) end
   return rows
 end
 
@@ -351,7 +384,7 @@ function db.open(pool)
   if not conn then
     err.message = ("pgcoord.connect: cannot connect to %s: %s")
       :format(describe_target(pool.conninfo), log.redact(err.message or "?"))
-    error(err, 0)
+    error(annotate(err), 0)
   end
   conn:on_notice(notice)
   local ok, serr = pcall(setup, pool, conn)

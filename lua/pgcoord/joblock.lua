@@ -15,6 +15,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
+local db = require "pgcoord.db"
 local lifecycle = require "pgcoord.lifecycle"
 local options = require "pgcoord.options"
 
@@ -164,7 +165,8 @@ function Lock:_acquire()
     local ok, token, sent = pcall(self._try_acquire, self)
     if ok and token then return token, sent end
     if not ok then
-      log.warn("job lock acquire failed", { lock = self.name, error = tostring(token) })
+      log[db.failure_level(self, token, "warn")]("job lock acquire failed",
+        { lock = self.name, error = tostring(token) })
     end
     if listener then
       listener:receive(self.check_interval)

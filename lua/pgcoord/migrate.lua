@@ -24,13 +24,24 @@ local function here()
   return (src:sub(1, 1) == "@" and src:sub(2) or ""):match("^(.*)/[^/]*$") or "."
 end
 
--- sql/ beside lua/ in the build tree, share/pgcoord/sql when installed.
+-- Where `make install` (and so luarocks) put sql/, or nil: the file it
+-- writes beside this one.
+local function installed_dir(dir)
+  local chunk = loadfile(dir .. "/install_dirs.lua", "t", {})
+  if not chunk then return nil end
+  local ok, dirs = pcall(chunk)
+  return ok and type(dirs) == "table" and dirs.sql or nil
+end
+
+-- sql/ beside lua/ in the build tree; when installed, the folder install
+-- recorded, else share/pgcoord/sql (an installed tree moved as a whole).
 function migrate.sql_dir()
   local env = os.getenv("PGCOORD_SQL_DIR")
   if env and env ~= "" then return env end
   local dir = here()
-  for _, candidate in ipairs({ dir .. "/../../sql", dir .. "/../../../pgcoord/sql" }) do
-    if core.listdir(candidate) then return candidate end
+  for _, candidate in ipairs({ dir .. "/../../sql", installed_dir(dir) or false,
+                               dir .. "/../../../pgcoord/sql" }) do
+    if candidate and core.listdir(candidate) then return candidate end
   end
   error("pgcoord: cannot find the sql/ directory of migrations (set PGCOORD_SQL_DIR)")
 end

@@ -38,6 +38,21 @@ function options.caller_level()
   end
 end
 
+-- "file:line" of the first Lua frame outside pgcoord's modules, or nil
+-- when there is none (a task pgcoord itself runs).  For errors raised
+-- with level 0, which carry no position of their own.
+function options.caller_where()
+  local level = 2
+  while true do
+    local info = debug.getinfo(level, "Sl")
+    if info == nil then return nil end
+    if info.currentline > 0 and not internal(info) then
+      return ("%s:%d"):format(info.short_src, info.currentline)
+    end
+    level = level + 1
+  end
+end
+
 -- Raises message at the caller's line.
 function options.raise(fmt, ...)
   error(fmt:format(...), options.caller_level())

@@ -10,6 +10,7 @@ local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local json = require "pgcoord.json"
 local log = require "pgcoord.log"
+local db = require "pgcoord.db"
 local lifecycle = require "pgcoord.lifecycle"
 local backoff = require "pgcoord.backoff"
 local retry = require "pgcoord.retry"
@@ -199,7 +200,8 @@ function Worker:_infra_error(what, err)
     if ok then return end
     log.error("handle_error failed", { error = tostring(herr) })
   end
-  log.error("job worker: " .. what, { group = self.o.group, error = tostring(err) })
+  log[db.failure_level(self, err, "error")]("job worker: " .. what,
+    { group = self.o.group, error = tostring(err) })
 end
 
 -- Wakes the fetch loop because ready jobs may have appeared (a NOTIFY,
