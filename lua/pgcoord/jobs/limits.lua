@@ -114,11 +114,13 @@ SELECT c.*, m.tokens_left FROM m LEFT JOIN c ON true ORDER BY c.priority, c.id]]
 
 -- ---- the public calls ----
 
+-- groups: the groups job types are defined in, or nil for a caller that
+-- knows no definitions (an admin command line), which any group name suits.
 local function check_group(where, groups, group)
   if type(group) ~= "string" or group == "" then
     options.raise("%s: group must be a non-empty string, got %s", where, options.show(group))
   end
-  if not groups[group] then
+  if groups and not groups[group] then
     options.raise("%s: unknown group %q (no job type is defined in it)", where, group)
   end
 end
