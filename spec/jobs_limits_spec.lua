@@ -395,6 +395,17 @@ describe("bad input to pause and limit", function()
     assert.are.equal(0, written(other))
   end)
 
+  it("takes any group from a caller with no definitions (an admin command line), "
+    .. "refusing a name the server would", function()
+    local limits = require "pgcoord.jobs.limits"
+    local g = helper.unique("jl_cli")
+    assert.are.same({ paused = true }, limits.set_paused(db, nil, g, true, "jobs pause"))
+    assert.are.equal(1, written(g))
+    local err = errors(function() limits.set_paused(db, nil, "a\0b", true, "jobs pause") end)
+    assert.matches("jobs pause: group", err)
+    assert.matches("jobs_limits_spec.lua:%d+:", err)
+  end)
+
   it("refuses negative, zero, NaN, infinite and fractional limits and unknown options, "
     .. "writing nothing", function()
     local g = helper.unique("jl")

@@ -14,6 +14,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local options = require "pgcoord.options"
+local json = require "pgcoord.json"
 local metrics = require "pgcoord.metrics"
 local sql = require "pgcoord.jobs.sql"
 
@@ -120,7 +121,9 @@ local function check_group(where, groups, group)
   if type(group) ~= "string" or group == "" then
     options.raise("%s: group must be a non-empty string, got %s", where, options.show(group))
   end
-  if groups and not groups[group] then
+  if groups == nil then
+    json.check_text(where, "group", group) -- (a defined group's was checked by jobs:define)
+  elseif not groups[group] then
     options.raise("%s: unknown group %q (no job type is defined in it)", where, group)
   end
 end
