@@ -268,6 +268,24 @@ describe("jobs:limit", function()
     for _, p in ipairs(procs) do p:wait(10) end
   end)
 
+  it("starts a new rate with a full bucket, and keeps the bucket when the same rate is set again",
+    function()
+    local g = helper.unique("jl")
+    local jobs = jobs_in(g)
+    local function bucket()
+      return db:one([[SELECT tokens, refilled_at::text AS at
+                        FROM pgcoord.job_groups WHERE name = $1]], g)
+    end
+    jobs:limit(g, { rate = 5 })
+    assert.are.equal(5, bucket().tokens)
+    db:exec("UPDATE pgcoord.job_groups SET tokens = 1 WHERE name = $1", g)
+    local before = bucket()
+    jobs:limit(g, { rate = 5, concurrency = 2 })
+    assert.are.same(before, bucket())
+    jobs:limit(g, { rate = 8 })
+    assert.are.equal(8, bucket().tokens)
+  end)
+
   it("gives back the slots of a worker that died within reclaim_after (and a heartbeat)",
     function()
     local g, tbl = helper.unique("jl"), runs_table()

@@ -45,14 +45,18 @@ WITH s AS (
   RETURNING name, paused, concurrency, rate)
 ]] .. NOTIFY_SETTINGS
 
--- A new or changed rate starts with a full bucket (burst = rate).
+-- A new or changed rate starts with a full bucket (burst = rate); the
+-- same rate set again keeps the bucket as it is (no extra burst).
 local SET_LIMIT = [[
 WITH s AS (
   INSERT INTO pgcoord.job_groups AS g (name, concurrency, rate, tokens, refilled_at)
   VALUES ($1, $2::int, $3::float8, COALESCE($3::float8, 0), clock_timestamp())
   ON CONFLICT (name) DO UPDATE
-    SET concurrency = $2::int, rate = $3::float8, tokens = COALESCE($3::float8, 0),
-        refilled_at = clock_timestamp(), updated_at = now()
+    SET concurrency = $2::int, rate = $3::float8,
+        tokens = CASE WHEN g.rate = $3::float8 THEN g.tokens ELSE COALESCE($3::float8, 0) END,
+        refilled_at = CASE WHEN g.rate = $3::float8 THEN g.refilled_at
+                           ELSE clock_timestamp() END,
+        updated_at = now()
   RETURNING name, paused, concurrency, rate)
 ]] .. NOTIFY_SETTINGS
 
