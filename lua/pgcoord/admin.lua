@@ -207,12 +207,13 @@ local COMMANDS = {
     end },
   { "jobs", "pause", args = { "GROUP" }, needs = "pause",
     run = function(c, group)
-      c:jobs():pause(group)
+      -- (from the shell no job type is defined: any group name goes)
+      require("pgcoord.jobs.limits").set_paused(c:db(), nil, group, true, "jobs pause")
       return report_done(c, "paused", group)
     end },
   { "jobs", "resume", args = { "GROUP" }, needs = "resume",
     run = function(c, group)
-      c:jobs():resume(group)
+      require("pgcoord.jobs.limits").set_paused(c:db(), nil, group, false, "jobs resume")
       return report_done(c, "resumed", group)
     end },
   { "jobs", "periodic", needs = "periodic_list",

@@ -11,6 +11,7 @@ local options = require "pgcoord.options"
 local sql = require "pgcoord.jobs.sql"
 local worker = require "pgcoord.jobs.worker"
 local retention = require "pgcoord.jobs.retention"
+local limits = require "pgcoord.jobs.limits"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -258,6 +259,33 @@ end
 -- given (epoch seconds), in small batches: see retention.lua.
 function Jobs:prune(opts)
   return retention.prune(self.pool, opts)
+end
+
+-- ---- pause and limits of a group (limits.lua) ------------------------------------
+
+-- Persisted; every worker of the group, in every process, stops starting
+-- its jobs within a second (running handlers finish).  Each returns the
+-- group's settings { paused =, concurrency =, rate = }.
+function Jobs:pause(group)
+  return limits.set_paused(self.pool, self.groups, group, true, "jobs:pause")
+end
+
+function Jobs:resume(group)
+  return limits.set_paused(self.pool, self.groups, group, false, "jobs:resume")
+end
+
+function Jobs:paused(group)
+  return limits.paused(self.pool, self.groups, group)
+end
+
+-- { concurrency = n, rate = per_second } across every worker of the group;
+-- a limit left out is cleared (jobs:limit(group) clears both).
+function Jobs:limit(group, opts)
+  return limits.set(self.pool, self.groups, group, opts)
+end
+
+function Jobs:limits(group)
+  return limits.get(self.pool, self.groups, group)
 end
 
 -- ---- the worker ----------------------------------------------------------------

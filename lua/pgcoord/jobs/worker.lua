@@ -20,6 +20,7 @@ local sql = require "pgcoord.jobs.sql"
 local completer = require "pgcoord.jobs.completer"
 local maintenance = require "pgcoord.jobs.maintenance"
 local retention = require "pgcoord.jobs.retention"
+local limits = require "pgcoord.jobs.limits"
 
 local worker = {}
 
@@ -173,6 +174,8 @@ function worker.new(types, pool, o)
     handoff = false,                  -- a fetch or flush asked for has not run yet
     alive_until = -math.huge,         -- the lease (maintenance.lua)
     series = {},                      -- job type -> metric series
+    paused = false, limited = false,  -- the group's settings (limits.lua)
+    settings_version = 0,             -- bumped at each change of them
   }, Worker)
   w.completer = completer.new(pool, o.group, o.flush_count, o.flush_age, {
     on_error = function(what, err) w:_infra_error(what, err) end,
@@ -188,6 +191,11 @@ function worker.new(types, pool, o)
     on_taken = function(old) return w:_drop_claimed(old) end,
     on_registered = function(id) w.completer:set_owner(id) end,
     on_wake = function() w:_wake() end,
+  })
+  w.limiter = limits.watcher(pool, o.group, o.poll_interval, o.reclaim_after, {
+    on_change = function() w:_settings_changed() end,
+    on_wake = function() w:_wake() end,
+    on_error = function(what, err) w:_infra_error(what, err) end,
   })
   w.main = task.spawn(w._main, w)
   return w
@@ -246,17 +254,25 @@ local function hand_back(pool, ids, id)
 end
 
 function Worker:_claim(want)
-  local id = self.maintenance:worker_id()
+  local id, version = self.maintenance:worker_id(), self.settings_version
   -- In a transaction: a claim whose rows cannot be read (out of memory)
   -- rolls back, where one that committed would leave them 'running' under
   -- this worker's id and in no runner's hands.
-  local rows = self.pool:tx(claim_rows, self.o.group, id, want)
+  local rows
+  if self.limited then
+    local q = self.queue
+    rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + q.tail - q.head + 1)
+  else
+    rows = self.pool:tx(claim_rows, self.o.group, id, want)
+  end
   local n = #rows
   if n == 0 then return 0 end
-  if self.state ~= "running" or self.maintenance:worker_id() ~= id then
+  if self.state ~= "running" or self.maintenance:worker_id() ~= id
+     or self.settings_version ~= version then
     -- a stop began while the claim was on its way (its hand-back is over,
     -- and the runners may be gone), or the worker was taken for dead and
-    -- starts over under a new id: hand these back too
+    -- starts over under a new id, or the group was paused or limited
+    -- meanwhile: hand these back too
     local ids = {}
     for i = 1, n do ids[i] = rows[i].id end
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
@@ -296,6 +312,7 @@ local MAX_CLAIMS = 2
 
 function Worker:_start_claims()
   local o, q = self.o, self.queue
+  if self.limited then return self:_start_limited_claim() end
   local on_way, claiming = 0, 0
   for _, want in pairs(self.claims) do
     on_way, claiming = on_way + 1, claiming + want
@@ -308,6 +325,37 @@ function Worker:_start_claims()
     self.claims[task.spawn(self._claim_task, self, want)] = want
     on_way = on_way + 1
   end
+end
+
+-- A paused or limited group: one claim at a time, of no more than the
+-- runners can start now (what is claimed takes the group's slots and
+-- tokens), none while paused.
+function Worker:_start_limited_claim()
+  local q = self.queue
+  if self.paused or self.drained or self.state ~= "running" or next(self.claims) then return end
+  local want = self.o.concurrency - self.running - (q.tail - q.head + 1)
+  if want > 0 then self.claims[task.spawn(self._claim_task, self, want)] = want end
+end
+
+-- The group was paused, resumed or its limits changed (limits.lua).
+-- Paused or limited, the jobs claimed and not started go back: none of
+-- them starts now, and the others (and this worker) claim them again under
+-- the new settings.
+function Worker:_settings_changed()
+  local l = self.limiter
+  self.settings_version = self.settings_version + 1
+  self.paused, self.limited = l:paused(), l:limited()
+  log.info("job group settings changed", { group = self.o.group, paused = self.paused,
+    limited = self.limited })
+  if self.limited and self.state == "running" then
+    local back = {}
+    for job in pop, self.queue do back[#back + 1] = job.id end
+    if #back > 0 then
+      local id = self.maintenance:worker_id()
+      task.spawn(self._persist, self, "handing back jobs failed", hand_back, self.pool, back, id)
+    end
+  end
+  self:_wake()
 end
 
 -- The worker was taken for dead: drops the claimed jobs not started (the
@@ -393,6 +441,8 @@ function Worker:_runner(slot)
       local running = self.running - 1
       self.running = running
       streak = streak + 1
+      -- (limited: the claim that follows gives the slot back)
+      if self.limited then self:_wake() end
       if running == 0 and q.head > q.tail then
         -- nothing left in hand: no reason to hold results back
         results:flush()
@@ -420,6 +470,7 @@ function Worker:_listen()
     self:_wake()
   end)
   local group = self.o.group
+  self.limiter:listen(sub)
   local listener = sub:channel(sql.CHANNEL):on(function(msg)
     local due = msg.due_in
     if type(due) == "number" and due > 0 then m:due(core.now() + due) end
@@ -439,11 +490,14 @@ function Worker:_main()
   if not id then return end
   self.completer:set_owner(id)
   self:_listen()
+  -- (paused or limited from the first claim on)
+  self:_persist("reading the group's settings failed", self.limiter.load, self.limiter)
   self.state = "running"
   self.unregister = lifecycle.on_stop(function() self:stop() end)
   self.completer:start()
   m:start()
   if o.retention then self.pruner = retention.start(self.pool, o.group, o.retention) end
+  self.limiter:start()
   self.runners = {}
   for i = 1, o.concurrency do self.runners[i] = task.spawn(self._runner, self, i) end
   log.info("job worker started", { group = o.group, worker = id, concurrency = o.concurrency })
@@ -483,6 +537,7 @@ function Worker:stop(timeout)
   -- (a pass may have many batches to go: the one on its way is given a
   -- moment, then rolled back; the next pass, anywhere, takes it up)
   if self.pruner then self.pruner:stop(FETCH_GRACE) end
+  self.limiter:stop()
   self.unlisten()
   -- A claim or promotion on its way gets a moment to land (a claim that
   -- lands then hands its jobs back itself); one held up longer, by a lock
@@ -509,6 +564,7 @@ function Worker:stop(timeout)
   end
   self.completer:stop()
   self.maintenance:deregister()
+  if self.limited and not self.paused then self.limiter:slots_freed() end
   self.state = "stopped"
   log.info("job worker stopped", { group = self.o.group, worker = id })
   self.changed:signal()
@@ -521,7 +577,7 @@ function Worker:stats()
   local q = self.queue
   return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
            queued = q.tail - q.head + 1, running = self.running,
-           unflushed = self.completer:unwritten(),
+           unflushed = self.completer:unwritten(), paused = self.paused, limited = self.limited,
            retention = self.pruner and self.pruner:stats() or nil }
 end
 
