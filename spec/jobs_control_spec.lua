@@ -8,6 +8,7 @@ local helper = require "helper"
 
 local db
 local workers = {}
+local subscribers = {}
 
 local errors = helper.error_of
 
@@ -30,6 +31,16 @@ local function runs_of(id)
   return db:one("SELECT count(*)::int AS n FROM pgcoord.job_runs WHERE job_id = $1", id).n
 end
 
+-- A started subscriber, connected: a worker given it is listening once
+-- ready() returns.
+local function connected_subscriber(pool)
+  local sub = pgcoord.subscriber(pool)
+  sub:start()
+  helper.wait_until(function() return sub:connected() end, 5, "the subscriber to connect")
+  subscribers[#subscribers + 1] = sub
+  return sub
+end
+
 -- A value to close: sets flags[name] when its scope ends, however it ends.
 local function closer(flags, name)
   return setmetatable({}, { __close = function() flags[name] = true end })
@@ -50,6 +61,8 @@ after_each(function()
     if not t:wait(10) then print("a worker did not stop within 10 s") end
   end
   workers = {}
+  for _, sub in ipairs(subscribers) do sub:stop() end
+  subscribers = {}
   helper.cleanup()
 end)
 
@@ -119,7 +132,9 @@ describe("jobs:cancel", function()
     jobs:define("slow", slow, rule)
     -- a pool of its own for the worker: the cancel reaches it by NOTIFY
     local wpool = helper.connect({ size = 4 })
-    local w = worker(pgcoord.jobs(wpool):define("slow", slow, rule), { group = g, concurrency = 1 })
+    local wsub = connected_subscriber(wpool)
+    local w = worker(pgcoord.jobs(wpool):define("slow", slow, rule),
+      { group = g, concurrency = 1, subscriber = wsub })
     local id = jobs:schedule(db, "slow", { n = 1 })
     helper.wait_until(function() return flags.started end, 5, "the handler to start")
     local t0 = pgcoord.now()
@@ -141,7 +156,56 @@ describe("jobs:cancel", function()
     assert.are.equal(1, runs_of(id))
     assert.are.equal(0, w:stats().running)
     pgcoord.spawn(w.stop, w, 0):join()
+    wsub:stop()
     wpool:close()
+  end)
+
+  it("cancels a running handler whose cancel was sent while its worker was not listening",
+    function()
+    local g = helper.unique("jc")
+    local jobs = pgcoord.jobs(db)
+    local flags = {}
+    jobs:define("slow", function()
+      local _ <close> = closer(flags, "closed")
+      flags.started = true
+      pgcoord.sleep(60)
+    end, { group = g })
+    -- the worker's subscriber is not started: the worker finds the job by
+    -- its first poll, and the cancel's NOTIFY reaches nobody
+    local sub = pgcoord.subscriber(db)
+    subscribers[#subscribers + 1] = sub
+    worker(jobs, { group = g, subscriber = sub })
+    local id = jobs:schedule(db, "slow", nil)
+    helper.wait_until(function() return flags.started end, 5, "the handler to start")
+    assert.are.same({ 1, 1 }, { jobs:cancel(id) })
+    sub:start()
+    helper.wait_until(function() return flags.closed end, 5, "the handler cancelled on connect")
+    assert.are.equal("cancelled", state_of(id))
+  end)
+
+  it("drops a job its worker claimed and has not started yet", function()
+    local g = helper.unique("jc")
+    local jobs = pgcoord.jobs(db)
+    local ran, release = {}, false
+    jobs:define("t", function(job)
+      ran[#ran + 1] = job.id
+      if #ran == 1 then
+        helper.wait_until(function() return release end, 10, "the spec to release the job")
+      end
+    end, { group = g })
+    local w = worker(jobs, { group = g, concurrency = 1, flush_age = 0.01 })
+    local first = jobs:schedule(db, "t", nil)
+    helper.wait_until(function() return #ran == 1 end, 5, "the first handler")
+    local second = jobs:schedule(db, "t", nil)
+    helper.wait_until(function() return w:stats().queued == 1 end, 5, "the second job claimed")
+    assert.are.same({ 1, 1 }, { jobs:cancel(second) })
+    helper.wait_until(function() return w:stats().queued == 0 end, 2, "the claimed job dropped")
+    release = true
+    helper.wait_until(function() return state_of(first) == nil end, 5, "the first job to finish")
+    local third = jobs:schedule(db, "t", nil)
+    helper.wait_until(function() return state_of(third) == nil end, 5, "the third job to finish")
+    assert.are.same({ first, third }, ran)
+    assert.are.equal("cancelled", state_of(second))
   end)
 
   -- (a result not written yet is dropped: 1; one written first: 0)

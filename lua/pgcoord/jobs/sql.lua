@@ -216,6 +216,11 @@ SELECT group_name AS "group", was, count(*)::int AS n,
   FROM c GROUP BY group_name, was]]
 sql.CANCEL = CANCEL
 
+-- Which of the jobs a worker has in hand ($1) were cancelled.
+local CANCELLED_AMONG = [[
+SELECT id FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND state = 'cancelled']]
+sql.CANCELLED_AMONG = CANCELLED_AMONG
+
 -- Saves a running job's progress ($2, JSON text or NULL) while worker $3
 -- holds it.
 local PROGRESS = [[

@@ -478,6 +478,23 @@ function Worker:cancel_jobs(ids)
   q.tail = kept
 end
 
+-- Cancels the jobs in hand that were cancelled while the worker was not
+-- listening (after a reconnect: their NOTIFY may be lost).
+function Worker:_recheck_cancels()
+  local ids, q = {}, self.queue
+  for _, job in pairs(self.in_flight) do ids[#ids + 1] = job.id end
+  for i = q.head, q.tail do ids[#ids + 1] = q[i].id end
+  if #ids == 0 then return end
+  local ok, rows = pcall(self.pool.query, self.pool, sql.CANCELLED_AMONG, core.int_array(ids))
+  if not ok then
+    self:_infra_error("looking for cancelled jobs failed", rows)
+    return
+  end
+  local cancelled = {}
+  for i, row in ipairs(rows) do cancelled[i] = row.id end
+  if #cancelled > 0 then self:cancel_jobs(cancelled) end
+end
+
 -- ---- life cycle ----
 
 function Worker:_listen()
@@ -491,6 +508,9 @@ function Worker:_listen()
   local unhook = sub:hook_reconnect(function()
     m:due(core.now())
     self:_wake()
+    -- a cancel sent while not listening was missed: ask about the jobs in hand
+    local q = self.queue
+    if next(self.in_flight) or q.head <= q.tail then task.spawn(self._recheck_cancels, self) end
   end)
   local group = self.o.group
   local listener = sub:channel(sql.CHANNEL):on(function(msg)
