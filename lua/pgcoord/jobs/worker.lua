@@ -157,10 +157,13 @@ local function run_one(self, job, types, started, slot)
       started)
     return
   end
-  -- (a timer only for types with a timeout)
-  local timer = def.timeout and self:_arm_timeout(slot, job, def, started)
-  local ok, err = xpcall(def.fn, handler_error, job)
-  if timer then timer:cancel() end
+  local ok, err
+  do
+    -- (a timer only for types with a timeout; disarmed as the handler
+    -- ends, however it ends, a cancel of the runner included)
+    local _ <close> = def.timeout and self:_arm_timeout(slot, job, def, started) or nil
+    ok, err = xpcall(def.fn, handler_error, job)
+  end
   if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt and not is_snooze(err) then
     log.error("job failed", { job = job.id, type = job.type, error = err })
   end
@@ -434,11 +437,13 @@ function Worker:_interrupt(slot)
   return job
 end
 
+local DISARM = { __close = function(armed) armed.timer:cancel() end }
+
 -- A timer that, past def.timeout, fails the job's run as timed out
--- (retried by the type's retry rule).
+-- (retried by the type's retry rule); closing the value returned disarms it.
 function Worker:_arm_timeout(slot, job, def, started)
   local seconds = def.timeout
-  return core.timer(seconds, function()
+  return setmetatable({ timer = core.timer(seconds, function()
     if self.in_flight[slot] ~= job or not self:_interrupt(slot) then return end
     local message = ("timed out after %g s"):format(seconds)
     log.warn("job timed out", { group = self.o.group, job = job.id, type = job.type,
@@ -447,7 +452,7 @@ function Worker:_arm_timeout(slot, job, def, started)
     series.timed_out:inc()
     -- (in a task: should_log_run may wait, and this is a timer callback)
     task.spawn(finish, self, job, false, message, started, nil, def)
-  end)
+  end) }, DISARM)
 end
 
 -- The jobs among ids that this worker holds were cancelled (jobs:cancel
