@@ -120,6 +120,7 @@ local LAZY = {
   queue = { "pgcoord.queue", "new" },
   jobs = { "pgcoord.jobs" },
   retry_at = { "pgcoord.jobs", "retry_at" },
+  snooze = { "pgcoord.jobs", "snooze" },
   outbox = { "pgcoord.outbox", "new" },
   processed = { "pgcoord.outbox.processed", "new" },
   http = { "pgcoord.http" },

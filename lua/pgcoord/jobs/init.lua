@@ -12,6 +12,7 @@ local sql = require "pgcoord.jobs.sql"
 local worker = require "pgcoord.jobs.worker"
 local retention = require "pgcoord.jobs.retention"
 local limits = require "pgcoord.jobs.limits"
+local control = require "pgcoord.jobs.control"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -51,6 +52,16 @@ function jobs.retry_at(t, reason)
   return worker.retry_at(t, reason)
 end
 
+-- error(pgcoord.snooze(seconds, "why")) runs the job again after seconds,
+-- without counting an attempt.
+function jobs.snooze(seconds, why)
+  if type(seconds) ~= "number" or not (seconds >= 0 and seconds <= MAX_DELAY) then
+    raise("pgcoord.snooze: seconds must be a number from 0 to %d, got %s", MAX_DELAY,
+      options.show(seconds))
+  end
+  return control.snooze(seconds, why)
+end
+
 -- A ready should_log_run: keeps a job's final run only.
 function jobs.log_final_runs(_, run)
   return run.ok or run.final
@@ -71,6 +82,7 @@ end
 local check_define = options.spec("jobs:define", {
   group = { "string", default = "default" },
   retry = { "table" },
+  timeout = { "number", above = 0, max = MAX_DELAY },
 })
 
 local RETRY_RULES = {
@@ -104,7 +116,8 @@ function Jobs:define(jtype, fn, opts)
   end
   local o = check_define(opts)
   check_text(where, "group", o.group)
-  self.types[jtype] = { fn = fn, group = o.group, retry = check_retry(where, o.retry) }
+  self.types[jtype] = { fn = fn, group = o.group, retry = check_retry(where, o.retry),
+                        timeout = o.timeout }
   self.groups[o.group] = true
   return self
 end
@@ -286,6 +299,20 @@ end
 
 function Jobs:limits(group)
   return limits.get(self.pool, self.groups, group)
+end
+
+-- Cancels jobs not finished yet (one id or a list): waiting ones are kept
+-- as 'cancelled', running ones' handlers are cancelled on the worker that
+-- runs them; none runs again.  Returns how many it cancelled (unknown or
+-- finished ids count 0), and how many of those were running.
+function Jobs:cancel(ids)
+  return control.cancel(self.pool, ids)
+end
+
+-- A job by id with its state, progress, last_error and runs; a completed
+-- job from its history.  nil when nothing is known of it.
+function Jobs:get(id)
+  return control.get(self.pool, id)
 end
 
 -- ---- the worker ----------------------------------------------------------------

@@ -111,14 +111,17 @@ sql.RECLAIM = RECLAIM
 
 -- A batch of results: $1 the ids of the jobs that succeeded (deleted),
 -- $2 the failed runs as JSON (rare; their jobs go back to waiting, or stay
--- as failed), $3..$8 the runs to log, as parallel arrays (times in epoch
--- microseconds).  Only rows still locked by this worker ($9) take their
--- result, and only their runs are logged: a job handed back meanwhile (its
--- worker taken for dead) runs again elsewhere, and that run is its run.
+-- as failed; a snoozed one waits without counting an error), $3..$8 the
+-- runs to log, as parallel arrays (times in epoch microseconds).  Only
+-- rows still locked by this worker ($9) take their result, and only their
+-- runs are logged: a job handed back meanwhile (its worker taken for dead,
+-- or the job cancelled) runs again elsewhere or not at all, and that is
+-- its run.
 local FLUSH = [[
 WITH f AS (
   SELECT * FROM json_to_recordset($2::json)
-    AS f(id bigint, error text, delay float8, at float8, final boolean)),
+    AS f(id bigint, error text, delay float8, at float8, final boolean,
+         snooze boolean)),
 done AS (
   DELETE FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND locked_by = $9 RETURNING id),
 failed AS (
@@ -127,7 +130,9 @@ failed AS (
          run_at = CASE WHEN f.final THEN j.run_at
                        WHEN f.at IS NOT NULL THEN to_timestamp(f.at)
                        ELSE now() + make_interval(secs => f.delay) END,
-         error_count = j.error_count + 1, last_error = f.error,
+         error_count = j.error_count + CASE WHEN f.snooze THEN 0 ELSE 1 END,
+         snoozes = j.snoozes + CASE WHEN f.snooze THEN 1 ELSE 0 END,
+         last_error = CASE WHEN f.snooze THEN j.last_error ELSE f.error END,
          locked_by = NULL, locked_at = NULL
     FROM f
    WHERE j.id = ANY(ARRAY(SELECT id FROM f)) AND j.id = f.id AND j.locked_by = $9
@@ -188,7 +193,8 @@ SELECT id, group_name AS "group", type, state, priority, params::text AS params,
  ORDER BY id LIMIT $4]]
 sql.LIST = LIST
 
--- The logged runs of job $1 (at most $2), in the order they ran.
+-- The logged runs of job $1 (at most $2), in the order they ran (the BRIN
+-- index on job_id finds them).
 local RUNS = [[
 SELECT attempt, ok, error, started_at, finished_at, worker_id, type, group_name AS "group"
   FROM pgcoord.job_runs WHERE job_id = $1 ORDER BY started_at, attempt LIMIT $2]]
@@ -242,6 +248,59 @@ sql.PRUNE_LOCK = 0x70676a72 -- "pgjr"
 local PRUNE_TRY_LOCK = [[
 SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS ok]]
 sql.PRUNE_TRY_LOCK = PRUNE_TRY_LOCK
+
+-- Cancels the jobs among $1 not finished yet (see control.lua): each
+-- becomes 'cancelled' and leaves its worker's hands; a running one's run
+-- is logged as cancelled and its worker told, one NOTIFY per worker and
+-- per 500 jobs (a payload holds 8000 bytes).
+local CANCEL = [[
+WITH old AS (
+  SELECT id, state, locked_by, locked_at FROM pgcoord.jobs
+   WHERE id = ANY($1::bigint[]) AND state IN ('ready', 'scheduled', 'failed', 'running')
+     FOR UPDATE),
+c AS (
+  UPDATE pgcoord.jobs j
+     SET state = 'cancelled', cancelled_at = now(), locked_by = NULL, locked_at = NULL
+    FROM old
+   WHERE j.id = old.id
+  RETURNING j.id, j.group_name, j.type, j.error_count, old.state AS was, old.locked_by,
+            old.locked_at),
+logged AS (
+  INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
+                                started_at, finished_at, worker_id)
+  SELECT id, group_name, type, error_count + 1, false, 'cancelled', locked_at, now(), locked_by
+    FROM c WHERE was = 'running'
+  RETURNING 1),
+told AS (
+  SELECT pg_notify('pgcoord_jobs',
+           json_build_object('worker', locked_by, 'cancel', json_agg(id))::text)
+    FROM (SELECT id, locked_by,
+                 (row_number() OVER (PARTITION BY locked_by ORDER BY id) - 1) / 500 AS chunk
+            FROM c WHERE was = 'running' AND locked_by IS NOT NULL) r
+   GROUP BY locked_by, chunk)
+SELECT group_name AS "group", was, count(*)::int AS n,
+       (SELECT count(*) FROM logged) AS logged, (SELECT count(*) FROM told) AS told
+  FROM c GROUP BY group_name, was]]
+sql.CANCEL = CANCEL
+
+-- Which of the jobs a worker has in hand ($1) were cancelled.
+local CANCELLED_AMONG = [[
+SELECT id FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND state = 'cancelled']]
+sql.CANCELLED_AMONG = CANCELLED_AMONG
+
+-- Saves a running job's progress ($2, JSON text or NULL) while worker $3
+-- holds it.
+local PROGRESS = [[
+UPDATE pgcoord.jobs SET progress = $2::json
+ WHERE id = $1 AND state = 'running' AND locked_by = $3]]
+sql.PROGRESS = PROGRESS
+
+local GET = [[
+SELECT id, group_name AS "group", type, state, priority, params::text AS params,
+       progress::text AS progress, key, error_count, snoozes, last_error, run_at, inserted_at,
+       locked_by AS worker, locked_at, cancelled_at
+  FROM pgcoord.jobs WHERE id = $1]]
+sql.GET = GET
 
 local DEREGISTER = [[
 DELETE FROM pgcoord.job_workers WHERE id = $1]]

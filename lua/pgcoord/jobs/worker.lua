@@ -21,6 +21,7 @@ local completer = require "pgcoord.jobs.completer"
 local maintenance = require "pgcoord.jobs.maintenance"
 local retention = require "pgcoord.jobs.retention"
 local limits = require "pgcoord.jobs.limits"
+local control = require "pgcoord.jobs.control"
 
 local worker = {}
 
@@ -30,6 +31,10 @@ local failed_total = metrics.counter("pgcoord_jobs_failed_total",
   "Jobs that failed their last attempt and were kept as failed.", { "group", "type" })
 local retried = metrics.counter("pgcoord_jobs_retried_total",
   "Job runs that failed and were scheduled again.", { "group", "type" })
+local snoozed = metrics.counter("pgcoord_jobs_snoozed_total",
+  "Job runs that ended in pgcoord.snooze.", { "group", "type" })
+local timed_out = metrics.counter("pgcoord_jobs_timed_out_total",
+  "Job runs cancelled for running past their type's timeout.", { "group", "type" })
 local duration = metrics.histogram("pgcoord_job_duration_seconds",
   "Job run duration.", { "group", "type" })
 
@@ -52,7 +57,7 @@ end
 local Worker = {}
 Worker.__index = Worker
 
-local now_time, is_cancelled = core.time, task.is_cancelled
+local now_time, is_cancelled, is_snooze = core.time, task.is_cancelled, control.is_snooze
 
 -- ---- the local queue: claimed, not started ----
 
@@ -86,6 +91,9 @@ local function failure_of(job, err, attempt, retryable, def)
                     final = not retryable and attempt > policy.max }
   if getmetatable(err) == RetryAt then
     failure.at, failure.error = err.at, err.message
+  elseif is_snooze(err) then
+    failure.delay, failure.error, failure.snooze, failure.final = err.seconds, tostring(err), true,
+      false
   end
   -- (a NUL byte or broken UTF-8 in the text would make the server refuse it)
   failure.error = json.clean_text(failure.error, MAX_ERROR)
@@ -104,7 +112,8 @@ end
 local function new_series(self, jtype)
   local group = self.o.group
   local series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
-                   failed = failed_total:with(group, jtype), retried = retried:with(group, jtype) }
+                   failed = failed_total:with(group, jtype), retried = retried:with(group, jtype),
+                   snoozed = snoozed:with(group, jtype), timed_out = timed_out:with(group, jtype) }
   self.series[jtype] = series
   return series
 end
@@ -125,6 +134,8 @@ local function finish(self, job, ok, err, started, retryable, def)
     series.completed:inc()
   elseif failure.final then
     series.failed:inc()
+  elseif failure.snooze then
+    series.snoozed:inc()
   else
     series.retried:inc()
   end
@@ -136,21 +147,27 @@ local function finish(self, job, ok, err, started, retryable, def)
 end
 
 local function handler_error(err)
-  if getmetatable(err) == RetryAt or is_cancelled(err) then return err end
+  if getmetatable(err) == RetryAt or is_cancelled(err) or is_snooze(err) then return err end
   -- (debug.traceback would cut the message at a NUL byte)
   local message = tostring(err):gsub("%z", "\\0")
   return debug.traceback(message, 2)
 end
 
-local function run_one(self, job, types, started)
+local function run_one(self, job, types, started, slot)
   local def = types[job.type]
   if not def then
     finish(self, job, false, ("no handler for job type %q in this worker"):format(job.type),
       started)
     return
   end
-  local ok, err = xpcall(def.fn, handler_error, job)
-  if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt then
+  local ok, err
+  do
+    -- (a timer only for types with a timeout; disarmed as the handler
+    -- ends, however it ends, a cancel of the runner included)
+    local _ <close> = def.timeout and self:_arm_timeout(slot, job, def, started) or nil
+    ok, err = xpcall(def.fn, handler_error, job)
+  end
+  if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt and not is_snooze(err) then
     log.error("job failed", { job = job.id, type = job.type, error = err })
   end
   finish(self, job, ok, ok and nil or err, started, nil, def)
@@ -177,6 +194,7 @@ function worker.new(types, pool, o)
     paused = false, limited = false,  -- the group's settings (limits.lua)
     settings_version = 0,             -- bumped at each change of them
   }, Worker)
+  w.job_meta = control.job_meta(pool, function() return w.maintenance:worker_id() end)
   w.completer = completer.new(pool, o.group, o.flush_count, o.flush_age, {
     on_error = function(what, err) w:_infra_error(what, err) end,
     on_retry_due = function(at)
@@ -278,9 +296,9 @@ function Worker:_claim(want)
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
     return n
   end
-  local decode, q = json.decode, self.queue
+  local decode, q, job_meta = json.decode, self.queue, self.job_meta
   for i = 1, n do
-    local job = rows[i]
+    local job = setmetatable(rows[i], job_meta) -- (job:progress)
     local params = job.params
     local ok, value = true, nil
     if params then ok, value = pcall(decode, params) end
@@ -436,7 +454,7 @@ function Worker:_runner(slot)
         self.handoff = true
       end
       in_flight[slot] = job
-      run_one(self, job, types, started)
+      run_one(self, job, types, started, slot)
       in_flight[slot] = nil
       local running = self.running - 1
       self.running = running
@@ -455,6 +473,86 @@ function Worker:_runner(slot)
   end
 end
 
+-- ---- interrupting a handler: cancel and timeout ----
+
+-- Stops the handler running in slot (its task is cancelled: to-be-closed
+-- variables run) and puts a fresh runner in the slot.  Returns the job it
+-- ran, or nil when the slot runs no job now.
+function Worker:_interrupt(slot)
+  local job, runner = self.in_flight[slot], self.runners[slot]
+  if not job or runner == task.current() then return nil end
+  self.in_flight[slot] = nil
+  runner:cancel()
+  self.running = self.running - 1
+  self.runners[slot] = task.spawn(self._runner, self, slot)
+  local q = self.queue
+  if self.running == 0 and q.head > q.tail then self.completer:flush() end
+  return job
+end
+
+local DISARM = { __close = function(armed) armed.timer:cancel() end }
+
+-- A timer that, past def.timeout, fails the job's run as timed out
+-- (retried by the type's retry rule); closing the value returned disarms it.
+function Worker:_arm_timeout(slot, job, def, started)
+  local seconds = def.timeout
+  return setmetatable({ timer = core.timer(seconds, function()
+    if self.in_flight[slot] ~= job or not self:_interrupt(slot) then return end
+    local message = ("timed out after %g s"):format(seconds)
+    log.warn("job timed out", { group = self.o.group, job = job.id, type = job.type,
+                                timeout = seconds })
+    local series = self.series[job.type] or new_series(self, job.type)
+    series.timed_out:inc()
+    -- (in a task: should_log_run may wait, and this is a timer callback)
+    task.spawn(finish, self, job, false, message, started, nil, def)
+  end) }, DISARM)
+end
+
+-- The jobs among ids that this worker holds were cancelled (jobs:cancel
+-- took them from it and logged their runs): running handlers are
+-- cancelled, claimed jobs not started are dropped.  No result is
+-- recorded: the rows are no longer this worker's.
+function Worker:cancel_jobs(ids)
+  local wanted = {}
+  for _, id in ipairs(ids) do wanted[id] = true end
+  for slot, job in pairs(self.in_flight) do
+    if wanted[job.id] and self:_interrupt(slot) then
+      log.info("job cancelled", { group = self.o.group, job = job.id, type = job.type,
+                                  worker = self.maintenance:worker_id() })
+    end
+  end
+  local q, kept = self.queue, self.queue.head - 1
+  for i = q.head, q.tail do
+    local job = q[i]
+    q[i] = nil
+    if wanted[job.id] then
+      log.info("job cancelled before it started", { group = self.o.group, job = job.id,
+                                                     type = job.type })
+    else
+      kept = kept + 1
+      q[kept] = job
+    end
+  end
+  q.tail = kept
+end
+
+-- Cancels the jobs in hand that were cancelled while the worker was not
+-- listening (after a reconnect: their NOTIFY may be lost).
+function Worker:_recheck_cancels()
+  local ids, q = {}, self.queue
+  for _, job in pairs(self.in_flight) do ids[#ids + 1] = job.id end
+  for i = q.head, q.tail do ids[#ids + 1] = q[i].id end
+  if #ids == 0 then return end
+  local ok, rows = pcall(self.pool.query, self.pool, sql.CANCELLED_AMONG, core.int_array(ids))
+  if not ok then
+    self:_infra_error("looking for cancelled jobs failed", rows)
+    return
+  end
+  local cancelled = {}
+  for i, row in ipairs(rows) do cancelled[i] = row.id end
+  if #cancelled > 0 then self:cancel_jobs(cancelled) end
+end
+
 -- ---- life cycle ----
 
 function Worker:_listen()
@@ -468,6 +566,9 @@ function Worker:_listen()
   local unhook = sub:hook_reconnect(function()
     m:due(core.now())
     self:_wake()
+    -- a cancel sent while not listening was missed: ask about the jobs in hand
+    local q = self.queue
+    if next(self.in_flight) or q.head <= q.tail then task.spawn(self._recheck_cancels, self) end
   end)
   local group = self.o.group
   self.limiter:listen(sub)
@@ -476,8 +577,15 @@ function Worker:_listen()
     if type(due) == "number" and due > 0 then m:due(core.now() + due) end
     self:_wake()
   end, { filter = function(msg) return type(msg) == "table" and msg.group == group end })
+  -- jobs:cancel names the worker that holds the jobs (its current id)
+  local cancels = sub:channel(sql.CHANNEL):on(function(msg) self:cancel_jobs(msg.cancel) end,
+    { filter = function(msg)
+        return type(msg) == "table" and msg.worker ~= nil and msg.worker == m:worker_id()
+          and type(msg.cancel) == "table"
+      end })
   if own then sub:start() end
   self.unlisten = function()
+    cancels:close()
     listener:close()
     unhook()
     if own then sub:stop() end
