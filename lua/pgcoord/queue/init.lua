@@ -180,45 +180,30 @@ end
 
 -- ---- publishing ------------------------------------------------------------------
 
--- Names of the queues this process published to, by id: a deadlock
--- report names queues by id, and the transaction it aborted can no
--- longer look them up.
-local queue_names = {}
-
-local function queue_label(id)
-  local name = queue_names[id]
-  return name and ("%q"):format(name) or ("with id %d"):format(id)
-end
-
--- A deadlock on the publish locks of ordered queues, reported by the
--- server as advisory locks [db,PUBLISH_LOCK,queue id,2], comes back as an
--- error that names the queues and says what to do.  Other errors pass.
+-- A deadlock that involves the publish lock of ordered queues (one lock
+-- for all of them, so two publishers can never deadlock on it alone: the
+-- other lock is the caller's, a row it updated say), reported by the
+-- server as advisory lock [db,PUBLISH_LOCK,0,2], comes back as an error
+-- that says what to do.  Other errors pass.
 local function publish_error(self, where, err)
   if not (db.is_error(err) and err.sqlstate == "40P01") then return err end
-  local labels, seen = {}, {}
-  for key, id in tostring(err.detail or ""):gmatch("advisory lock %[%d+,(%d+),(%d+),2%]") do
-    id = tonumber(id)
-    if tonumber(key) == sql.PUBLISH_LOCK and not seen[id] then
-      seen[id] = true
-      labels[#labels + 1] = queue_label(id)
-    end
+  local ours = false
+  for key in tostring(err.detail or ""):gmatch("advisory lock %[%d+,(%d+),%d+,2%]") do
+    ours = ours or tonumber(key) == sql.PUBLISH_LOCK
   end
-  if #labels == 0 then return err end
-  table.sort(labels)
-  local e = core.error("40P01", ("%s: deadlock publishing to queue %q: transactions waited for"
-    .. " each other's publish locks of ordered queues (%s). An ordered queue's publish lock is"
-    .. " held until commit: in every transaction, publish to ordered queues in one order"
-    .. " (by name, say), before taking other locks; this transaction is aborted, run it again")
-    :format(where, self.name, table.concat(labels, ", ")))
+  if not ours then return err end
+  local e = core.error("40P01", ("%s: deadlock publishing to ordered queue %q: the publish"
+    .. " lock of ordered queues (one for all, held until commit) and another lock were taken in"
+    .. " opposite orders by two transactions. Publish to ordered queues before taking other"
+    .. " locks in the transaction; this one is aborted, run it again"):format(where, self.name))
   e.detail = err.detail
   return e
 end
 
--- Runs a publish statement; remembers the queue's name for publish_error.
+-- Runs a publish statement.
 local function run_publish(self, where, db_or_tx, statement, payload)
   local ok, row = pcall(db_or_tx.one, db_or_tx, statement, self.name, payload)
   if not ok then error(publish_error(self, where, row), 0) end
-  if row.queue_id then queue_names[row.queue_id] = self.name end
   return row
 end
 

@@ -4,8 +4,13 @@ local db = require "pgcoord.db"
 
 local sql = {}
 
--- Advisory lock keys (pg_advisory_xact_lock(int, int), the queue id second).
-local PUBLISH_LOCK = 0x70677170 -- "pgqp": publishers to a queue with an ordered subscription
+-- Advisory lock keys (pg_advisory_xact_lock(int, int)); SWEEP_LOCK's
+-- second key is the queue id.  Publishers to a
+-- queue with an ordered subscription hold PUBLISH_LOCK until commit, so
+-- that message ids follow commit order; it is one lock for every ordered
+-- queue (second key 0), not one per queue, so that transactions that
+-- publish to several ordered queues in different orders cannot deadlock.
+local PUBLISH_LOCK = 0x70677170 -- "pgqp"
 local SWEEP_LOCK = 0x70677167   -- "pgqg": whoever deletes deliveries and messages
 
 -- The subscriptions of queue $1, locked against a concurrent unsubscribe,
@@ -22,7 +27,7 @@ WITH subs AS (
      FOR KEY SHARE OF s),
 target AS (
   SELECT t.queue_id,
-         CASE WHEN t.ordered THEN pg_advisory_xact_lock(%d, t.queue_id)::text END AS locked
+         CASE WHEN t.ordered THEN pg_advisory_xact_lock(%d, 0)::text END AS locked
     FROM (SELECT queue_id, bool_or(ordered) AS ordered FROM subs GROUP BY queue_id) t),
 ]]):format(PUBLISH_LOCK)
 
