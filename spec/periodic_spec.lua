@@ -56,6 +56,13 @@ local function row_of(name)
                     FROM pgcoord.job_periodic WHERE name = $1]], name)
 end
 
+-- Who holds the fleet's periodic lock, if anyone.
+local function lock_holder()
+  local row = db:one([[SELECT holder FROM pgcoord.job_locks
+                        WHERE name = 'pgcoord:periodic' AND holder IS NOT NULL]])
+  return row and row.holder
+end
+
 -- The run_at of each job of group g, in order.
 local function slots_of(g)
   local list = {}
@@ -245,10 +252,11 @@ describe("jobs:periodic", function()
       assert.matches(pattern, e[i])
     end
     assert.are.same({}, jobs:periodic_list())
-    jobs:scheduler()
-    started(jobs:scheduler())
-    pgcoord.sleep(0.2) -- (a scheduler with nothing declared writes nothing)
+    -- a scheduler with nothing declared writes nothing, nor takes the lock
+    local s = started(jobs:scheduler())
+    assert.are.equal(s, jobs:scheduler())
     assert.is_nil(row_of(name))
+    assert.is_nil(lock_holder())
   end)
 end)
 
@@ -262,7 +270,8 @@ describe("the scheduler", function()
     jobs:periodic(name, "@every 1s", "tick", { hello = "world" })
     local w = jobs:worker({ group = g, poll_interval = 30 })
     workers[#workers + 1] = w
-    started(jobs:scheduler())
+    helper.wait_until(function() return lock_holder() end, 10, "the worker's scheduler to lead")
+    started(jobs:scheduler()) -- (the one the worker started)
     helper.wait_until(function() return #runs >= 3 end, 10, "three slots to run")
     local at = {}
     for i, job in ipairs(runs) do

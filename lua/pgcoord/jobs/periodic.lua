@@ -126,16 +126,24 @@ function periodic.new(pool, decls, opts)
     status = {},               -- name -> { last_run =, next_run = } while holding
     dirty = true,              -- look at every declaration
     ended = task.cond(),
+    lock = opts.lock ~= false, subscriber = opts.subscriber,
   }, Scheduler)
-  if opts.lock == false then
-    s.task = task.spawn(s._hold, s, nil)
-  else
-    s.runner = joblock.run_in_job_lock(pool, "pgcoord", "periodic",
-      { subscriber = opts.subscriber }, function(ctx) return s:_hold(ctx) end)
-  end
   s.unregister = lifecycle.on_stop(function() s:stop() end)
   metrics.track("periodic", s)
+  s:_compete()
   return s
+end
+
+-- Competes for the lock once something is declared: a scheduler with
+-- nothing to schedule must not keep the lock from one that has.
+function Scheduler:_compete()
+  if self.runner or self.task or not next(self.decls) then return end
+  if self.lock then
+    self.runner = joblock.run_in_job_lock(self.pool, "pgcoord", "periodic",
+      { subscriber = self.subscriber }, function(ctx) return self:_hold(ctx) end)
+  else
+    self.task = task.spawn(self._hold, self, nil)
+  end
 end
 
 -- One holding of the lock (ctx nil: no lock): looks at each declaration
@@ -189,8 +197,10 @@ end
 
 -- A declaration was added or changed: look at every one now.
 function Scheduler:changed()
+  if self.state ~= "running" then return end
   self.dirty = true
   self.wake:notify()
+  self:_compete()
 end
 
 -- Stops scheduling (a visit on its way rolls back) and releases the lock;
@@ -205,7 +215,7 @@ function Scheduler:stop(timeout)
   self.unregister()
   if self.runner then
     self.runner:stop(timeout) -- (cancels the holding where it is)
-  else
+  elseif self.task then
     self.wake:notify()
     if not self.task:wait(timeout) then self.task:cancel() end
   end
