@@ -403,6 +403,17 @@ describe("the scheduler", function()
   end)
 end)
 
+describe("examples/cron.lua", function()
+  it("lists its schedules and runs two heartbeats in demo mode", function()
+    local code, out = helper.run({ "pgcoord-run", "examples/cron.lua", "demo" }, { timeout = 40 })
+    assert.are.equal(0, code, out)
+    assert.matches("nightly%-report +0 3 %* %* %* +next %d+%-%d+%-%d+ 03:00:00 UTC", out)
+    assert.matches("heartbeat +@every 2s", out)
+    local _, beats = out:gsub("heartbeat, slot ", "")
+    assert.is_true(beats >= 2, out)
+  end)
+end)
+
 describe("two processes", function()
   -- Declares `name` @every 1s in `group` (backfill 5 s: the slots of a
   -- hand-over are caught up) and schedules until SIGTERM.
