@@ -379,7 +379,7 @@ describe("the scheduler", function()
     assert_once_each(g)
   end)
 
-  it("applies a changed spec from its next slot, with no burst of the new spec's past", function()
+  it("applies a changed spec from its next slot, and records it", function()
     local g = helper.unique("pg")
     local name = helper.unique("per")
     local jobs = new_jobs()
