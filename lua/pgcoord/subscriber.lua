@@ -137,7 +137,8 @@ function Sub:add(fan)
   self.fans[channel] = fan
   -- One LISTEN at a time: the connection is busy while another add's is
   -- on its way, and skipping this one would leave the channel unheard.
-  while self.conn and self.conn:status() == "busy" do self.listened:wait() end
+  -- (the wait is bounded: an UNLISTEN at a stop signals nothing)
+  while self.conn and self.conn:status() == "busy" do self.listened:wait(0.05) end
   if self.conn and self.conn:status() == "ready" then
     local ok, err = pcall(db.run, self.conn, "LISTEN " .. quote(channel))
     self.listened:signal()
