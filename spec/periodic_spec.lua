@@ -317,6 +317,27 @@ describe("the scheduler", function()
     assert_consecutive(slots_of(g), 1, "slots of @every 1s")
   end)
 
+  it("keeps enqueuing every name on time while one name's writes fail", function()
+    local g, bad_g = helper.unique("pg"), helper.unique("pg")
+    local good, bad = helper.unique("per"), helper.unique("per")
+    local function decl(name, group, params)
+      local d = periodic.declaration(name, "@every 1s", nil)
+      d.type, d.group, d.params = "tick", group, params
+      return d
+    end
+    -- (params the server refuses as JSON: each of its visits fails)
+    local s = started(periodic.new(pool({ size = 2 }), {
+      [good] = decl(good, g), [bad] = decl(bad, bad_g, "{not json") }, { lock = false }))
+    helper.wait_until(function() return #slots_of(g) >= 7 end, 15, "seven slots")
+    s:stop()
+    assert.are.same({}, slots_of(bad_g))
+    local late = db:one([[SELECT count(*)::int AS n, max(extract(epoch FROM inserted_at - run_at))
+                            AS worst FROM pgcoord.jobs
+                           WHERE group_name = $1 AND inserted_at > run_at + interval '0.9 s']], g)
+    assert.are.equal(0, late.n, ("slots enqueued up to %s s late"):format(tostring(late.worst)))
+    assert_consecutive(slots_of(g), 1, "slots of the healthy name")
+  end)
+
   it("skips the slots missed in an outage with backfill = 0, and schedules the next", function()
     local g = helper.unique("pg")
     local name = helper.unique("per")

@@ -155,21 +155,21 @@ function Scheduler:_hold(ctx)
   local watch = setmetatable({}, { __mode = "k" }) -- declaration -> watched since
   local due = {}                                    -- name -> next look (database time)
   local skew = 0                                    -- database clock - ours
-  local retry = backoff.new({ base = 0.1, cap = 10 })
+  local retries = {}                                -- name -> backoff, while failing
   while self.state == "running" do
     if self.dirty then
       self.dirty, due = false, {}
     end
-    local soonest, failed = math.huge, false
+    local soonest = math.huge
     for name, decl in pairs(self.decls) do
       local at = due[name]
       if not at or at <= core.time() + skew then
         local ok, r = pcall(periodic.visit, self.pool, decl, watch[decl], fence)
         if ok then
+          retries[name] = nil
           skew = r.now - core.time()
           watch[decl] = watch[decl] or r.now
           at = r.next_due or math.huge
-          due[name] = at
           self.status[name] = { last_run = r.last, next_run = r.next_due }
           if r.enqueued > 0 then
             enqueued_total:inc(r.enqueued, name)
@@ -178,19 +178,16 @@ function Scheduler:_hold(ctx)
           end
         else
           if task.is_cancelled(r) then error(r, 0) end
-          failed = true
+          -- (backing off for this name only: the others keep their slots)
+          retries[name] = retries[name] or backoff.new({ base = 0.1, cap = 10 })
+          at = core.time() + skew + retries[name]:next()
           log.warn("periodic scheduling failed", { name = name, error = tostring(r) })
         end
+        due[name] = at
       end
-      if at and at < soonest then soonest = at end
+      if at < soonest then soonest = at end
     end
-    local timeout
-    if failed then
-      timeout = retry:next()
-    else
-      retry:reset()
-      timeout = math.min(MAX_WAIT, soonest - (core.time() + skew))
-    end
+    local timeout = math.min(MAX_WAIT, soonest - (core.time() + skew))
     if timeout > 0 then self.wake:wait(timeout) end
   end
 end
