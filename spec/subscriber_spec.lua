@@ -312,6 +312,26 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     sub3:stop()
   end)
 
+  it("listens on channels added by two tasks at once, the second while the first's LISTEN runs",
+    function()
+    local sub = subscribed(db)
+    local names = { helper.unique("ch"), helper.unique("ch") }
+    local listeners = {}
+    local adders = {}
+    for i, name in ipairs(names) do
+      adders[i] = pgcoord.spawn(function() listeners[i] = sub:channel(name):listen() end)
+    end
+    for _, t in ipairs(adders) do t:join() end
+    for i, name in ipairs(names) do
+      pgcoord.publish(db, name, { i = i })
+      local msg = listeners[i]:receive(5)
+      assert.is_truthy(msg, "nothing heard on the channel added " .. (i == 1 and "first" or
+        "second"))
+      assert.are.equal(i, msg.i)
+    end
+    sub:stop()
+  end)
+
   it("listens on channel names with quotes, spaces and non-ASCII letters", function()
     for _, name in ipairs({ 'it"s', "with space", "Größe_é", "'; DROP TABLE x; --" }) do
       local sub, fan = subscribed(db, name .. helper.unique(""))

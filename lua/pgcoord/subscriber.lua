@@ -87,6 +87,7 @@ function subscriber.new(pool, opts)
     ping_wake = task.signal(), -- stop
     listening = task.cond(),   -- signalled on every (re)connect, and on failure
     heard_ping = task.cond(),  -- signalled on every ping that comes back
+    listened = task.cond(),    -- signalled when an added channel's LISTEN ends
     pings_heard = 0,
     failure = nil,             -- why it cannot work (LISTEN through a pooler)
     reason = nil,              -- why the current connection must go
@@ -134,8 +135,13 @@ function Sub:add(fan)
     options.raise("sub:add: channel %q already has a fan-out", channel)
   end
   self.fans[channel] = fan
+  -- One LISTEN at a time: the connection is busy while another add's is
+  -- on its way, and skipping this one would leave the channel unheard.
+  -- (the wait is bounded: an UNLISTEN at a stop signals nothing)
+  while self.conn and self.conn:status() == "busy" do self.listened:wait(0.05) end
   if self.conn and self.conn:status() == "ready" then
     local ok, err = pcall(db.run, self.conn, "LISTEN " .. quote(channel))
+    self.listened:signal()
     if not ok then self:_drop("LISTEN failed: " .. tostring(err)) end
   end
   return fan

@@ -13,6 +13,7 @@ local worker = require "pgcoord.jobs.worker"
 local retention = require "pgcoord.jobs.retention"
 local limits = require "pgcoord.jobs.limits"
 local control = require "pgcoord.jobs.control"
+local periodic = require "pgcoord.jobs.periodic"
 
 local jobs = {}
 setmetatable(jobs, { __call = function(_, pool, opts) return jobs.new(pool, opts) end })
@@ -76,7 +77,8 @@ function jobs.new(pool, opts)
     raise("pgcoord.jobs: expected a pool from pgcoord.connect, got %s", type(pool))
   end
   local o = check_new(opts)
-  return setmetatable({ pool = pool, types = {}, groups = {}, subscriber = o.subscriber }, Jobs)
+  return setmetatable({ pool = pool, types = {}, groups = {}, subscriber = o.subscriber,
+                        periodics = {} }, Jobs)
 end
 
 local check_define = options.spec("jobs:define", {
@@ -349,11 +351,46 @@ function Jobs:worker(opts)
     raise("jobs:worker: unknown group %q (no job type is defined in it)", o.group)
   end
   if o.prefetch < o.concurrency then o.prefetch = o.concurrency end
+  self.working = true
+  if next(self.periodics) then self:scheduler() end
   -- claim again once a quarter of prefetch has been taken: a claim is on
   -- its way while the runners work through the rest
   o.refill_at = o.prefetch - math.max(1, o.prefetch // 4)
   o.claim_max = math.max(1, o.prefetch // 2)
   return worker.new(self.types, self.pool, o)
+end
+
+-- ---- periodic jobs (periodic.lua) ----------------------------------------------
+
+-- Declares periodic job name: a job of jtype with params for each slot of
+-- spec (cron, @daily..., "@every 90s").  The scheduler starts with this
+-- object's first worker (or jobs:scheduler()); declaring a name again
+-- replaces it from its next slot.
+function Jobs:periodic(name, spec, jtype, params, opts)
+  local decl = periodic.declaration(name, spec, opts)
+  local r = self:_job_row(jtype, params, { group = decl.group }, ("jobs:periodic %q"):format(name))
+  decl.type, decl.group, decl.params = r.type, r.g, r.params
+  self.periodics[name] = decl
+  if self.sched and self.sched.state == "running" then
+    self.sched:changed()
+  elseif self.working then
+    self:scheduler()
+  end
+  return self
+end
+
+-- { { name, spec, group, type, timezone, backfill, next_run, last_run }, ... }
+function Jobs:periodic_list()
+  return periodic.list(self.pool, self.periodics)
+end
+
+-- The scheduler of this object's periodic jobs (started if it is not
+-- running): it competes for the fleet's periodic lock until stopped.
+function Jobs:scheduler()
+  if not self.sched or self.sched.state ~= "running" then
+    self.sched = periodic.new(self.pool, self.periodics, { subscriber = self.subscriber })
+  end
+  return self.sched
 end
 
 return jobs
