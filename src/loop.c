@@ -575,13 +575,14 @@ static void open_loop_state(lua_State *L)
 	lua_setmetatable(L, -2);
 	loop->pollfd = -1;
 	/*
-	 * Ignoring EVENT_* variables keeps the epoll backend without a
-	 * changelist, which core.pollfd() relies on.  No precise timers: they
-	 * cost a timerfd syscall per loop step (a fifth of a notification's
-	 * CPU); libevent's coarse clock fires timers up to a few ms late.
+	 * Precise timers: libevent's clock is then CLOCK_MONOTONIC, not the
+	 * coarse one, so a deadline core.next_timeout() reports is when the
+	 * timer really fires.  Ignoring EVENT_* variables keeps the epoll
+	 * backend without a changelist, which core.pollfd() relies on.
 	 */
 	struct event_config *cfg = event_config_new();
-	if (cfg == NULL || event_config_set_flag(cfg, EVENT_BASE_FLAG_IGNORE_ENV) != 0)
+	if (cfg == NULL || event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER) != 0 ||
+	    event_config_set_flag(cfg, EVENT_BASE_FLAG_IGNORE_ENV) != 0)
 		luaL_error(L, "pgcoord: cannot configure the event loop");
 	loop->base = event_base_new_with_config(cfg);
 	event_config_free(cfg);
