@@ -43,7 +43,7 @@ copies AS (
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT id FROM msgs) AS id, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified, (SELECT queue_id FROM target) AS queue_id]]
+       (SELECT count(*) FROM wake) AS notified]]
 
 -- Many messages ($2, a JSON array of payloads), ids in array order.
 local PUBLISH_MANY = PUBLISH_TARGET .. [[
@@ -59,7 +59,7 @@ copies AS (
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT json_agg(id ORDER BY id) FROM msgs) AS ids, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified, (SELECT queue_id FROM target) AS queue_id]]
+       (SELECT count(*) FROM wake) AS notified]]
 
 local QUEUE_CREATE = [[
 INSERT INTO pgcoord.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING]]
