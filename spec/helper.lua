@@ -412,6 +412,53 @@ function Tmux:kill()
   sh(("tmux -L %s kill-server >/dev/null 2>&1"):format(self.socket))
 end
 
+-- ---- workers and subscribers a spec starts --------------------------------------------
+
+-- What a spec starts, stopped after each test by started:stop():
+--   local started = helper.started()
+--   started:worker(jobs, opts)   -- a jobs worker, ready
+--   started:subscriber(pool)     -- started and connected: a worker given it
+--                                -- is listening once ready() returns
+local Started = {}
+Started.__index = Started
+
+function helper.started()
+  return setmetatable({ workers = {}, subscribers = {} }, Started)
+end
+
+function Started:worker(jobs, opts)
+  local w = jobs:worker(opts)
+  self.workers[#self.workers + 1] = w
+  assert(w:ready(), "the worker did not start")
+  return w
+end
+
+function Started:subscriber(pool)
+  local sub = pgcoord.subscriber(pool)
+  sub:start()
+  helper.wait_until(function() return sub:connected() end, 5, "the subscriber to connect")
+  self.subscribers[#self.subscribers + 1] = sub
+  return sub
+end
+
+-- A subscriber the test made itself, stopped after it too.
+function Started:own(sub)
+  self.subscribers[#self.subscribers + 1] = sub
+  return sub
+end
+
+-- Stops the workers at once (running handlers cancelled), then the
+-- subscribers.
+function Started:stop()
+  for _, w in ipairs(self.workers) do
+    local t = pgcoord.spawn(w.stop, w, 0)
+    if not t:wait(10) then print("a worker did not stop within 10 s") end
+  end
+  self.workers = {}
+  for _, sub in ipairs(self.subscribers) do sub:stop() end
+  self.subscribers = {}
+end
+
 -- ---- tasks ------------------------------------------------------------------------------
 
 local tasks = {}

@@ -7,31 +7,17 @@ local pgcoord = require "pgcoord"
 local helper = require "helper"
 
 local db
-local workers = {}
-local subscribers = {}
+local fixture = helper.started()
 
 local errors = helper.error_of
-
--- A started subscriber, connected: a worker given it is listening once
--- ready() returns.
-local function connected_subscriber(pool)
-  local sub = pgcoord.subscriber(pool)
-  sub:start()
-  helper.wait_until(function() return sub:connected() end, 5, "the subscriber to connect")
-  subscribers[#subscribers + 1] = sub
-  return sub
-end
 
 -- A worker, listening once this returns, stopped after the test.
 -- poll_interval is long: what the tests see comes through NOTIFY, not a
 -- poll.
 local function worker(jobs, opts)
   opts.poll_interval = opts.poll_interval or 30
-  opts.subscriber = opts.subscriber or connected_subscriber(db)
-  local w = jobs:worker(opts)
-  workers[#workers + 1] = w
-  assert.is_true(w:ready(), "the worker did not start")
-  return w
+  opts.subscriber = opts.subscriber or fixture:subscriber(db)
+  return fixture:worker(jobs, opts)
 end
 
 local function state_of(id)
@@ -58,13 +44,7 @@ teardown(function()
 end)
 
 after_each(function()
-  for _, w in ipairs(workers) do
-    local t = pgcoord.spawn(w.stop, w, 0)
-    if not t:wait(10) then print("a worker did not stop within 10 s") end
-  end
-  workers = {}
-  for _, sub in ipairs(subscribers) do sub:stop() end
-  subscribers = {}
+  fixture:stop()
   helper.cleanup()
 end)
 
@@ -134,7 +114,7 @@ describe("jobs:cancel", function()
     jobs:define("slow", slow, rule)
     -- a pool of its own for the worker: the cancel reaches it by NOTIFY
     local wpool = helper.connect({ size = 4 })
-    local wsub = connected_subscriber(wpool)
+    local wsub = fixture:subscriber(wpool)
     local w = worker(pgcoord.jobs(wpool):define("slow", slow, rule),
       { group = g, concurrency = 1, subscriber = wsub })
     local id = jobs:schedule(db, "slow", { n = 1 })
@@ -177,7 +157,7 @@ describe("jobs:cancel", function()
     -- its first poll, and the cancel's NOTIFY reaches nobody
     local id = jobs:schedule(db, "slow", nil)
     local sub = pgcoord.subscriber(db)
-    subscribers[#subscribers + 1] = sub
+    fixture:own(sub)
     worker(jobs, { group = g, subscriber = sub })
     helper.wait_until(function() return flags.started end, 5, "the handler to start")
     assert.are.same({ 1, 1 }, { jobs:cancel(id) })

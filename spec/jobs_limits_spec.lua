@@ -11,7 +11,7 @@ local helper = require "helper"
 local task = require "pgcoord.task"
 
 local db
-local workers = {}
+local fixture = helper.started()
 
 local errors = helper.error_of
 
@@ -19,12 +19,9 @@ local function db_time()
   return db:one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
 end
 
--- A worker shut down after the test.
+-- A worker stopped after the test.
 local function worker(jobs, opts)
-  local w = jobs:worker(opts)
-  workers[#workers + 1] = w
-  assert.is_true(w:ready(), "the worker did not start")
-  return w
+  return fixture:worker(jobs, opts)
 end
 
 -- A table of handler runs: one row per start, finished set at the end.
@@ -144,11 +141,7 @@ teardown(function()
 end)
 
 after_each(function()
-  for _, w in ipairs(workers) do
-    local t = pgcoord.spawn(w.shutdown, w, 0)
-    if not t:wait(10) then print("a worker did not shut down within 10 s") end
-  end
-  workers = {}
+  fixture:stop()
   helper.cleanup()
 end)
 

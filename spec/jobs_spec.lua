@@ -9,9 +9,8 @@ local pgcoord = require "pgcoord"
 local helper = require "helper"
 
 local db          -- the spec's pool: scheduling and looking
-local workers = {}
+local fixture = helper.started()
 local pools = {}
-local subscribers = {}
 
 local function pool(opts)
   local p, app = helper.connect(opts)
@@ -19,23 +18,16 @@ local function pool(opts)
   return p, app
 end
 
--- A worker shut down after the test (at once: running handlers cancelled).
+-- A worker stopped after the test (at once: running handlers cancelled).
 local function worker(jobs, opts)
-  local w = jobs:worker(opts)
-  workers[#workers + 1] = w
-  assert.is_true(w:ready(), "the worker did not start")
-  return w
+  return fixture:worker(jobs, opts)
 end
 
--- A started subscriber, connected: a worker given it (option subscriber)
--- is listening once ready() returns, and gets no wake-up from the
+-- A subscriber given to a worker (option subscriber): the worker is
+-- listening once ready() returns, and gets no wake-up from the
 -- subscriber's first connection (which could run jobs no test asked for).
 local function connected_subscriber()
-  local sub = pgcoord.subscriber(db)
-  sub:start()
-  helper.wait_until(function() return sub:connected() end, 5, "the subscriber to connect")
-  subscribers[#subscribers + 1] = sub
-  return sub
+  return fixture:subscriber(db)
 end
 
 local function count_jobs(group, state)
@@ -74,13 +66,7 @@ teardown(function()
 end)
 
 after_each(function()
-  for _, w in ipairs(workers) do
-    local t = pgcoord.spawn(w.shutdown, w, 0)
-    if not t:wait(10) then print("a worker did not shut down within 10 s") end
-  end
-  workers = {}
-  for _, sub in ipairs(subscribers) do sub:stop() end
-  subscribers = {}
+  fixture:stop()
   for _, p in ipairs(pools) do pcall(p.close, p) end
   pools = {}
   helper.cleanup()
