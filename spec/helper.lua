@@ -508,6 +508,26 @@ function helper.error_of(fn, ...)
   return tostring(err)
 end
 
+-- Errors at the caller's line: fn calls helper.here() on the line that
+-- must be blamed, then does what raises; raises_here(text, fn) checks
+-- that the error holds text and names that file and line.
+local blamed
+
+function helper.here()
+  blamed = debug.getinfo(2, "Sl")
+end
+
+function helper.raises_here(text, fn)
+  blamed = nil
+  local ok, err = pcall(fn)
+  assert(not ok, "expected an error: " .. text)
+  err = tostring(err)
+  assert(blamed, "fn did not call helper.here()")
+  local at = ("%s:%d: "):format(blamed.short_src:match("[^/]*$"), blamed.currentline)
+  assert(err:find(at, 1, true), ("expected %q in %q"):format(at, err))
+  assert(err:find(text, 1, true), ("expected %q in %q"):format(text, err))
+end
+
 -- Captures pgcoord.log lines while fn runs; returns the lines.
 function helper.capture_log(fn)
   local lines = {}

@@ -307,16 +307,8 @@ describe("processed-messages store", function()
   end)
 
   describe("errors and services", function()
-    -- fn marks its line with here() and must raise `text` pointing at it.
-    local site
-    local function here() site = debug.getinfo(2, "l").currentline end
-    local function raises_here(text, fn)
-      local ok, err = pcall(fn)
-      assert.is_false(ok, "expected an error: " .. text)
-      err = tostring(err)
-      assert.matches(("processed_spec.lua:%d: "):format(site), err, 1, true)
-      assert.matches(text, err, 1, true)
-    end
+    -- fn marks the line to blame with here()
+    local here, raises_here = helper.here, helper.raises_here
 
     it("errors name the function, the option or argument and the value at the caller's line",
       function()
