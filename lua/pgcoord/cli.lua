@@ -34,8 +34,18 @@ usage: pgcoord-run [options] [script [args...]]
   -h, --help          print this help and exit
   --                  stop handling options
   -                   run standard input as the script
-With no script on a terminal, the prompt starts.  The database defaults to
-PGCOORD_DATABASE_URL, then DATABASE_URL, then libpq's PG* environment.
+With no script on a terminal, the prompt starts.
+Environment:
+  PGCOORD_DATABASE_URL, DATABASE_URL
+                      the default database, in this order; then libpq's PG*
+                      variables (PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, ...)
+  PGCOORD_SQL_DIR     the migrations, when not where the build or the
+                      install put them
+  PGCOORD_HISTORY     the prompt's history file (default $HOME/.pgcoord_history;
+                      empty: none)
+  PGCOORD_RESOLV_CONF the resolv.conf for host names (default /etc/resolv.conf)
+  HOSTNAME            names this host in job workers (default localhost) and
+                      lock holders (default /etc/hostname)
 Admin commands (a script named jobs, queue or outbox runs as ./jobs); exit
 status 0 done, 1 failed or not every id acted on, 2 usage error:
 ]=]
