@@ -199,12 +199,21 @@ describe("the README", function()
   end)
 end)
 
-describe("pgcoord-run --help", function()
+describe("pgcoord-run --help and the man page", function()
   after_each(helper.cleanup)
 
-  it("names every environment variable the code reads", function()
+  local MAN = assert(helper.read_file(root .. "/doc/pgcoord-run.1"), "doc/pgcoord-run.1")
+
+  -- The man page's text under ".SH title", up to the next .SH.
+  local function man_section(title)
+    local start = assert(MAN:find("\n.SH " .. title .. "\n", 1, true), title)
+    return MAN:sub(start, (MAN:find("\n.SH ", start + 1, true) or #MAN + 1) - 1)
+  end
+
+  it("name every environment variable the code reads", function()
     local code, help = helper.run({ "pgcoord-run", "--help" })
     assert.are.equal(0, code, help)
+    local environment = man_section("ENVIRONMENT")
     local vars, missing = {}, {}
     local list = io.popen("cd " .. helper.quote(root) .. " && grep -rhoIE "
       .. [['getenv\("[A-Z_]+"\)' lua src]])
@@ -212,9 +221,20 @@ describe("pgcoord-run --help", function()
     list:close()
     assert.is_true(vars.PGCOORD_SQL_DIR, "the grep found the variables")
     for var in pairs(vars) do
-      if not help:find(var .. "%f[^%w_]") then missing[#missing + 1] = var end
+      if not help:find(var .. "%f[^%w_]") then missing[#missing + 1] = "--help: " .. var end
+      if not environment:find(var .. "%f[^%w_]") then missing[#missing + 1] = "man: " .. var end
     end
     table.sort(missing)
+    assert.are.same({}, missing)
+  end)
+
+  it("the man page names the prompt's keys", function()
+    local keys = man_section("THE PROMPT")
+    local missing = {}
+    for _, key in ipairs({ "Tab", "Up", "Down", "Ctrl%-R", "Ctrl%-C", "Ctrl%-D", "PGCOORD_HISTORY",
+                           "editrc" }) do
+      if not keys:find(key) then missing[#missing + 1] = key end
+    end
     assert.are.same({}, missing)
   end)
 end)

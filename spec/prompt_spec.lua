@@ -18,6 +18,19 @@ describe("the prompt on a pipe or a file", function()
     assert.matches("> 42\n> a\tnil\t3\n> \n$", out)
   end)
 
+  it("shows a returned table as a short literal, plain values and print as before", function()
+    local code, out = piped(table.concat({
+      "return {1,2,a={b=1}}",
+      "t = { name = 'x', deep = { a = { b = { c = 1 } } } }; t.me = t; return t",
+      "{ 'tab', n = pgcoord.null }, 'plain', 3, nil",
+      "print({} == nil, 'printed')", "" }, "\n"))
+    assert.are.equal(0, code, out)
+    assert.matches("> { 1, 2, a = { b = 1 } }\n"
+      .. '> { deep = { a = { b = {...} } }, me = <cycle>, name = "x" }\n'
+      .. '> { "tab", n = pgcoord.null }\tplain\t3\tnil\n'
+      .. "> false\tprinted\n", out, 1, true)
+  end)
+
   it("keeps the loop running between lines", function()
     local code, out = piped(table.concat({
       "pgcoord.spawn(function() pgcoord.sleep(0.1) print('from the task') end)",
@@ -149,5 +162,59 @@ describe("the prompt on a terminal", function()
     t = session(env)
     t:send("Up")
     t:wait_for("> remembered = 'yes'$", 10, "the line from the last session")
+  end)
+end)
+
+describe("how the prompt shows a table", function()
+  local show = require("pgcoord.inspect").show
+
+  it("lists the sequence, then the other keys sorted: numbers, strings, the rest", function()
+    assert.are.equal('{ 10, 20, [-1] = 0, [2.5] = 1, ["a b"] = 2, ["end"] = 3, x = 4, [true] = 5 }',
+      show({ 10, 20, x = 4, ["a b"] = 2, ["end"] = 3, [-1] = 0, [2.5] = 1, [true] = 5 }))
+    assert.are.equal("{}", show({}))
+    assert.are.equal("{ 1, 2, [4] = 4 }", show({ 1, 2, nil, 4 }))
+  end)
+
+  it("quotes strings, escapes what is not printable and cuts long ones at a character", function()
+    assert.are.equal('{ "a\\"b\\\\c\\n\\t\\0012" }', show({ 'a"b\\c\n\t\1' .. "2" }))
+    local s = show({ ("é"):rep(150) })
+    assert.are.equal('{ "' .. ("é"):rep(100) .. '"...(300 bytes) }', (s:gsub("%s+", " ")))
+  end)
+
+  it("marks cycles, stops below three levels and counts what it leaves out", function()
+    local t = { 1 }
+    t.self, t.list = t, { t }
+    assert.are.equal("{ 1, list = { <cycle> }, self = <cycle> }", show(t))
+    local shared = { 1 }
+    assert.are.equal("{ { 1 }, { 1 } }", show({ shared, shared })) -- no cycle: shown twice
+    assert.are.equal("{ a = { b = { c = {...}, d = {} } } }",
+      show({ a = { b = { c = { 1 }, d = {} } } }))
+    local long = {}
+    for i = 1, 50 do long[i] = i end
+    long.name = "n"
+    local text = show(long)
+    assert.matches("^{\n  1, 2, 3, .*, 20,\n  %.%.%. %(31 more%)\n}$", text)
+  end)
+
+  it("goes one entry a line past 80 columns", function()
+    local rows = { affected = 2 }
+    for i = 1, 2 do
+      rows[i] = { id = i, email = ("customer%d@example.com"):format(i), name = "c" }
+    end
+    assert.are.equal(table.concat({
+      "{",
+      '  { email = "customer1@example.com", id = 1, name = "c" },',
+      '  { email = "customer2@example.com", id = 2, name = "c" },',
+      "  affected = 2",
+      "}" }, "\n"), show(rows))
+  end)
+
+  it("shows functions and objects by kind or tostring, plain values as tostring", function()
+    local object = setmetatable({}, { __tostring = function() return "an object" end })
+    assert.are.equal("{ f = <function>, o = <an object> }", show({ f = print, o = object }))
+    assert.are.equal("an object", show(object))
+    assert.are.equal("plain", show("plain"))
+    assert.are.equal("42", show(42))
+    assert.are.equal("nil", show(nil))
   end)
 end)

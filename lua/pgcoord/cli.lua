@@ -203,6 +203,7 @@ end
 
 local function repl(pgcoord)
   local prompt = require "pgcoord.prompt"
+  local inspect = require "pgcoord.inspect"
   local buffer, running = nil, nil
   local active = true
   local interactive_print = function(...)
@@ -212,6 +213,12 @@ local function repl(pgcoord)
     prompt.print(table.concat(parts, "\t"))
   end
   _G.print = interactive_print
+  -- What a chunk returns: tables as a short literal, the rest as print shows it.
+  local function show_results(r)
+    local parts = {}
+    for k = 2, r.n do parts[k - 1] = inspect.show(r[k]) end
+    prompt.print(table.concat(parts, "\t"))
+  end
   pgcoord.log.set_sink(function(line) prompt.print(line) end)
 
   local function interrupted(err)
@@ -230,7 +237,7 @@ local function repl(pgcoord)
       if not r[1] then
         prompt.print(redact(r[2]))
       elseif r.n > 1 then
-        interactive_print(table.unpack(r, 2, r.n))
+        show_results(r)
       end
     end)
     task.spawn_daemon(function()
