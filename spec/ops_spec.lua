@@ -26,6 +26,11 @@ w:ready()
 print("worker ready")
 ]]
 
+-- s as a Lua pattern that matches it literally.
+local function lit(s)
+  return (tostring(s):gsub("%p", "%%%0"))
+end
+
 -- The port an --http process logged.
 local function logged_port(p)
   local out = p:wait_output("http endpoint listening", 10)
@@ -252,6 +257,87 @@ describe("operations", function()
     code, out = helper.run({ "pgcoord-run", "--status" })
     assert.are.equal(0, code, out)
     assert.matches(group, out, 1, true)
+    holding:cancel()
+  end)
+
+  it("--status aligns columns for long names and tells running handlers from claimed jobs",
+    function()
+    local group = helper.unique("a_job_group_whose_name_is_longer_than_any_column_was")
+    local queue = helper.unique("a_queue_with_a_rather_long_name")
+    local lock = pgcoord.joblock(db, helper.unique("a_job_lock_named_at_great_length_too"),
+      { ping_interval = 1 })
+    pgcoord.queue(db, queue):subscribe("a_subscription_named_at_length_as_well")
+    local jobs = pgcoord.jobs(db)
+    local release, released = require("pgcoord.task").cond(), false
+    jobs:define("t", function() if not released then release:wait(30) end end, { group = group })
+    for _ = 1, 4 do jobs:schedule_now(db, "t", {}) end
+    -- one handler runs, the other three jobs are claimed (prefetched) and wait
+    local started = helper.started()
+    finally(function()
+      released = true
+      release:signal()
+      started:stop()
+    end)
+    started:worker(jobs, { group = group, concurrency = 1, prefetch = 4,
+      heartbeat_interval = 0.1 })
+    local holding = helper.spawn(function() return lock:run(function() pgcoord.sleep(30) end) end)
+    helper.wait_until(function() return lock:state() == "held" end, 10, "the lock")
+    local mine
+    helper.wait_until(function()
+      local code, out = helper.run({ "pgcoord-run", "--status", "--json" })
+      assert.are.equal(0, code, out)
+      for _, g in ipairs(pgcoord.json.decode(out).jobs) do
+        if g.group == group then mine = g end
+      end
+      return mine and mine.running == 1 and mine.claimed == 3
+    end, 10, "--status to count 1 running and 3 claimed")
+    assert.are.same({ 0, 0 }, { mine.ready, mine.failed })
+    local code, out = helper.run({ "pgcoord-run", "--status" })
+    assert.are.equal(0, code, out)
+    -- every row of a section has each column where its header has it:
+    -- counts end under the header's end, names start under its start
+    local section
+    local sections = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^%S") then
+        section = { title = line }
+        sections[#sections + 1] = section
+      elseif section.head then
+        section[#section + 1] = line
+      else
+        section.head = line
+      end
+    end
+    local function column(sec, header, right)
+      local from, to = sec.head:find(header, 1, true)
+      assert(from, ("no %s column in:\n%s"):format(header, out))
+      for _, row in ipairs(sec) do
+        if right then
+          assert(row:sub(to, to):match("%S") and not row:sub(to + 1, to + 1):match("%S"),
+            ("%s not aligned in:\n%s"):format(header, out))
+        else
+          assert(row:sub(from, from):match("%S") and row:sub(from - 1, from - 1) == " ",
+            ("%s not aligned in:\n%s"):format(header, out))
+        end
+      end
+    end
+    local by_title = {}
+    for _, sec in ipairs(sections) do by_title[sec.title] = sec end
+    local jobs_sec, queues, locks = by_title["job groups"], by_title["queue subscriptions"],
+      by_title["job locks"]
+    for _, h in ipairs({ "READY", "SCHEDULED", "RUNNING", "CLAIMED", "FAILED" }) do
+      column(jobs_sec, h, true)
+    end
+    column(jobs_sec, "OLDEST READY")
+    column(queues, "SUBSCRIPTION")
+    column(queues, "ORDERED")
+    column(queues, "PENDING", true)
+    column(locks, "HOLDER")
+    column(locks, "TOKEN", true)
+    column(locks, "RENEWED", true)
+    assert.matches(lit(group) .. "%s+0%s+0%s+1%s+3%s+0%s", out)
+    assert.matches(lit(queue) .. "%s+a_subscription_named_at_length_as_well", out)
+    assert.matches(lit(lock.name) .. "%s+%S", out)
     holding:cancel()
   end)
 

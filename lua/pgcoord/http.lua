@@ -28,7 +28,8 @@ local reconnects = metrics.counter("pgcoord_subscriber_reconnects_total",
 local lock_held = metrics.gauge("pgcoord_job_lock_held",
   "1 while this process holds the job lock, else 0; state in the label.", { "lock", "state" })
 local group_jobs = metrics.gauge("pgcoord_job_group_jobs",
-  "Jobs per group and state (refreshed on an interval).", { "group", "state" })
+  "Jobs per group and state (running: handlers in progress; claimed: taken by a worker, not"
+  .. " started; refreshed on an interval).", { "group", "state" })
 local oldest_ready = metrics.gauge("pgcoord_job_group_oldest_ready_seconds",
   "Age of the oldest ready job per group (refreshed on an interval).", { "group" })
 local queue_messages = metrics.gauge("pgcoord_queue_messages",
@@ -90,7 +91,7 @@ local function refresh_depths(db, outbox_tables)
   group_jobs:reset()
   oldest_ready:reset()
   for _, g in ipairs(s.jobs or {}) do
-    for _, state in ipairs({ "ready", "scheduled", "running", "failed" }) do
+    for _, state in ipairs({ "ready", "scheduled", "running", "claimed", "failed" }) do
       group_jobs:set(g[state], g.group, state)
     end
     oldest_ready:set(g.oldest_ready_age or 0, g.group)
