@@ -136,6 +136,121 @@ describe("operations", function()
     assert.are.equal(0, p:wait(15))
   end)
 
+  it("serves metrics by the conventions: shortest bounds, build and process metrics, stable"
+    .. " labels, queue and outbox counters; promtool check metrics passes", function()
+    local task = require "pgcoord.task"
+    local pool_name, app = helper.unique("ops_pool"), helper.unique("ops_app")
+    local named = pgcoord.connect(nil, { size = 1, name = pool_name })
+    local by_app = pgcoord.connect(nil, { size = 1, params = { application_name = app } })
+    local started = helper.started()
+    local server = pgcoord.http.serve("127.0.0.1:0", { db = named })
+    finally(function()
+      server:close()
+      started:stop()
+      named:close()
+      by_app:close()
+    end)
+    local sub_name = helper.unique("ops_listener")
+    local sub = started:own(pgcoord.subscriber(by_app, { name = sub_name }))
+    sub:start()
+    -- a job run: its duration histogram
+    local group, jobs = helper.unique("ops_group"), pgcoord.jobs(db)
+    jobs:define("quick", function() end, { group = group })
+    started:worker(jobs, { group = group, flush_age = 0.05 })
+    jobs:schedule_now(db, "quick", {})
+    -- a lock held, then released: the same series, other values
+    local lock = pgcoord.joblock(db, helper.unique("ops_lock"), { ping_interval = 1 })
+    local unlock, unlocked = task.cond(), false
+    local holding = helper.spawn(function()
+      return lock:run(function() if not unlocked then unlock:wait(30) end end)
+    end)
+    -- a queue: 1 acked at once, 1 requeued then acked, 1 requeued then dead
+    local qname = helper.unique("ops_queue")
+    local q = pgcoord.queue(db, qname)
+    q:subscribe("s")
+    for n = 1, 3 do q:publish(db, { n = n }) end
+    local consumer = q:consume("s", function(msg)
+      return msg.payload.n == 1 or (msg.payload.n == 2 and msg.deliveries > 1)
+    end, { max_deliveries = 2, retry_delay = 0.01, poll_interval = 0.1 })
+    finally(function() consumer:stop(1) end)
+    -- an outbox: 2 relayed, the other failing
+    local ob = pgcoord.outbox(db, { table = helper.unique("ops_outbox"), retry_delay = 0.05 })
+    ob:migrate()
+    ob:save(nil, { topic = "good", payload = {} }, { topic = "good", payload = {} },
+      { topic = "bad", payload = {} })
+    local relay = ob:relay(function(msg) return msg.topic == "good" end, { poll_interval = 0.1 })
+    finally(function() relay:stop(1) end)
+    local body
+    local function scrape()
+      local code
+      code, body = http_get_async(server.port, "/metrics")
+      assert.are.equal(200, code, body)
+      return body
+    end
+    local function has(line) return scrape():find("\n" .. line .. "\n", 1, true) end
+    helper.wait_until(function() return lock:state() == "held" end, 10, "the lock")
+    local outcomes = {
+      ('pgcoord_queue_published_total{queue="%s"} 3'):format(qname),
+      ('pgcoord_queue_acked_total{queue="%s",subscription="s"} 2'):format(qname),
+      ('pgcoord_queue_requeued_total{queue="%s",subscription="s"} 2'):format(qname),
+      ('pgcoord_queue_dead_total{queue="%s",subscription="s"} 1'):format(qname),
+      ('pgcoord_outbox_relayed_total{table="%s"} 2'):format(ob.name),
+      ('pgcoord_jobs_completed_total{group="%s",type="quick"} 1'):format(group),
+    }
+    helper.wait_until(function()
+      for _, line in ipairs(outcomes) do if not has(line) then return false end end
+      return true
+    end, 20, "the queue, outbox and job counters:\n" .. table.concat(outcomes, "\n"))
+    local failed = tonumber(scrape():match(('\npgcoord_outbox_failed_total{table="%s"} (%%d+)\n')
+      :format(lit(ob.name))))
+    assert(failed and failed >= 1, body)
+    local function line(text) assert.matches("\n" .. lit(text) .. "\n", body) end
+    -- bounds printed shortest
+    line(('pgcoord_job_duration_seconds_bucket{group="%s",type="quick",le="0.005"} 1')
+      :format(group))
+    assert.not_matches("0%.00500000", body)
+    -- build and process
+    line(('pgcoord_build_info{version="%s"} 1'):format(require("pgcoord.core").version))
+    local function value(name) return tonumber(body:match("\n" .. name .. " (%S+)\n")) end
+    assert(value("process_cpu_seconds_total") > 0, body)
+    assert(value("process_resident_memory_bytes") > 1e6, body)
+    assert(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"), body)
+    assert(value("process_open_fds") >= 3 and value("process_open_fds") <= value("process_max_fds"))
+    local start = value("process_start_time_seconds")
+    assert(start <= pgcoord.time() and start > pgcoord.time() - 86400, body)
+    -- names, not creation order
+    line(('pgcoord_pool_connections{pool="%s",state="in_use"} 0'):format(pool_name))
+    assert.matches(('\npgcoord_pool_connections{pool="%s",state="idle"} %%d'):format(lit(app)),
+      body)
+    line(('pgcoord_subscriber_reconnects_total{subscriber="%s"} 0'):format(sub_name))
+    assert.not_matches('pool="pool%d+"', body)
+    assert.not_matches('subscriber="subscriber%d+"', body)
+    -- the lock's state is a value: each state keeps its series
+    local function lock_lines(held, state)
+      local t = { ('pgcoord_job_lock_held{lock="%s"} %d'):format(lock.name, held) }
+      for _, st in ipairs({ "held", "lost", "released", "waiting" }) do
+        t[#t + 1] = ('pgcoord_job_lock_state{lock="%s",state="%s"} %d')
+          :format(lock.name, st, st == state and 1 or 0)
+      end
+      return t
+    end
+    for _, l in ipairs(lock_lines(1, "held")) do line(l) end
+    unlocked = true
+    unlock:signal()
+    helper.wait_until(function() return holding:status() == "done" end, 10, "the lock's run")
+    scrape()
+    for _, l in ipairs(lock_lines(0, "released")) do line(l) end
+    -- promtool's lint of the exposition format
+    if helper.sh("command -v promtool >/dev/null 2>&1") ~= 0 then
+      pending("promtool is not installed (scripts/install-deps installs Debian's prometheus)")
+      return
+    end
+    local file = helper.write_file(helper.tmpname("metrics"), body)
+    local code, out = helper.run({ "sh", "-c", "promtool check metrics < " .. helper.quote(file) })
+    assert.are.equal(0, code, out)
+    assert.are.equal("", out)
+  end)
+
   it("closes connections that complete no request within idle_timeout, idle or dribbling",
     function()
     local server = pgcoord.http.serve("127.0.0.1:0", { idle_timeout = 1 })

@@ -66,6 +66,10 @@ function Family:set(v, ...)
   self.values[key_of(self, { ... })] = v
 end
 
+-- f:add(n, label values...): adds n to the series (0 creates it), for
+-- gauges summed over objects at scrape time.
+Family.add = Family.inc
+
 -- Drops every series (gauges rebuilt from scratch at each refresh).
 function Family:reset()
   self.values = {}
