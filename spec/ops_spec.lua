@@ -225,6 +225,10 @@ describe("operations", function()
     line(('pgcoord_subscriber_reconnects_total{subscriber="%s"} 0'):format(sub_name))
     assert.not_matches('pool="pool%d+"', body)
     assert.not_matches('subscriber="subscriber%d+"', body)
+    assert.matches("pgcoord.connect: option name must be a string, got 5",
+      helper.error_of(pgcoord.connect, nil, { name = 5 }), 1, true)
+    assert.matches('pgcoord.subscriber: option name must be a non-empty string, got ""',
+      helper.error_of(pgcoord.subscriber, by_app, { name = "" }), 1, true)
     -- the lock's state is a value: each state keeps its series
     local function lock_lines(held, state)
       local t = { ('pgcoord_job_lock_held{lock="%s"} %d'):format(lock.name, held) }

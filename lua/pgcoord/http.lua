@@ -129,11 +129,12 @@ end
 -- The units of /proc's ticks and pages; nil off Linux (no process_* series).
 local units = read_file("/proc/self/stat") and core.sysconf() or nil
 
--- Fixed for the life of the process: boot time plus its start in ticks.
+-- The boot time plus the process's start in ticks (proc(5) field 22).
 local function start_time(fields)
   local boot = tonumber((read_file("/proc/stat") or ""):match("\nbtime%s+(%d+)"))
   return boot and fields[20] and boot + fields[20] / units.clock_ticks
 end
+local started_at -- (read once: fixed for the life of the process)
 
 metrics.collect(function()
   local fields = units and proc_stat()
@@ -142,7 +143,8 @@ metrics.collect(function()
   process_cpu:set((fields[12] + fields[13]) / units.clock_ticks)
   process_vm:set(fields[21])
   process_rss:set(fields[22] * units.page_size)
-  if not process_start.values[""] then process_start:set(start_time(fields)) end
+  started_at = started_at or start_time(fields)
+  if started_at then process_start:set(started_at) end
   -- (listing the folder opens one descriptor more, its own)
   local fds = core.listdir("/proc/self/fd")
   if fds then process_fds:set(#fds - 1) end
