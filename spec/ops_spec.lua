@@ -26,6 +26,11 @@ w:ready()
 print("worker ready")
 ]]
 
+-- s as a Lua pattern that matches it literally.
+local function lit(s)
+  return (tostring(s):gsub("%p", "%%%0"))
+end
+
 -- The port an --http process logged.
 local function logged_port(p)
   local out = p:wait_output("http endpoint listening", 10)
@@ -129,6 +134,125 @@ describe("operations", function()
     end
     p:kill("TERM")
     assert.are.equal(0, p:wait(15))
+  end)
+
+  it("serves metrics by the conventions: shortest bounds, build and process metrics, stable"
+    .. " labels, queue and outbox counters; promtool check metrics passes", function()
+    local task = require "pgcoord.task"
+    local pool_name, app = helper.unique("ops_pool"), helper.unique("ops_app")
+    local named = pgcoord.connect(nil, { size = 1, name = pool_name })
+    local by_app = pgcoord.connect(nil, { size = 1, params = { application_name = app } })
+    local started = helper.started()
+    local server = pgcoord.http.serve("127.0.0.1:0", { db = named })
+    finally(function()
+      server:close()
+      started:stop()
+      named:close()
+      by_app:close()
+    end)
+    local sub_name = helper.unique("ops_listener")
+    local sub = started:own(pgcoord.subscriber(by_app, { name = sub_name }))
+    sub:start()
+    -- a job run: its duration histogram
+    local group, jobs = helper.unique("ops_group"), pgcoord.jobs(db)
+    jobs:define("quick", function() end, { group = group })
+    started:worker(jobs, { group = group, flush_age = 0.05 })
+    jobs:schedule_now(db, "quick", {})
+    -- a lock held, then released: the same series, other values
+    local lock = pgcoord.joblock(db, helper.unique("ops_lock"), { ping_interval = 1 })
+    local unlock, unlocked = task.cond(), false
+    local holding = helper.spawn(function()
+      return lock:run(function() if not unlocked then unlock:wait(30) end end)
+    end)
+    -- a queue: 1 acked at once, 1 requeued then acked, 1 requeued then dead
+    local qname = helper.unique("ops_queue")
+    local q = pgcoord.queue(db, qname)
+    q:subscribe("s")
+    for n = 1, 3 do q:publish(db, { n = n }) end
+    local consumer = q:consume("s", function(msg)
+      return msg.payload.n == 1 or (msg.payload.n == 2 and msg.deliveries > 1)
+    end, { max_deliveries = 2, retry_delay = 0.01, poll_interval = 0.1 })
+    finally(function() consumer:stop(1) end)
+    -- an outbox: 2 relayed, the other failing
+    local ob = pgcoord.outbox(db, { table = helper.unique("ops_outbox"), retry_delay = 0.05 })
+    ob:migrate()
+    ob:save(nil, { topic = "good", payload = {} }, { topic = "good", payload = {} },
+      { topic = "bad", payload = {} })
+    local relay = ob:relay(function(msg) return msg.topic == "good" end, { poll_interval = 0.1 })
+    finally(function() relay:stop(1) end)
+    local body
+    local function scrape()
+      local code
+      code, body = http_get_async(server.port, "/metrics")
+      assert.are.equal(200, code, body)
+      return body
+    end
+    local function has(line) return scrape():find("\n" .. line .. "\n", 1, true) end
+    helper.wait_until(function() return lock:state() == "held" end, 10, "the lock")
+    local outcomes = {
+      ('pgcoord_queue_published_total{queue="%s"} 3'):format(qname),
+      ('pgcoord_queue_acked_total{queue="%s",subscription="s"} 2'):format(qname),
+      ('pgcoord_queue_requeued_total{queue="%s",subscription="s"} 2'):format(qname),
+      ('pgcoord_queue_dead_total{queue="%s",subscription="s"} 1'):format(qname),
+      ('pgcoord_outbox_relayed_total{table="%s"} 2'):format(ob.name),
+      ('pgcoord_jobs_completed_total{group="%s",type="quick"} 1'):format(group),
+    }
+    helper.wait_until(function()
+      for _, line in ipairs(outcomes) do if not has(line) then return false end end
+      return true
+    end, 20, "the queue, outbox and job counters:\n" .. table.concat(outcomes, "\n"))
+    local failed = tonumber(scrape():match(('\npgcoord_outbox_failed_total{table="%s"} (%%d+)\n')
+      :format(lit(ob.name))))
+    assert(failed and failed >= 1, body)
+    local function line(text) assert.matches("\n" .. lit(text) .. "\n", body) end
+    -- bounds printed shortest
+    line(('pgcoord_job_duration_seconds_bucket{group="%s",type="quick",le="0.005"} 1')
+      :format(group))
+    assert.not_matches("0%.00500000", body)
+    -- build and process
+    line(('pgcoord_build_info{version="%s"} 1'):format(require("pgcoord.core").version))
+    local function value(name) return tonumber(body:match("\n" .. name .. " (%S+)\n")) end
+    assert(value("process_cpu_seconds_total") > 0, body)
+    assert(value("process_resident_memory_bytes") > 1e6, body)
+    assert(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"), body)
+    assert(value("process_open_fds") >= 3 and value("process_open_fds") <= value("process_max_fds"))
+    local start = value("process_start_time_seconds")
+    assert(start <= pgcoord.time() and start > pgcoord.time() - 86400, body)
+    -- names, not creation order
+    line(('pgcoord_pool_connections{pool="%s",state="in_use"} 0'):format(pool_name))
+    assert.matches(('\npgcoord_pool_connections{pool="%s",state="idle"} %%d'):format(lit(app)),
+      body)
+    line(('pgcoord_subscriber_reconnects_total{subscriber="%s"} 0'):format(sub_name))
+    assert.not_matches('pool="pool%d+"', body)
+    assert.not_matches('subscriber="subscriber%d+"', body)
+    assert.matches("pgcoord.connect: option name must be a string, got 5",
+      helper.error_of(pgcoord.connect, nil, { name = 5 }), 1, true)
+    assert.matches('pgcoord.subscriber: option name must be a non-empty string, got ""',
+      helper.error_of(pgcoord.subscriber, by_app, { name = "" }), 1, true)
+    -- the lock's state is a value: each state keeps its series
+    local function lock_lines(held, state)
+      local t = { ('pgcoord_job_lock_held{lock="%s"} %d'):format(lock.name, held) }
+      for _, st in ipairs({ "held", "lost", "released", "waiting" }) do
+        t[#t + 1] = ('pgcoord_job_lock_state{lock="%s",state="%s"} %d')
+          :format(lock.name, st, st == state and 1 or 0)
+      end
+      return t
+    end
+    for _, l in ipairs(lock_lines(1, "held")) do line(l) end
+    unlocked = true
+    unlock:signal()
+    helper.wait_until(function() return holding:status() == "done" end, 10, "the lock's run")
+    scrape()
+    for _, l in ipairs(lock_lines(0, "released")) do line(l) end
+    -- promtool's lint of the exposition format
+    if helper.sh("command -v promtool >/dev/null 2>&1") ~= 0 then
+      pending("promtool is not installed (scripts/install-deps installs Debian's prometheus)")
+      return
+    end
+    local file = helper.write_file(helper.tmpname("metrics"), body)
+    local code, out = helper.run({ "sh", "-c", "promtool check metrics < " .. helper.quote(file) })
+    assert.are.equal(0, code, out)
+    assert.are.equal("", out)
   end)
 
   it("closes connections that complete no request within idle_timeout, idle or dribbling",
@@ -252,6 +376,87 @@ describe("operations", function()
     code, out = helper.run({ "pgcoord-run", "--status" })
     assert.are.equal(0, code, out)
     assert.matches(group, out, 1, true)
+    holding:cancel()
+  end)
+
+  it("--status aligns columns for long names and tells running handlers from claimed jobs",
+    function()
+    local group = helper.unique("a_job_group_whose_name_is_longer_than_any_column_was")
+    local queue = helper.unique("a_queue_with_a_rather_long_name")
+    local lock = pgcoord.joblock(db, helper.unique("a_job_lock_named_at_great_length_too"),
+      { ping_interval = 1 })
+    pgcoord.queue(db, queue):subscribe("a_subscription_named_at_length_as_well")
+    local jobs = pgcoord.jobs(db)
+    local release, released = require("pgcoord.task").cond(), false
+    jobs:define("t", function() if not released then release:wait(30) end end, { group = group })
+    for _ = 1, 4 do jobs:schedule_now(db, "t", {}) end
+    -- one handler runs, the other three jobs are claimed (prefetched) and wait
+    local started = helper.started()
+    finally(function()
+      released = true
+      release:signal()
+      started:stop()
+    end)
+    started:worker(jobs, { group = group, concurrency = 1, prefetch = 4,
+      heartbeat_interval = 0.1 })
+    local holding = helper.spawn(function() return lock:run(function() pgcoord.sleep(30) end) end)
+    helper.wait_until(function() return lock:state() == "held" end, 10, "the lock")
+    local mine
+    helper.wait_until(function()
+      local code, out = helper.run({ "pgcoord-run", "--status", "--json" })
+      assert.are.equal(0, code, out)
+      for _, g in ipairs(pgcoord.json.decode(out).jobs) do
+        if g.group == group then mine = g end
+      end
+      return mine and mine.running == 1 and mine.claimed == 3
+    end, 10, "--status to count 1 running and 3 claimed")
+    assert.are.same({ 0, 0 }, { mine.ready, mine.failed })
+    local code, out = helper.run({ "pgcoord-run", "--status" })
+    assert.are.equal(0, code, out)
+    -- every row of a section has each column where its header has it:
+    -- counts end under the header's end, names start under its start
+    local section
+    local sections = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^%S") then
+        section = { title = line }
+        sections[#sections + 1] = section
+      elseif section.head then
+        section[#section + 1] = line
+      else
+        section.head = line
+      end
+    end
+    local function column(sec, header, right)
+      local from, to = sec.head:find(header, 1, true)
+      assert(from, ("no %s column in:\n%s"):format(header, out))
+      for _, row in ipairs(sec) do
+        if right then
+          assert(row:sub(to, to):match("%S") and not row:sub(to + 1, to + 1):match("%S"),
+            ("%s not aligned in:\n%s"):format(header, out))
+        else
+          assert(row:sub(from, from):match("%S") and row:sub(from - 1, from - 1) == " ",
+            ("%s not aligned in:\n%s"):format(header, out))
+        end
+      end
+    end
+    local by_title = {}
+    for _, sec in ipairs(sections) do by_title[sec.title] = sec end
+    local jobs_sec, queues, locks = by_title["job groups"], by_title["queue subscriptions"],
+      by_title["job locks"]
+    for _, h in ipairs({ "READY", "SCHEDULED", "RUNNING", "CLAIMED", "FAILED" }) do
+      column(jobs_sec, h, true)
+    end
+    column(jobs_sec, "OLDEST READY")
+    column(queues, "SUBSCRIPTION")
+    column(queues, "ORDERED")
+    column(queues, "PENDING", true)
+    column(locks, "HOLDER")
+    column(locks, "TOKEN", true)
+    column(locks, "RENEWED", true)
+    assert.matches(lit(group) .. "%s+0%s+0%s+1%s+3%s+0%s", out)
+    assert.matches(lit(queue) .. "%s+a_subscription_named_at_length_as_well", out)
+    assert.matches(lit(lock.name) .. "%s+%S", out)
     holding:cancel()
   end)
 

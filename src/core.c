@@ -11,7 +11,6 @@
 
 int luaopen_pgcoord_core(lua_State *L);
 
-/* core.listdir(path) -> { names... } | nil, err  (for sql/ migrations) */
 static int l_getpid(lua_State *L)
 {
 	lua_pushinteger(L, (lua_Integer)getpid());
@@ -25,6 +24,31 @@ static int l_isatty(lua_State *L)
 	return 1;
 }
 
+/*
+ * core.sysconf() -> { clock_ticks =, page_size = } | nil, err: the units
+ * of /proc/self/stat's times (ticks) and sizes (pages), for process_*
+ * metrics.
+ */
+static int l_sysconf(lua_State *L)
+{
+	errno = 0;
+	long ticks = sysconf(_SC_CLK_TCK);
+	long page = sysconf(_SC_PAGESIZE);
+	if (ticks <= 0 || page <= 0) {
+		luaL_pushfail(L);
+		lua_pushfstring(L, "sysconf: %s",
+				errno ? strerror(errno) : "no value");
+		return 2;
+	}
+	lua_createtable(L, 0, 2);
+	lua_pushinteger(L, (lua_Integer)ticks);
+	lua_setfield(L, -2, "clock_ticks");
+	lua_pushinteger(L, (lua_Integer)page);
+	lua_setfield(L, -2, "page_size");
+	return 1;
+}
+
+/* core.listdir(path) -> { names... } | nil, err  (for sql/ migrations) */
 static int l_listdir(lua_State *L)
 {
 	const char *path = luaL_checkstring(L, 1);
@@ -60,6 +84,8 @@ int luaopen_pgcoord_core(lua_State *L)
 	lua_setfield(L, -2, "getpid");
 	lua_pushcfunction(L, l_isatty);
 	lua_setfield(L, -2, "isatty");
+	lua_pushcfunction(L, l_sysconf);
+	lua_setfield(L, -2, "sysconf");
 	lua_pushcfunction(L, l_listdir);
 	lua_setfield(L, -2, "listdir");
 	lua_pushliteral(L, PGCOORD_VERSION);

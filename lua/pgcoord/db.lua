@@ -66,6 +66,7 @@ local check_options = options.spec("pgcoord.connect", {
   params = { "table" },
   connect_timeout = { "number", default = 10, above = 0 },
   prepare = { "boolean" }, -- nil: named statements unless behind a pooler
+  name = { "string" },     -- in metrics; nil: the connection's application_name
 })
 
 -- A TCP link that dies silently would otherwise hang a query for the
@@ -616,6 +617,8 @@ function db.connect(conninfo, opts)
   pool.total = 1
   local ok, lease = pcall(pool._open, pool)
   if not ok then error(lease, 0) end
+  -- (application_name as the server has it, whichever way it was set)
+  pool.name = opts.name or lease.conn:parameter("application_name") or "pgcoord"
   pool:release(lease)
   return pool
 end

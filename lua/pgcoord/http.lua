@@ -14,8 +14,12 @@ local http = {}
 
 -- ---- what the endpoint reports ------------------------------------------------
 
+local build_info = metrics.gauge("pgcoord_build_info",
+  "pgcoord's version, in the label (the value is always 1).", { "version" })
+build_info:set(1, core.version)
 local pool_connections = metrics.gauge("pgcoord_pool_connections",
-  "Connections of each pool by state (in_use, idle, waiting: tasks waiting for one).",
+  "Connections of the pools of each name (the name option of pgcoord.connect, else the"
+  .. " application_name) by state (in_use, idle, waiting: tasks waiting for one).",
   { "pool", "state" })
 local received = metrics.counter("pgcoord_notifications_received_total",
   "Notifications received per channel.", { "channel" })
@@ -24,11 +28,19 @@ local dropped = metrics.counter("pgcoord_notifications_dropped_total",
 local poll_saved = metrics.counter("pgcoord_poll_saved_items_total",
   "Items found by fallback polls that no notification announced, per channel.", { "channel" })
 local reconnects = metrics.counter("pgcoord_subscriber_reconnects_total",
-  "LISTEN connections re-established, per subscriber.", { "subscriber" })
+  "LISTEN connections re-established, per subscriber name (its name option, else its pool's).",
+  { "subscriber" })
 local lock_held = metrics.gauge("pgcoord_job_lock_held",
-  "1 while this process holds the job lock, else 0; state in the label.", { "lock", "state" })
+  "1 while this process holds the job lock, else 0.", { "lock" })
+-- (every state has its series, 0 or 1: a change of state changes values,
+-- not which series exist)
+local LOCK_STATES = { "waiting", "held", "lost", "released" }
+local lock_state = metrics.gauge("pgcoord_job_lock_state",
+  "Job locks of this process by name in each state (waiting, held, lost, released): 1 for the"
+  .. " state a lock is in, 0 for the others.", { "lock", "state" })
 local group_jobs = metrics.gauge("pgcoord_job_group_jobs",
-  "Jobs per group and state (refreshed on an interval).", { "group", "state" })
+  "Jobs per group and state (running: handlers in progress; claimed: taken by a worker, not"
+  .. " started; refreshed on an interval).", { "group", "state" })
 local oldest_ready = metrics.gauge("pgcoord_job_group_oldest_ready_seconds",
   "Age of the oldest ready job per group (refreshed on an interval).", { "group" })
 local queue_messages = metrics.gauge("pgcoord_queue_messages",
@@ -47,16 +59,15 @@ local http_timed_out = metrics.counter("pgcoord_http_connections_timed_out_total
 
 -- The counters the modules keep, read at scrape time (they only grow, so
 -- they are exposed as counters, set rather than incremented here).
+-- Objects that share a name add up in one series: a label is a name a
+-- person gave, not an order of creation that changes from run to run.
 metrics.collect(function()
   pool_connections:reset()
-  local n = 0
   for pool in metrics.each("pool") do
-    n = n + 1
     local s = pool:stats()
-    local name = pool.params.application_name or ("pool" .. n)
-    pool_connections:set(s.in_use, name, "in_use")
-    pool_connections:set(s.idle, name, "idle")
-    pool_connections:set(s.waiting, name, "waiting")
+    pool_connections:add(s.in_use, pool.name, "in_use")
+    pool_connections:add(s.idle, pool.name, "idle")
+    pool_connections:add(s.waiting, pool.name, "waiting")
   end
   for fan in metrics.each("fanout") do
     local s = fan:stats()
@@ -65,15 +76,16 @@ metrics.collect(function()
     poll_saved:set(s.poll_saved, s.channel)
   end
   reconnects:reset()
-  n = 0
   for sub in metrics.each("subscriber") do
-    n = n + 1
-    reconnects:set(sub:stats().reconnects, "subscriber" .. n)
+    reconnects:add(sub:stats().reconnects, sub.name)
   end
   lock_held:reset()
+  lock_state:reset()
   for lock in metrics.each("joblock") do
     local state = lock:state()
-    lock_held:set(state == "held" and 1 or 0, lock.name, state == "" and "waiting" or state)
+    if state == "" then state = "waiting" end
+    lock_held:add(state == "held" and 1 or 0, lock.name)
+    for _, st in ipairs(LOCK_STATES) do lock_state:add(st == state and 1 or 0, lock.name, st) end
   end
   local open, refused, timed_out = 0, 0, 0
   for server in metrics.each("http") do
@@ -85,12 +97,67 @@ metrics.collect(function()
   http_timed_out:set(timed_out)
 end)
 
+-- ---- the process: the standard process_* metrics, from /proc/self ---------------
+
+local process_cpu = metrics.counter("process_cpu_seconds_total",
+  "Total user and system CPU time spent in seconds.")
+local process_rss = metrics.gauge("process_resident_memory_bytes",
+  "Resident memory size in bytes.")
+local process_vm = metrics.gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.")
+local process_fds = metrics.gauge("process_open_fds", "Number of open file descriptors.")
+local process_max_fds = metrics.gauge("process_max_fds",
+  "Maximum number of open file descriptors.")
+local process_start = metrics.gauge("process_start_time_seconds",
+  "Start time of the process since unix epoch in seconds.")
+
+local function read_file(path)
+  local f <close> = io.open(path, "rb")
+  return f and f:read("a")
+end
+
+-- The fields of /proc/self/stat after the command name (which is in
+-- parentheses and may hold spaces): [1] is field 3 of proc(5), the state.
+local function proc_stat()
+  local text = read_file("/proc/self/stat")
+  local rest = text and text:match("%)%s+(.*)$")
+  if not rest then return nil end
+  local fields = {}
+  for word in rest:gmatch("%S+") do fields[#fields + 1] = tonumber(word) or word end
+  return fields
+end
+
+-- The units of /proc's ticks and pages; nil off Linux (no process_* series).
+local units = read_file("/proc/self/stat") and core.sysconf() or nil
+
+-- The boot time plus the process's start in ticks (proc(5) field 22).
+local function start_time(fields)
+  local boot = tonumber((read_file("/proc/stat") or ""):match("\nbtime%s+(%d+)"))
+  return boot and fields[20] and boot + fields[20] / units.clock_ticks
+end
+local started_at -- (read once: fixed for the life of the process)
+
+metrics.collect(function()
+  local fields = units and proc_stat()
+  if not fields then return end
+  -- proc(5) fields 14, 15: utime, stime; 23: vsize; 24: rss (pages)
+  process_cpu:set((fields[12] + fields[13]) / units.clock_ticks)
+  process_vm:set(fields[21])
+  process_rss:set(fields[22] * units.page_size)
+  started_at = started_at or start_time(fields)
+  if started_at then process_start:set(started_at) end
+  -- (listing the folder opens one descriptor more, its own)
+  local fds = core.listdir("/proc/self/fd")
+  if fds then process_fds:set(#fds - 1) end
+  local max = (read_file("/proc/self/limits") or ""):match("Max open files%s+(%d+)")
+  if max then process_max_fds:set(tonumber(max)) end
+end)
+
 local function refresh_depths(db, outbox_tables)
   local s = status.collect(db, outbox_tables)
   group_jobs:reset()
   oldest_ready:reset()
   for _, g in ipairs(s.jobs or {}) do
-    for _, state in ipairs({ "ready", "scheduled", "running", "failed" }) do
+    for _, state in ipairs({ "ready", "scheduled", "running", "claimed", "failed" }) do
       group_jobs:set(g[state], g.group, state)
     end
     oldest_ready:set(g.oldest_ready_age or 0, g.group)

@@ -66,6 +66,10 @@ function Family:set(v, ...)
   self.values[key_of(self, { ... })] = v
 end
 
+-- f:add(n, label values...): adds n to the series (0 creates it), for
+-- gauges summed over objects at scrape time.
+Family.add = Family.inc
+
 -- Drops every series (gauges rebuilt from scratch at each refresh).
 function Family:reset()
   self.values = {}
@@ -129,11 +133,18 @@ function metrics.collect(fn)
   collectors[#collectors + 1] = fn
 end
 
+local SHORTEST = { "%.15g", "%.16g" }
+
 local function number(v)
   if v == math.huge then return "+Inf" end
   if v == -math.huge then return "-Inf" end
   if v ~= v then return "NaN" end
   if math.type(v) == "integer" then return tostring(v) end
+  -- the shortest of these that reads back as v: 0.005, not 0.0050000000000000001
+  for _, format in ipairs(SHORTEST) do
+    local text = format:format(v)
+    if tonumber(text) == v then return text end
+  end
   return ("%.17g"):format(v)
 end
 

@@ -41,6 +41,7 @@ local check_options = options.spec(WHERE, {
   on_reconnect = { "function" },
   reconnect_min = { "number", above = 0, default = 0.1 },
   reconnect_max = { "number", above = 0, default = 30 },
+  name = { "string" },         -- in metrics; nil: the pool's name
 })
 
 -- ping_db = false (no pinging) is the one option that is not of its kind.
@@ -71,6 +72,7 @@ function subscriber.new(pool, opts)
   if ping_off then ping_db = false end
   local self = setmetatable({
     pool = pool,
+    name = o.name or pool.name,
     ping_interval = o.ping_interval,
     ping_grace = ping_grace,
     ping_db = ping_db,

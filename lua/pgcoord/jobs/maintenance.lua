@@ -25,7 +25,8 @@ Maintenance.__index = Maintenance
 
 -- hooks: on_error(what, err); on_lease(alive_until); on_taken(old_id) ->
 -- how many jobs in hand it dropped (the worker was taken for dead);
--- on_registered(id); on_wake() (jobs may be ready).
+-- on_registered(id); on_wake() (jobs may be ready); running() -> the
+-- handlers in progress, which each heartbeat records.
 function maintenance.new(pool, group, heartbeat_interval, reclaim_after, hooks)
   return setmetatable({
     pool = pool, group = group, hooks = hooks, id = nil,
@@ -84,7 +85,7 @@ end
 -- back), registers again.
 function Maintenance:_beat()
   local sent = now_time()
-  local ok, beat = pcall(self.pool.exec, self.pool, sql.HEARTBEAT, self.id)
+  local ok, beat = pcall(self.pool.exec, self.pool, sql.HEARTBEAT, self.id, self.hooks.running())
   if not ok then
     self.hooks.on_error("heartbeat failed", beat)
     return

@@ -82,8 +82,9 @@ SELECT (SELECT count(*) FROM p) AS promoted,
          WHERE state = 'scheduled' AND group_name = $1 AND run_at > now()) AS next_in]]
 sql.PROMOTE = PROMOTE
 
+-- ($2: the handlers in progress, for --status: see sql/010)
 local HEARTBEAT = [[
-UPDATE pgcoord.job_workers SET heartbeat_at = now() WHERE id = $1]]
+UPDATE pgcoord.job_workers SET heartbeat_at = now(), running = $2 WHERE id = $1]]
 sql.HEARTBEAT = HEARTBEAT
 
 -- Hands back the jobs of workers that stopped heartbeating ($1 seconds

@@ -209,6 +209,7 @@ function worker.new(types, pool, o)
     on_taken = function(old) return w:_drop_claimed(old) end,
     on_registered = function(id) w.completer:set_owner(id) end,
     on_wake = function() w:_wake() end,
+    running = function() return w.running end,
   })
   w.limiter = limits.watcher(pool, o.group, o.poll_interval, o.reclaim_after, {
     on_change = function() w:_settings_changed() end,

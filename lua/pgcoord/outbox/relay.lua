@@ -14,8 +14,15 @@ local backoff = require "pgcoord.backoff"
 local lifecycle = require "pgcoord.lifecycle"
 local tables = require "pgcoord.tables"
 local subscriber = require "pgcoord.subscriber"
+local metrics = require "pgcoord.metrics"
 
 local relay = {}
+
+-- Per outbox table, counted by this process's relays.
+local relayed_total = metrics.counter("pgcoord_outbox_relayed_total",
+  "Outbox messages published and marked processed, per table.", { "table" })
+local failed_total = metrics.counter("pgcoord_outbox_failed_total",
+  "Outbox publish attempts that failed, per table.", { "table" })
 
 local Relay = {}
 Relay.__index = Relay
@@ -153,6 +160,7 @@ end
 
 function Relay:_failed(msg, text, trace)
   self.counters.failed = self.counters.failed + 1
+  failed_total:inc(1, self.outbox.name)
   local ok, status, retries = pcall(self.outbox.mark_failed, self.outbox, msg.id, text)
   if not ok then
     if task.is_cancelled(status) then error(status, 0) end
@@ -177,6 +185,7 @@ function Relay:_mark(ids)
   local ok, err = pcall(self.outbox.mark_processed, self.outbox, ids)
   if ok then
     self.counters.published = self.counters.published + #ids
+    relayed_total:inc(#ids, self.outbox.name)
   elseif task.is_cancelled(err) then
     error(err, 0)
   else

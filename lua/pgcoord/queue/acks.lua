@@ -25,7 +25,7 @@ local error_text = task.error_text
 
 local clean_text = json.clean_text
 
--- ctx: the consumer's context (pool, ids, names, counters, fields()).
+-- ctx: the consumer's context (pool, ids, names, counters, count(), fields()).
 function acks.start(ctx)
   local self = setmetatable({
     ctx = ctx,
@@ -82,7 +82,7 @@ end
 function Acks:_write(batch)
   local ctx = self.ctx
   local rows = ctx.pool:query(sql.ack, sql.token_arrays(ctx.subscription_id, batch))
-  ctx.counters.acked = ctx.counters.acked + #rows
+  ctx:count("acked", #rows)
   if #rows < #batch then
     local done = {}
     for _, r in ipairs(rows) do done[r.id] = true end
@@ -105,7 +105,7 @@ local function ack_claim_head(self, id, n)
     self:_lost(id, n, "ack")
     return nil
   end
-  ctx.counters.acked = ctx.counters.acked + 1
+  ctx:count("acked")
   return r.id and r or nil
 end
 
@@ -127,11 +127,11 @@ function Acks:requeue(id, n, reason, delay)
   if not row then
     self:_lost(id, n, "requeue")
   elseif row.state == "dead" then
-    ctx.counters.dead = ctx.counters.dead + 1
+    ctx:count("dead")
     log.warn("queue message moved to the dead letters", ctx:fields({ message = id,
       deliveries = n, reason = reason }))
   else
-    ctx.counters.requeued = ctx.counters.requeued + 1
+    ctx:count("requeued")
   end
 end
 

@@ -16,8 +16,22 @@ local json = require "pgcoord.json"
 local sql = require "pgcoord.queue.sql"
 local acks = require "pgcoord.queue.acks"
 local keeper = require "pgcoord.queue.keeper"
+local metrics = require "pgcoord.metrics"
 
 local consumer = {}
+
+-- Outcomes per subscription, counted by this process (its consumers'
+-- counters go with them; these stay).
+local TOTALS = {
+  acked = metrics.counter("pgcoord_queue_acked_total",
+    "Queue deliveries acked, per queue and subscription.", { "queue", "subscription" }),
+  requeued = metrics.counter("pgcoord_queue_requeued_total",
+    "Queue deliveries that failed and were requeued, per queue and subscription.",
+    { "queue", "subscription" }),
+  dead = metrics.counter("pgcoord_queue_dead_total",
+    "Queue messages moved to the dead letters, per queue and subscription.",
+    { "queue", "subscription" }),
+}
 
 local Consumer = {}
 Consumer.__index = Consumer
@@ -79,6 +93,13 @@ function Context:fields(extra)
   return f
 end
 
+-- Counts n (1 when nil) of an outcome: acked, requeued or dead.
+function Context:count(outcome, n)
+  n = n or 1
+  self.counters[outcome] = self.counters[outcome] + n
+  self.totals[outcome]:inc(n)
+end
+
 -- ---- starting ------------------------------------------------------------------
 
 -- Starts consuming: sub describes the subscription, fn is the handler, o
@@ -87,6 +108,10 @@ function consumer.start(sub, fn, o, waker)
   local ctx = setmetatable(sub, Context)
   ctx.max_deliveries, ctx.visibility_timeout = o.max_deliveries, o.visibility_timeout
   ctx.counters = { handled = 0, acked = 0, requeued = 0, dead = 0, lost = 0, fenced = 0 }
+  ctx.totals = {}
+  for outcome, family in pairs(TOTALS) do
+    ctx.totals[outcome] = family:with(ctx.queue, ctx.subscription)
+  end
   local self = setmetatable({
     ctx = ctx,
     fn = fn,
@@ -146,7 +171,7 @@ function Consumer:_start(rows)
   local ctx = self.ctx
   for _, row in ipairs(rows) do
     if row.state == "dead" then
-      ctx.counters.dead = ctx.counters.dead + 1
+      ctx:count("dead")
       log.warn("queue message moved to the dead letters", ctx:fields({ message = row.id,
         deliveries = row.deliveries, reason = row.last_error }))
     elseif self.state ~= "running" then

@@ -40,6 +40,7 @@ local sql = require "pgcoord.queue.sql"
 local consumer = require "pgcoord.queue.consumer"
 local keeper = require "pgcoord.queue.keeper"
 local wakeups = require "pgcoord.queue.wakeups"
+local metrics = require "pgcoord.metrics"
 
 local queue = {}
 
@@ -52,6 +53,11 @@ queue.sweep = keeper.sweep
 
 local SWEEP_BATCH = keeper.SWEEP_BATCH
 local MAX_SECONDS = consumer.MAX_SECONDS
+
+-- (counted when the statement returns: a transaction that rolls back
+-- after it still counts)
+local published = metrics.counter("pgcoord_queue_published_total",
+  "Messages published to at least one subscription, per queue.", { "queue" })
 
 local error_text = task.error_text
 local int_array = db.int_array
@@ -216,6 +222,7 @@ function Queue:publish(db_or_tx, value, opts)
   if opts ~= nil then publish_options(opts) end
   local payload = encode(self, "q:publish", value)
   local row = run_publish(self, "q:publish", db_or_tx, sql.publish, payload)
+  if row.id then published:inc(1, self.name) end
   return row.id, row.copies
 end
 
@@ -232,6 +239,7 @@ function Queue:publish_many(db_or_tx, values)
   for i = 1, n do parts[i] = encode(self, "q:publish_many", values[i], i) end
   local row = run_publish(self, "q:publish_many", db_or_tx, sql.publish_many,
     "[" .. table.concat(parts, ",") .. "]")
+  if row.ids then published:inc(#row.ids, self.name) end
   return row.ids or {}, row.copies
 end
 
