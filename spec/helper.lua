@@ -56,7 +56,11 @@ local function own_pid()
 end
 helper.pid = own_pid()
 
-local counter = 0
+-- busted loads this file afresh for every spec file, so a counter from 0
+-- would hand two files of one run the same names.  Starting it from the
+-- clock in milliseconds, times 100, keeps each file's names apart (files
+-- start seconds apart and use far fewer than 100 names per millisecond).
+local counter = math.floor(pgcoord.time() * 1000) % 10000000 * 100
 
 -- A name no other test (or concurrent run) uses: a valid SQL identifier.
 function helper.unique(prefix)
