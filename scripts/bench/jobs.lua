@@ -18,10 +18,10 @@
 --       machine's monotonic clock, which every process shares); with
 --       "stay", it then waits to be stopped (SIGTERM), as the supervisor
 --       of --workers restarts a process that ends
---   jobs.lua waits GROUP
+--   jobs.lua waits
 --       samples pg_stat_activity (the other backends that are active) and
---       pg_locks (requests not granted) every 10 ms while GROUP has jobs;
---       prints "samples=N active=A lock_waits=W" and a line per wait
+--       pg_locks (requests not granted) every 10 ms until stopped (SIGTERM);
+--       then prints "samples=N active=A lock_waits=W" and a line per wait
 --       event seen, most frequent first: "wait TYPE:EVENT N" (CPU: none)
 --   jobs.lua statement NAME
 --       prints the statement NAME of lua/pgcoord/jobs/sql.lua
@@ -165,6 +165,8 @@ elseif mode == "share" then
   jobs:define("noop", function() handled = handled + 1 end, { group = group })
   -- every process connected before any starts: the clock then starts with
   -- all of them, as it starts with the one worker in "throughput"
+  local range = db:one([[SELECT min(id) AS lo, max(id) AS hi FROM pgcoord.jobs
+                          WHERE group_name = $1]], group)
   db:exec("INSERT INTO bench_ready (pid) VALUES (pg_backend_pid())")
   wait_for(function()
     return db:one("SELECT count(*)::int AS n FROM bench_ready").n >= processes
@@ -173,7 +175,17 @@ elseif mode == "share" then
   local t0 = pgcoord.now()
   local w = jobs:worker({ group = group, concurrency = concurrency,
     prefetch = env_integer("BENCH_PREFETCH"), flush_count = env_integer("BENCH_FLUSH") })
-  wait_for(function() return remaining(db, group) == 0 end, 300, "empty table")
+  -- the database is asked only while this process's handlers are idle (a
+  -- millisecond without a job done), so that the polls do not load it
+  -- while the work goes on
+  local seen = -1
+  wait_for(function()
+    if handled ~= seen then
+      seen = handled
+      return false
+    end
+    return remaining(db, group, range.lo, range.hi) == 0
+  end, 300, "empty table")
   local t1 = pgcoord.now()
   local cpu = os.clock() - cpu0
   w:shutdown()
@@ -184,19 +196,16 @@ elseif mode == "share" then
   end
 
 elseif mode == "waits" then
-  local group = args[2]
   local db = pgcoord.connect(nil, { size = 1 })
   local samples, active, lock_waits, events = 0, 0, 0, {}
-  while true do
+  while not pgcoord.stopping() do
     local rows = db:query([[
       SELECT a.pid, COALESCE(a.wait_event_type || ':' || a.wait_event, 'CPU') AS event,
-             (SELECT count(*)::int FROM pgcoord.jobs WHERE group_name = $1) AS left,
              (SELECT count(*)::int FROM pg_locks WHERE NOT granted) AS ungranted
         FROM (SELECT 1) one
         LEFT JOIN pg_stat_activity a
           ON a.pid <> pg_backend_pid() AND a.datname = current_database()
-         AND a.backend_type = 'client backend' AND a.state = 'active']], group)
-    if rows[1].left == 0 then break end
+         AND a.backend_type = 'client backend' AND a.state = 'active']])
     samples = samples + 1
     lock_waits = lock_waits + rows[1].ungranted
     for _, r in ipairs(rows) do
