@@ -56,7 +56,7 @@ local args = bench.args("jobs.lua", ...)
 local mode = args.mode
 
 
--- The jobs left of group's (of those with ids lo..hi, when given).
+-- How many of group's jobs are left (of those with ids lo..hi, when given).
 local function remaining(db, group, lo, hi)
   return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
                    WHERE group_name = $1 AND id BETWEEN $2 AND $3]],
@@ -163,10 +163,10 @@ elseif mode == "share" then
   local jobs = pgcoord.jobs(db)
   local handled = 0
   jobs:define("noop", function() handled = handled + 1 end, { group = group })
-  -- every process connected before any starts: the clock then starts with
-  -- all of them, as it starts with the one worker in "throughput"
   local range = db:one([[SELECT min(id) AS lo, max(id) AS hi FROM pgcoord.jobs
                           WHERE group_name = $1]], group)
+  -- every process connected before any starts: the clock then starts with
+  -- all of them, as it starts with the one worker in "throughput"
   db:exec("INSERT INTO bench_ready (pid) VALUES (pg_backend_pid())")
   wait_for(function()
     return db:one("SELECT count(*)::int AS n FROM bench_ready").n >= processes
