@@ -1,7 +1,7 @@
 # pgcoord — build, test and install.
 #   make [all]                  lua/pgcoord/core.so and ./pgcoord-run
 #   make test [SPEC=spec/x_spec.lua] [SANITIZE=address]
-#   make demo | lint | bench | deps | install [PREFIX=... DESTDIR=...] | clean
+#   make demo | lint | bench [BENCH_QUICK=1] | deps | install [PREFIX=... DESTDIR=...] | clean
 
 CC ?= cc
 PKG_CONFIG ?= pkg-config
@@ -93,11 +93,7 @@ lint:
 
 bench: deps
 	@$(MAKE) --no-print-directory all
-	@for b in scripts/bench/*; do \
-	    if [ -f "$$b" ] && [ -x "$$b" ]; then \
-	        echo "== $$b"; scripts/pg-tmp run "$$b" || exit 1; \
-	    fi; \
-	done
+	scripts/pg-tmp run scripts/bench/run-all
 
 # Conventional places under PREFIX; luarocks sets LUADIR, LIBDIR and BINDIR.
 BINDIR ?= $(PREFIX)/bin

@@ -65,6 +65,16 @@ function bench.clients(clients, seconds, fn)
   return total, elapsed
 end
 
+-- Waits (polling every ms) until fn() is true; raises after limit seconds,
+-- naming what it waited for.
+function bench.wait_for(fn, limit, what)
+  local deadline = pgcoord.now() + limit
+  while not fn() do
+    if pgcoord.now() > deadline then error(("no %s within %d s"):format(what, limit), 2) end
+    pgcoord.sleep(0.001)
+  end
+end
+
 -- "n=.. p50_ms=.. p99_ms=.. max_ms=.. mean_ms=.." of latencies in seconds.
 function bench.latency_line(label, seconds)
   local ms = {}

@@ -1,11 +1,30 @@
 -- The pgcoord side of scripts/bench/jobs, run by pgcoord-run:
---   jobs.lua throughput GROUP JOBS CONCURRENCY LOG
+--   jobs.lua throughput GROUP JOBS CONCURRENCY LOG [VACUUM]
 --       schedules JOBS no-op jobs with schedule_many (one statement), runs
---       VACUUM ANALYZE on pgcoord.jobs, then times one worker with
+--       VACUUM ANALYZE on pgcoord.jobs and job_runs (unless VACUUM is
+--       "novacuum": autovacuum alone then), then times one worker with
 --       CONCURRENCY draining them; LOG is "all" (default history logging)
---       or "none" (should_log_run returns false); prefetch from
---       $BENCH_PREFETCH, flush_count from $BENCH_FLUSH.  Prints
---       "jobs=N seconds=S rate=R ..."
+--       or "none" (should_log_run returns false); the worker's other
+--       options are its defaults, but prefetch from $BENCH_PREFETCH and
+--       flush_count from $BENCH_FLUSH when they are set.  Prints
+--       "jobs=N seconds=S rate=R ... cpu=C" (C: this process's CPU seconds
+--       in the timed window)
+--   jobs.lua share GROUP JOBS CONCURRENCY PROCESSES [stay]
+--       one of PROCESSES processes (pgcoord-run --workers) working down
+--       the JOBS jobs already in GROUP with a worker of CONCURRENCY each:
+--       once all PROCESSES are connected (each adds a row to
+--       bench_ready), each starts its worker and, once the group has no
+--       job left, prints "t0=.. t1=.. handled=N cpu=C" (t0, t1 on the
+--       machine's monotonic clock, which every process shares); with
+--       "stay", it then waits to be stopped (SIGTERM), as the supervisor
+--       of --workers restarts a process that ends
+--   jobs.lua waits
+--       samples pg_stat_activity (the other backends that are active) and
+--       pg_locks (requests not granted) every 10 ms until stopped (SIGTERM);
+--       then prints "samples=N active=A lock_waits=W" and a line per wait
+--       event seen, most frequent first: "wait TYPE:EVENT N" (CPU: none)
+--   jobs.lua statement NAME
+--       prints the statement NAME of lua/pgcoord/jobs/sql.lua
 --   jobs.lua latency GROUP JOBS CONCURRENCY
 --       an idle worker; JOBS single jobs scheduled one at a time with
 --       schedule_now from a pool of its own, each once the last one has
@@ -20,10 +39,13 @@
 -- Throughput, defined: t0 is taken just before jobs:worker() is called,
 -- with the jobs committed and the process connected and migrated; t1 is
 -- the first moment, after the last handler returned, at which a count of
--- the group's jobs in pgcoord.jobs reads 0 (completed jobs are deleted by
+-- the run's jobs in pgcoord.jobs reads 0 (completed jobs are deleted by
 -- the batched result write, so that is when the last completion was
 -- written); the count is polled every millisecond, only once the last
--- handler has returned.  rate = JOBS / (t1 - t0).
+-- handler has returned.  rate = JOBS / (t1 - t0).  The count reads the
+-- run's range of ids by the primary key, so that jobs of the group that
+-- are not the run's (scripts/bench/jobs-big fills the table with later
+-- and failed ones) neither count nor make each poll a scan of them all.
 local pgcoord = require "pgcoord"
 
 package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
@@ -34,24 +56,28 @@ local args = bench.args("jobs.lua", ...)
 local mode = args.mode
 
 
-local function remaining(db, group)
-  return db:one("SELECT count(*)::int AS n FROM pgcoord.jobs WHERE group_name = $1", group).n
+-- How many of group's jobs are left (of those with ids lo..hi, when given).
+local function remaining(db, group, lo, hi)
+  return db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                   WHERE group_name = $1 AND id BETWEEN $2 AND $3]],
+    group, lo or 0, hi or math.maxinteger).n
 end
 
--- Waits (polling every ms) until fn() is true; raises after limit seconds.
-local function wait_for(fn, limit, what)
-  local deadline = pgcoord.now() + limit
-  while not fn() do
-    if pgcoord.now() > deadline then error(("no %s within %d s"):format(what, limit)) end
-    pgcoord.sleep(0.001)
-  end
+-- $NAME as an integer; nil when unset (the worker's default then).
+local function env_integer(name)
+  local v = os.getenv(name)
+  if v == nil or v == "" then return nil end
+  return math.tointeger(tonumber(v)) or error(("%s must be an integer, got %s"):format(name, v))
 end
+
+local wait_for = bench.wait_for
 
 if mode == "throughput" then
   local group = args[2]
   local n, concurrency = args:integer(3, "JOBS"), args:integer(4, "CONCURRENCY")
   local log_runs = args[5] or "all"
   assert(log_runs == "all" or log_runs == "none", "LOG must be all or none")
+  local vacuum = (args[6] or "vacuum") ~= "novacuum"
   local db = pgcoord.connect(nil, { size = 4 })
   pgcoord.migrate(db)
   local jobs = pgcoord.jobs(db)
@@ -61,22 +87,24 @@ if mode == "throughput" then
   for i = 1, n do list[i] = { type = "noop", params = {} } end
   local ids = jobs:schedule_many(db, list)
   assert(#ids == n, "schedule_many inserted " .. #ids)
-  db:exec("VACUUM ANALYZE pgcoord.jobs")
-  db:exec("VACUUM ANALYZE pgcoord.job_runs")
+  local lo, hi = math.huge, -math.huge
+  for _, id in ipairs(ids) do lo, hi = math.min(lo, id), math.max(hi, id) end
+  if vacuum then
+    db:exec("VACUUM ANALYZE pgcoord.jobs")
+    db:exec("VACUUM ANALYZE pgcoord.job_runs")
+  end
   local runs_before = db:one("SELECT count(*)::int AS n FROM pgcoord.job_runs").n
   local cpu0 = os.clock()
 
   local t0 = pgcoord.now()
   local w = jobs:worker({
     group = group, concurrency = concurrency,
-    prefetch = math.tointeger(tonumber(os.getenv("BENCH_PREFETCH") or "")) or 1000,
-    flush_count = math.tointeger(tonumber(os.getenv("BENCH_FLUSH") or "")) or 100,
-    flush_age = 0.02, poll_interval = 10,
+    prefetch = env_integer("BENCH_PREFETCH"), flush_count = env_integer("BENCH_FLUSH"),
     should_log_run = log_runs == "none" and function() return false end or nil,
   })
   wait_for(function() return done >= n end, 300, "last handler")
   local t_handlers = pgcoord.now()
-  wait_for(function() return remaining(db, group) == 0 end, 60, "empty table")
+  wait_for(function() return remaining(db, group, lo, hi) == 0 end, 60, "empty table")
   local t1 = pgcoord.now()
   local cpu = os.clock() - cpu0
 
@@ -126,6 +154,82 @@ elseif mode == "latency" then
   local waits = {}
   for i = warmup + 1, warmup + n do waits[#waits + 1] = started_at[i] - sent_at[i] end
   say(bench.latency_line("jobs", waits))
+
+elseif mode == "share" then
+  local group = args[2]
+  local n, concurrency = args:integer(3, "JOBS"), args:integer(4, "CONCURRENCY")
+  local processes = args:integer(5, "PROCESSES")
+  local db = pgcoord.connect(nil, { size = 4 })
+  local jobs = pgcoord.jobs(db)
+  local handled = 0
+  jobs:define("noop", function() handled = handled + 1 end, { group = group })
+  local range = db:one([[SELECT min(id) AS lo, max(id) AS hi FROM pgcoord.jobs
+                          WHERE group_name = $1]], group)
+  -- every process connected before any starts: the clock then starts with
+  -- all of them, as it starts with the one worker in "throughput"
+  db:exec("INSERT INTO bench_ready (pid) VALUES (pg_backend_pid())")
+  wait_for(function()
+    return db:one("SELECT count(*)::int AS n FROM bench_ready").n >= processes
+  end, 30, "other processes")
+  local cpu0 = os.clock()
+  local t0 = pgcoord.now()
+  local w = jobs:worker({ group = group, concurrency = concurrency,
+    prefetch = env_integer("BENCH_PREFETCH"), flush_count = env_integer("BENCH_FLUSH") })
+  -- the database is asked only while this process's handlers are idle (a
+  -- millisecond without a job done), so that the polls do not load it
+  -- while the work goes on
+  local seen = -1
+  wait_for(function()
+    if handled ~= seen then
+      seen = handled
+      return false
+    end
+    return remaining(db, group, range.lo, range.hi) == 0
+  end, 300, "empty table")
+  local t1 = pgcoord.now()
+  local cpu = os.clock() - cpu0
+  w:shutdown()
+  db:close()
+  say(("t0=%.6f t1=%.6f handled=%d cpu=%.3f jobs=%d"):format(t0, t1, handled, cpu, n))
+  if args[6] == "stay" then
+    while not pgcoord.stopping() do pgcoord.sleep(0.05) end
+  end
+
+elseif mode == "waits" then
+  local db = pgcoord.connect(nil, { size = 1 })
+  local samples, active, lock_waits, events = 0, 0, 0, {}
+  while not pgcoord.stopping() do
+    local rows = db:query([[
+      SELECT a.pid, COALESCE(a.wait_event_type || ':' || a.wait_event, 'CPU') AS event,
+             (SELECT count(*)::int FROM pg_locks WHERE NOT granted) AS ungranted
+        FROM (SELECT 1) one
+        LEFT JOIN pg_stat_activity a
+          ON a.pid <> pg_backend_pid() AND a.datname = current_database()
+         AND a.backend_type = 'client backend' AND a.state = 'active']])
+    samples = samples + 1
+    lock_waits = lock_waits + rows[1].ungranted
+    for _, r in ipairs(rows) do
+      if r.pid ~= nil then -- (no active backend: one row of NULLs)
+        active = active + 1
+        events[r.event] = (events[r.event] or 0) + 1
+      end
+    end
+    pgcoord.sleep(0.01)
+  end
+  db:close()
+  say(("samples=%d active=%d lock_waits=%d"):format(samples, active, lock_waits))
+  local keys = {}
+  for k in pairs(events) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return events[a] > events[b] end)
+  for _, k in ipairs(keys) do say(("wait %s %d"):format(k, events[k])) end
+
+elseif mode == "statement" then
+  local name = args[2]
+  local text = require("pgcoord.jobs.sql")[name]
+  if type(text) ~= "string" then
+    error(("jobs.lua statement: no statement %s"):format(tostring(name)))
+  end
+  say(text)
 
 elseif mode == "pgbench-script" then
   local path = assert(package.searchpath("pgcoord.jobs.sql", package.path))
@@ -188,6 +292,6 @@ elseif mode == "pgbench-script" then
   say(table.concat(out, "\n"))
 
 else
-  error(("jobs.lua: unknown mode %s (throughput, latency or pgbench-script)")
-    :format(tostring(mode)))
+  error(("jobs.lua: unknown mode %s (throughput, share, waits, latency, statement"
+    .. " or pgbench-script)"):format(tostring(mode)))
 end

@@ -82,10 +82,11 @@ median() {
 }
 kb_mb() { awk -v k="$1" 'BEGIN { printf "%d kB (%.2f MB)", k, k / 1024 }'; }
 
-# verdict VALUE OP TARGET: "ok" or "MISSED" (OP is >= or <).
+# verdict VALUE OP TARGET: "ok" or "MISSED" (OP is >=, <= or <).
 verdict() {
+  [[ $2 == ">=" || $2 == "<=" || $2 == "<" ]] || die "verdict: unknown operator $2"
   if awk -v v="$1" -v t="$3" -v op="$2" \
-    'BEGIN { exit !((op == ">=") ? (v + 0 >= t + 0) : (v + 0 < t + 0)) }'; then
+    'BEGIN { exit !((op == ">=") ? (v + 0 >= t + 0) : (op == "<=") ? (v + 0 <= t + 0) : (v + 0 < t + 0)) }'; then
     echo "ok"
   else
     echo "MISSED"
@@ -120,4 +121,47 @@ choose_transport() {
   ssl=$("$pg_bindir/psql" -X -qAt -c "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") \
     || die "cannot connect over $transport"
   [[ $ssl == "$([[ $tls == 1 ]] && echo t || echo f)" ]] || die "the connection is not $transport"
+}
+
+# ---- make bench: BENCH_QUICK and the one summary table -----------------------
+# BENCH_QUICK=1: a short pass (smaller sizes, one round) of every script.
+quick=${BENCH_QUICK:-0}
+[[ $quick == 0 || $quick == 1 ]] || die "BENCH_QUICK must be 0 or 1, got $quick"
+# sized FULL QUICK: FULL, or QUICK under BENCH_QUICK=1 (a default only: the
+# script's own BENCH_* variable still wins).
+sized() { if ((quick)); then echo "$2"; else echo "$1"; fi; }
+
+# Every figure with a target (and some for context) goes to a results file,
+# one tab-separated line each, which scripts/bench/summary prints as one table:
+#   bench  figure  unit  pgcoord  baseline  ratio  target  verdict
+# BENCH_RESULTS names the file (default build/bench/results.tsv); a script
+# drops the lines its earlier runs left there when it starts.
+results_file=${BENCH_RESULTS:-$repo/build/bench/results.tsv}
+bench_name=$(basename "$0")
+mkdir -p "$(dirname "$results_file")"
+touch "$results_file"
+awk -F'\t' -v b="$bench_name" '$1 != b' "$results_file" >"$results_file.tmp"
+mv "$results_file.tmp" "$results_file"
+
+# result FIGURE UNIT PGCOORD BASELINE TARGET: one line of the table.
+# BASELINE is "-" when there is none.  TARGET is "-" (for context), or
+# "OP X" (OP >=, <= or <), checked against the ratio PGCOORD / BASELINE, or
+# against PGCOORD itself when there is no baseline.
+result() {
+  local figure=$1 unit=$2 value=$3 base=$4 target=$5 ratio=- checked verdict=-
+  [[ -n $value ]] || die "result $figure: no value"
+  checked=$value
+  if [[ $base != - ]]; then
+    if awk -v b="$base" 'BEGIN { exit !(b + 0 == 0) }'; then
+      ratio=- checked=
+    else
+      ratio=$(calc "$value / $base") checked=$ratio
+    fi
+  fi
+  if [[ $target != - ]]; then
+    if [[ -z $checked ]]; then verdict=MISSED # (a baseline of 0: nothing to compare)
+    else verdict=$(verdict "$checked" "${target%% *}" "${target#* }"); fi
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$bench_name" "$figure" "$unit" "$value" "$base" \
+    "$ratio" "$target" "$verdict" >>"$results_file"
 }

@@ -7,10 +7,20 @@
 --       text, $n parameters turned into pgbench variables) to DIR:
 --       publish.sql, consume-N.sql (unordered: claim one, ack it) and
 --       consume-ordered.sql (ack the head and claim the next, as ordered
---       consumers do)
+--       consumers do), and drain-N.sql (claim up to :batch, then ack what
+--       was claimed in one statement)
 --   queue.lua publish QUEUE SECONDS CLIENTS
 --       CLIENTS tasks publish one message per statement for SECONDS;
 --       prints "published=N seconds=S rate=R"
+--   queue.lua fill QUEUE MESSAGES
+--       publishes MESSAGES messages with publish_many, 10,000 a statement
+--   queue.lua drain QUEUE MESSAGES CONCURRENCY
+--       the backlog of MESSAGES messages of subscription s1 drained by one
+--       consumer of CONCURRENCY (its other options its defaults), nothing
+--       published meanwhile: t0 just before q:consume, t1 the first moment,
+--       after the last handler returned, at which a count of the
+--       subscription's pending deliveries reads 0 (every ack written),
+--       polled every ms; prints "messages=N seconds=S rate=R ... cpu=C"
 --   queue.lua consume QUEUE SUBSCRIPTIONS CONCURRENCY SECONDS WAIT
 --       a consumer per subscription, no-op handlers; prints "ready", then
 --       counts the messages handled in a window of SECONDS that opens with
@@ -70,6 +80,23 @@ elseif mode == "sql" then
       .. pgbench_sql(s.claim, { sid, "1", "NULL", "30" }):gsub(";\n$", " \\aset\n")
       .. pgbench_sql(ack, { ":sid" }):gsub(":sid", sid))
   end
+  -- Drain: claim up to :batch (the claim's CTE heads the script's own
+  -- chain), then ack every claimed row in one statement, as the consumer
+  -- batches its acks.
+  local batch_ack = s.ack:gsub("%$(%d)::(%a+)%[%]", function(n, t)
+    return (":%s::%s[]"):format(({ "sids", "ids", "ns" })[tonumber(n)], t)
+  end)
+  for i, sid in ipairs(sids) do
+    local claim = pgbench_sql(s.claim, { sid, ":batch", "NULL", "30" }):gsub(";\n$", "")
+    local chain, found = claim:gsub("^(WITH picked AS %b())%s*UPDATE", "%1,\nc AS (UPDATE", 1)
+    assert(found == 1, "the claim no longer starts with WITH picked AS (...) UPDATE")
+    write(("%s/drain-%d.sql"):format(dir, i),
+      chain .. ")\n"
+      .. "SELECT COALESCE(array_agg(" .. sid .. "), '{}')::text AS sids,"
+      .. " COALESCE(array_agg(id), '{}')::text AS ids,"
+      .. " COALESCE(array_agg(deliveries), '{}')::text AS ns FROM c \\gset\n"
+      .. batch_ack .. ";\n")
+  end
   -- Ordered: claim the head when holding nothing, else ack it and claim
   -- the next in one statement (pgbench needs 0, not NULL, for "none").
   local head = s.ack_claim_head:gsub("SELECT %(SELECT count%(%*%) FROM acked%) AS acked, c%.%*",
@@ -83,6 +110,47 @@ elseif mode == "sql" then
       :gsub(";\n$", " \\gset\n")
     .. "\\endif\n")
   say("written")
+
+elseif mode == "fill" then
+  local name, n = args[2], args:integer(3, "MESSAGES")
+  local db = pgcoord.connect(nil, { size = 1 })
+  local q = pgcoord.queue(db, name)
+  local chunk = 10000
+  for first = 1, n, chunk do
+    local values = {}
+    for i = first, math.min(n, first + chunk - 1) do values[#values + 1] = { n = i } end
+    q:publish_many(db, values)
+  end
+  db:close()
+  say(("published=%d"):format(n))
+
+elseif mode == "drain" then
+  local name, n = args[2], args:integer(3, "MESSAGES")
+  local concurrency = args:integer(4, "CONCURRENCY")
+  local db = pgcoord.connect(nil, { size = math.min(20, concurrency + 2) })
+  local q = pgcoord.queue(db, name)
+  local sid = db:one([[SELECT s.id FROM pgcoord.queue_subscriptions s
+    JOIN pgcoord.queues q ON q.id = s.queue_id WHERE q.name = $1 AND s.name = 's1']], name).id
+  local function pending()
+    return db:one([[SELECT count(*)::int AS n FROM pgcoord.queue_deliveries
+                     WHERE subscription_id = $1 AND state = 'pending']], sid).n
+  end
+  assert(pending() == n, "the backlog is not " .. n .. " messages")
+  bench.warm(db, math.min(20, concurrency + 2))
+  local handled = 0
+  local cpu0 = os.clock()
+  local t0 = pgcoord.now()
+  local c = q:consume("s1", function() handled = handled + 1 end, { concurrency = concurrency })
+  bench.wait_for(function() return handled >= n end, 600, "last handler")
+  local t_handlers = pgcoord.now()
+  bench.wait_for(function() return pending() == 0 end, 60, "empty backlog")
+  local t1 = pgcoord.now()
+  local cpu = os.clock() - cpu0
+  c:stop(0)
+  local acked = c:stats().acked
+  db:close()
+  say(("messages=%d seconds=%.4f rate=%.1f handlers_done_at=%.4f acked=%d cpu=%.3f")
+    :format(n, t1 - t0, n / (t1 - t0), t_handlers - t0, acked, cpu))
 
 elseif mode == "publish" then
   local name = args[2]
@@ -134,5 +202,6 @@ elseif mode == "consume" then
     acked))
 
 else
-  error(("queue.lua: unknown mode %s (setup, sql, publish or consume)"):format(tostring(mode)))
+  error(("queue.lua: unknown mode %s (setup, sql, fill, drain, publish or consume)")
+    :format(tostring(mode)))
 end
