@@ -92,12 +92,13 @@ local RETRY_RULES = {
   base_delay = { "number", min = 0, max = MAX_DELAY, default = DEFAULT_RETRY.base_delay },
 }
 
+-- (an unknown key names the function only, as every unknown option does)
 local function check_retry(where, retry)
   if retry == nil then return DEFAULT_RETRY end
   local out = {}
   for k in pairs(retry) do
     if not RETRY_RULES[k] then
-      raise("unknown option %s for %s", options.show("retry." .. tostring(k)), where)
+      raise("unknown option %s for jobs:define", options.show("retry." .. tostring(k)))
     end
   end
   for name, rule in pairs(RETRY_RULES) do
