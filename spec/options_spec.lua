@@ -44,6 +44,10 @@ describe("options", function()
         function() here(); jobs:define("x", fn, { retry = { maxx = 3 } }) end },
       { 'unknown option "delay" for jobs:schedule',
         function() here(); jobs:schedule(db, jtype, {}, { delay = 5 }) end },
+      { 'unknown option "run_at" for jobs:schedule_now',
+        function() here(); jobs:schedule_now(db, jtype, {}, { run_at = 0 }) end },
+      { 'unknown option "delay" for jobs:schedule_now',
+        function() here(); jobs:schedule_now(db, jtype, {}, { delay = 5 }) end },
       { 'unknown option "overflo" for pgcoord.fanout',
         function() here(); pgcoord.fanout("c", { overflo = "drop" }) end },
       { 'unknown option "foo" for pgcoord.jobs',
@@ -91,6 +95,20 @@ describe("options", function()
       -- the message is the whole error, after the position
       assert.matches(": " .. case[1]:gsub("%p", "%%%0") .. "$", tostring(err))
     end
+  end)
+
+  it("jobs:schedule_now takes group, priority and key (it ignored them)", function()
+    local g = helper.unique("og")
+    local jtype = helper.unique("t")
+    jobs:define(jtype, function() end, { group = g })
+    local key = helper.unique("k")
+    local id = jobs:schedule_now(db, jtype, {}, { priority = 7, key = key })
+    local row = db:one("SELECT priority, group_name FROM pgcoord.jobs WHERE id = $1", id)
+    assert.are.same({ 7, g }, { row.priority, row.group_name })
+    assert.is_nil((jobs:schedule_now(db, jtype, {}, { key = key })))
+    raises_here('jobs:schedule_now: unknown group "elsewhere"',
+      function() here(); jobs:schedule_now(db, jtype, {}, { group = "elsewhere" }) end)
+    db:exec("DELETE FROM pgcoord.jobs WHERE group_name = $1", g)
   end)
 
   it("q:publish with delay or visible_at refuses bad values, naming the option", function()
