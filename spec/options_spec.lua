@@ -147,6 +147,21 @@ describe("options", function()
     assert.is_true(got[4].at - t0 >= 1.4, "delay is kept")
   end)
 
+  it("on an ordered subscription, the messages after a delayed one wait for it", function()
+    local oq = pgcoord.queue(db, helper.unique("delayed_ordered"), { ordered = true })
+    oq:subscribe("o")
+    local got = {}
+    consumers[#consumers + 1] = oq:consume("o", function(msg)
+      got[#got + 1] = { payload = msg.payload, at = pgcoord.now() }
+    end, { poll_interval = 30 })
+    local t0 = pgcoord.now()
+    oq:publish(db, "first", { delay = 0.6 })
+    oq:publish(db, "second")
+    helper.wait_until(function() return #got == 2 end, 10, "both messages")
+    assert.are.same({ "first", "second" }, { got[1].payload, got[2].payload })
+    assert.is_true(got[2].at - t0 >= 0.5, "the second waited for the first")
+  end)
+
   it("limits agree: zero retries in jobs and the outbox, one delivery in a queue", function()
     -- jobs: retry.max = 0 is one attempt
     jobs:define(helper.unique("t"), function() end, { retry = { max = 0 } })
