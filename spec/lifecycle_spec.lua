@@ -148,8 +148,14 @@ describe("a graceful stop that waits", function()
       local w = jobs:worker({ group = %q })
       w:ready()
       while w:stats().running == 0 do pgcoord.sleep(0.01) end
+      -- (the stop waits until it has been reported twice)
+      local reports = 0
+      pgcoord.log.set_sink(function(line)
+        if line:find('msg="stop waiting"', 1, true) then reports = reports + 1 end
+        io.stderr:write(line, "\n")
+      end)
       pgcoord.on_stop(function()
-        pgcoord.sleep(1.2)
+        while reports < 2 do pgcoord.sleep(0.05) end
         release = true
       end, "the slow part")
       print("running")
@@ -166,7 +172,7 @@ describe("a graceful stop that waits", function()
     end
     assert.is_true(#reports >= 2, out)
     -- both stop handlers, named, and the job's runner by where it was spawned
-    assert.matches(' msg="stop waiting" deadline_in=%d+%.%d elapsed=0%.%d running="?[%w_]+%.lua:%d+'
+    assert.matches(' msg="stop waiting" deadline_in=%d+%.%d elapsed=%d+%.%d running="?[%w_]+%.lua:%d+'
       .. '.* tasks=%d+ waiting_for="job worker ' .. group .. ', the slow part"$', reports[1])
     assert.is_nil(out:find("deadline passed", 1, true))
   end)
