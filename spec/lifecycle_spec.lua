@@ -173,7 +173,8 @@ describe("a graceful stop that waits", function()
     assert.is_true(#reports >= 2, out)
     -- both stop handlers, named, and the job's runner by where it was spawned
     assert.matches(' msg="stop waiting" deadline_in=%d+%.%d elapsed=%d+%.%d'
-      .. ' running="?[%w_]+%.lua:%d+.* tasks=%d+ waiting_for="job worker ' .. group .. ', the slow part"$', reports[1])
+      .. ' running="?[%w_]+%.lua:%d+.* tasks=%d+ waiting_for="job worker ' .. group
+      .. ', the slow part"$', reports[1])
     assert.is_nil(out:find("deadline passed", 1, true))
   end)
 end)
