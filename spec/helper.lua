@@ -56,16 +56,15 @@ local function own_pid()
 end
 helper.pid = own_pid()
 
--- busted loads this file afresh for every spec file, so a counter from 0
--- would hand two files of one run the same names.  Starting it from the
--- clock in milliseconds, times 100, keeps each file's names apart (files
--- start seconds apart and use far fewer than 100 names per millisecond).
-local counter = math.floor(pgcoord.time() * 1000) % 10000000 * 100
+-- The counter lives in the registry: busted loads this module again for
+-- each spec file (insulation), and a counter that started again at 0 gave
+-- a later file the names, and so the rows, of an earlier one.
+local registry = debug.getregistry()
 
 -- A name no other test (or concurrent run) uses: a valid SQL identifier.
 function helper.unique(prefix)
-  counter = counter + 1
-  return ("%s_%s_%d"):format(prefix or "t", helper.pid, counter):lower()
+  registry.pgcoord_spec_unique = (registry.pgcoord_spec_unique or 0) + 1
+  return ("%s_%s_%d"):format(prefix or "t", helper.pid, registry.pgcoord_spec_unique):lower()
 end
 
 local tmpdir

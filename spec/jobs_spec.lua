@@ -332,7 +332,7 @@ describe("scheduling jobs", function()
     local want = {
       'unknown option "subscribr" for pgcoord.jobs',
       'unknown option "grup" for jobs:define',
-      'unknown option "retry.maxx" for jobs:define "x"',
+      'unknown option "retry.maxx" for jobs:define',
       'unknown option "delay" for jobs:schedule',
       'unknown option "delay" for jobs:schedule_many (item 2)',
       'unknown option "concurency" for jobs:worker',

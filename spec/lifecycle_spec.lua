@@ -125,3 +125,56 @@ describe("the stop deadline", function()
     assert.is_nil(row.locked_by)
   end)
 end)
+
+describe("a graceful stop that waits", function()
+  after_each(helper.cleanup)
+
+  it("says every few seconds which services and tasks it waits for, signals by name",
+    function()
+    -- (a prefix of its own: the counter of helper.unique starts again in each
+    -- spec file, so a "jg" group could be another file's)
+    local group = helper.unique("stop_wait")
+    local path = script(([[
+      io.stdout:setvbuf("no")
+      require("pgcoord.lifecycle").WAIT_REPORT_EVERY = 0.3 -- (5 s by default)
+      local db = pgcoord.connect()
+      pgcoord.migrate(db)
+      local jobs = pgcoord.jobs(db)
+      local release = false
+      jobs:define("slow", function()
+        while not release do pgcoord.sleep(0.05) end
+      end, { group = %q })
+      jobs:schedule_now(db, "slow", {})
+      local w = jobs:worker({ group = %q })
+      w:ready()
+      while w:stats().running == 0 do pgcoord.sleep(0.01) end
+      -- (the stop waits until it has been reported twice)
+      local reports = 0
+      pgcoord.log.set_sink(function(line)
+        if line:find('msg="stop waiting"', 1, true) then reports = reports + 1 end
+        io.stderr:write(line, "\n")
+      end)
+      pgcoord.on_stop(function()
+        while reports < 2 do pgcoord.sleep(0.05) end
+        release = true
+      end, "the slow part")
+      print("running")
+    ]]):format(group, group))
+    local p = helper.start({ "pgcoord-run", path })
+    p:wait_output("running", 20)
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(15), p:output())
+    local out = p:output()
+    assert.matches('msg="stopping gracefully" signal=SIGTERM', out, 1, true)
+    local reports = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:find('msg="stop waiting"', 1, true) then reports[#reports + 1] = line end
+    end
+    assert.is_true(#reports >= 2, out)
+    -- both stop handlers, named, and the job's runner by where it was spawned
+    assert.matches(' msg="stop waiting" deadline_in=%d+%.%d elapsed=%d+%.%d'
+      .. ' running="?[%w_]+%.lua:%d+.* tasks=%d+ waiting_for="job worker ' .. group
+      .. ', the slow part"$', reports[1])
+    assert.is_nil(out:find("deadline passed", 1, true))
+  end)
+end)

@@ -21,6 +21,7 @@ describe("pgcoord.log", function()
   after_each(function()
     log.set_sink(nil)
     log.set_format("logfmt")
+    log.set_level("info")
     helper.cleanup()
   end)
 
@@ -146,5 +147,120 @@ describe("pgcoord.log", function()
     assert.is_true(cpu < 1, ("%.3f s"):format(cpu))
     assert.matches("pgcoord.connect", err, 1, true)
     assert.is_nil(err:find("hunter2", 1, true))
+  end)
+
+  -- ---- the shape of a failure, signals, stop lines ----------------------------------
+
+  local TRACED = "spec/x.lua:3: boom\nstack traceback:\n\t[C]: in function 'error'"
+    .. "\n\tspec/x.lua:3: in function <spec/x.lua:1>"
+
+  it("logs a failure as its first line in error=, the traceback only at debug", function()
+    local lines = helper.capture_log(function()
+      log.error("job failed", { job = 1, error = TRACED })
+      log.warn("queue handler failed", { error = "spec/x.lua:3: boom", traceback = TRACED })
+      log.set_level("debug")
+      log.error("job failed", { job = 2, error = TRACED })
+      log.set_format("json")
+      log.error("job failed", { job = 3, error = TRACED })
+    end)
+    assert.matches(' msg="job failed" error="spec/x.lua:3: boom" job=1$', lines[1])
+    assert.matches(' msg="queue handler failed" error="spec/x.lua:3: boom"$', lines[2])
+    assert.matches(' msg="job failed" error="spec/x.lua:3: boom" job=2 traceback="spec/x.lua:3:'
+      .. ' boom\\nstack traceback:\\n', lines[3], 1, true)
+    local obj = pgcoord.json.decode(lines[4])
+    assert.are.same({ "spec/x.lua:3: boom", TRACED }, { obj.error, obj.traceback })
+    -- an error object (a failed query's) is its text, first line too
+    log.set_format("logfmt")
+    log.set_level("info")
+    lines = helper.capture_log(function()
+      log.warn("x", { error = setmetatable({}, { __tostring = function() return "a\nb" end }) })
+    end)
+    assert.matches(' msg=x error=a$', lines[1])
+  end)
+
+  it("names signals: SIGTERM, not 15", function()
+    assert.are.same({ "SIGTERM", "SIGINT", "SIGKILL", "SIGSEGV", "signal 99" },
+      { log.signal_name(15), log.signal_name(2), log.signal_name(9), log.signal_name(11),
+        log.signal_name(99) })
+  end)
+
+  describe("from the services", function()
+    local db, started
+
+    setup(function()
+      db = helper.connect({ size = 4 })
+      pgcoord.migrate(db)
+    end)
+
+    teardown(function() db:close() end)
+
+    before_each(function() started = helper.started() end)
+    after_each(function() started:stop() end)
+
+    local function line_of(lines, msg)
+      for _, line in ipairs(lines) do
+        if line:find(' msg="' .. msg .. '"', 1, true) then return line end
+      end
+      error(("no %q line in:\n%s"):format(msg, table.concat(lines, "\n")), 2)
+    end
+
+    it("a failed job: one short line (its traceback at debug); the stop line counts",
+      function()
+      local g = helper.unique("lg")
+      local jobs = pgcoord.jobs(db)
+      local line
+      jobs:define("fails", function()
+        line = debug.getinfo(1, "l").currentline; error("boom")
+      end, { group = g, retry = { max = 0 } })
+      jobs:define("works", function() end, { group = g })
+      jobs:schedule_now(db, "fails", {})
+      jobs:schedule_now(db, "works", {})
+      local lines = helper.capture_log(function()
+        local w = started:worker(jobs, { group = g, poll_interval = 0.05, flush_age = 0.01 })
+        helper.wait_until(function() return w:stats().handled == 2 end, 10, "both jobs run")
+        assert.are.equal(1, w:stats().failed)
+        started:stop()
+      end)
+      local failed = line_of(lines, "job failed")
+      assert.matches((' error="spec/log_spec.lua:%d: boom" job=%%d+ type=fails$'):format(line),
+        failed)
+      assert.is_true(#failed < 200, failed)
+      assert.matches(' msg="job worker stopped" failed=1 group=' .. g .. ' handled=2 worker=%d+$',
+        line_of(lines, "job worker stopped"))
+      -- at debug, the same line carries the traceback
+      jobs:schedule_now(db, "fails", {})
+      log.set_level("debug")
+      lines = helper.capture_log(function()
+        local w = started:worker(jobs, { group = g, poll_interval = 0.05, flush_age = 0.01 })
+        helper.wait_until(function() return w:stats().handled == 1 end, 10, "the job to run")
+      end)
+      assert.matches(' traceback="spec/log_spec.lua:%d+: boom\\nstack traceback:',
+        line_of(lines, "job failed"))
+    end)
+
+    it("the queue consumer's and the outbox relay's stop lines count", function()
+      local q = pgcoord.queue(db, helper.unique("lq"))
+      q:subscribe("s")
+      q:publish_many(db, { "ok", "bad", "raises" })
+      local ob = pgcoord.outbox(db, { table = helper.unique("lob"), max_retries = 0 })
+      ob:migrate()
+      ob:save(nil, { topic = "ok" }, { topic = "bad" })
+      local lines = helper.capture_log(function()
+        local c = q:consume("s", function(msg)
+          if msg.payload == "raises" then error("no") end
+          return msg.payload == "ok"
+        end, { max_deliveries = 1 })
+        local r = ob:relay(function(msg) return msg.topic == "ok" end, { poll_interval = 0.05 })
+        helper.wait_until(function() return c:stats().dead == 2 end, 10, "two dead letters")
+        helper.wait_until(function() return r:stats().failed == 1 end, 10, "one failed publish")
+        c:stop()
+        r:stop()
+      end)
+      db:exec(("DROP TABLE %s"):format(ob.quoted))
+      assert.matches(' msg="queue consumer stopped" dead=2 failed=2 handled=3 queue=',
+        line_of(lines, "queue consumer stopped"), 1, true)
+      assert.matches(' msg="outbox relay stopped" failed=1 published=1 table=',
+        line_of(lines, "outbox relay stopped"), 1, true)
+    end)
   end)
 end)

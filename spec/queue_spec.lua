@@ -480,9 +480,8 @@ describe("pgcoord.queue", function()
       'unknown option "orderd" for pgcoord.queue')
     refused(function() q:consume("s", print, { concurency = 2 }) end,
       'unknown option "concurency" for q:consume')
-    -- a delay that was silently ignored: the message went out at once
-    refused(function() q:publish(db, "v", { delay = 3 }) end,
-      'unknown option "delay" for q:publish')
+    refused(function() q:publish(db, "v", { dealy = 3 }) end,
+      'unknown option "dealy" for q:publish')
     refused(function() q:dead("s", { limt = 1 }) end, 'unknown option "limt" for q:dead')
     refused(function() q:consume("s", print, { concurrency = "2" }) end,
       'q:consume: option concurrency must be an integer >= 1 and <= 10000, got "2"')

@@ -181,7 +181,7 @@ local function remember_callback(l)
   -- while stopping, on_stop runs the handler at once: each new listener
   -- needs a call of its own
   if unregister_callbacks == nil or lifecycle.stopping() then
-    unregister_callbacks = lifecycle.on_stop(close_callbacks)
+    unregister_callbacks = lifecycle.on_stop(close_callbacks, "listener callbacks")
   end
 end
 

@@ -293,7 +293,8 @@ function http.serve(addr, opts)
   -- background work: it must not keep a finished process alive
   self.tasks = { task.spawn_daemon(self._probe_loop, self) }
   if self.db then self.tasks[2] = task.spawn_daemon(self._depth_loop, self) end
-  self.unregister = lifecycle.on_stop(function() self:close() end)
+  self.unregister = lifecycle.on_stop(function() self:close() end,
+    "http endpoint " .. tostring(self.address))
   log.info("http endpoint listening", { address = self.address,
     idle_timeout = idle_timeout, max_connections = max_connections })
   return self

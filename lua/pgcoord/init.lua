@@ -39,13 +39,12 @@ pgcoord.stopping = lifecycle.stopping
 pgcoord.stop = lifecycle.stop
 
 local signals
-local SIGNAL_NAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
 
 -- First SIGINT/SIGTERM: graceful stop; second: exit at once.
 function pgcoord.handle_signals()
   if signals then return end
   local function on_signal(signum)
-    local name = SIGNAL_NAMES[signum] or tostring(signum)
+    local name = log.signal_name(signum)
     if lifecycle.stopping() then
       log.warn("second signal, exiting at once", { signal = name })
       os.exit(128 + signum, false)

@@ -283,7 +283,8 @@ function Lock:run(fn)
   if type(fn) ~= "function" then
     options.raise("lock:run: expected a function, got %s", type(fn))
   end
-  local remove_stop = lifecycle.on_stop(function() self:_interrupt() end)
+  local remove_stop = lifecycle.on_stop(function() self:_interrupt() end,
+    "job lock " .. self.name)
   local _ <close> = setmetatable({}, { __close = function() remove_stop() end })
   self.wake:clear()
   local token, sent = self:_acquire()

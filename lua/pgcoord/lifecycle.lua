@@ -18,11 +18,14 @@ local DEFAULT_TIMEOUT = 30
 -- After the deadline, what the stop handlers get to write back.
 local HANDLER_GRACE = 2
 
+-- While a stop waits, this often (seconds) a line says for what.
+lifecycle.WAIT_REPORT_EVERY = 5
+
 local state = "running"       -- "stopping", then "expired" past the deadline
-local handlers = {}           -- fn -> registration order
+local handlers = {}           -- fn -> { order, name }
 local registered = 0
 local default_timeout = DEFAULT_TIMEOUT
-local deadline_timer
+local deadline_timer, report_timer
 
 local function check_timeout(where, timeout, level)
   if type(timeout) ~= "number" or timeout ~= timeout or timeout <= 0 then
@@ -32,18 +35,29 @@ local function check_timeout(where, timeout, level)
   return timeout
 end
 
+-- The task of a stop handler: part of the stop, and named (the service
+-- it stops) in the lines of a stop that waits.
+local function spawn_handler(fn, name)
+  local t = task.spawn(fn)
+  t.cleanup, t.service = true, name
+end
+
 -- fn runs (in a task of its own) when a graceful stop begins; returns a
 -- function that unregisters it.  Registered while stopping, it runs now.
-function lifecycle.on_stop(fn)
+-- name: what fn stops ("job worker default"), for the logs of a stop.
+function lifecycle.on_stop(fn, name)
   if type(fn) ~= "function" then
     error(("pgcoord.on_stop: expected a function, got %s"):format(type(fn)), 2)
   end
+  if name ~= nil and type(name) ~= "string" then
+    error(("pgcoord.on_stop: name must be a string, got %s"):format(type(name)), 2)
+  end
   if state ~= "running" then
-    task.spawn(fn).cleanup = true
+    spawn_handler(fn, name)
     return function() end
   end
   registered = registered + 1
-  handlers[fn] = registered
+  handlers[fn] = { registered, name }
   return function() handlers[fn] = nil end
 end
 
@@ -79,6 +93,42 @@ local function where(t)
   return ("%s:%d"):format(info.short_src:match("[^/]*$"), info.linedefined)
 end
 
+-- What a stop still waits for: the services whose stop handlers run,
+-- and where the other tasks were spawned ("worker.lua:480 (3)").
+local function waiting_for(alive)
+  local services, counts, sites = {}, {}, {}
+  for _, t in ipairs(alive) do
+    if t.service then
+      services[#services + 1] = t.service
+    else
+      local site = where(t)
+      if not counts[site] then sites[#sites + 1] = site end
+      counts[site] = (counts[site] or 0) + 1
+    end
+  end
+  for i, site in ipairs(sites) do
+    if counts[site] > 1 then sites[i] = ("%s (%d)"):format(site, counts[site]) end
+  end
+  return table.concat(services, ", "), table.concat(sites, " ")
+end
+
+-- Every WAIT_REPORT_EVERY seconds of a stop, while tasks remain: one line.
+local function report_waiting(started, timeout)
+  report_timer = core.timer(lifecycle.WAIT_REPORT_EVERY, function()
+    report_timer = nil
+    local alive = task.alive()
+    if #alive == 0 then return end
+    local services, sites = waiting_for(alive)
+    local elapsed = core.now() - started
+    log.info("stop waiting", { waiting_for = services ~= "" and services or nil,
+      tasks = #alive, running = sites ~= "" and sites or nil,
+      elapsed = ("%.1f"):format(elapsed),
+      deadline_in = timeout < math.huge and ("%.1f"):format(math.max(0, timeout - elapsed))
+        or nil })
+    report_waiting(started, timeout)
+  end)
+end
+
 local function cancel_all(only_workers)
   for _, t in ipairs(task.alive()) do
     if not (only_workers and t.cleanup) then t:cancel() end
@@ -88,11 +138,12 @@ end
 local function expire(timeout)
   deadline_timer = nil
   state = "expired"
-  local alive, sites = task.alive(), {}
-  for i, t in ipairs(alive) do sites[i] = where(t) end
+  local alive = task.alive()
   if #alive == 0 then return end
+  local services, sites = waiting_for(alive)
   log.error("stop deadline passed, cancelling what is still running",
-    { timeout = timeout, tasks = #alive, running = table.concat(sites, " ") })
+    { timeout = timeout, tasks = #alive, waiting_for = services ~= "" and services or nil,
+      running = sites ~= "" and sites or nil })
   cancel_all(true)
   if #task.alive() > 0 then
     core.timer(math.min(HANDLER_GRACE, timeout), function() cancel_all(false) end)
@@ -113,13 +164,14 @@ function lifecycle.stop(opts)
   if state ~= "running" then return end
   state = "stopping"
   local list = {}
-  for fn, order in pairs(handlers) do list[#list + 1] = { fn, order } end
+  for fn, h in pairs(handlers) do list[#list + 1] = { fn, h[1], h[2] } end
   handlers = {}
   table.sort(list, function(a, b) return a[2] < b[2] end)
-  for _, h in ipairs(list) do task.spawn(h[1]).cleanup = true end
+  for _, h in ipairs(list) do spawn_handler(h[1], h[3]) end
   if timeout < math.huge then
     deadline_timer = core.timer(timeout, function() expire(timeout) end)
   end
+  report_waiting(core.now(), timeout)
 end
 
 -- The loop is done: nothing to cancel any more.
@@ -127,6 +179,10 @@ function lifecycle.finished()
   if deadline_timer then
     deadline_timer:cancel()
     deadline_timer = nil
+  end
+  if report_timer then
+    report_timer:cancel()
+    report_timer = nil
   end
 end
 

@@ -170,7 +170,35 @@ local function field_text(k, v)
   return text(v)
 end
 
+-- ---- failures ----------------------------------------------------------------
+--
+-- One shape for every failure: error= is the first line of the message
+-- (with the file:line it was raised at, when it has one); the rest, a
+-- stack traceback mostly, goes to traceback=, which only a debug log
+-- shows.  A job that fails is one short line at info, not the whole
+-- traceback.
+
+local function error_value_text(v)
+  if type(v) == "table" and getmetatable(v) == nil then return text(v) end
+  return tostring(v)
+end
+
+local function failure_fields(fields)
+  if fields == nil or (fields.error == nil and fields.traceback == nil) then return fields end
+  local out = {}
+  for k, v in pairs(fields) do out[k] = v end
+  if fields.error ~= nil then
+    local full = error_value_text(fields.error)
+    local first = full:match("^\n*([^\n]*)")
+    out.error = first
+    if #first + 1 < #full and out.traceback == nil then out.traceback = full end
+  end
+  if threshold > LEVELS.debug then out.traceback = nil end
+  return out
+end
+
 local function render(level, msg, fields)
+  fields = failure_fields(fields)
   local keys = fields and sorted_keys(fields) or {}
   if format == "json" then
     local obj = { time = timestamp(), level = level, msg = text(msg) }
@@ -199,6 +227,19 @@ log.debug = emitter("debug")
 log.info = emitter("info")
 log.warn = emitter("warn")
 log.error = emitter("error")
+
+-- Signals by name in logs (Linux numbering, which core.wait_child and
+-- core.signal use): "SIGTERM", not 15.
+local SIGNAL_NAMES = {
+  [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [5] = "SIGTRAP",
+  [6] = "SIGABRT", [7] = "SIGBUS", [8] = "SIGFPE", [9] = "SIGKILL", [10] = "SIGUSR1",
+  [11] = "SIGSEGV", [12] = "SIGUSR2", [13] = "SIGPIPE", [14] = "SIGALRM", [15] = "SIGTERM",
+  [17] = "SIGCHLD", [24] = "SIGXCPU", [25] = "SIGXFSZ", [31] = "SIGSYS",
+}
+
+function log.signal_name(signum)
+  return SIGNAL_NAMES[signum] or ("signal %s"):format(tostring(signum))
+end
 
 function log.set_level(level)
   if not LEVELS[level] then

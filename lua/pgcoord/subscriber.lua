@@ -306,7 +306,7 @@ function Sub:start()
     self.ping_wake:clear()
     self.ping_task = task.spawn(self._ping_loop, self)
   end
-  self.unregister = lifecycle.on_stop(function() self:stop() end)
+  self.unregister = lifecycle.on_stop(function() self:stop() end, "subscriber")
   return self
 end
 

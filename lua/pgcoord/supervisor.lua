@@ -4,7 +4,8 @@
 -- not spin), forwards SIGTERM/SIGINT for a graceful stop of all, and
 -- exits once every child has stopped: 0 when each stopped cleanly, 1 when
 -- one did not (ran past its stop deadline, or had to be killed).  It
--- opens no connection itself.
+-- opens no connection itself.  Its logs call a process a child, in its
+-- slot (1..N): "worker" means a job worker's database id elsewhere.
 local core = require "pgcoord.core"
 local log = require "pgcoord.log"
 
@@ -27,6 +28,12 @@ function supervisor.run(n, run_child, stop_timeout)
   local status = 0
   local watchers, killer
 
+  local function n_alive()
+    local count = 0
+    for _ in pairs(by_pid) do count = count + 1 end
+    return count
+  end
+
   local function start(slot)
     local s = slots[slot]
     local pid = core.fork()
@@ -34,16 +41,14 @@ function supervisor.run(n, run_child, stop_timeout)
       -- the child: none of the supervisor's business is ours
       for _, w in ipairs(watchers) do w:close() end
       local ok, code = xpcall(run_child, debug.traceback, slot)
-      if not ok then
-        io.stderr:write("pgcoord-run: worker ", slot, ": ", log.redact(tostring(code)), "\n")
-      end
+      if not ok then log.error("child failed", { slot = slot, error = code }) end
       io.stdout:flush()
       io.stderr:flush()
       core.exit(ok and (code or 0) or 1)
     end
     s.pid, s.started = pid, core.now()
     by_pid[pid] = slot
-    log.info("worker started", { worker = slot, pid = pid })
+    log.info("child started", { slot = slot, pid = pid })
   end
 
   local function schedule_restart(slot)
@@ -51,7 +56,7 @@ function supervisor.run(n, run_child, stop_timeout)
     if core.now() - s.started >= STABLE_AFTER then s.backoff = BACKOFF_MIN end
     local delay = s.backoff
     s.backoff = math.min(BACKOFF_MAX, s.backoff * 2)
-    log.warn("restarting worker", { worker = slot, delay = delay })
+    log.warn("restarting child", { slot = slot, delay = delay })
     -- forked from the main loop below, never inside an event callback
     s.timer = core.timer(delay, function()
       s.timer = nil
@@ -67,13 +72,13 @@ function supervisor.run(n, run_child, stop_timeout)
       by_pid[pid] = nil
       if slot then
         slots[slot].pid = nil
-        local fields = { worker = slot, pid = pid }
-        fields[how == "killed" and "signal" or "status"] = code
+        local fields = { slot = slot, pid = pid }
+        if how == "killed" then fields.signal = log.signal_name(code) else fields.status = code end
         if stopping then
           if how ~= "exited" or code ~= 0 then status = 1 end
-          log.info("worker stopped", fields)
+          log.info("child stopped", fields)
         else
-          log.warn("worker died", fields)
+          log.warn("child died", fields)
           schedule_restart(slot)
         end
       end
@@ -82,20 +87,22 @@ function supervisor.run(n, run_child, stop_timeout)
 
   local function forward(signum)
     if stopping then
-      log.warn("second signal: killing the workers", { signal = signum })
+      log.warn("second signal: killing the children", { signal = log.signal_name(signum) })
       for pid in pairs(by_pid) do core.kill(pid, SIGKILL) end
       return
     end
     stopping = true
-    log.info("stopping the workers", { signal = signum })
+    log.info("stopping the children", { signal = log.signal_name(signum),
+      children = n_alive() })
     for _, s in ipairs(slots) do
       if s.timer then s.timer:cancel() end
     end
     for pid in pairs(by_pid) do core.kill(pid, SIGTERM) end
     if stop_timeout and stop_timeout < math.huge then
       killer = core.timer(stop_timeout + KILL_AFTER, function()
-        for pid in pairs(by_pid) do
-          log.error("worker did not stop in time: killing it", { pid = pid })
+        for pid, slot in pairs(by_pid) do
+          log.error("child did not stop in time: killing it", { slot = slot, pid = pid,
+            signal = "SIGKILL" })
           core.kill(pid, SIGKILL)
         end
       end)

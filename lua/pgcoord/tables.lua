@@ -144,7 +144,8 @@ function tables.cleanup(retention, interval, purge, fields)
   end
   self.state = "running"
   self.task = task.spawn(Cleanup._loop, self)
-  self.unregister = lifecycle.on_stop(function() self:stop() end)
+  self.unregister = lifecycle.on_stop(function() self:stop() end,
+    ("%s retention cleanup %s"):format(fields.what or "", fields.table or fields.group or ""))
   return self
 end
 

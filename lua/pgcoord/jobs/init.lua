@@ -92,12 +92,13 @@ local RETRY_RULES = {
   base_delay = { "number", min = 0, max = MAX_DELAY, default = DEFAULT_RETRY.base_delay },
 }
 
+-- (an unknown key names the function only, as every unknown option does)
 local function check_retry(where, retry)
   if retry == nil then return DEFAULT_RETRY end
   local out = {}
   for k in pairs(retry) do
     if not RETRY_RULES[k] then
-      raise("unknown option %s for %s", options.show("retry." .. tostring(k)), where)
+      raise("unknown option %s for jobs:define", options.show("retry." .. tostring(k)))
     end
   end
   for name, rule in pairs(RETRY_RULES) do
@@ -164,16 +165,16 @@ function Jobs:_job_row(jtype, params, opts, where)
            at = run_at }
 end
 
--- Schedules one job in db_or_tx's transaction; returns its id, or nil and
--- a message when a pending job already has opts.key.
-function Jobs:schedule(db_or_tx, jtype, params, opts)
+local SCHEDULE_NOW_OPTIONS = { group = true, priority = true, key = true }
+
+local function schedule(self, where, known, db_or_tx, jtype, params, opts)
   if opts ~= nil then
     if type(opts) ~= "table" then
-      raise("jobs:schedule: options must be a table, got %s", type(opts))
+      raise("%s: options must be a table, got %s", where, type(opts))
     end
-    refuse_unknown("jobs:schedule", opts, SCHEDULE_OPTIONS)
+    refuse_unknown(where, opts, known)
   end
-  local r = self:_job_row(jtype, params, opts, "jobs:schedule")
+  local r = self:_job_row(jtype, params, opts, where)
   local row = db_or_tx:one(sql.SCHEDULE, r.g, r.type, r.priority, r.params, r.key, r.at)
   if not row then
     return nil, ("an unfinished job already has key %q"):format(r.key)
@@ -181,8 +182,15 @@ function Jobs:schedule(db_or_tx, jtype, params, opts)
   return row.id
 end
 
-function Jobs:schedule_now(db_or_tx, jtype, params)
-  return self:schedule(db_or_tx, jtype, params, nil)
+-- Schedules one job in db_or_tx's transaction; returns its id, or nil and
+-- a message when a pending job already has opts.key.
+function Jobs:schedule(db_or_tx, jtype, params, opts)
+  return schedule(self, "jobs:schedule", SCHEDULE_OPTIONS, db_or_tx, jtype, params, opts)
+end
+
+-- The same, due now: run_at is refused (rather than ignored).
+function Jobs:schedule_now(db_or_tx, jtype, params, opts)
+  return schedule(self, "jobs:schedule_now", SCHEDULE_NOW_OPTIONS, db_or_tx, jtype, params, opts)
 end
 
 -- Schedules many jobs in one statement: list of { type =, params =,

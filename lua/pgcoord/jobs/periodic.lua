@@ -126,9 +126,10 @@ function periodic.new(pool, decls, opts)
     status = {},               -- name -> { last_run =, next_run = } while holding
     dirty = true,              -- look at every declaration
     ended = task.cond(),
+    enqueued = 0, failures = 0, -- slots enqueued, visits that failed
     lock = opts.lock ~= false, subscriber = opts.subscriber,
   }, Scheduler)
-  s.unregister = lifecycle.on_stop(function() s:stop() end)
+  s.unregister = lifecycle.on_stop(function() s:stop() end, "periodic scheduler")
   metrics.track("periodic", s)
   s:_compete()
   return s
@@ -173,6 +174,7 @@ function Scheduler:_hold(ctx)
           self.status[name] = { last_run = r.last, next_run = r.next_due }
           if r.enqueued > 0 then
             enqueued_total:inc(r.enqueued, name)
+            self.enqueued = self.enqueued + r.enqueued
             log.info("periodic job enqueued", { name = name, slots = r.enqueued,
               last = r.last })
           end
@@ -181,7 +183,8 @@ function Scheduler:_hold(ctx)
           -- (backing off for this name only: the others keep their slots)
           retries[name] = retries[name] or backoff.new({ base = 0.1, cap = 10 })
           at = core.time() + skew + retries[name]:next()
-          log.warn("periodic scheduling failed", { name = name, error = tostring(r) })
+          self.failures = self.failures + 1
+          log.warn("periodic scheduling failed", { name = name, error = r })
         end
         due[name] = at
       end
@@ -218,7 +221,7 @@ function Scheduler:stop(timeout)
   end
   self.status = {}
   self.state = "stopped"
-  log.info("periodic scheduler stopped", {})
+  log.info("periodic scheduler stopped", { enqueued = self.enqueued, failed = self.failures })
   self.ended:signal()
 end
 

@@ -130,6 +130,8 @@ local function finish(self, job, ok, err, started, retryable, def)
   end
   local series = self.series[jtype] or new_series(self, jtype)
   series.duration:observe(finished - started)
+  self.handled = self.handled + 1
+  if not ok and not failure.snooze then self.failed = self.failed + 1 end
   if ok then
     series.completed:inc()
   elseif failure.final then
@@ -191,6 +193,7 @@ function worker.new(types, pool, o)
     handoff = false,                  -- a fetch or flush asked for has not run yet
     alive_until = -math.huge,         -- the lease (maintenance.lua)
     series = {},                      -- job type -> metric series
+    handled = 0, failed = 0,          -- runs ended, and those that failed (snoozes aside)
     paused = false, limited = false,  -- the group's settings (limits.lua)
     settings_version = 0,             -- bumped at each change of them
   }, Worker)
@@ -602,7 +605,8 @@ function Worker:_main()
   -- (paused or limited from the first claim on)
   self:_persist("reading the group's settings failed", self.limiter.load, self.limiter)
   self.state = "running"
-  self.unregister = lifecycle.on_stop(function() self:stop() end)
+  self.unregister = lifecycle.on_stop(function() self:stop() end,
+    "job worker " .. self.o.group)
   self.completer:start()
   m:start()
   if o.retention then self.pruner = retention.start(self.pool, o.group, o.retention) end
@@ -675,7 +679,8 @@ function Worker:stop(timeout)
   self.maintenance:deregister()
   if self.limited and not self.paused then self.limiter:slots_freed() end
   self.state = "stopped"
-  log.info("job worker stopped", { group = self.o.group, worker = id })
+  log.info("job worker stopped", { group = self.o.group, worker = id, handled = self.handled,
+    failed = self.failed })
   self.changed:signal()
 end
 
@@ -685,7 +690,8 @@ Worker.shutdown = Worker.stop
 function Worker:stats()
   local q = self.queue
   return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
-           queued = q.tail - q.head + 1, running = self.running,
+           queued = q.tail - q.head + 1, running = self.running, handled = self.handled,
+           failed = self.failed,
            unflushed = self.completer:unwritten(), paused = self.paused, limited = self.limited,
            retention = self.pruner and self.pruner:stats() or nil }
 end

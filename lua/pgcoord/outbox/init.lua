@@ -6,7 +6,7 @@
 -- so concurrent relays never take the same one) and marks it processing
 -- with visible_at = now() + visibility_timeout.  Published, it becomes
 -- processed; refused, it goes back to pending after a growing retry delay,
--- or to failed once max_retries attempts have failed.  A relay that dies
+-- or to failed once its max_retries retries have failed too.  A relay that dies
 -- leaves its batch in processing: past visible_at, any relay claims it
 -- again.  Delivery is therefore at least once; consumers get exactly-once
 -- effects with the processed-messages store (outbox/processed.lua).
@@ -43,7 +43,9 @@ end
 
 local check_options = options.spec("pgcoord.outbox", {
   table = tables.option("outbox_messages"),
-  max_retries = { "integer", default = 5, min = 1 },
+  -- max_retries counts retries, as a job's retry.max does: 0 fails a
+  -- message at its first failed attempt, 5 at its sixth
+  max_retries = { "integer", default = 5, min = 0, max = 2147483647 },
   visibility_timeout = { "number", default = 30, above = 0 },
   retry_delay = { "number", default = 1, min = 0 },
   retry_delay_max = { "number", default = 300, min = 0 },
@@ -56,7 +58,7 @@ local check_options = options.spec("pgcoord.outbox", {
 -- cap, or 64 entries (the statement takes the last one after that).
 local function retry_delays(delay, cap, max_retries)
   local list = json.array()
-  for n = 1, math.min(max_retries, 64) do
+  for n = 1, math.max(1, math.min(max_retries, 64)) do
     list[n] = retry.exponential(delay, cap, n)
     if list[n] >= cap or list[n] == 0 then break end
   end
@@ -226,7 +228,7 @@ function Outbox:mark_processed(...)
 end
 
 -- Records a failed attempt: pending again after the retry delay, or
--- failed once max_retries attempts have failed.  Returns the new status
+-- failed when it was the last retry (attempt max_retries + 1).  Returns the new status
 -- ("pending" or "failed") and retries, or nil when the message is not
 -- pending or processing.
 function Outbox:mark_failed(id, err)

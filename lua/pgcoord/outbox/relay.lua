@@ -113,7 +113,8 @@ function relay.new(ob, publish, opts)
     return ob:delete_processed_older_than(o.retention)
   end, { table = ob.name, what = "outbox" })
   self.state = "running"
-  self.unregister = lifecycle.on_stop(function() self:stop() end)
+  self.unregister = lifecycle.on_stop(function() self:stop() end,
+    "outbox relay " .. ob.name)
   self.task = task.spawn(Relay._loop, self)
   log.info("outbox relay started", { table = ob.name, batch_size = self.batch_size,
     poll_interval = self.poll_interval, listen = listening and ob.channel or false })

@@ -92,7 +92,7 @@ function sql.outbox(q, notify)
     -- $4: the retry delays (a JSON list, from pgcoord.retry) after the 1st,
     -- 2nd, ... failed attempt; past its end, its last.
     failed = ("UPDATE %s SET retries = retries + 1, last_error = $2,"
-      .. " status = CASE WHEN retries + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
+      .. " status = CASE WHEN retries + 1 > $3 THEN 'failed' ELSE 'pending' END,"
       .. " visible_at = now() + make_interval(secs =>"
       .. " ($4::jsonb ->> least(retries, jsonb_array_length($4::jsonb) - 1))::float8)"
       .. " WHERE id = $1 AND status IN ('pending', 'processing') RETURNING status, retries")

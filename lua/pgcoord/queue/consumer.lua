@@ -107,7 +107,8 @@ end
 function consumer.start(sub, fn, o, waker)
   local ctx = setmetatable(sub, Context)
   ctx.max_deliveries, ctx.visibility_timeout = o.max_deliveries, o.visibility_timeout
-  ctx.counters = { handled = 0, acked = 0, requeued = 0, dead = 0, lost = 0, fenced = 0 }
+  ctx.counters = { handled = 0, failed = 0, acked = 0, requeued = 0, dead = 0, lost = 0,
+    fenced = 0 }
   ctx.totals = {}
   for outcome, family in pairs(TOTALS) do
     ctx.totals[outcome] = family:with(ctx.queue, ctx.subscription)
@@ -129,7 +130,8 @@ function consumer.start(sub, fn, o, waker)
   self.keeper = keeper.start(ctx, function() return self:_leases() end)
   self.state = "running"
   self.loop_task = task.spawn(self._loop, self)
-  self.remove_stop = lifecycle.on_stop(function() self:stop() end)
+  self.remove_stop = lifecycle.on_stop(function() self:stop() end,
+    ("queue consumer %s/%s"):format(ctx.queue, ctx.subscription))
   log.info("queue consumer started", ctx:fields({ ordered = ctx.ordered,
     concurrency = o.concurrency }))
   return self
@@ -259,6 +261,7 @@ end
 -- Requeues a delivery that failed (reason: why), with backoff.
 function Consumer:_failed(row, entry, reason)
   entry.outcome = "requeue"
+  self.ctx.counters.failed = self.ctx.counters.failed + 1
   local delay = retry.exponential(self.o.retry_delay, self.o.max_retry_delay, entry.n)
   local due = core.now() + delay
   if not self.next_due or due < self.next_due then self.next_due = due end
@@ -382,7 +385,9 @@ function Consumer:_shutdown(timeout)
   self.acks:stop()
   self.keeper:stop()
   self.state = "stopped"
-  log.info("queue consumer stopped", ctx:fields({ handled = ctx.counters.handled }))
+  local c = ctx.counters
+  log.info("queue consumer stopped", ctx:fields({ handled = c.handled, failed = c.failed,
+    dead = c.dead }))
   self.done:signal()
 end
 
@@ -411,7 +416,8 @@ end
 
 function Consumer:stats()
   local c = self.ctx.counters
-  return { state = self.state, running = self.running, handled = c.handled, acked = c.acked,
+  return { state = self.state, running = self.running, handled = c.handled, failed = c.failed,
+           acked = c.acked,
            requeued = c.requeued, dead = c.dead, lost = c.lost, fenced = c.fenced,
            unacked = self.acks:count() }
 end

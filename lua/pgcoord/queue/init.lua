@@ -97,7 +97,23 @@ local queue_options = options.spec("pgcoord.queue", {
   subscriber = { "table" },
 })
 
-local publish_options = options.spec("q:publish", {})
+-- Epoch seconds of years 1 to 9999, as for a job's run_at.
+local MIN_TIME, MAX_TIME = -62135596800, 253402300799
+local function publish_options(where)
+  local check = options.spec(where, {
+    delay = { "number", min = 0, max = MAX_SECONDS },
+    visible_at = { "number", min = MIN_TIME, max = MAX_TIME },
+  })
+  return function(opts)
+    local o = check(opts)
+    if o.delay and o.visible_at then
+      options.raise("%s: give delay or visible_at, not both", where)
+    end
+    return o
+  end
+end
+local check_publish = publish_options("q:publish")
+local check_publish_many = publish_options("q:publish_many")
 local dead_options = options.spec("q:dead", {
   limit = { "integer", default = 1000, min = 1, max = 100000 },
 })
@@ -206,39 +222,50 @@ local function publish_error(self, where, err)
   return e
 end
 
--- Runs a publish statement.
-local function run_publish(self, where, db_or_tx, statement, payload)
-  local ok, row = pcall(db_or_tx.one, db_or_tx, statement, self.name, payload)
+-- Runs a publish statement; o: its checked options (a delay or not).
+local function run_publish(self, where, db_or_tx, statements, payload, o)
+  local ok, row
+  if o.delay or o.visible_at then
+    ok, row = pcall(db_or_tx.one, db_or_tx, statements.delayed, self.name, payload, o.delay,
+      o.visible_at)
+  else
+    ok, row = pcall(db_or_tx.one, db_or_tx, statements.now, self.name, payload)
+  end
   if not ok then error(publish_error(self, where, row), 0) end
   return row
 end
 
+local ONE = { now = sql.publish, delayed = sql.publish_delayed }
+local MANY = { now = sql.publish_many, delayed = sql.publish_many_delayed }
+
 -- Publishes value to every current subscription, in db_or_tx's
 -- transaction; returns the message id (nil when there was no
--- subscription) and the number of copies.  opts: none yet (refused, so
--- that { delay = 3 } is not silently ignored).
+-- subscription) and the number of copies.  opts: delay (seconds) or
+-- visible_at (epoch seconds): when the message may first be delivered.
 function Queue:publish(db_or_tx, value, opts)
   check_conn("q:publish", db_or_tx)
-  if opts ~= nil then publish_options(opts) end
+  local o = check_publish(opts)
   local payload = encode(self, "q:publish", value)
-  local row = run_publish(self, "q:publish", db_or_tx, sql.publish, payload)
+  local row = run_publish(self, "q:publish", db_or_tx, ONE, payload, o)
   if row.id then published:inc(1, self.name) end
   return row.id, row.copies
 end
 
 -- Publishes a list of values in one statement; returns their ids in order
 -- (empty when there was no subscription) and the number of copies of each.
-function Queue:publish_many(db_or_tx, values)
+-- opts: as for q:publish, for every value.
+function Queue:publish_many(db_or_tx, values, opts)
   check_conn("q:publish_many", db_or_tx)
   if type(values) ~= "table" then
     options.raise("q:publish_many: expected a list of values, got %s", type(values))
   end
+  local o = check_publish_many(opts)
   local n = values.n or #values
   if n == 0 then return {}, 0 end
   local parts = {}
   for i = 1, n do parts[i] = encode(self, "q:publish_many", values[i], i) end
-  local row = run_publish(self, "q:publish_many", db_or_tx, sql.publish_many,
-    "[" .. table.concat(parts, ",") .. "]")
+  local row = run_publish(self, "q:publish_many", db_or_tx, MANY,
+    "[" .. table.concat(parts, ",") .. "]", o)
   if row.ids then published:inc(#row.ids, self.name) end
   return row.ids or {}, row.copies
 end

@@ -31,22 +31,33 @@ target AS (
     FROM (SELECT queue_id, bool_or(ordered) AS ordered FROM subs GROUP BY queue_id) t),
 ]]):format(PUBLISH_LOCK)
 
+-- The copies' columns and values: visible at once, or later (a delayed
+-- publish): at $4, epoch seconds, or else $3 seconds after now(), the
+-- database's clock.  The NOTIFY goes out either way: a consumer that
+-- finds nothing visible sleeps until the next row is due.
+local AT_ONCE = { columns = "", values = "" }
+local DELAYED = { columns = ", visible_at",
+  values = ", coalesce(to_timestamp($4::float8), now() + make_interval(secs => $3::float8))" }
+
 -- One message; the NOTIFY is delivered at commit, and never on rollback.
-local PUBLISH = PUBLISH_TARGET .. [[
+local function publish_one(copies)
+  return PUBLISH_TARGET .. ([[
 msgs AS (
   INSERT INTO pgcoord.queue_messages (queue_id, payload)
   SELECT queue_id, $2::json FROM target
   RETURNING id),
 copies AS (
-  INSERT INTO pgcoord.queue_deliveries (subscription_id, message_id)
-  SELECT s.id, m.id FROM subs s, msgs m),
+  INSERT INTO pgcoord.queue_deliveries (subscription_id, message_id%s)
+  SELECT s.id, m.id%s FROM subs s, msgs m),
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT id FROM msgs) AS id, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified]]
+       (SELECT count(*) FROM wake) AS notified]]):format(copies.columns, copies.values)
+end
 
 -- Many messages ($2, a JSON array of payloads), ids in array order.
-local PUBLISH_MANY = PUBLISH_TARGET .. [[
+local function publish_many(copies)
+  return PUBLISH_TARGET .. ([[
 msgs AS (
   INSERT INTO pgcoord.queue_messages (queue_id, payload)
   SELECT t.queue_id, v.payload
@@ -54,12 +65,13 @@ msgs AS (
    ORDER BY v.n
   RETURNING id),
 copies AS (
-  INSERT INTO pgcoord.queue_deliveries (subscription_id, message_id)
-  SELECT s.id, m.id FROM subs s, msgs m),
+  INSERT INTO pgcoord.queue_deliveries (subscription_id, message_id%s)
+  SELECT s.id, m.id%s FROM subs s, msgs m),
 wake AS (
   SELECT pg_notify('pgcoord_queue_' || queue_id, '') FROM target)
 SELECT (SELECT json_agg(id ORDER BY id) FROM msgs) AS ids, (SELECT count(*) FROM subs) AS copies,
-       (SELECT count(*) FROM wake) AS notified]]
+       (SELECT count(*) FROM wake) AS notified]]):format(copies.columns, copies.values)
+end
 
 local QUEUE_CREATE = [[
 INSERT INTO pgcoord.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING]]
@@ -327,7 +339,8 @@ end
 sql.PUBLISH_LOCK, sql.SWEEP_LOCK = PUBLISH_LOCK, SWEEP_LOCK
 
 -- Lower-case names: also what scripts/bench/queue runs through pgbench.
-sql.publish, sql.publish_many = PUBLISH, PUBLISH_MANY
+sql.publish, sql.publish_many = publish_one(AT_ONCE), publish_many(AT_ONCE)
+sql.publish_delayed, sql.publish_many_delayed = publish_one(DELAYED), publish_many(DELAYED)
 sql.queue_create, sql.queue_id, sql.subscribe, sql.subscription =
   QUEUE_CREATE, QUEUE_ID, SUBSCRIBE, SUBSCRIPTION
 sql.claim, sql.claim_head, sql.ack_claim_head = CLAIM, CLAIM_HEAD, ACK_CLAIM_HEAD
