@@ -133,6 +133,33 @@ describe("the dashboard", function()
     assert.are.equal(2, pages)
   end)
 
+  it("reads pgcoord.jobs and job_runs only through indexes, in every statement", function()
+    local sql = require "pgcoord.dashboard.sql"
+    local group = helper.unique("g")
+    local statements = {
+      { sql.GROUPS, { 100, 1000 } }, { sql.GROUP, { group, sql.CAP } }, { sql.CHART, { group } },
+    }
+    for _, state in ipairs(sql.STATES) do
+      statements[#statements + 1] = { sql.LIST[state], { group, "t", 1, 1, 51 } }
+      statements[#statements + 1] = { sql.LIST[state], { group, pgcoord.null, pgcoord.null,
+        pgcoord.null, 51 } }
+    end
+    -- with sequential scans priced out, a plan still scans only where no
+    -- index can serve
+    local one = helper.connect({ size = 1 })
+    one:exec("SET enable_seqscan = off")
+    for _, s in ipairs(statements) do
+      local plan = {}
+      for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
+        plan[i] = r["QUERY PLAN"]
+      end
+      plan = table.concat(plan, "\n")
+      assert.is_nil(plan:find("Seq Scan on jobs", 1, true), plan)
+      assert.is_nil(plan:find("Seq Scan on job_runs", 1, true), plan)
+    end
+    one:close()
+  end)
+
   it("answers bad input with a clear page and the right status, never a 500", function()
     local group = helper.unique("g")
     local id = failed_job(group)
