@@ -266,7 +266,10 @@ static int add_headers(lua_State *L, int idx, struct evkeyvalq *out)
 	luaL_checktype(L, idx, LUA_TTABLE);
 	lua_pushnil(L);
 	while (lua_next(L, idx) != 0) {
-		const char *name = luaL_checkstring(L, -2);
+		/* (a number key converted in place would derail lua_next) */
+		if (lua_type(L, -2) != LUA_TSTRING)
+			return luaL_error(L, "pgcoord.http: a header name must be a string");
+		const char *name = lua_tostring(L, -2);
 		const char *value = luaL_checkstring(L, -1);
 		if (evhttp_add_header(out, name, value) != 0)
 			return -1;
