@@ -78,6 +78,11 @@ describe("the dashboard", function()
       db:exec([[INSERT INTO pgcoord.job_runs (job_id, group_name, type, attempt, ok, error,
           started_at, finished_at) VALUES ($1, $2, 'work', 1, false, '<b>boom</b>',
           now() - interval '2 s', now() - interval '1 s')]], id, group)
+      local lock, periodic = helper.unique("lock"), helper.unique("nightly")
+      db:exec([[INSERT INTO pgcoord.job_locks (name, holder, token, acquired_at, renewed_at)
+        VALUES ($1, 'host:1:<x>', 42, now() - interval '90 s', now())]], lock)
+      db:exec([[INSERT INTO pgcoord.job_periodic (name, spec, group_name, type, next_slot)
+        VALUES ($1, '@daily', $2, 'work', '2031-01-02 00:00:00+00')]], periodic, group)
       local _, port = serve({ token = TOKEN })
       local enc = group:gsub("[^%w]", function(c) return ("%%%02X"):format(c:byte()) end)
       for _, path in ipairs({ "/", "/group?name=" .. enc, "/jobs?group=" .. enc .. "&state=failed",
@@ -93,6 +98,11 @@ describe("the dashboard", function()
       end
       local _, _, overview = get(port, "/")
       assert.matches("&quot;quoted&quot; ünï", overview, 1, true)
+      assert.matches(("<tr><td>%s</td><td>host:1:&lt;x&gt;</td><td class=\"num\">42</td>"
+        .. "<td>9%%d%%.%%ds</td>"):format(lock), overview)
+      local _, _, schedules = get(port, "/periodic")
+      assert.matches(("<tr><td>%s</td><td>@daily</td>.-<td>2031%%-01%%-02 00:00:00Z</td>")
+        :format(periodic), schedules)
       local _, _, page = get(port, "/jobs/" .. id)
       assert.matches("&lt;script&gt;alert(1)&lt;/script&gt;", page, 1, true)
       assert.matches("&lt;b&gt;boom&lt;/b&gt;", page, 1, true)
