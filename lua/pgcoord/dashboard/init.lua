@@ -30,6 +30,10 @@ Dashboard.__index = Dashboard
 local MAX_QUERY = 4096
 local PAGE_TIMEOUT = 10
 local COOKIE = "pgcoord_session"
+-- The notice of an action rides in a short-lived cookie that only this
+-- site sets (SameSite=Strict), never in the URL, where a link from
+-- anywhere could make the dashboard say anything.
+local NOTICE = "pgcoord_notice"
 
 dashboard.HEADERS = {
   ["Content-Security-Policy"] = "default-src 'self'",
@@ -177,8 +181,11 @@ local function headers(extra)
 end
 
 local function page(status, title, body, ctx, extra)
-  return status, "text/html; charset=utf-8", html.text(views.layout(title, body, ctx)),
-    headers(extra)
+  local h = headers(extra)
+  if ctx and ctx.notice and not h["Set-Cookie"] then
+    h["Set-Cookie"] = ("%s=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"):format(NOTICE)
+  end
+  return status, "text/html; charset=utf-8", html.text(views.layout(title, body, ctx)), h
 end
 
 local function redirect(location, extra)
@@ -187,9 +194,9 @@ local function redirect(location, extra)
   return 303, "text/plain; charset=utf-8", "see " .. location .. "\n", headers(h)
 end
 
-local function with_notice(location, notice)
-  return location .. (location:find("?", 1, true) and "&" or "?")
-    .. html.query({ { "notice", notice } }):sub(2)
+local function notice_cookie(notice)
+  return ("%s=%s; Path=/; HttpOnly; SameSite=Strict; Max-Age=60")
+    :format(NOTICE, html.query({ { "n", notice } }):sub(4))
 end
 
 local TITLES = { [400] = "Bad request", [401] = "Log in", [403] = "Forbidden",
@@ -248,7 +255,7 @@ function Dashboard:_post(r, capture, form)
   if r[3] then form[r[3]] = capture end
   local back, notice = r[2](self, form)
   log.info("dashboard action", { path = back, notice = notice })
-  return redirect(with_notice(back, notice))
+  return redirect(back, { ["Set-Cookie"] = notice_cookie(notice) })
 end
 
 function Dashboard:_login(method, form, ctx)
@@ -296,7 +303,11 @@ function Dashboard:_route(method, path, req, ctx)
   ctx.session = authorized and self.token ~= nil
   ctx.can_act = authorized
   ctx.login_link = self.token ~= nil and not authorized
-  ctx.notice = args.notice
+  local jar = cookies(req:header("Cookie"))
+  if jar[NOTICE] then
+    local ok, notice = pcall(decode, jar[NOTICE], "notice")
+    ctx.notice = ok and notice ~= "" and notice or nil
+  end
   local form = {}
   local function read_form()
     local ctype = req:header("Content-Type") or ""

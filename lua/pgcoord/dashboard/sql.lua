@@ -74,7 +74,8 @@ SELECT g.name AS "group",
   counts("g.name"))
 
 -- One group ($1) with its capped counts ($2), settings and workers;
--- known: whether anything names it.
+-- known: whether anything names it (runs of the last hour too: a group
+-- whose jobs are all done still has its charts).
 sql.GROUP = ([[
 SELECT $1::text AS "group",
        %s,
@@ -82,7 +83,10 @@ SELECT $1::text AS "group",
        (SELECT count(*) FROM pgcoord.job_workers w WHERE w.group_name = $1)::int AS workers,
        s.name IS NOT NULL
          OR EXISTS (SELECT 1 FROM pgcoord.job_workers w WHERE w.group_name = $1)
-         OR EXISTS (SELECT 1 FROM pgcoord.job_periodic p WHERE p.group_name = $1) AS known
+         OR EXISTS (SELECT 1 FROM pgcoord.job_periodic p WHERE p.group_name = $1)
+         OR EXISTS (SELECT 1 FROM pgcoord.job_runs r
+                     WHERE r.group_name = $1 AND r.finished_at > now() - interval '1 hour')
+         AS known
   FROM (SELECT 1) one LEFT JOIN pgcoord.job_groups s ON s.name = $1]]):format(counts("$1"))
 
 -- Runs of group $1 finished in the last hour, per minute: completed,
