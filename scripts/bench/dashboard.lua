@@ -36,6 +36,8 @@ statements[#statements + 1] = { "job", require("pgcoord.jobs.sql").GET, { job_id
 statements[#statements + 1] = { "job runs", require("pgcoord.jobs.sql").RUNS, { job_id, 1000 } }
 
 local db = pgcoord.connect(nil, { size = 1 })
+-- (the pages run the capped counts without JIT: see sql.NO_JIT)
+db:exec("SET jit = off")
 local scans = 0
 for _, mode in ipairs({ "auto", "force_generic_plan" }) do
   db:exec("SET plan_cache_mode = " .. mode)

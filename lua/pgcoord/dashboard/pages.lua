@@ -19,6 +19,15 @@ local CAP = sql.CAP
 -- group's page with a million jobs in ten groups)
 local OVERVIEW_CAP = 1000
 
+-- A statement of capped counts, without JIT (see sql.NO_JIT).
+local function counted(d, statement, ...)
+  local args = table.pack(...)
+  return d.db:tx(function(tx)
+    tx:exec(sql.NO_JIT)
+    return tx:query(statement, table.unpack(args, 1, args.n))
+  end)
+end
+
 local function present(d)
   return d.db:one(sql.PRESENT, json.array(d.outbox_tables))
 end
@@ -38,7 +47,7 @@ function pages.overview(d)
   local db, p = d.db, present(d)
   local data = { cap = OVERVIEW_CAP, subscribers = subscribers() }
   data.health_ok, data.health_why = d:health()
-  if p.jobs then data.groups = db:query(sql.GROUPS, MAX_ROWS, OVERVIEW_CAP) end
+  if p.jobs then data.groups = counted(d, sql.GROUPS, MAX_ROWS, OVERVIEW_CAP) end
   if p.queues then data.subscriptions = db:query(sql.SUBSCRIPTIONS, MAX_ROWS, CAP) end
   if p.locks then data.locks = db:query(sql.LOCKS, MAX_ROWS) end
   if p.outboxes then
@@ -54,7 +63,7 @@ end
 
 function pages.group(d, args, ctx)
   local name = d.required(args, "name")
-  local g = d.db:one(sql.GROUP, name, CAP)
+  local g = counted(d, sql.GROUP, name, CAP)[1]
   local any = false
   for _, s in ipairs(sql.STATES) do any = any or g[s] > 0 end
   if not (g.known or any) then d.problem(404, ("no job group named %q"):format(name)) end
