@@ -188,7 +188,7 @@ describe("the dashboard", function()
       { "GET", "/queues/dead?queue=nope&subscription=nope", 404 },
       { "GET", "/outbox/failed?table=pg_authid", 404 },
       { "DELETE", "/", 405 }, { "POST", "/periodic", 405 }, { "GET", "/logout", 404 },
-      { "PUT", "/jobs/" .. id, 405 },
+      { "PUT", "/jobs/" .. id, 405 }, { "DELETE", "/login", 405 },
     }
     for _, c in ipairs(cases) do
       local code, h, body = request(port, c[1], c[2])

@@ -207,6 +207,12 @@ local function problem_page(status, message, ctx)
   return page(status, TITLES[status] or "Error", views.problem(message), ctx)
 end
 
+local function not_allowed(allow, ctx)
+  local status, ctype, body, h = problem_page(405, "method not allowed: use " .. allow, ctx)
+  h.Allow = allow
+  return status, ctype, body, h
+end
+
 -- What a failure inside a page or an action becomes.
 local function failure_page(err, ctx, where)
   if getmetatable(err) == Problem then return problem_page(err.status, err.message, ctx) end
@@ -285,9 +291,7 @@ end
 function Dashboard:_route(method, path, req, ctx)
   local asset = static[path]
   if asset then
-    if method ~= "GET" and method ~= "HEAD" then
-      return problem_page(405, "method not allowed: use GET", ctx)
-    end
+    if method ~= "GET" and method ~= "HEAD" then return not_allowed("GET, HEAD", ctx) end
     return 200, asset[1], asset[2], headers({ ["Cache-Control"] = "max-age=300" })
   end
   if self.exposed and not self.token then
@@ -317,6 +321,9 @@ function Dashboard:_route(method, path, req, ctx)
     form = parse_form(req:body(), "form")
   end
   if path == "/login" then
+    if method ~= "GET" and method ~= "HEAD" and method ~= "POST" then
+      return not_allowed("GET, HEAD, POST", ctx)
+    end
     if method == "POST" then read_form() end
     return self:_login(method, form, ctx)
   end
@@ -336,14 +343,11 @@ function Dashboard:_route(method, path, req, ctx)
   local post, pcap = match(POSTS, path)
   if not get and not post then return problem_page(404, "no such page: " .. path, ctx) end
   if method == "GET" or method == "HEAD" then
-    if not get then return problem_page(405, "method not allowed: use POST", ctx) end
+    if not get then return not_allowed("POST", ctx) end
     return answer_later(req, ctx, path, self._get, self, get, gcap, args, ctx)
   end
   if method ~= "POST" or not post then
-    local allow = post and (get and "GET, HEAD, POST" or "POST") or "GET, HEAD"
-    local status, ctype, body, h = problem_page(405, "method not allowed: use " .. allow, ctx)
-    h.Allow = allow
-    return status, ctype, body, h
+    return not_allowed(post and (get and "GET, HEAD, POST" or "POST") or "GET, HEAD", ctx)
   end
   read_form()
   if not self.token then
