@@ -1,9 +1,15 @@
 /*
  * http.c -- a small HTTP server on the event loop (libevent's evhttp), for
- * /metrics and /healthz.  The Lua handler answers at once from state it
- * keeps up to date in the background, so a request never waits on the
- * database and never blocks the loop.  evhttp itself refuses malformed
- * requests and oversized headers.
+ * /metrics, /healthz and the dashboard.  The Lua handler answers at once
+ * from state it keeps up to date in the background, or defers the request
+ * (req:defer()) and answers it later with req:reply() from a task that
+ * waits on the database: either way the loop never blocks.  evhttp itself
+ * refuses malformed requests and oversized headers and bodies.
+ *
+ * A deferred request may outlive its connection (the client goes, the
+ * deadline closes it, the server closes): the connection's close callback
+ * tells its waiting requests, and a reply to one whose request evhttp freed
+ * does nothing.
  *
  * No client may tie the server up: a connection must complete each request
  * within idle_timeout of opening or of its previous request (evhttp's own
@@ -26,10 +32,12 @@
 #include "pgcoord.h"
 
 #define SERVER_META "pgcoord.http_server"
+#define REQUEST_META "pgcoord.http_request"
 #define MAX_HEADERS 8192
 #define MAX_BODY 65536
 
 typedef struct conn conn;
+typedef struct request request;
 
 typedef struct pgc_http {
 	struct evhttp *http;
@@ -54,13 +62,18 @@ struct conn {
 	struct bufferevent *bev;
 	struct evhttp_connection *evcon;	/* once tracked */
 	struct event *deadline;
+	request *waiting;	/* deferred requests not answered yet */
 };
 
-typedef struct reply {
-	struct evhttp_request *req;
+/* The Lua side of one request (userdata REQUEST_META). */
+struct request {
+	request *next, **pprev;	/* in conn->waiting once deferred */
+	struct evhttp_request *req;	/* NULL once answered or freed by evhttp */
 	pgc_http *server;
+	conn *conn;
+	int deferred;
 	int status;
-} reply;
+};
 
 static void conn_link(conn **head, conn *c)
 {
@@ -92,6 +105,16 @@ static void on_close(struct evhttp_connection *evcon, void *arg)
 	conn *c = arg;
 	conn_unlink(c);
 	c->server->open--;
+	request *r;
+	while ((r = c->waiting) != NULL) {
+		c->waiting = r->next;
+		r->conn = NULL;
+		/* evhttp frees the connection's requests after this callback,
+		 * except one it detached first (its client went away): that one
+		 * is freed by the reply, which evhttp then does not send */
+		if (evhttp_request_get_connection(r->req) != NULL)
+			r->req = NULL;
+	}
 	conn_free(c);
 }
 
@@ -192,17 +215,19 @@ static struct bufferevent *new_bufferevent(struct event_base *base, void *arg)
 	return c->bev;
 }
 
-/* A request arrived: the connection gets idle_timeout for the next one. */
-static void restart_deadline(pgc_http *s, struct evhttp_request *req)
+/* A request arrived: the connection gets idle_timeout for the next one.
+ * Returns the connection's record (NULL when it is not tracked). */
+static conn *restart_deadline(pgc_http *s, struct evhttp_request *req)
 {
 	struct evhttp_connection *evcon = evhttp_request_get_connection(req);
 	for (conn *c = s->live; c; c = c->next) {
 		if (c->evcon == evcon) {
 			if (evtimer_add(c->deadline, &s->idle_timeout) != 0)
 				evhttp_connection_free_on_completion(evcon);
-			return;
+			return c;
 		}
 	}
+	return NULL;
 }
 
 static const char *method_name(enum evhttp_cmd_type cmd)
@@ -221,36 +246,200 @@ static const char *method_name(enum evhttp_cmd_type cmd)
 	return "?";
 }
 
-/* handler(method, path) -> status, content_type, body; runs protected. */
+static void request_unlink(request *r)
+{
+	if (r->conn == NULL)
+		return;
+	if (r->next)
+		r->next->pprev = r->pprev;
+	*r->pprev = r->next;
+	r->conn = NULL;
+}
+
+/* headers: a table name -> value at index idx, or nil. */
+static int add_headers(lua_State *L, int idx, struct evkeyvalq *out)
+{
+	if (lua_isnoneornil(L, idx))
+		return 0;
+	luaL_checktype(L, idx, LUA_TTABLE);
+	lua_pushnil(L);
+	while (lua_next(L, idx) != 0) {
+		const char *name = luaL_checkstring(L, -2);
+		const char *value = luaL_checkstring(L, -1);
+		if (evhttp_add_header(out, name, value) != 0)
+			return -1;
+		lua_pop(L, 1);
+	}
+	return 0;
+}
+
+/* Sends status, content type (at base), body (base + 1), headers (base + 2). */
+static int send_reply(lua_State *L, request *r, int base)
+{
+	int status = (int)luaL_optinteger(L, base - 1, 200);
+	const char *type = luaL_optstring(L, base, "text/plain; charset=utf-8");
+	size_t len = 0;
+	const char *body = luaL_optlstring(L, base + 1, "", &len);
+	luaL_argcheck(L, status >= 100 && status <= 599, base - 1, "not an HTTP status");
+	struct evkeyvalq *headers = evhttp_request_get_output_headers(r->req);
+	/* the body goes straight into the request's own output buffer */
+	if (evbuffer_add(evhttp_request_get_output_buffer(r->req), body, len) != 0 ||
+	    evhttp_add_header(headers, "Content-Type", type) != 0 ||
+	    add_headers(L, base + 2, headers) != 0)
+		return luaL_error(L, "cannot build the response");
+	evhttp_send_reply(r->req, status, status < 400 ? "OK" : "Error", NULL);
+	r->req = NULL;
+	r->status = status;
+	return 0;
+}
+
+/*
+ * handler(method, path, req) -> status, content_type, body, headers; runs
+ * protected.  A handler that called req:defer() returns nothing and
+ * answers later with req:reply(status, content_type, body, headers).
+ */
 static int call_handler(lua_State *L)
 {
-	reply *r = lua_touserdata(L, 1);
+	request *r = lua_touserdata(L, 1);
 	const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(r->req);
 	const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, r->server->cb_ref);
 	lua_pushstring(L, method_name(evhttp_request_get_command(r->req)));
 	lua_pushstring(L, path && *path ? path : "/");
-	lua_call(L, 2, 3);
-	int status = (int)luaL_optinteger(L, -3, 200);
-	const char *type = luaL_optstring(L, -2, "text/plain; charset=utf-8");
-	size_t len = 0;
-	const char *body = luaL_optlstring(L, -1, "", &len);
-	/* the body goes straight into the request's own output buffer */
-	if (evbuffer_add(evhttp_request_get_output_buffer(r->req), body, len) != 0 ||
-	    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Content-Type", type) != 0)
-		return luaL_error(L, "cannot build the response");
-	evhttp_send_reply(r->req, status, status < 400 ? "OK" : "Error", NULL);
-	r->status = status;
+	lua_pushvalue(L, 2);
+	lua_call(L, 3, 4);
+	if (r->deferred)
+		return 0;
+	return send_reply(L, r, lua_gettop(L) - 2);
+}
+
+/* Runs the handler with the request's userdata; on an error the userdata
+ * lets go of the request (on_request answers 500) and the error goes on. */
+static int handle_request(lua_State *L)
+{
+	request *r = lua_touserdata(L, 1);
+	request *ud = lua_newuserdatauv(L, sizeof *ud, 0);
+	*ud = *r;
+	ud->conn = NULL;	/* set once linked in its waiting list */
+	luaL_setmetatable(L, REQUEST_META);
+	lua_pushcfunction(L, call_handler);
+	lua_pushlightuserdata(L, ud);
+	lua_pushvalue(L, -3);
+	int rc = lua_pcall(L, 2, 0, 0);
+	r->status = ud->status;
+	r->deferred = rc == LUA_OK && ud->deferred;
+	if (!r->deferred || ud->req == NULL) {
+		ud->req = NULL;	/* answered, or to be: the userdata must not touch it */
+	} else if (r->conn != NULL) {
+		ud->conn = r->conn;
+		ud->next = ud->conn->waiting;
+		if (ud->next)
+			ud->next->pprev = &ud->next;
+		ud->pprev = &ud->conn->waiting;
+		ud->conn->waiting = ud;
+	}
+	if (rc != LUA_OK)
+		return lua_error(L);
 	return 0;
 }
 
 static void on_request(struct evhttp_request *req, void *arg)
 {
 	pgc_http *server = arg;
-	reply r = {req, server, 0};
-	restart_deadline(server, req);
-	if (pgc_invoke(server->L, call_handler, &r) != LUA_OK || r.status == 0)
+	request r = {NULL, NULL, req, server, NULL, 0, 0};
+	r.conn = restart_deadline(server, req);
+	if (pgc_invoke(server->L, handle_request, &r) != LUA_OK ||
+	    (r.status == 0 && !r.deferred))
 		evhttp_send_error(req, 500, "Internal Server Error");
+}
+
+static request *check_request(lua_State *L)
+{
+	return luaL_checkudata(L, 1, REQUEST_META);
+}
+
+static int push_or_nil(lua_State *L, const char *s)
+{
+	if (s)
+		lua_pushstring(L, s);
+	else
+		lua_pushnil(L);
+	return 1;
+}
+
+/* req:header(name) -> value or nil */
+static int request_header(lua_State *L)
+{
+	request *r = check_request(L);
+	const char *name = luaL_checkstring(L, 2);
+	return push_or_nil(L, r->req ? evhttp_find_header(evhttp_request_get_input_headers(r->req),
+							  name) : NULL);
+}
+
+/* req:query() -> the raw query string or nil */
+static int request_query(lua_State *L)
+{
+	request *r = check_request(L);
+	const struct evhttp_uri *uri = r->req ? evhttp_request_get_evhttp_uri(r->req) : NULL;
+	return push_or_nil(L, uri ? evhttp_uri_get_query(uri) : NULL);
+}
+
+/* req:body() -> the request body ("" when none) */
+static int request_body(lua_State *L)
+{
+	request *r = check_request(L);
+	struct evbuffer *in = r->req ? evhttp_request_get_input_buffer(r->req) : NULL;
+	size_t len = in ? evbuffer_get_length(in) : 0;
+	if (len == 0) {
+		lua_pushliteral(L, "");
+		return 1;
+	}
+	unsigned char *data = evbuffer_pullup(in, -1);
+	if (data == NULL)
+		return luaL_error(L, "cannot read the request body");
+	lua_pushlstring(L, (const char *)data, len);
+	return 1;
+}
+
+/* req:defer(): the handler answers later, with req:reply */
+static int request_defer(lua_State *L)
+{
+	request *r = check_request(L);
+	if (r->req == NULL || r->status != 0)
+		return luaL_error(L, "pgcoord.http: the request was answered already");
+	r->deferred = 1;
+	return 0;
+}
+
+/* req:reply(status, content_type, body, headers) -> false when the
+ * client is gone (nothing sent) */
+static int request_reply(lua_State *L)
+{
+	request *r = check_request(L);
+	if (!r->deferred || r->status != 0)
+		return luaL_error(L, "pgcoord.http: reply to a request that was not deferred,"
+				  " or twice");
+	request_unlink(r);
+	if (r->req == NULL) {
+		r->status = -1;
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	send_reply(L, r, 3);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* A deferred request nobody answered: a 500, so that evhttp frees it. */
+static int request_gc(lua_State *L)
+{
+	request *r = check_request(L);
+	request_unlink(r);
+	if (r->deferred && r->req != NULL && r->status == 0) {
+		evhttp_send_error(r->req, 500, "Internal Server Error");
+		r->req = NULL;
+	}
+	return 0;
 }
 
 /* The address the socket is bound to, as host:port ([host]:port for IPv6). */
@@ -381,6 +570,15 @@ static const luaL_Reg server_methods[] = {
 	{NULL, NULL}
 };
 
+static const luaL_Reg request_methods[] = {
+	{"header", request_header},
+	{"query", request_query},
+	{"body", request_body},
+	{"defer", request_defer},
+	{"reply", request_reply},
+	{NULL, NULL}
+};
+
 static const luaL_Reg http_funcs[] = {
 	{"http_listen", l_http_listen},
 	{NULL, NULL}
@@ -393,6 +591,13 @@ void pgc_open_http(lua_State *L)
 	luaL_setfuncs(L, server_methods, 0);
 	lua_setfield(L, -2, "__index");
 	lua_pushcfunction(L, server_close);
+	lua_setfield(L, -2, "__gc");
+	lua_pop(L, 1);
+	luaL_newmetatable(L, REQUEST_META);
+	lua_newtable(L);
+	luaL_setfuncs(L, request_methods, 0);
+	lua_setfield(L, -2, "__index");
+	lua_pushcfunction(L, request_gc);
 	lua_setfield(L, -2, "__gc");
 	lua_pop(L, 1);
 	luaL_setfuncs(L, http_funcs, 0);

@@ -208,12 +208,12 @@ local COMMANDS = {
   { "jobs", "pause", args = { "GROUP" }, needs = "pause",
     run = function(c, group)
       -- (from the shell no job type is defined: any group name goes)
-      require("pgcoord.jobs.limits").set_paused(c:db(), nil, group, true, "jobs pause")
+      jobs_module.set_paused(c:db(), group, true, "jobs pause")
       return report_done(c, "paused", group)
     end },
   { "jobs", "resume", args = { "GROUP" }, needs = "resume",
     run = function(c, group)
-      require("pgcoord.jobs.limits").set_paused(c:db(), nil, group, false, "jobs resume")
+      jobs_module.set_paused(c:db(), group, false, "jobs resume")
       return report_done(c, "resumed", group)
     end },
   { "jobs", "periodic", needs = "periodic_list",

@@ -18,8 +18,13 @@ usage: pgcoord-run [options] [script [args...]]
   --print-sql         print the schema DDL and exit
   --status            print the coordination state (job groups, queues, locks,
                       outbox) from the database and exit; --json for JSON
-  --http host:port    serve /metrics and /healthz (with --workers, worker k
-                      listens on port + k - 1); an empty host is 127.0.0.1
+  --http host:port    serve /metrics, /healthz and the dashboard at / (with
+                      --workers, worker k listens on port + k - 1); an empty
+                      host is 127.0.0.1
+  --http-token T      the dashboard's actions need T (Authorization: Bearer T,
+                      or its login form); off loopback its pages need it too,
+                      and without it there it is not served (default:
+                      PGCOORD_HTTP_TOKEN)
   --http-timeout s    close an HTTP connection that completes no request
                       within s seconds of opening or of its last one (30)
   --http-max-connections n
@@ -72,6 +77,9 @@ local function parse(argv)
     elseif a == "--status" then o.status = true
     elseif a == "--json" then o.json = true
     elseif a == "--http" then o.http = value(a)
+    elseif a == "--http-token" then
+      o.http_token = value(a)
+      if o.http_token == "" then error("--http-token takes a non-empty token", 0) end
     elseif a == "--http-timeout" then
       o.http_timeout = tonumber(value(a))
       if not o.http_timeout or not (o.http_timeout > 0 and o.http_timeout < math.huge) then
@@ -385,9 +393,11 @@ local function serve_http(pgcoord, o, slot)
     local host, port = addr:match("^(.*):(%d+)$")
     if host and tonumber(port) > 0 then addr = ("%s:%d"):format(host, tonumber(port) + slot - 1) end
   end
-  local probe = pgcoord.connect(nil, { size = 1, params = { application_name = "pgcoord-http" } })
+  -- (the probe and the dashboard's pages share it)
+  local probe = pgcoord.connect(nil, { size = 3, params = { application_name = "pgcoord-http" } })
+  local token = o.http_token or os.getenv("PGCOORD_HTTP_TOKEN")
   return pgcoord.http.serve(addr, { db = probe, idle_timeout = o.http_timeout,
-    max_connections = o.http_max_connections })
+    max_connections = o.http_max_connections, token = token ~= "" and token or nil })
 end
 
 -- Runs the jobs in one task, then the loop while tasks live (or the prompt).

@@ -1,7 +1,9 @@
--- The operations endpoint: /metrics (Prometheus) and /healthz, served on
--- the event loop.  Requests are answered from state that background tasks
--- keep fresh (a health probe every second, depths every depth_interval),
--- so a scrape never waits on the database.
+-- The operations endpoint: /metrics (Prometheus), /healthz and the
+-- dashboard (dashboard/) under /, served on the event loop.  /metrics and
+-- /healthz are answered from state that background tasks keep fresh (a
+-- health probe every second, depths every depth_interval), so a scrape
+-- never waits on the database; a dashboard page waits in a task of its
+-- own.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
@@ -9,6 +11,7 @@ local metrics = require "pgcoord.metrics"
 local status = require "pgcoord.status"
 local options = require "pgcoord.options"
 local lifecycle = require "pgcoord.lifecycle"
+local dashboard = require "pgcoord.dashboard"
 
 local http = {}
 
@@ -137,6 +140,9 @@ local check_options = options.spec(WHERE, {
   outbox_tables = { "table" },
   idle_timeout = { "number", default = 30, above = 0 },
   max_connections = { "integer", default = 256, min = 1, max = 1000000 },
+  -- the dashboard's: actions need it, and pages too off loopback
+  token = { "string" },
+  dashboard = { "boolean", default = true },
 })
 
 function Server:_health()
@@ -156,18 +162,21 @@ function Server:_health()
   return true, "ok"
 end
 
-function Server:_handle(method, path)
+local TEXT = "text/plain; charset=utf-8"
+
+function Server:_handle(method, path, req)
   if path ~= "/metrics" and path ~= "/healthz" then
-    return 404, "text/plain; charset=utf-8", "not found: try /metrics or /healthz\n"
+    if self.dashboard then return self.dashboard:handle(method, path, req) end
+    return 404, TEXT, "not found: try /metrics or /healthz\n", dashboard.HEADERS
   end
   if method ~= "GET" and method ~= "HEAD" then
-    return 405, "text/plain; charset=utf-8", "method not allowed: use GET\n"
+    return 405, TEXT, "method not allowed: use GET\n", dashboard.HEADERS
   end
   if path == "/healthz" then
     local ok, why = self:_health()
-    return ok and 200 or 503, "text/plain; charset=utf-8", why .. "\n"
+    return ok and 200 or 503, TEXT, why .. "\n", dashboard.HEADERS
   end
-  return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+  return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(), dashboard.HEADERS
 end
 
 -- Probes the database every probe_interval; measures the loop's lag.
@@ -204,7 +213,10 @@ end
 -- empty host is 127.0.0.1).  opts.db: the pool to probe and to read depths
 -- from; idle_timeout (30 s): a connection that does not complete a request
 -- within it of opening or of its previous request is closed;
--- max_connections (256): one more is answered 503 and closed.
+-- max_connections (256): one more is answered 503 and closed.  With a db
+-- the dashboard is served under / (dashboard = false: not); token: what
+-- its actions need, and its pages too on an address that is not loopback
+-- (where, without a token, it is not served).
 function http.serve(addr, opts)
   local host, port = parse_address(addr)
   opts = check_options(opts)
@@ -216,9 +228,14 @@ function http.serve(addr, opts)
     wake = task.cond(),
     state = "running",
   }, Server)
+  if opts.db and opts.dashboard then
+    self.dashboard = dashboard.new({ db = opts.db, token = opts.token,
+      exposed = not dashboard.loopback(host), outbox_tables = opts.outbox_tables,
+      health = function() return self:_health() end })
+  end
   local idle_timeout, max_connections = opts.idle_timeout, opts.max_connections
-  self.server = core.http_listen(host, port, function(method, path)
-    return self:_handle(method, path)
+  self.server = core.http_listen(host, port, function(method, path, req)
+    return self:_handle(method, path, req)
   end, idle_timeout, max_connections)
   self.port = self.server:port()
   self.address = self.server:address()
@@ -228,7 +245,9 @@ function http.serve(addr, opts)
   if self.db then self.tasks[2] = task.spawn_daemon(self._depth_loop, self) end
   self.unregister = lifecycle.on_stop(function() self:close() end)
   log.info("http endpoint listening", { address = self.address,
-    idle_timeout = idle_timeout, max_connections = max_connections })
+    idle_timeout = idle_timeout, max_connections = max_connections,
+    dashboard = self.dashboard and (self.dashboard.exposed and not opts.token and "off"
+      or (opts.token and "token" or "open")) or "off" })
   return self
 end
 

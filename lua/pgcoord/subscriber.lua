@@ -152,6 +152,7 @@ function Sub:_dispatch(channel, payload)
   self.counters.notifications = self.counters.notifications + 1
   if channel == PING_CHANNEL then
     self.pings_heard = self.pings_heard + 1
+    self.last_ping_heard = core.now()
     self.heard_ping:signal()
     return
   end
@@ -381,12 +382,18 @@ function Sub:status()
   return self.state
 end
 
+-- (channels: the names listened to, sorted; last_ping_age: seconds since
+-- the last ping came back, nil before the first)
 function Sub:stats()
   local c = self.counters
+  local channels = {}
+  for name in pairs(self.fans) do channels[#channels + 1] = name end
+  table.sort(channels)
   return { state = self.state, connected = self:connected(), generation = self.generation,
            error = self.failure,
            notifications = c.notifications, reconnects = c.reconnects,
-           pings = c.pings, ping_failures = c.ping_failures }
+           pings = c.pings, ping_failures = c.ping_failures, channels = channels,
+           last_ping_age = self.last_ping_heard and core.now() - self.last_ping_heard }
 end
 
 -- Pings every subscriber of the database (another process may do this).

@@ -8,6 +8,7 @@
 -- and jobs:worker(), which checks the worker's options.
 local json = require "pgcoord.json"
 local options = require "pgcoord.options"
+local db = require "pgcoord.db"
 local sql = require "pgcoord.jobs.sql"
 local worker = require "pgcoord.jobs.worker"
 local retention = require "pgcoord.jobs.retention"
@@ -235,6 +236,32 @@ function Jobs:retry(ids)
   return self.pool:one(sql.RETRY, ids).retried
 end
 
+-- Schedules the failed jobs of group (at most limit, 10000, oldest
+-- first) to run again now; returns how many.
+function Jobs:retry_failed(group, limit)
+  if type(group) ~= "string" or group == "" then
+    raise("jobs:retry_failed: group must be a non-empty string, got %s", options.show(group))
+  end
+  limit = limit or 10000
+  if math.type(limit) ~= "integer" or limit < 1 then
+    raise("jobs:retry_failed: limit must be a positive integer, got %s", options.show(limit))
+  end
+  return self.pool:one(sql.RETRY_GROUP, group, limit).retried
+end
+
+-- Deletes failed or cancelled jobs (one id or a list); returns how many.
+-- Jobs in any other state are left alone.
+function Jobs:delete(ids)
+  if type(ids) ~= "table" then ids = { ids } end
+  for i, id in ipairs(ids) do
+    if math.type(id) ~= "integer" then
+      raise("jobs:delete: job id must be an integer, got %s (item %d)", options.show(id), i)
+    end
+  end
+  if #ids == 0 then return 0 end
+  return self.pool:exec(sql.DELETE_FINISHED, db.int_array(ids))
+end
+
 -- Jobs, oldest first: { id, group, type, state, priority, params, error_count,
 -- last_error, inserted_at, run_at, locked_by }; opts: group, state, id,
 -- limit (100).  (For a look from the shell: no index serves every filter.)
@@ -281,6 +308,12 @@ end
 -- Persisted; every worker of the group, in every process, stops starting
 -- its jobs within a second (running handlers finish).  Each returns the
 -- group's settings { paused =, concurrency =, rate = }.
+-- Pauses or resumes any group by name, whether or not this process
+-- defines a job type in it (for the shell and the dashboard).
+function jobs.set_paused(pool, group, paused, where)
+  return limits.set_paused(pool, nil, group, paused, where)
+end
+
 function Jobs:pause(group)
   return limits.set_paused(self.pool, self.groups, group, true, "jobs:pause")
 end

@@ -182,6 +182,25 @@ n AS (
 SELECT (SELECT count(*) FROM r) AS retried, (SELECT count(*) FROM n) AS notified]]
 sql.RETRY = RETRY
 
+-- The failed jobs of group $1 (at most $2, oldest first) to run again now.
+local RETRY_GROUP = [[
+WITH r AS (
+  UPDATE pgcoord.jobs SET state = 'ready', run_at = now(), locked_by = NULL
+   WHERE id = ANY(ARRAY(SELECT id FROM pgcoord.jobs WHERE state = 'failed' AND group_name = $1
+                         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED))
+     AND state = 'failed'
+  RETURNING 1)
+SELECT count(*) AS retried,
+       CASE WHEN count(*) > 0 THEN pg_notify('pgcoord_jobs',
+         json_build_object('group', $1::text, 'due_in', NULL)::text) END AS notified
+  FROM r]]
+sql.RETRY_GROUP = RETRY_GROUP
+
+-- Failed or cancelled jobs among $1 deleted (their runs stay in job_runs).
+local DELETE_FINISHED = [[
+DELETE FROM pgcoord.jobs WHERE id = ANY($1::bigint[]) AND state IN ('failed', 'cancelled')]]
+sql.DELETE_FINISHED = DELETE_FINISHED
+
 -- Jobs for a look from the shell ($1 a group, $2 a state, $3 an id, each
 -- or NULL; $4 at most), oldest first.
 local LIST = [[
