@@ -381,6 +381,19 @@ function Page:click(selector, opts)
   if opts and opts.navigate then self:wait_load(before, opts.timeout) end
 end
 
+-- Types text into the first element matching the CSS selector, as a
+-- keyboard would (focused, then the text inserted).
+function Page:type(selector, text)
+  local found = self:eval(([[(() => {
+    const el = document.querySelector(%s);
+    if (!el) return false;
+    el.focus();
+    return true;
+  })()]]):format(json.encode(selector)))
+  if not found then error(("tools.browser: no element matches %s"):format(selector), 2) end
+  self:send("Input.insertText", { text = text })
+end
+
 -- Writes a PNG of the viewport (opts.full_page: the whole page) to path,
 -- creating its directory; returns the number of bytes written.
 function Page:screenshot(path, opts)
