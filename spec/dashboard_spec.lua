@@ -133,6 +133,33 @@ describe("the dashboard", function()
     assert.are.equal(2, pages)
   end)
 
+  it("reads pgcoord.jobs and job_runs only through indexes, in every statement", function()
+    local sql = require "pgcoord.dashboard.sql"
+    local group = helper.unique("g")
+    local statements = {
+      { sql.GROUPS, { 100, 1000 } }, { sql.GROUP, { group, sql.CAP } }, { sql.CHART, { group } },
+    }
+    for _, state in ipairs(sql.STATES) do
+      statements[#statements + 1] = { sql.LIST[state], { group, "t", 1, 1, 51 } }
+      statements[#statements + 1] = { sql.LIST[state], { group, pgcoord.null, pgcoord.null,
+        pgcoord.null, 51 } }
+    end
+    -- with sequential scans priced out, a plan still scans only where no
+    -- index can serve
+    local one = helper.connect({ size = 1 })
+    one:exec("SET enable_seqscan = off")
+    for _, s in ipairs(statements) do
+      local plan = {}
+      for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
+        plan[i] = r["QUERY PLAN"]
+      end
+      plan = table.concat(plan, "\n")
+      assert.is_nil(plan:find("Seq Scan on jobs", 1, true), plan)
+      assert.is_nil(plan:find("Seq Scan on job_runs", 1, true), plan)
+    end
+    one:close()
+  end)
+
   it("answers bad input with a clear page and the right status, never a 500", function()
     local group = helper.unique("g")
     local id = failed_job(group)
@@ -304,6 +331,48 @@ describe("the dashboard", function()
       db:one("SELECT status FROM outbox_messages WHERE id = $1", mid).status)
   end)
 
+  it("lets go of a page whose client left, or whose server stopped, while it waited", function()
+    local pool, app = helper.connect({ size = 2 })
+    local server, port = serve({ db = pool })
+    local function waiting_page()
+      return helper.wait_until(function()
+        return #helper.backends(app) > 0 and helper.admin():one([[SELECT count(*)::int AS n
+          FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock']],
+          app).n > 0
+      end, 10, "the page to wait on the lock")
+    end
+    -- the overview reads pgcoord.job_locks: a lock on it holds the page
+    local blocker = helper.connect({ size = 1 })
+    blocker:tx(function(tx)
+      tx:exec("LOCK TABLE pgcoord.job_locks IN ACCESS EXCLUSIVE MODE")
+      local _, out = helper.run({ "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
+        ("http://127.0.0.1:%d/"):format(port) })
+      assert.are.equal("000", out) -- curl gave up
+      waiting_page()
+    end)
+    -- the page was answered to nobody; the server goes on
+    helper.wait_until(function() return server.server:stats().open == 0 end, 10,
+      "the connection to close")
+    assert.are.equal(200, (get(port, "/")))
+    -- a server stopped under a waiting page
+    local curl
+    blocker:tx(function(tx)
+      tx:exec("LOCK TABLE pgcoord.job_locks IN ACCESS EXCLUSIVE MODE")
+      curl = helper.start({ "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+        ("http://127.0.0.1:%d/"):format(port) })
+      waiting_page()
+      server:stop(0)
+    end)
+    curl:wait(15)
+    assert.are.equal("000", curl:output())
+    helper.wait_until(function() return #helper.backends(app) == 0 or
+      helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE application_name = $1 AND state = 'active']], app).n == 0 end, 10,
+      "the page's query to end")
+    pool:close()
+    blocker:close()
+  end)
+
   it("answers its pages while workers run jobs", function()
     local group = helper.unique("g")
     local jobs = pgcoord.jobs(db)
@@ -328,6 +397,9 @@ describe("the dashboard", function()
       return done == 200
     end, 60, "the jobs to run")
     assert.is_true(answered >= 3)
+    local _, _, overview = get(port, "/")
+    local subscribers = overview:match('<table id="subscribers">.-</table>')
+    assert.matches("<td>[^<]*pgcoord_jobs[^<]*</td>", subscribers)
     helper.wait_until(function()
       local _, _, body = get(port, "/group?name=" .. group)
       return body:find('<polyline class="completed"', 1, true)

@@ -1,8 +1,9 @@
 -- Every statement the dashboard sends itself (its actions go through the
 -- primitives' public calls).  Each reads an index with a LIMIT, so a page
 -- costs the same with a million jobs as with none:
---  * counts are capped (CAP rows read at most per group and state, shown
---    as "10000+"), each through the partial index of its state;
+--  * counts are capped (at most CAP rows read per group and state on a
+--    group's page, 1000 on the overview; shown as "10000+"), each through
+--    the partial index of its state;
 --  * lists page by keyset on the index's own order, never OFFSET;
 --  * the states are spelt out in each statement, never a parameter, so
 --    that the planner matches the partial index even in a generic plan.
@@ -15,12 +16,18 @@ sql.CAP = 10000
 local STATES = { "ready", "scheduled", "running", "failed", "cancelled" }
 sql.STATES = STATES
 
+-- Each state's partial index order after group_name: ordering by it
+-- keeps the planner on the index when most rows are in that state (a
+-- sequential scan "until LIMIT matches" is cheaper on paper, and reads the
+-- whole table when the group has fewer than LIMIT).
+local INDEX_ORDER = { ready = "priority, id", scheduled = "run_at" }
+
 -- The capped count of a group's jobs in one state, for a group named by
 -- the column expression `g`.
 local function capped_count(state, g)
   return ([[(SELECT count(*) FROM (SELECT 1 FROM pgcoord.jobs j
-            WHERE j.state = '%s' AND j.group_name = %s LIMIT $2) x)::int AS %s]])
-    :format(state, g, state)
+            WHERE j.state = '%s' AND j.group_name = %s ORDER BY %s LIMIT $2) x)::int AS %s]])
+    :format(state, g, INDEX_ORDER[state] or "id", state)
 end
 
 local function counts(g)
