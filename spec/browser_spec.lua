@@ -143,7 +143,7 @@ describe("the dashboard in a real browser", function()
   local function press(selector, notice)
     page:click(selector, { navigate = true })
     assert.are.same({}, new_problems(), "problems after pressing " .. selector)
-    assert.are.equal(notice, text("notice"))
+    assert.are.equal(notice, text("notice"), "the notice after pressing " .. selector)
   end
 
   setup(function()
@@ -206,14 +206,21 @@ describe("the dashboard in a real browser", function()
     helper.cleanup()
   end)
 
-  -- pending when chromium is absent; else the test's body
+  -- pending when chromium is absent; else the test's body, and on its
+  -- failure a screenshot of where the page was (build/screenshots/failed.png)
   local function test(name, fn)
     it(name, function()
       if not browser.path() then
         pending("chromium is not installed (scripts/install-deps installs it)")
         return
       end
-      fn()
+      local ok, err = pcall(fn)
+      if not ok then
+        if page then
+          pcall(page.screenshot, page, SCREENSHOTS .. "/failed.png", { full_page = true })
+        end
+        error(err, 0)
+      end
     end)
   end
 
