@@ -54,7 +54,7 @@ Browser.__index = Browser
 local Page = {}
 Page.__index = Page
 
--- Hermetic flags: no profile, no first-run UI, and no traffic off this
+-- Hermetic flags: a fresh profile, no first-run UI, and no traffic off this
 -- machine (every host name resolves to nothing, every non-loopback
 -- request goes to a closed local port).
 local FLAGS = {
