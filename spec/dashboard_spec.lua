@@ -265,6 +265,37 @@ describe("the dashboard", function()
       assert.are.equal(200, (get(guarded, "/static/dashboard.css")))
     end)
 
+  it("pgcoord-run takes the token from --http-token, else PGCOORD_HTTP_TOKEN", function()
+    local group = helper.unique("g")
+    local id = failed_job(group)
+    local idle = "while not pgcoord.stopping() do pgcoord.sleep(0.1) end"
+    local function started(argv, env)
+      local p = helper.start(argv, { env = env })
+      local out = p:wait_output("http endpoint listening", 10)
+      return p, tonumber(out:match("address=[%d%.]+:(%d+)"))
+    end
+    local function retry(port, token)
+      return (request(port, "POST", "/jobs/" .. id,
+        { headers = { Authorization = "Bearer " .. token },
+          form = { { "csrf", csrf(port) }, { "action", "retry" } } }))
+    end
+    local p, port = started({ "pgcoord-run", "--http", "127.0.0.1:0", "--http-token", "flag-token",
+      "-e", idle }, { PGCOORD_HTTP_TOKEN = TOKEN })
+    assert.are.equal(401, retry(port, TOKEN))
+    assert.are.equal("failed", state_of(id))
+    assert.are.equal(303, retry(port, "flag-token"))
+    assert.are.equal("ready", state_of(id))
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(15))
+    db:exec("UPDATE pgcoord.jobs SET state = 'failed' WHERE id = $1", id)
+    p, port = started({ "pgcoord-run", "--http", "127.0.0.1:0", "-e", idle },
+      { PGCOORD_HTTP_TOKEN = TOKEN })
+    assert.are.equal(303, retry(port, TOKEN))
+    assert.are.equal("ready", state_of(id))
+    p:kill("TERM")
+    assert.are.equal(0, p:wait(15))
+  end)
+
   it("changes the database as each action says", function()
     local group = helper.unique("g")
     local _, port = serve({ token = TOKEN, outbox_tables = { "outbox_messages" } })
