@@ -171,7 +171,7 @@ describe("the dashboard", function()
       { "GET", "/group", 400 }, { "GET", "/jobs?group=" .. group .. "&state=bogus", 400 },
       { "GET", "/jobs?group=" .. group .. "&state=failed&after=x", 400 },
       { "GET", "/group?name=%zz", 400 }, { "GET", "/group?name=%FF", 400 },
-      { "GET", "/?" .. ("x"):rep(5000), 413 },
+      { "GET", "/?" .. ("x"):rep(5000), 413 }, { "GET", "/?" .. ("x"):rep(12000), 413 },
       { "GET", "/queues/dead?queue=nope&subscription=nope", 404 },
       { "GET", "/outbox/failed?table=pg_authid", 404 },
       { "DELETE", "/", 405 }, { "POST", "/periodic", 405 }, { "GET", "/logout", 404 },
@@ -184,6 +184,9 @@ describe("the dashboard", function()
       assert.is_nil(body:lower():find("traceback", 1, true), c[2])
       assert.is_nil(body:find("%.lua:%d+"), c[2])
     end
+    -- a body over 64 kB: evhttp's own 413
+    assert.are.equal(413, (request(port, "POST", "/group",
+      { headers = bearer(), form = { { "name", ("x"):rep(70000) } } })))
     -- an action on an unknown job, or with an unknown action
     local form = { { "csrf", csrf(port) }, { "action", "retry" } }
     assert.are.equal(404, (request(port, "POST", "/jobs/987654321",
@@ -263,6 +266,22 @@ describe("the dashboard", function()
       assert.are.equal(200, (get(guarded, "/", { headers = bearer() })))
       assert.are.equal(200, (get(guarded, "/login")))
       assert.are.equal(200, (get(guarded, "/static/dashboard.css")))
+    end)
+
+  it("says what to do on a database without the schema, and holds a page on ?refresh=0",
+    function()
+      local bare = helper.connect({ size = 2 }, helper.conninfo_for(helper.create_database("dash")))
+      local _, port = serve({ db = bare })
+      local code, _, body = get(port, "/")
+      assert.are.equal(200, code)
+      assert.matches("no pgcoord.jobs table: run pgcoord-run --migrate", body, 1, true)
+      assert.matches('data-refresh="5"', body, 1, true)
+      code, _, body = get(port, "/jobs?group=g&state=ready")
+      assert.are.equal(503, code)
+      assert.matches("the pgcoord schema is missing: run pgcoord-run --migrate", body, 1, true)
+      _, _, body = get(port, "/?refresh=0")
+      assert.matches('data-refresh=""', body, 1, true)
+      bare:close()
     end)
 
   it("pgcoord-run takes the token from --http-token, else PGCOORD_HTTP_TOKEN", function()

@@ -33,7 +33,9 @@
 
 #define SERVER_META "pgcoord.http_server"
 #define REQUEST_META "pgcoord.http_request"
-#define MAX_HEADERS 8192
+/* room for a query string well past what the dashboard takes (4 kB), so
+ * that a long one gets its 413 page rather than evhttp's bare 400 */
+#define MAX_HEADERS 16384
 #define MAX_BODY 65536
 
 typedef struct conn conn;

@@ -206,11 +206,12 @@ local function failure_page(err, ctx, where)
   if db_module.schema_missing(err) then
     return problem_page(503, "the pgcoord schema is missing: run pgcoord-run --migrate", ctx)
   end
-  if type(err) == "table" and err.sqlstate then
-    return problem_page(503, "the database refused: " .. tostring(err):match("^[^\n]*"), ctx)
-  end
-  if task.is_cancelled(err) then
+  if type(err) == "table" and err.sqlstate == "57014" then
     return problem_page(503, ("the database did not answer within %ds"):format(PAGE_TIMEOUT), ctx)
+  end
+  if type(err) == "table" and err.sqlstate then
+    return problem_page(503, "the database refused: "
+      .. log.redact(tostring(err):match("^[^\n]*")), ctx)
   end
   log.error("dashboard request failed", { path = where, error = task.error_text(err) })
   return problem_page(500, "the dashboard failed on this request (the log says why)", ctx)
@@ -238,7 +239,8 @@ end
 function Dashboard:_get(r, capture, args, ctx)
   if r[3] then args[r[3]] = capture end
   local title, body, refresh = r[2](self, args, ctx)
-  ctx.refresh = refresh
+  -- (?refresh=0: a page that stays, for a script driving a browser)
+  ctx.refresh = args.refresh ~= "0" and refresh or nil
   return page(200, title, body, ctx)
 end
 

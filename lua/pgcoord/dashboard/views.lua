@@ -219,11 +219,12 @@ function views.job(job, ctx)
   local runs = render([[
 <table id="runs"><thead><tr><th class="num">Attempt</th><th>OK</th><th>Started</th><th class="num">Seconds</th><th class="num">Worker</th><th>Error</th></tr></thead>
 <tbody>{{rows}}</tbody></table>]], { rows = rows_or(job.runs, 6, "no runs logged", function(r)
-      return render([[<tr><td class="num">{{attempt}}</td><td class="{{c}}">{{ok}}</td><td>{{started}}</td><td class="num">{{secs}}</td><td class="num">{{worker}}</td><td><pre>{{err}}</pre></td></tr>]],
+      return render([[<tr><td class="num">{{attempt}}</td><td class="{{c}}">{{ok}}</td><td>{{started}}</td><td class="num">{{secs}}</td><td class="num">{{worker}}</td><td>{{err}}</td></tr>]],
         { attempt = r.attempt, c = r.ok and "good" or "bad", ok = r.ok and "yes" or "no",
           started = when(r.started_at),
           secs = r.finished_at and r.started_at and ("%.3f"):format(r.finished_at - r.started_at)
-            or "-", worker = r.worker_id or "-", err = r.error or "" })
+            or "-", worker = r.worker_id or "-",
+          err = r.error and render("<pre>{{e}}</pre>", { e = r.error }) or "" })
     end) })
   return render([[
 <p>{{actions}}</p>
