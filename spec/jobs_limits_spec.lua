@@ -252,8 +252,10 @@ describe("jobs:limit", function()
     -- and never faster than the bucket allows: i..j within burst + rate x time
     for i = 1, 30 do
       for j = i + 1, 30 do
+        -- started is written by the handler, a little after the claim the
+        -- bucket timed: allow 50 ms of that delay (0.25 starts) on a busy box
         local allowed = 5 + 5 * (list[j].started - list[i].started)
-        assert.is_true(j - i + 1 <= allowed + 0.05,
+        assert.is_true(j - i + 1 <= allowed + 0.25,
           ("%d starts in %.3f s"):format(j - i + 1, list[j].started - list[i].started))
       end
     end

@@ -251,7 +251,8 @@ describe("jobs:periodic", function()
       assert.matches("periodic_spec.lua:" .. (line + 1 + i) .. ": ", e[i], 1, true)
       assert.matches(pattern, e[i])
     end
-    assert.are.same({}, jobs:periodic_list())
+    -- periodic_list lists the whole database; other spec files leave theirs
+    for _, row in ipairs(jobs:periodic_list()) do assert.are_not.equal(name, row.name) end
     -- a scheduler with nothing declared writes nothing, nor takes the lock
     local s = started(jobs:scheduler())
     assert.are.equal(s, jobs:scheduler())
