@@ -490,7 +490,7 @@ local function give_back(lease)
 end
 Lease.__close = give_back
 
-function Pool:release(lease)
+function Pool.release(_, lease)
   give_back(lease)
 end
 
