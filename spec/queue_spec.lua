@@ -445,6 +445,36 @@ describe("pgcoord.queue", function()
     assert.is_true(pgcoord.now() - t0 < 15)
   end)
 
+  it("claims once per notified message: a handler that ends claims only if work was announced",
+    function()
+    local qname = helper.unique("q")
+    -- the pool, counting the consumer's claim statements
+    local real, claims, claim_sql = pool(), 0, require("pgcoord.queue").sql.claim
+    local counting = setmetatable({}, { __index = function(_, k)
+      local v = real[k]
+      if type(v) ~= "function" then return v end
+      return function(_, sql, ...)
+        if sql == claim_sql then claims = claims + 1 end
+        return v(real, sql, ...)
+      end
+    end })
+    local q = pgcoord.queue(counting, qname)
+    q:subscribe("s")
+    local handled = 0
+    consume(q, "s", function() handled = handled + 1 end, { concurrency = 4, poll_interval = 30 })
+    helper.wait_until(function() return q.sub and q.sub:connected() and claims >= 1 end, 5,
+      "LISTEN and the first claim")
+    pgcoord.sleep(0.2) -- (the claim of the connection's wake-up, if any, is done)
+    local before = claims
+    for i = 1, 5 do
+      q:publish(db, { n = i })
+      helper.wait_until(function() return handled == i end, 5, "message " .. i)
+      helper.wait_until(function() return q:stats("s").acked == i end, 5, "ack " .. i)
+    end
+    -- (an empty claim after each handler would make 10)
+    assert.are.equal(5, claims - before)
+  end)
+
   it("refuses bad arguments and options clearly", function()
     local q = pgcoord.queue(db, helper.unique("q"))
     q:subscribe("s")

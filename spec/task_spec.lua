@@ -251,6 +251,27 @@ describe("tasks", function()
     assert.is_true(elapsed < 5, "slept " .. elapsed)
   end)
 
+  it("no sleep ends before pgcoord.now() reaches its deadline, after busy work too", function()
+    -- libevent times a timer from the time it read when the loop last
+    -- woke, by its coarse clock: unchecked, a sleep armed after 3 ms of
+    -- work would end about that much early; 2 µs is the timer's rounding
+    -- (in a task, which runs inside the loop's step, as such timers are armed)
+    local early = pgcoord.spawn(function()
+      local early = {}
+      for i = 1, 60 do
+        local busy = pgcoord.now()
+        while pgcoord.now() - busy < 0.003 do end
+        local d = 0.001 + (i % 9) * 0.0005
+        local t0 = pgcoord.now()
+        pgcoord.sleep(d)
+        local slept = pgcoord.now() - t0
+        if slept < d - 2e-6 then early[#early + 1] = ("%.6f < %.4f"):format(slept, d) end
+      end
+      return early
+    end):join()
+    assert.are.same({}, early)
+  end)
+
   it("sleep(0) lets the other ready tasks run", function()
     local trace = {}
     local a = pgcoord.spawn(function()

@@ -401,6 +401,13 @@ static void decode_number(lua_State *L, jreader *r)
 			jfail(L, r, "bad number (no digits in the exponent)");
 		is_float = 1;
 	}
+	if (!is_float && n <= 18) {	/* cannot overflow: no strtoll needed */
+		lua_Integer v = 0;
+		for (const char *d = int_part; d < int_part + n; d++)
+			v = v * 10 + (*d - '0');
+		lua_pushinteger(L, int_part > s ? -v : v);
+		return;
+	}
 	/* strtoll and strtod need a terminated copy; a long one goes on the stack */
 	size_t len = (size_t)(r->p - s);
 	char buf[64];

@@ -43,6 +43,7 @@ typedef struct pgc_conn {
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
 	PGresult *result;	/* what the current query returned so far */
+	PGresult *delivering;	/* the result deliver_result is building from */
 	int failed_connecting;	/* the link was lost before it was ready */
 	int describing;		/* the result wanted is parameter types */
 	int pipelined;		/* results end at a pipeline sync, not at NULL */
@@ -763,18 +764,6 @@ static int start_libpq(pgc_conn *c, const char *const *keys, const char *const *
 
 /* ---- queries ------------------------------------------------------- */
 
-#define RESULT_BOX_META "pgcoord.result_box"
-
-/* Frees a PGresult even when building its rows raises. */
-static int result_box_gc(lua_State *L)
-{
-	PGresult **box = lua_touserdata(L, 1);
-	if (*box)
-		PQclear(*box);
-	*box = NULL;
-	return 0;
-}
-
 /* Builds what the query's callback gets; runs in protected mode, because
  * decoding a value can raise (JSON nested too deep, out of memory). */
 static int build_result(lua_State *L)
@@ -798,25 +787,27 @@ static int build_result(lua_State *L)
  * Hands the outcome to the callback: (rows) or (nil, err).  A result that
  * cannot be built is an error for the task that waits, never one for the
  * loop's log: the query's rows were all read, so the connection is clean
- * and goes back to its pool.
+ * and goes back to its pool.  The PGresult is held in c->delivering, which
+ * nothing else frees, until it is cleared here, before the callback runs
+ * (which may send the next query); one left there by an error escaping
+ * this function is cleared by the next delivery or the garbage collector.
  */
 static int deliver_result(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
-	PGresult **box = lua_newuserdatauv(L, sizeof *box, 0);
-	*box = c->result;
+	PQclear(c->delivering);
+	PGresult *res = c->delivering = c->result;
 	c->result = NULL;
-	luaL_setmetatable(L, RESULT_BOX_META);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
 	pgc_unref(L, &c->cb_ref);
 	int cb = lua_gettop(L);
-	ExecStatusType st = *box ? PQresultStatus(*box) : PGRES_FATAL_ERROR;
+	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 	int describing = c->describing;
 	c->describing = 0;
 	int nargs = 1;
 	if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
 		lua_pushcfunction(L, build_result);
-		lua_pushlightuserdata(L, *box);
+		lua_pushlightuserdata(L, res);
 		lua_pushboolean(L, describing && st == PGRES_COMMAND_OK);
 		int rc = lua_pcall(L, 2, 1, 0);
 		if (rc != LUA_OK) {
@@ -825,8 +816,9 @@ static int deliver_result(lua_State *L)
 			snprintf(msg, sizeof msg, "pgcoord: cannot read the query's result: %s",
 				 why ? why : "(error object is not a string)");
 			lua_settop(L, cb);
-			PQclear(*box);
-			*box = NULL;
+			c->delivering = NULL;
+			PQclear(res);
+			res = NULL;
 			if (rc == LUA_ERRMEM)	/* what was built is garbage now */
 				lua_gc(L, LUA_GCCOLLECT);
 			lua_pushnil(L);
@@ -835,14 +827,14 @@ static int deliver_result(lua_State *L)
 		}
 	} else {
 		lua_pushnil(L);
-		if (*box)
-			pgc_push_result_error(L, *box);
+		if (res)
+			pgc_push_result_error(L, res);
 		else
 			pgc_push_error(L, "08006", "the query returned no result");
 		nargs = 2;
 	}
-	PQclear(*box);
-	*box = NULL;
+	c->delivering = NULL;
+	PQclear(res);
 	lua_call(L, nargs, 0);
 	return 0;
 }
@@ -1239,6 +1231,8 @@ static int conn_gc(lua_State *L)
 {
 	pgc_conn *c = luaL_checkudata(L, 1, CONN_META);
 	shut(c, "connection closed");
+	PQclear(c->delivering);
+	c->delivering = NULL;
 	drop_refs(L, c);
 	pgc_unref(L, &c->cb_ref);
 	if (c->ev_timeout) {
@@ -1279,10 +1273,6 @@ void pgc_open_pgconn(lua_State *L)
 	luaL_newlib(L, conn_methods);
 	lua_setfield(L, -2, "__index");
 	lua_pushcfunction(L, conn_gc);
-	lua_setfield(L, -2, "__gc");
-	lua_pop(L, 1);
-	luaL_newmetatable(L, RESULT_BOX_META);
-	lua_pushcfunction(L, result_box_gc);
 	lua_setfield(L, -2, "__gc");
 	lua_pop(L, 1);
 	luaL_setfuncs(L, conn_funcs, 0);

@@ -319,8 +319,11 @@ void pgc_push_result(lua_State *L, const PGresult *res)
 		lua_rawseti(L, rows, r + 1);
 	}
 	lua_settop(L, rows);
-	const char *affected = PQcmdTuples((PGresult *)res);
-	lua_pushinteger(L, affected[0] ? (lua_Integer)strtoll(affected, NULL, 10) : 0);
+	/* the count libpq has as text: digits only ("" when there is none) */
+	lua_Integer affected = 0;
+	for (const char *d = PQcmdTuples((PGresult *)res); *d >= '0' && *d <= '9'; d++)
+		affected = affected * 10 + (*d - '0');
+	lua_pushinteger(L, affected);
 	lua_setfield(L, rows, "affected");
 }
 

@@ -245,12 +245,13 @@ end
 
 -- Runs one statement on a core connection and waits for its rows.
 local function run(conn, sql, ...)
-  local entry = statement(conn, sql, ...)
+  local entry = statements[conn][sql]
+  if entry == nil then entry = statement(conn, sql, ...) end
   local rows, err
   if entry and entry[1] then
     rows, err = task.await(prepared_register, conn, entry[1], entry[2], ...)
     local state = rows == nil and err.sqlstate
-    if state == "26000" or state == "0A000" then
+    if state and (state == "26000" or state == "0A000") then
       -- missing on the server (a pooler's other server connection, a
       -- DEALLOCATE ALL), or "cached plan must not change result type" (the
       -- table changed under it): prepare it again next time, and outside
@@ -270,7 +271,13 @@ local function run(conn, sql, ...)
   return rows
 end
 
--- The SQL text of a public call, checked at its caller's level (3).
+-- The SQL texts that passed check_sql (up to MAX_CHECKED of them, then
+-- from scratch): a query run again skips the scan.
+local checked, n_checked = {}, 0
+local MAX_CHECKED = 1000
+
+-- The SQL text of a public call, checked at its caller's level (3); the
+-- callers look in `checked` first.
 local function check_sql(sql, what)
   if type(sql) ~= "string" then
     error(("pgcoord: %s: sql must be a string, got %s"):format(what, type(sql)), 3)
@@ -280,6 +287,8 @@ local function check_sql(sql, what)
     error(("pgcoord: %s: the SQL text contains a NUL byte (byte %d), where the server"
       .. " would see it end"):format(what, nul), 3)
   end
+  if n_checked >= MAX_CHECKED then checked, n_checked = {}, 0 end
+  checked[sql], n_checked = true, n_checked + 1
 end
 
 local function script_register(resume, conn, sql)
@@ -467,41 +476,45 @@ function Pool:_discard(lease)
   wake_one(self)
 end
 
-function Pool:release(lease)
-  local conn = lease.conn
-  if self.closed or not conn:reusable() then
-    self:_discard(lease)
+-- (a lease's __close: the one step between a query and the next)
+local function give_back(lease)
+  local pool, conn = lease.pool, lease.conn
+  if pool.closed or not conn:reusable() then
+    pool:_discard(lease)
     return
   end
   lease.idle = true
   lease.idle_since = core.now()
-  local idle = self.idle
+  local idle = pool.idle
   idle[#idle + 1] = lease
-  wake_one(self)
+  if pool.waiters[1] ~= nil then wake_one(pool) end
+end
+Lease.__close = give_back
+
+function Pool.release(_, lease)
+  give_back(lease)
 end
 
-Lease.__close = function(lease) lease.pool:release(lease) end
-
 function Pool:query(sql, ...)
-  check_sql(sql, "db:query")
+  if not checked[sql] then check_sql(sql, "db:query") end
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...)
 end
 
 function Pool:one(sql, ...)
-  check_sql(sql, "db:one")
+  if not checked[sql] then check_sql(sql, "db:one") end
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...)[1]
 end
 
 function Pool:exec(sql, ...)
-  check_sql(sql, "db:exec")
+  if not checked[sql] then check_sql(sql, "db:exec") end
   local lease <close> = self:acquire()
   return run(lease.conn, sql, ...).affected
 end
 
 function Pool:script(sql)
-  check_sql(sql, "db:script")
+  if not checked[sql] then check_sql(sql, "db:script") end
   local lease <close> = self:acquire()
   return run_script(lease.conn, sql)
 end
@@ -561,17 +574,17 @@ local function tx_conn(tx)
 end
 
 function Tx:query(sql, ...)
-  check_sql(sql, "tx:query")
+  if not checked[sql] then check_sql(sql, "tx:query") end
   return run(tx_conn(self), sql, ...)
 end
 
 function Tx:one(sql, ...)
-  check_sql(sql, "tx:one")
+  if not checked[sql] then check_sql(sql, "tx:one") end
   return run(tx_conn(self), sql, ...)[1]
 end
 
 function Tx:exec(sql, ...)
-  check_sql(sql, "tx:exec")
+  if not checked[sql] then check_sql(sql, "tx:exec") end
   return run(tx_conn(self), sql, ...).affected
 end
 

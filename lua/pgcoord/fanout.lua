@@ -17,6 +17,8 @@ local notify = require "pgcoord.notify"
 
 local fanout = {}
 
+local traceback = debug.traceback
+
 local Fan = {}
 Fan.__index = Fan
 local Listener = {}
@@ -225,8 +227,12 @@ function Fan:on(fn, opts)
   local l = new_listener(self, o.filter, o.buffer)
   local channel = self.channel
   l.task = task.spawn(function()
-    for msg in l:messages() do
-      local ok, err = xpcall(fn, debug.traceback, msg)
+    -- as `for msg in l:messages()`, with messages in hand taken at once
+    while true do
+      local msg
+      if l.head <= l.tail then msg = l:poll() else msg = l:receive() end
+      if msg == nil then return end
+      local ok, err = xpcall(fn, traceback, msg)
       if not ok then log.error("listener failed", { channel = channel, error = err }) end
     end
   end)
@@ -236,10 +242,13 @@ end
 
 -- ---- delivery ------------------------------------------------------------
 
+local json_decode = json.decode
+
+-- (as json.try_decode, without its call: this runs for every notification)
 local function decode(payload)
   if payload == nil or payload == "" then return payload end
-  local value = json.try_decode(payload)
-  if value == nil then return payload end -- not JSON: the raw string
+  local ok, value = pcall(json_decode, payload)
+  if not ok or value == nil then return payload end -- not JSON: the raw string
   return value
 end
 

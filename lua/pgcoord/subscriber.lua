@@ -149,17 +149,22 @@ function Sub:add(fan)
   return fan
 end
 
-function Sub:_dispatch(channel, payload)
-  self.last_activity = core.now()
-  self.counters.notifications = self.counters.notifications + 1
-  if channel == PING_CHANNEL then
-    self.pings_heard = self.pings_heard + 1
-    self.last_ping_heard = core.now()
-    self.heard_ping:signal()
-    return
+-- The notification handler of a session's connection: it runs once per
+-- notification, so it is the whole dispatch, without a method call.
+function Sub:_dispatcher()
+  local counters, fans = self.counters, self.fans
+  return function(channel, payload)
+    self.last_activity = core.now()
+    counters.notifications = counters.notifications + 1
+    if channel == PING_CHANNEL then
+      self.pings_heard = self.pings_heard + 1
+      self.last_ping_heard = core.now()
+      self.heard_ping:signal()
+      return
+    end
+    local fan = fans[channel]
+    if fan then fan:_wire(payload) end
   end
-  local fan = self.fans[channel]
-  if fan then fan:_wire(payload) end
 end
 
 -- Ends the current connection's session; the loop reconnects.
@@ -207,7 +212,7 @@ function Sub:_session(conn)
   self.generation = self.generation + 1
   self.reason = nil
   self.wake:clear()
-  conn:on_notify(function(channel, payload) self:_dispatch(channel, payload) end)
+  conn:on_notify(self:_dispatcher())
   conn:on_close(function(why) self:_drop("connection lost: " .. tostring(why)) end)
   listen_all(self, conn)
   if db.behind_pooler(conn) and not self:_hears_itself() then

@@ -73,6 +73,7 @@ local function finish(t, ok, ...)
 end
 
 local co_resume = coroutine.resume
+local co_yield = coroutine.yield
 
 local function resume_task(t, ...)
   local ok, err = co_resume(t.co, ...)
@@ -141,8 +142,10 @@ function task.spawn(fn, ...)
     error(("pgcoord.spawn: expected a function, got %s"):format(type(fn)), 2)
   end
   next_id = next_id + 1
-  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0, fn = fn },
-    Task)
+  -- (fields read on every wait are present, so their reads stay off Task)
+  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0, fn = fn,
+                           cancel_requested = false, outcome = false, wait_token = false,
+                           cancel_wait = false, parked = false, early = false }, Task)
   t.co = coroutine.create(function(...)
     t.outcome = table.pack(xpcall(fn, on_error, ...))
   end)
@@ -183,7 +186,7 @@ end
 -- arguments given to resume.  register may return a function that undoes
 -- the registration, run if the task is cancelled while it waits.
 function task.await(register, ...)
-  local t, main = current()
+  local co, main = co_running()
   if main then
     local result
     local cancel = register(function(...)
@@ -196,29 +199,33 @@ function task.await(register, ...)
     end
     return table.unpack(result, 1, result.n)
   end
+  local t = by_co[co]
   if t == nil then
     error("pgcoord: cannot wait inside a plain coroutine; use pgcoord.spawn", 2)
   end
-  raise_if_cancelled(t)
+  if t.cancel_requested then raise_if_cancelled(t) end
   -- a resume meant for an earlier wait (a timer that fired late) must not
-  -- end this one: each wait has its own number
-  local token, early = t.waits + 1, nil
-  t.waits, t.wait_token = token, token
+  -- end this one: each wait has its own number.  (parked: the task has
+  -- yielded for this wait; a resume before that leaves its values in early)
+  local token = t.waits + 1
+  t.waits, t.wait_token, t.parked = token, token, false
   local cancel = register(function(...)
     if t.wait_token ~= token then return end
-    t.wait_token, t.cancel_wait = nil, nil
-    if early == false then
+    t.wait_token, t.cancel_wait = false, false
+    if t.parked then
       wake(t, ...)
     else
-      early = table.pack(...)
+      t.early = table.pack(...)
     end
   end, ...)
+  local early = t.early
   if early then -- resumed before we yielded
+    t.early = false
     return table.unpack(early, 1, early.n)
   end
-  early = false
-  t.cancel_wait = cancel
-  return raise_if_cancelled(t, coroutine.yield())
+  t.parked = true
+  t.cancel_wait = cancel or false
+  return raise_if_cancelled(t, co_yield())
 end
 
 function task.sleep(seconds)
@@ -319,10 +326,10 @@ function Task:cancel()
     if co_status == "running" then error(CANCELLED, 0) end
     return true
   end
-  self.wait_token = nil
+  self.wait_token = false
   if self.cancel_wait then
     pcall(self.cancel_wait)
-    self.cancel_wait = nil
+    self.cancel_wait = false
   end
   local ok, err = coroutine.close(self.co)
   if not ok then reporter(self, err, "error while cancelling") end

@@ -5,10 +5,11 @@
  * notification, and prints "notifications=N seconds=S rate=R cpu=C" (C: the
  * process's CPU seconds in the window).
  *
- *   listen-baseline CHANNEL SECONDS [WAIT_SECONDS]
+ *   listen-baseline CHANNEL SECONDS [WAIT_SECONDS [COUNT]]
  *
  * The connection comes from libpq's PG* environment.  WAIT_SECONDS
- * (default 30) bounds the wait for the first notification.
+ * (default 30) bounds the wait for the first notification.  COUNT (for
+ * scripts/bench/cpu) ends the window early, once COUNT notifications came.
  */
 #include <libpq-fe.h>
 #include <poll.h>
@@ -34,12 +35,13 @@ static int die(PGconn *pg, const char *what)
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: listen-baseline CHANNEL SECONDS [WAIT_SECONDS]\n");
+		fprintf(stderr, "usage: listen-baseline CHANNEL SECONDS [WAIT_SECONDS [COUNT]]\n");
 		return 2;
 	}
 	const char *channel = argv[1];
 	double window = atof(argv[2]);
 	double wait_first = argc > 3 ? atof(argv[3]) : 30;
+	long limit = argc > 4 ? atol(argv[4]) : 0;
 
 	PGconn *pg = PQconnectdb("");
 	if (PQstatus(pg) != CONNECTION_OK)
@@ -63,7 +65,7 @@ int main(int argc, char **argv)
 	long count = 0;
 	double started = 0, deadline = now() + wait_first;
 	clock_t cpu_started = 0;
-	for (;;) {
+	while (limit == 0 || count < limit) {
 		double left = deadline - now();
 		if (left <= 0)
 			break;

@@ -122,6 +122,7 @@ function consumer.start(sub, fn, o, waker)
     running = 0,             -- handlers in progress
     in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
     next_due = nil,          -- when the earliest backoff this consumer set ends
+    announced = true,        -- messages may wait: claim when a handler is free
     waker = waker,
     done = task.cond(),      -- signalled once stopped
   }, Consumer)
@@ -137,14 +138,11 @@ function consumer.start(sub, fn, o, waker)
   return self
 end
 
--- Wakes the claim loop; a wake-up that comes while it is busy is kept.
+-- There may be messages to claim (a notification, a reconnection): the
+-- claim loop claims at once if a handler is free, else as one frees.
 function Consumer:wake()
-  self.wakeup:notify()
-end
-
--- Whether a handler is free (a notification is worth a claim).
-function Consumer:has_room()
-  return self.running < self.o.concurrency
+  self.announced = true
+  if self.running < self.o.concurrency then self.wakeup:notify() end
 end
 
 -- The leases of running handlers, { message id, delivery count } each.
@@ -211,23 +209,30 @@ function Consumer:_idle_wait(wait, overdue)
   return wait
 end
 
--- The claim loop: claim while handlers are free, then sleep until a
--- handler ends, a notification or a reconnection comes, the next lease or
--- backoff ends, or poll_interval passes.
+-- The claim loop: claim while handlers are free and messages may wait
+-- (announced, or the last claim was full), then sleep until a handler
+-- ends, a notification or a reconnection comes, the next lease or backoff
+-- ends, or poll_interval passes.  A handler that ends with nothing
+-- announced claims nothing: once the last one ends, one look at the next
+-- lease or backoff (no claim) sets the sleep, as an empty claim would have.
 function Consumer:_loop()
   local ctx, o = self.ctx, self.o
   local failed = backoff.new({ base = 0.1, cap = o.poll_interval })
   local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
   local by_timer = false
+  local deadline = core.now()  -- when the sleep set by the last look ends
   while self.state == "running" do
     local free = o.concurrency - self.running
     local wait = o.poll_interval
-    if free > 0 then
+    local idle = false
+    if free > 0 and (self.announced or by_timer) then
       -- wake-ups that came before this claim are answered by it
       self.wakeup:clear()
+      self.announced = false
       local asked = math.min(free, CLAIM_BATCH)
       local ok, rows = pcall(self._claim, self, asked)
       if not ok then
+        self.announced = true
         wait = failed:next()
         log.warn("queue claim failed", ctx:fields({ error = error_text(rows) }))
       else
@@ -235,22 +240,38 @@ function Consumer:_loop()
         local fresh = self:_start(rows)
         -- first deliveries found by the timer: no notification announced them
         if by_timer and fresh > 0 then self.fan:polled(fresh) end
-        -- a full batch: there may be more, claim again at once
-        if #rows == asked and asked < free then self.wakeup:notify() end
+        -- a full batch: there may be more, claim again at once (or as
+        -- handlers free)
+        if #rows == asked then
+          self.announced = true
+          if asked < free then self.wakeup:notify() end
+        end
         if #rows > 0 then overdue:reset() end
-        if #rows == 0 then
-          wait = self:_idle_wait(wait, overdue)
-          if not wait then
-            log.warn("queue subscription dropped, consumer stopping", ctx:fields())
-            task.spawn(self.stop, self)
-            return
-          end
-        elseif self.next_due then
+        idle = #rows == 0
+        if not idle and self.next_due then
           wait = math.min(wait, math.max(self.next_due - core.now(), 0.01))
         end
-        if self.next_due and self.next_due <= core.now() + wait then self.next_due = nil end
+      end
+    elseif free > 0 and self.running == 0 then
+      idle = true
+    elseif free > 0 then
+      -- handlers run, nothing announced: the sleep the last look set, or
+      -- until a backoff this consumer set meanwhile ends
+      wait = math.max(0, deadline - core.now())
+      if self.next_due then wait = math.min(wait, math.max(self.next_due - core.now(), 0.01)) end
+    end
+    if idle then
+      -- (what comes during the look is kept in announced and running)
+      self.wakeup:clear()
+      wait = self:_idle_wait(wait, overdue)
+      if not wait then
+        log.warn("queue subscription dropped, consumer stopping", ctx:fields())
+        task.spawn(self.stop, self)
+        return
       end
     end
+    if self.next_due and self.next_due <= core.now() + wait then self.next_due = nil end
+    deadline = core.now() + wait
     -- by_timer: only the timer ended the sleep (see fan:polled above)
     if self.state == "running" then by_timer = not self.wakeup:wait(wait) end
   end
