@@ -495,6 +495,33 @@ describe("a worker", function()
     assert.are.equal(due, m:next_due())
   end)
 
+  it("claims what a promotion readied while empty claims were on their way", function()
+    -- Claims whose snapshot came before a promotion's commit come back
+    -- empty after it: the group is not empty for that, or the job waits
+    -- for the next poll (30 s).
+    local g = helper.unique("jg")
+    local p = pool()
+    local slow, in_tx = false, 0
+    local tx = p.tx
+    p.tx = function(self, fn, ...)
+      in_tx = in_tx + 1
+      local r = table.pack(pcall(tx, self, fn, ...))
+      if slow then pgcoord.sleep(1) end -- (the answer is late: the promotion lands first)
+      in_tx = in_tx - 1
+      if not r[1] then error(r[2], 0) end
+      return table.unpack(r, 2, r.n)
+    end
+    local jobs = pgcoord.jobs(p)
+    local ran = false
+    jobs:define("later", function() ran = true end, { group = g })
+    worker(jobs, { group = g, poll_interval = 30 })
+    helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+    slow = true
+    -- its NOTIFY starts claims at once, and the promotion 0.3 s later
+    jobs:schedule(db, "later", {}, { run_at = db_time() + 0.3 })
+    helper.wait_until(function() return ran end, 5, "the job to run")
+  end)
+
   it("retries at the time given by pgcoord.retry_at, whatever base_delay says", function()
     local g = helper.unique("jg")
     local jobs = pgcoord.jobs(db)

@@ -410,7 +410,13 @@ function Worker:_fetch_loop()
     local due = m:next_due()
     if polling or (due and now >= due) then
       promoted = self:_persist("promote failed", m.promote, m) or 0
-      if promoted > 0 then self.drained = false end
+      if promoted > 0 then
+        -- a wake-up: a claim on its way whose snapshot came before the
+        -- promotion's commit comes back short, and must not take the
+        -- group for empty (_claim_task)
+        self.wakes = self.wakes + 1
+        self.drained = false
+      end
     end
     if promoted == 0 then
       local timeout = poll_interval - (core.now() - last_poll)
