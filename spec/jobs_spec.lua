@@ -12,8 +12,8 @@ local db          -- the spec's pool: scheduling and looking
 local fixture = helper.started()
 local pools = {}
 
-local function pool(opts)
-  local p, app = helper.connect(opts)
+local function pool(opts, conninfo)
+  local p, app = helper.connect(opts, conninfo)
   pools[#pools + 1] = p
   return p, app
 end
@@ -1014,6 +1014,74 @@ describe("shutting a worker down", function()
     w:stop()
     assert.are.equal("stopped", w:stats().state)
     assert.are.equal(before, lifecycle.handlers())
+  end)
+
+  it("w:stop() returns for a worker that never registered: database unmigrated or gone away",
+    function()
+    local function unmigrated()
+      return pool({ size = 2 }, helper.conninfo_for(helper.create_database("jw"))), "unmigrated"
+    end
+    local function gone()
+      local t = helper.tcp_parts()
+      local relay = helper.relay(t.host, t.port)
+      local p = pool({ size = 2 }, relay.dsn())
+      relay.stop() -- (the pool's connection is cut, and no other can be made)
+      return p, "gone away"
+    end
+    for _, database in ipairs({ unmigrated, gone }) do
+      local p, what = database()
+      local g = helper.unique("jg")
+      local jobs = pgcoord.jobs(p)
+      jobs:define("noop", function() end, { group = g })
+      helper.capture_log(function(lines)
+        local w = jobs:worker({ group = g, poll_interval = 30 })
+        helper.wait_until(function()
+          return table.concat(lines, "\n"):find("registering the worker failed", 1, true)
+        end, 5, "a registration to fail")
+        local stopper = helper.spawn(w.stop, w)
+        assert.is_true(stopper:wait(5), "w:stop() did not return (" .. what .. ")")
+        assert.is_false(w:ready())
+        assert.are.equal("stopped", w:stats().state)
+        assert.is_true(helper.spawn(w.stop, w):wait(1), "a second w:stop() did not return")
+      end)
+    end
+  end)
+
+  it("w:stop() during the worker's registration gives it up after a moment; no row stays",
+    function()
+    local g = helper.unique("jg")
+    local p, app = pool({ size = 2 })
+    local jobs = pgcoord.jobs(p)
+    jobs:define("noop", function() end, { group = g })
+    -- the registration's INSERT waits for this lock
+    local locked, release = false, false
+    local holder = helper.spawn(db.tx, db, function(tx)
+      tx:exec("LOCK TABLE pgcoord.job_workers IN SHARE MODE")
+      locked = true
+      helper.wait_until(function() return release end, 20, "the release")
+    end)
+    helper.wait_until(function() return locked end, 5, "the lock")
+    local w
+    helper.capture_log(function()
+      w = jobs:worker({ group = g, poll_interval = 30 })
+      helper.wait_until(function()
+        return helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+          WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n == 1
+      end, 5, "the registration to wait for the lock")
+      local stopper = helper.spawn(w.stop, w)
+      assert.is_true(stopper:wait(5), "w:stop() did not return")
+    end)
+    assert.are.equal("stopped", w:stats().state)
+    -- the abandoned INSERT's backend is ended before the lock goes: it
+    -- never commits
+    helper.wait_until(function()
+      return helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n == 0
+    end, 5, "the registration's backend to end")
+    release = true
+    assert.is_true(holder:wait(5), "the lock was not released")
+    assert.are.equal(0, db:one(
+      "SELECT count(*)::int AS n FROM pgcoord.job_workers WHERE group_name = $1", g).n)
   end)
 
   it("cancels handlers still running after the timeout, leaving their jobs retryable", function()

@@ -180,6 +180,7 @@ function worker.new(types, pool, o)
   local w = setmetatable({
     types = types, pool = pool, o = o,
     state = "starting", changed = task.cond(), -- (signalled at each change of state)
+    start_given_up = false,           -- stopped before it started
     queue = { head = 1, tail = 0 },   -- claimed, not started
     running = 0,                      -- handlers in progress
     in_flight = {},                   -- runner number -> the job it runs
@@ -240,16 +241,17 @@ function Worker:_wake()
 end
 
 -- Runs fn until it succeeds, backing off while the database is away (a
--- wake-up cuts a wait short: the database may be back).
+-- wake-up cuts a wait short: the database may be back).  Gives up (nil)
+-- once the worker is stopped, or its start given up (_give_up_start).
 function Worker:_persist(what, fn, ...)
   local delay = backoff.new({ base = 0.1, cap = 10 })
-  while true do
+  repeat
     local ok, a, b = pcall(fn, ...)
     if ok then return a, b end
     self:_infra_error(what, a)
-    if self.state == "stopped" then return nil end
+    if self.state == "stopped" or self.start_given_up then return nil end
     self.retry_now:wait(delay:next())
-  end
+  until self.start_given_up
 end
 
 -- ---- fetching ----
@@ -601,11 +603,12 @@ end
 function Worker:_main()
   local m, o = self.maintenance, self.o
   local id = self:_persist("registering the worker failed", m.register, m)
-  if not id then return end
+  if self.start_given_up then return end
   self.completer:set_owner(id)
   self:_listen()
   -- (paused or limited from the first claim on)
   self:_persist("reading the group's settings failed", self.limiter.load, self.limiter)
+  if self.start_given_up then return end
   self.state = "running"
   self.unregister = lifecycle.on_stop(function() self:stop() end)
   self.completer:start()
@@ -635,9 +638,10 @@ local FETCH_GRACE = 1
 -- Stops fetching, hands back claimed jobs not yet started, waits for
 -- running handlers (up to timeout, then cancels them as failed and
 -- retryable), writes every result, deregisters, and unregisters its stop
--- handler.  Returns once the worker is stopped, whoever stops it.
+-- handler.  Returns once the worker is stopped, whoever stops it.  One
+-- not started yet gives its start up (_give_up_start).
 function Worker:stop(timeout)
-  self:ready()
+  if self.state == "starting" then return self:_give_up_start() end
   if self.state ~= "running" then
     while self.state ~= "stopped" do self.changed:wait() end
     return
@@ -681,6 +685,25 @@ function Worker:stop(timeout)
   if self.limited and not self.paused then self.limiter:slots_freed() end
   self.state = "stopped"
   log.info("job worker stopped", { group = self.o.group, worker = id })
+  self.changed:signal()
+end
+
+-- A stop before the worker started: it is still registering, or failing
+-- to (the database away or not migrated), and would wait for that.  The
+-- start ends at its next step instead; a statement on its way gets a
+-- moment to land, then is cancelled (its backend ended: db.lua).  What the
+-- start set up is undone.
+function Worker:_give_up_start()
+  self.state, self.start_given_up = "stopping", true
+  self.changed:signal() -- (ready() returns false)
+  self.retry_now:signal() -- (no more tries: the backoff ends now)
+  if not self.main:wait(FETCH_GRACE) then self.main:cancel() end
+  self.limiter:stop()
+  if self.unlisten then self.unlisten() end
+  local id = self.maintenance:worker_id()
+  if id then self.maintenance:deregister() end
+  self.state = "stopped"
+  log.info("job worker stopped before it started", { group = self.o.group, worker = id })
   self.changed:signal()
 end
 
