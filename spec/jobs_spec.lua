@@ -522,6 +522,33 @@ describe("a worker", function()
     helper.wait_until(function() return ran end, 5, "the job to run")
   end)
 
+  it("starts no job while three batches of results are unwritten, however slow the writes",
+    function()
+    -- (what a pause or a crash reruns stays within concurrency + 3 x
+    -- flush_count, as the README says)
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local g = helper.unique("jg")
+    local p = pool()
+    local one = p.one
+    p.one = function(self, q, ...)
+      if q == jobs_sql.FLUSH then pgcoord.sleep(0.3) end -- (a loaded server)
+      return one(self, q, ...)
+    end
+    local jobs = pgcoord.jobs(p)
+    local ran = 0
+    jobs:define("quick", function() ran = ran + 1 end, { group = g })
+    local n = 30
+    local list = {}
+    for i = 1, n do list[i] = { type = "quick" } end
+    jobs:schedule_many(db, list)
+    worker(jobs, { group = g, concurrency = 2, flush_count = 2, poll_interval = 30 })
+    helper.wait_until(function() return count_jobs(g) < n end, 5, "a batch to be written")
+    local started = ran
+    local unwritten = started - (n - count_jobs(g))
+    assert.is_true(unwritten <= 2 + 3 * 2, ("%d runs unwritten"):format(unwritten))
+    helper.wait_until(function() return count_jobs(g) == 0 end, 20, "every job to end")
+  end)
+
   it("retries at the time given by pgcoord.retry_at, whatever base_delay says", function()
     local g = helper.unique("jg")
     local jobs = pgcoord.jobs(db)
