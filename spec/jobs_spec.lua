@@ -667,6 +667,50 @@ describe("a worker", function()
     if not ok then error(err, 0) end
   end)
 
+  it("hands back what a claim under its old id brings while it registers again", function()
+    -- Taken for dead, a worker drops the jobs it claimed and registers
+    -- again; a claim that lands before the new id does brings jobs that
+    -- are not its own either (others run them), and must not run them.
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local g = helper.unique("jg")
+    local p = pool()
+    local slow, in_tx = false, 0
+    local tx, one = p.tx, p.one
+    p.tx = function(self, fn, ...)
+      in_tx = in_tx + 1
+      local r = table.pack(pcall(tx, self, fn, ...))
+      if slow then pgcoord.sleep(1) end -- (the claim's answer is late)
+      in_tx = in_tx - 1
+      if not r[1] then error(r[2], 0) end
+      return table.unpack(r, 2, r.n)
+    end
+    p.one = function(self, q, ...)
+      if slow and q == jobs_sql.REGISTER then pgcoord.sleep(1.5) end -- (later still)
+      return one(self, q, ...)
+    end
+    local jobs = pgcoord.jobs(p)
+    local runs = {}
+    local w
+    jobs:define("mine", function(job) runs[#runs + 1] = { job = job.id, worker = w:stats().id } end,
+      { group = g })
+    helper.capture_log(function()
+      w = worker(jobs, { group = g, poll_interval = 30, heartbeat_interval = 0.05,
+        reclaim_after = 5 })
+      helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+      slow = true
+      local old = w:stats().id
+      jobs:schedule_many(db, { { type = "mine" }, { type = "mine" }, { type = "mine" } })
+      helper.wait_until(function() return count_jobs(g, "running") == 3 end, 5, "the claim")
+      -- as another worker's reclaim would: the worker's row goes, its jobs back
+      db:exec("DELETE FROM pgcoord.job_workers WHERE id = $1", old)
+      db:exec([[UPDATE pgcoord.jobs SET state = 'ready', locked_by = NULL, locked_at = NULL
+                 WHERE locked_by = $1]], old)
+      helper.wait_until(function() return count_jobs(g) == 0 end, 10, "the jobs to run")
+      assert.are.equal(3, #runs, "a job ran twice")
+      for _, r in ipairs(runs) do assert.are_not.equal(old, r.worker) end
+    end)
+  end)
+
   it("runs jobs left running by a worker whose row is gone", function()
     -- (a worker taken for dead and deleted while a claim of its was on its
     -- way): the sweep at a worker's start hands them back

@@ -191,6 +191,7 @@ function worker.new(types, pool, o)
     wakes = 0, drained = false,       -- wake-ups so far; group found empty
     handoff = false,                  -- a fetch or flush asked for has not run yet
     alive_until = -math.huge,         -- the lease (maintenance.lua)
+    taken = nil,                      -- the id the worker was last taken for dead under
     series = {},                      -- job type -> metric series
     paused = false, limited = false,  -- the group's settings (limits.lua)
     settings_version = 0,             -- bumped at each change of them
@@ -287,12 +288,12 @@ function Worker:_claim(want)
   end
   local n = #rows
   if n == 0 then return 0 end
-  if self.state ~= "running" or self.maintenance:worker_id() ~= id
+  if self.state ~= "running" or self.maintenance:worker_id() ~= id or self.taken == id
      or self.settings_version ~= version then
     -- a stop began while the claim was on its way (its hand-back is over,
     -- and the runners may be gone), or the worker was taken for dead and
-    -- starts over under a new id, or the group was paused or limited
-    -- meanwhile: hand these back too
+    -- starts over under a new id (which it may not have yet), or the
+    -- group was paused or limited meanwhile: hand these back too
     local ids = {}
     for i = 1, n do ids[i] = rows[i].id end
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
@@ -383,6 +384,7 @@ end
 -- after the hand-back (they are nobody's; any others are not ours and
 -- stay).  Returns how many it dropped.
 function Worker:_drop_claimed(old)
+  self.taken = old -- (a claim that lands before the new id does is not ours either)
   local dropped = {}
   for job in pop, self.queue do dropped[#dropped + 1] = job.id end
   if #dropped > 0 then
