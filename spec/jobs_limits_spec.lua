@@ -238,29 +238,51 @@ describe("jobs:limit", function()
   it("holds a rate of 5 starts a second fleet-wide over 30 jobs, within 10%, burst 5",
     function()
     local g, tbl = helper.unique("jl"), runs_table()
-    local jobs = jobs_in(g)
-    local procs = { start_worker(g, tbl, "a", { concurrency = 10 }),
-                    start_worker(g, tbl, "b", { concurrency = 10 }) }
-    jobs:limit(g, { rate = 5 })
-    all_saw(procs, 1, "both processes to learn of the limit")
-    jobs:schedule_many(db, work(30))
-    helper.wait_until(function() return count_runs(tbl) == 30 end, 20, "every job to start")
-    local list = runs(tbl)
-    local span = list[30].started - list[1].started
-    -- the burst of 5 at once, then 25 at 5 a second: 5 s
-    assert.is_true(span >= 4.5 and span <= 5.5, ("30 starts took %.3f s"):format(span))
-    -- and never faster than the bucket allows: i..j within burst + rate x time
-    for i = 1, 30 do
-      for j = i + 1, 30 do
-        -- started is written by the handler, a little after the claim the
-        -- bucket timed: allow 50 ms of that delay (0.25 starts) on a busy box
-        local allowed = 5 + 5 * (list[j].started - list[i].started)
-        assert.is_true(j - i + 1 <= allowed + 0.25,
-          ("%d starts in %.3f s"):format(j - i + 1, list[j].started - list[i].started))
+    -- The bucket is spent by the claims: a start's time is the bucket's
+    -- clock in the claim that took its token (refilled_at, read by a
+    -- trigger at the end of that statement), not the handler's start,
+    -- which comes later by however long its process takes to get to it
+    -- (more than the bucket's slack, now and then, on a loaded machine).
+    local grants, fn, trigger = helper.unique("jl_grants"), helper.unique("jl_fn"),
+      helper.unique("jl_trg")
+    db:exec(("CREATE TABLE %s (job_id bigint, group_name text, started float8)"):format(grants))
+    db:exec(([[CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO %s SELECT NEW.id, NEW.group_name, extract(epoch FROM refilled_at)
+          FROM pgcoord.job_groups WHERE name = NEW.group_name;
+        RETURN NULL;
+      END $$]]):format(fn, grants))
+    db:exec(("CREATE TRIGGER %s AFTER UPDATE OF state ON pgcoord.jobs FOR EACH ROW"
+      .. " WHEN (NEW.state = 'running' AND OLD.state <> 'running') EXECUTE FUNCTION %s()")
+      :format(trigger, fn))
+    local ok, err = pcall(function()
+      local jobs = jobs_in(g)
+      local procs = { start_worker(g, tbl, "a", { concurrency = 10 }),
+                      start_worker(g, tbl, "b", { concurrency = 10 }) }
+      jobs:limit(g, { rate = 5 })
+      all_saw(procs, 1, "both processes to learn of the limit")
+      jobs:schedule_many(db, work(30))
+      helper.wait_until(function() return count_runs(tbl) == 30 end, 20, "every job to start")
+      local list = db:query(("SELECT started FROM %s WHERE group_name = $1 ORDER BY started")
+        :format(grants), g)
+      assert.are.equal(30, #list, "not one claim per job")
+      local span = list[30].started - list[1].started
+      -- the burst of 5 at once, then 25 at 5 a second: 5 s
+      assert.is_true(span >= 4.5 and span <= 5.5, ("30 starts took %.3f s"):format(span))
+      -- and never faster than the bucket allows: i..j within burst + rate x time
+      for i = 1, 30 do
+        for j = i + 1, 30 do
+          local allowed = 5 + 5 * (list[j].started - list[i].started)
+          assert.is_true(j - i + 1 <= allowed + 0.05,
+            ("%d starts in %.3f s"):format(j - i + 1, list[j].started - list[i].started))
+        end
       end
-    end
-    for _, p in ipairs(procs) do p:kill("TERM") end
-    for _, p in ipairs(procs) do p:wait(10) end
+      for _, p in ipairs(procs) do p:kill("TERM") end
+      for _, p in ipairs(procs) do p:wait(10) end
+    end)
+    db:exec(("DROP TRIGGER %s ON pgcoord.jobs"):format(trigger))
+    db:exec(("DROP FUNCTION %s()"):format(fn))
+    if not ok then error(err, 0) end
   end)
 
   it("starts a new rate with a full bucket, and keeps the bucket when the same rate is set again",

@@ -12,8 +12,8 @@ local db          -- the spec's pool: scheduling and looking
 local fixture = helper.started()
 local pools = {}
 
-local function pool(opts)
-  local p, app = helper.connect(opts)
+local function pool(opts, conninfo)
+  local p, app = helper.connect(opts, conninfo)
   pools[#pools + 1] = p
   return p, app
 end
@@ -495,6 +495,60 @@ describe("a worker", function()
     assert.are.equal(due, m:next_due())
   end)
 
+  it("claims what a promotion readied while empty claims were on their way", function()
+    -- Claims whose snapshot came before a promotion's commit come back
+    -- empty after it: the group is not empty for that, or the job waits
+    -- for the next poll (30 s).
+    local g = helper.unique("jg")
+    local p = pool()
+    local slow, in_tx = false, 0
+    local tx = p.tx
+    p.tx = function(self, fn, ...)
+      in_tx = in_tx + 1
+      local r = table.pack(pcall(tx, self, fn, ...))
+      if slow then pgcoord.sleep(1) end -- (the answer is late: the promotion lands first)
+      in_tx = in_tx - 1
+      if not r[1] then error(r[2], 0) end
+      return table.unpack(r, 2, r.n)
+    end
+    local jobs = pgcoord.jobs(p)
+    local ran = false
+    jobs:define("later", function() ran = true end, { group = g })
+    worker(jobs, { group = g, poll_interval = 30 })
+    helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+    slow = true
+    -- its NOTIFY starts claims at once, and the promotion 0.3 s later
+    jobs:schedule(db, "later", {}, { run_at = db_time() + 0.3 })
+    helper.wait_until(function() return ran end, 5, "the job to run")
+  end)
+
+  it("starts no job while three batches of results are unwritten, however slow the writes",
+    function()
+    -- (what a pause or a crash reruns stays within concurrency + 3 x
+    -- flush_count, as the README says)
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local g = helper.unique("jg")
+    local p = pool()
+    local one = p.one
+    p.one = function(self, q, ...)
+      if q == jobs_sql.FLUSH then pgcoord.sleep(0.3) end -- (a loaded server)
+      return one(self, q, ...)
+    end
+    local jobs = pgcoord.jobs(p)
+    local ran = 0
+    jobs:define("quick", function() ran = ran + 1 end, { group = g })
+    local n = 30
+    local list = {}
+    for i = 1, n do list[i] = { type = "quick" } end
+    jobs:schedule_many(db, list)
+    worker(jobs, { group = g, concurrency = 2, flush_count = 2, poll_interval = 30 })
+    helper.wait_until(function() return count_jobs(g) < n end, 5, "a batch to be written")
+    local started = ran
+    local unwritten = started - (n - count_jobs(g))
+    assert.is_true(unwritten <= 2 + 3 * 2, ("%d runs unwritten"):format(unwritten))
+    helper.wait_until(function() return count_jobs(g) == 0 end, 20, "every job to end")
+  end)
+
   it("retries at the time given by pgcoord.retry_at, whatever base_delay says", function()
     local g = helper.unique("jg")
     local jobs = pgcoord.jobs(db)
@@ -611,6 +665,50 @@ describe("a worker", function()
     db:exec(("DROP TRIGGER %s ON pgcoord.job_workers"):format(trigger))
     db:exec(("DROP FUNCTION %s()"):format(fn))
     if not ok then error(err, 0) end
+  end)
+
+  it("hands back what a claim under its old id brings while it registers again", function()
+    -- Taken for dead, a worker drops the jobs it claimed and registers
+    -- again; a claim that lands before the new id does brings jobs that
+    -- are not its own either (others run them), and must not run them.
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local g = helper.unique("jg")
+    local p = pool()
+    local slow, in_tx = false, 0
+    local tx, one = p.tx, p.one
+    p.tx = function(self, fn, ...)
+      in_tx = in_tx + 1
+      local r = table.pack(pcall(tx, self, fn, ...))
+      if slow then pgcoord.sleep(1) end -- (the claim's answer is late)
+      in_tx = in_tx - 1
+      if not r[1] then error(r[2], 0) end
+      return table.unpack(r, 2, r.n)
+    end
+    p.one = function(self, q, ...)
+      if slow and q == jobs_sql.REGISTER then pgcoord.sleep(1.5) end -- (later still)
+      return one(self, q, ...)
+    end
+    local jobs = pgcoord.jobs(p)
+    local runs = {}
+    local w
+    jobs:define("mine", function(job) runs[#runs + 1] = { job = job.id, worker = w:stats().id } end,
+      { group = g })
+    helper.capture_log(function()
+      w = worker(jobs, { group = g, poll_interval = 30, heartbeat_interval = 0.05,
+        reclaim_after = 5 })
+      helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+      slow = true
+      local old = w:stats().id
+      jobs:schedule_many(db, { { type = "mine" }, { type = "mine" }, { type = "mine" } })
+      helper.wait_until(function() return count_jobs(g, "running") == 3 end, 5, "the claim")
+      -- as another worker's reclaim would: the worker's row goes, its jobs back
+      db:exec("DELETE FROM pgcoord.job_workers WHERE id = $1", old)
+      db:exec([[UPDATE pgcoord.jobs SET state = 'ready', locked_by = NULL, locked_at = NULL
+                 WHERE locked_by = $1]], old)
+      helper.wait_until(function() return count_jobs(g) == 0 end, 10, "the jobs to run")
+      assert.are.equal(3, #runs, "a job ran twice")
+      for _, r in ipairs(runs) do assert.are_not.equal(old, r.worker) end
+    end)
   end)
 
   it("runs jobs left running by a worker whose row is gone", function()
@@ -987,6 +1085,74 @@ describe("shutting a worker down", function()
     w:stop()
     assert.are.equal("stopped", w:stats().state)
     assert.are.equal(before, lifecycle.handlers())
+  end)
+
+  it("w:stop() returns for a worker that never registered: database unmigrated or gone away",
+    function()
+    local function unmigrated()
+      return pool({ size = 2 }, helper.conninfo_for(helper.create_database("jw"))), "unmigrated"
+    end
+    local function gone()
+      local t = helper.tcp_parts()
+      local relay = helper.relay(t.host, t.port)
+      local p = pool({ size = 2 }, relay.dsn())
+      relay.stop() -- (the pool's connection is cut, and no other can be made)
+      return p, "gone away"
+    end
+    for _, database in ipairs({ unmigrated, gone }) do
+      local p, what = database()
+      local g = helper.unique("jg")
+      local jobs = pgcoord.jobs(p)
+      jobs:define("noop", function() end, { group = g })
+      helper.capture_log(function(lines)
+        local w = jobs:worker({ group = g, poll_interval = 30 })
+        helper.wait_until(function()
+          return table.concat(lines, "\n"):find("registering the worker failed", 1, true)
+        end, 5, "a registration to fail")
+        local stopper = helper.spawn(w.stop, w)
+        assert.is_true(stopper:wait(5), "w:stop() did not return (" .. what .. ")")
+        assert.is_false(w:ready())
+        assert.are.equal("stopped", w:stats().state)
+        assert.is_true(helper.spawn(w.stop, w):wait(1), "a second w:stop() did not return")
+      end)
+    end
+  end)
+
+  it("w:stop() during the worker's registration gives it up after a moment; no row stays",
+    function()
+    local g = helper.unique("jg")
+    local p, app = pool({ size = 2 })
+    local jobs = pgcoord.jobs(p)
+    jobs:define("noop", function() end, { group = g })
+    -- the registration's INSERT waits for this lock
+    local locked, release = false, false
+    local holder = helper.spawn(db.tx, db, function(tx)
+      tx:exec("LOCK TABLE pgcoord.job_workers IN SHARE MODE")
+      locked = true
+      helper.wait_until(function() return release end, 20, "the release")
+    end)
+    helper.wait_until(function() return locked end, 5, "the lock")
+    local w
+    helper.capture_log(function()
+      w = jobs:worker({ group = g, poll_interval = 30 })
+      helper.wait_until(function()
+        return helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+          WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n == 1
+      end, 5, "the registration to wait for the lock")
+      local stopper = helper.spawn(w.stop, w)
+      assert.is_true(stopper:wait(5), "w:stop() did not return")
+    end)
+    assert.are.equal("stopped", w:stats().state)
+    -- the abandoned INSERT's backend is ended before the lock goes: it
+    -- never commits
+    helper.wait_until(function()
+      return helper.admin():one([[SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n == 0
+    end, 5, "the registration's backend to end")
+    release = true
+    assert.is_true(holder:wait(5), "the lock was not released")
+    assert.are.equal(0, db:one(
+      "SELECT count(*)::int AS n FROM pgcoord.job_workers WHERE group_name = $1", g).n)
   end)
 
   it("cancels handlers still running after the timeout, leaving their jobs retryable", function()

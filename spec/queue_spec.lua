@@ -698,15 +698,19 @@ describe("pgcoord.queue", function()
         started.plain = true
         helper.wait_until(function() return release end, 10, "the release")
       end
-    end, { concurrency = 2, visibility_timeout = 0.3 })
+    end, { concurrency = 2, visibility_timeout = 3 })
     helper.wait_until(function() return started.fenced and started.plain end, 10, "both handlers")
-    -- renewed (every 0.1 s) past the first lease and a renewal more
+    -- The plain lease is renewed (after 1 s) while the fenced transaction
+    -- is open: the renewal passes the fenced row by instead of waiting for
+    -- it.  The transaction ends well within its own lease (3 s), as the
+    -- README asks: the fenced lease is not renewed, and one past it would
+    -- let the message be claimed again before its ack.
     helper.wait_until(function()
-      return db:one([[SELECT visible_at > last_delivered_at + interval '0.6 s' AS renewed
+      return db:one([[SELECT visible_at > last_delivered_at + interval '3 s' AS renewed
         FROM pgcoord.queue_deliveries d JOIN pgcoord.queue_subscriptions s
           ON s.id = d.subscription_id JOIN pgcoord.queues q ON q.id = s.queue_id
         WHERE q.name = $1 AND d.message_id = $2]], qname, ids[2]).renewed
-    end, 5, "the plain message's lease to be renewed")
+    end, 2.5, "the plain message's lease to be renewed")
     release = true
     helper.wait_until(function() return q:stats("s").acked == 2 end, 10, "two acks")
     local _, by_id = deliveries(db, qname, "s")

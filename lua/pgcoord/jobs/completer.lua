@@ -2,7 +2,9 @@
 -- written in batches (flush_count results or flush_age seconds) by writer
 -- tasks, up to MAX_WRITERS at once.  A batch the server refuses is halved
 -- until the result it refuses is alone; that job fails for good and the
--- rest is written.
+-- rest is written.  Runners wait while MAX_WRITERS + 1 batches are not
+-- written (make_room): a worker paused or killed reruns no more than that
+-- and the jobs it had running, however slow the writes.
 local task = require "pgcoord.task"
 local core = require "pgcoord.core"
 local json = require "pgcoord.json"
@@ -119,6 +121,8 @@ function completer.new(pool, group, flush_count, flush_age, hooks)
   return setmetatable({ pool = pool, group = group, owner = nil, hooks = hooks,
                         flush_count = flush_count, flush_age = flush_age,
                         batch = new_batch(), writers = 0, write_failed = false,
+                        writing = 0, -- results the writers have in hand
+                        room = (MAX_WRITERS + 1) * flush_count,
                         flush_now = task.signal(), flushed = task.cond(),
                         closing = false, flusher = nil }, Completer)
 end
@@ -154,6 +158,13 @@ end
 -- Results recorded and not written yet.
 function Completer:unwritten()
   return self.batch.n
+end
+
+-- Waits, before a job starts, while the results recorded and not written
+-- (the writers' included) fill MAX_WRITERS + 1 batches.  (Not once the
+-- completer is stopping: what is left is written then.)
+function Completer:make_room()
+  while self.batch.n + self.writing >= self.room and not self.closing do self.flushed:wait() end
 end
 
 -- Writes as the worker id, whose rows alone take the results.
@@ -216,7 +227,7 @@ end
 -- next try.
 function Completer:_write(batch)
   local left, err = self:_write_all(batch)
-  self.writers = self.writers - 1
+  self.writers, self.writing = self.writers - 1, self.writing - batch.n
   if left then
     self.batch = merge(left, self.batch)
     self.write_failed = true
@@ -245,7 +256,7 @@ function Completer:_loop()
       self.batch = new_batch()
       -- (a wake-up for the batch just taken is spent)
       self.flush_now:clear()
-      self.writers = self.writers + 1
+      self.writers, self.writing = self.writers + 1, self.writing + batch.n
       task.spawn(self._write, self, batch).cleanup = true -- see lifecycle.lua
     elseif self.closing and self.writers == 0 then
       return

@@ -182,6 +182,7 @@ function worker.new(types, pool, o)
   local w = setmetatable({
     types = types, pool = pool, o = o,
     state = "starting", changed = task.cond(), -- (signalled at each change of state)
+    start_given_up = false,           -- stopped before it started
     queue = { head = 1, tail = 0 },   -- claimed, not started
     running = 0,                      -- handlers in progress
     in_flight = {},                   -- runner number -> the job it runs
@@ -192,6 +193,7 @@ function worker.new(types, pool, o)
     wakes = 0, drained = false,       -- wake-ups so far; group found empty
     handoff = false,                  -- a fetch or flush asked for has not run yet
     alive_until = -math.huge,         -- the lease (maintenance.lua)
+    taken = nil,                      -- the id the worker was last taken for dead under
     series = {},                      -- job type -> metric series
     handled = 0, failed = 0,          -- runs ended, and those that failed (snoozes aside)
     paused = false, limited = false,  -- the group's settings (limits.lua)
@@ -244,16 +246,17 @@ function Worker:_wake()
 end
 
 -- Runs fn until it succeeds, backing off while the database is away (a
--- wake-up cuts a wait short: the database may be back).
+-- wake-up cuts a wait short: the database may be back).  Gives up (nil)
+-- once the worker is stopped, or its start given up (_give_up_start).
 function Worker:_persist(what, fn, ...)
   local delay = backoff.new({ base = 0.1, cap = 10 })
-  while true do
+  repeat
     local ok, a, b = pcall(fn, ...)
     if ok then return a, b end
     self:_infra_error(what, a)
-    if self.state == "stopped" then return nil end
+    if self.state == "stopped" or self.start_given_up then return nil end
     self.retry_now:wait(delay:next())
-  end
+  until self.start_given_up
 end
 
 -- ---- fetching ----
@@ -289,12 +292,12 @@ function Worker:_claim(want)
   end
   local n = #rows
   if n == 0 then return 0 end
-  if self.state ~= "running" or self.maintenance:worker_id() ~= id
+  if self.state ~= "running" or self.maintenance:worker_id() ~= id or self.taken == id
      or self.settings_version ~= version then
     -- a stop began while the claim was on its way (its hand-back is over,
     -- and the runners may be gone), or the worker was taken for dead and
-    -- starts over under a new id, or the group was paused or limited
-    -- meanwhile: hand these back too
+    -- starts over under a new id (which it may not have yet), or the
+    -- group was paused or limited meanwhile: hand these back too
     local ids = {}
     for i = 1, n do ids[i] = rows[i].id end
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
@@ -385,6 +388,7 @@ end
 -- after the hand-back (they are nobody's; any others are not ours and
 -- stay).  Returns how many it dropped.
 function Worker:_drop_claimed(old)
+  self.taken = old -- (a claim that lands before the new id does is not ours either)
   local dropped = {}
   for job in pop, self.queue do dropped[#dropped + 1] = job.id end
   if #dropped > 0 then
@@ -414,7 +418,13 @@ function Worker:_fetch_loop()
     local due = m:next_due()
     if polling or (due and now >= due) then
       promoted = self:_persist("promote failed", m.promote, m) or 0
-      if promoted > 0 then self.drained = false end
+      if promoted > 0 then
+        -- a wake-up: a claim on its way whose snapshot came before the
+        -- promotion's commit comes back short, and must not take the
+        -- group for empty (_claim_task)
+        self.wakes = self.wakes + 1
+        self.drained = false
+      end
     end
     if promoted == 0 then
       local timeout = poll_interval - (core.now() - last_poll)
@@ -446,6 +456,7 @@ function Worker:_runner(slot)
       streak = 0
       task.pass()
     end
+    if q.head <= q.tail then results:make_room() end
     local started = now_time()
     if started >= self.alive_until and q.head <= q.tail then
       if not self.maintenance:renew_lease() then return end
@@ -599,11 +610,12 @@ end
 function Worker:_main()
   local m, o = self.maintenance, self.o
   local id = self:_persist("registering the worker failed", m.register, m)
-  if not id then return end
+  if self.start_given_up then return end
   self.completer:set_owner(id)
   self:_listen()
   -- (paused or limited from the first claim on)
   self:_persist("reading the group's settings failed", self.limiter.load, self.limiter)
+  if self.start_given_up then return end
   self.state = "running"
   self.unregister = lifecycle.on_stop(function() self:stop() end,
     "job worker " .. self.o.group)
@@ -634,9 +646,10 @@ local FETCH_GRACE = 1
 -- Stops fetching, hands back claimed jobs not yet started, waits for
 -- running handlers (up to timeout, then cancels them as failed and
 -- retryable), writes every result, deregisters, and unregisters its stop
--- handler.  Returns once the worker is stopped, whoever stops it.
+-- handler.  Returns once the worker is stopped, whoever stops it.  One
+-- not started yet gives its start up (_give_up_start).
 function Worker:stop(timeout)
-  self:ready()
+  if self.state == "starting" then return self:_give_up_start() end
   if self.state ~= "running" then
     while self.state ~= "stopped" do self.changed:wait() end
     return
@@ -681,6 +694,25 @@ function Worker:stop(timeout)
   self.state = "stopped"
   log.info("job worker stopped", { group = self.o.group, worker = id, handled = self.handled,
     failed = self.failed })
+  self.changed:signal()
+end
+
+-- A stop before the worker started: it is still registering, or failing
+-- to (the database away or not migrated), and would wait for that.  The
+-- start ends at its next step instead; a statement on its way gets a
+-- moment to land, then is cancelled (its backend ended: db.lua).  What the
+-- start set up is undone.
+function Worker:_give_up_start()
+  self.state, self.start_given_up = "stopping", true
+  self.changed:signal() -- (ready() returns false)
+  self.retry_now:signal() -- (no more tries: the backoff ends now)
+  if not self.main:wait(FETCH_GRACE) then self.main:cancel() end
+  self.limiter:stop()
+  if self.unlisten then self.unlisten() end
+  local id = self.maintenance:worker_id()
+  if id then self.maintenance:deregister() end
+  self.state = "stopped"
+  log.info("job worker stopped before it started", { group = self.o.group, worker = id })
   self.changed:signal()
 end
 
