@@ -264,25 +264,23 @@ function Worker:_undecodable(job, err)
   finish(self, job, false, message, core.time(), nil, self.types[job.type])
 end
 
-local function claim_rows(tx, group, id, want)
-  return tx:query(sql.CLAIM, group, id, want)
-end
-
 local function hand_back(pool, ids, id)
   return pool:query(sql.HAND_BACK, ids, id)
 end
 
 function Worker:_claim(want)
   local id, version = self.maintenance:worker_id(), self.settings_version
-  -- In a transaction: a claim whose rows cannot be read (out of memory)
-  -- rolls back, where one that committed would leave them 'running' under
-  -- this worker's id and in no runner's hands.
+  -- In a transaction committed once the rows are read: a claim whose rows
+  -- cannot be read (out of memory) rolls back, where one that committed
+  -- would leave them 'running' under this worker's id and in no runner's
+  -- hands.  (query_in_tx sends BEGIN with the claim: one round trip more
+  -- than the claim alone, the COMMIT, which must wait for the rows.)
   local rows
   if self.limited then
     local q = self.queue
     rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + q.tail - q.head + 1)
   else
-    rows = self.pool:tx(claim_rows, self.o.group, id, want)
+    rows = db.query_in_tx(self.pool, sql.CLAIM, self.o.group, id, want)
   end
   local n = #rows
   if n == 0 then return 0 end
