@@ -436,6 +436,26 @@ describe("a worker", function()
     helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the results to be written")
   end)
 
+  it("writes results 500 at a time by default: one full claim, one statement", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran, release = 0, false
+    jobs:define("step", function()
+      ran = ran + 1
+      -- the 301st run holds on: the worker is busy, no idle flush
+      while ran == 301 and not release do pgcoord.sleep(0.01) end
+    end, { group = g })
+    local list = {}
+    for i = 1, 600 do list[i] = { type = "step", params = { i = i } } end
+    jobs:schedule_many(db, list)
+    local w = worker(jobs, { group = g, concurrency = 1, poll_interval = 30, flush_age = 60 })
+    helper.wait_until(function() return ran == 301 end, 20, "300 jobs to run")
+    -- (with flush_count 100, three batches would be on their way by now)
+    assert.are.equal(300, w:stats().unflushed)
+    release = true
+    helper.wait_until(function() return count_jobs(g) == 0 end, 20, "the results to be written")
+  end)
+
   it("retries a failing job after base_delay x attempt, counting attempts", function()
     local g = helper.unique("jg")
     local jobs = pgcoord.jobs(db)
