@@ -979,23 +979,6 @@ describe("transactions", function()
     assert_consistent(db)
   end)
 
-  it("db.query_in_tx commits a statement once its rows are read and rolls back one whose"
-    .. " rows cannot be read", function()
-    local db_mod = require "pgcoord.db"
-    local deep = ("["):rep(200) .. ("]"):rep(200)
-    local ins = ("INSERT INTO %s VALUES ($1, $2) RETURNING id, v, $3::json AS j"):format(t)
-    local rows = db_mod.query_in_tx(db, ins, 1, "one", "[]")
-    assert.are.same({ { id = 1, v = "one", j = {} } }, { rows[1] })
-    local err = errors(db_mod.query_in_tx, db, ins, 2, "two", deep)
-    assert.are.equal("22000", err.sqlstate)
-    assert.are.same({ 1 }, ids())
-    -- a server error rolls back too
-    err = errors(db_mod.query_in_tx, db, ins, 1, "again", "[]")
-    assert.is_true(pgcoord.is_constraint_error(err, t .. "_pkey"))
-    assert.are.same({ 1 }, ids())
-    assert_consistent(db)
-  end)
-
   it("a statement error that fn caught: nothing is committed and tx raises 25P02", function()
     local ok, err = pcall(db.tx, db, function(tx)
       tx:exec(("INSERT INTO %s VALUES (1, 'one')"):format(t))

@@ -145,9 +145,8 @@ describe("scheduling jobs", function()
     jobs:define("quiet", function() ran = ran + 1 end, { group = g })
     local w = worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
     helper.wait_until(function()
-      -- (a claim is the worker's only transaction)
       for _, b in ipairs(helper.backends(app)) do
-        if b.state == "idle" and b.query == "COMMIT" then return true end
+        if b.state == "idle" and b.query:find("SET state = 'running'", 1, true) then return true end
       end
     end, 5, "the worker's first claim to be over")
     -- inserted behind the runner's back: no NOTIFY
@@ -445,8 +444,9 @@ describe("a worker", function()
       -- the 301st run holds on: the worker is busy, no idle flush
       while ran == 301 and not release do pgcoord.sleep(0.01) end
     end, { group = g })
+    -- (two full claims: whichever lands first holds more than 300)
     local list = {}
-    for i = 1, 600 do list[i] = { type = "step", params = { i = i } } end
+    for i = 1, 1100 do list[i] = { type = "step", params = { i = i } } end
     jobs:schedule_many(db, list)
     local w = worker(jobs, { group = g, concurrency = 1, poll_interval = 30, flush_age = 60 })
     helper.wait_until(function() return ran == 301 end, 20, "300 jobs to run")

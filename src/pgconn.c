@@ -1098,38 +1098,6 @@ static int conn_send_prepared(lua_State *L)
 	return sent(L, c, ok);
 }
 
-/*
- * conn:send_begun(name|false, sql, callback, binary|nil, params...): BEGIN
- * and one statement (the prepared `name`, else sql unnamed) in one
- * pipeline with one sync: a transaction opened in the statement's round
- * trip.  The callback gets the statement's outcome (or BEGIN's error);
- * the transaction stays open for the caller to end, which can so commit
- * only rows it could read.
- */
-static int conn_send_begun(lua_State *L)
-{
-	pgc_conn *c = check_conn(L);
-	const char *name = lua_toboolean(L, 2) ? luaL_checkstring(L, 2) : NULL;
-	const char *sql = check_sql(L, 3);
-	luaL_checktype(L, 4, LUA_TFUNCTION);
-	const char *binary = luaL_optstring(L, 5, NULL);
-	check_ready(L, c);
-	pgc_params p;
-	pgc_params_from_stack(L, 6, lua_gettop(L), binary, &p);
-	int ok = PQenterPipelineMode(c->pg) &&
-		 PQsendQueryParams(c->pg, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) &&
-		 (name ? PQsendQueryPrepared(c->pg, name, p.n, p.values, p.lengths, p.formats, 0)
-		       : PQsendQueryParams(c->pg, sql, p.n, NULL, p.values, p.lengths,
-					   p.formats, 0)) &&
-		 PQpipelineSync(c->pg);
-	lua_pushvalue(L, 4);
-	lua_replace(L, 3);	/* sent() takes the callback from slot 3 */
-	int r = sent(L, c, ok);
-	if (c->state == BUSY)
-		c->pipelined = 1;
-	return r;
-}
-
 /* conn:send_script(sql, callback): several statements, no parameters. */
 static int conn_send_script(lua_State *L)
 {
@@ -1287,7 +1255,6 @@ static const luaL_Reg conn_methods[] = {
 	{"send_script", conn_send_script},
 	{"prepare", conn_prepare},
 	{"send_prepared", conn_send_prepared},
-	{"send_begun", conn_send_begun},
 	{"on_notify", conn_on_notify},
 	{"on_close", conn_on_close},
 	{"on_notice", conn_on_notice},

@@ -270,31 +270,6 @@ local function run(conn, sql, ...)
   return rows
 end
 
-local function begun_register(resume, conn, name, sql, binary, ...)
-  local ok, err = conn:send_begun(name, sql, resume, binary, ...)
-  if not ok then resume(nil, err) end
-end
-
--- Runs BEGIN and one statement in one round trip (see conn:send_begun)
--- and waits for the statement's rows; the transaction is left open.  (A
--- named statement missing on the server cannot be run again unnamed in
--- the transaction it aborted: it is prepared again next time.)
-local function run_begun(conn, sql, ...)
-  local entry = statement(conn, sql, ...)
-  local name = entry and entry[1]
-  local rows, err = task.await(begun_register, conn, name, sql, entry and entry[2], ...)
-  if rows == nil then
-    local state = err.sqlstate
-    if name and (state == "26000" or state == "0A000") then
-      forget(conn, sql)
-      if state == "0A000" then statements[conn].stale[name] = true end
-      pooler_hint(err)
-    end
-    error(annotate(err), 0)
-  end
-  return rows
-end
-
 -- The SQL text of a public call, checked at its caller's level (3).
 local function check_sql(sql, what)
   if type(sql) ~= "string" then
@@ -559,25 +534,6 @@ function Pool:tx(fn, ...)
   run_plain(lease.conn, "BEGIN")
   local tx = setmetatable({ conn = lease.conn, db = self, done = false, savepoints = 0 }, Tx)
   return end_tx(tx, pcall(fn, tx, ...))
-end
-
--- One statement in a transaction of its own, committed only once its rows
--- are built: rows that cannot be read (out of memory, a value that cannot
--- be decoded) roll back with the statement's writes.  BEGIN goes with the
--- statement, so it costs one round trip more than pool:query, not two.
-function db.query_in_tx(pool, sql, ...)
-  check_sql(sql, "db.query_in_tx")
-  local lease <close> = pool:acquire()
-  local conn = lease.conn
-  local ok, rows = pcall(run_begun, conn, sql, ...)
-  if ok then
-    run_script(conn, "COMMIT")
-    return rows
-  end
-  if conn:status() == "ready" and conn:in_transaction() then
-    pcall(run_plain, conn, "ROLLBACK")
-  end
-  error(rows, 0)
 end
 
 function Pool:close()
