@@ -282,13 +282,13 @@ end
 -- whose outcome is lost with the link would leave them 'running' under
 -- this worker's id and in no runner's hands: they go back by the claim's
 -- tag (sql.lua).  A statement the server refused (severity ERROR) took
--- nothing.
+-- nothing, nor one that found no connection (08001: never sent).
 function Worker:_claim_plain(id, want)
   local tag = math.max(micros(now_time()), self.claim_tag + 1)
   self.claim_tag = tag
   local ok, rows = pcall(self.pool.query, self.pool, sql.CLAIM, self.o.group, id, want, tag)
   if ok then return rows end
-  if not (db.is_error(rows) and rows.severity == "ERROR") then
+  if not (db.is_error(rows) and (rows.severity == "ERROR" or rows.sqlstate == "08001")) then
     self:_persist("handing back an unread claim failed", unclaim, self.pool, id, tag)
   end
   error(rows, 0)
