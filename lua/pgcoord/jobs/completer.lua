@@ -119,7 +119,7 @@ function completer.new(pool, group, flush_count, flush_age, hooks)
   return setmetatable({ pool = pool, group = group, owner = nil, hooks = hooks,
                         flush_count = flush_count, flush_age = flush_age,
                         batch = new_batch(), writers = 0, write_failed = false,
-                        flush_now = task.signal(), flushed = task.cond(),
+                        flush_now = task.signal(), flushed = task.cond(), taken = task.cond(),
                         closing = false, flusher = nil }, Completer)
 end
 
@@ -154,6 +154,15 @@ end
 -- Results recorded and not written yet.
 function Completer:unwritten()
   return self.batch.n
+end
+
+-- Waits while a full batch waits for a writer (both busy, or the
+-- database away): runners start no job meanwhile, so that what a process
+-- lost mid-run leaves unwritten, and runs again elsewhere, stays near
+-- concurrency + 3 * flush_count (the batch filling and two writers'),
+-- however slow the writes.
+function Completer:wait_room()
+  while self.batch.n >= self.flush_count and not self.closing do self.taken:wait() end
 end
 
 -- Writes as the worker id, whose rows alone take the results.
@@ -243,6 +252,7 @@ function Completer:_loop()
     local batch = self.batch
     if batch.n > 0 then
       self.batch = new_batch()
+      self.taken:signal()
       -- (a wake-up for the batch just taken is spent)
       self.flush_now:clear()
       self.writers = self.writers + 1
@@ -264,6 +274,7 @@ end
 -- none is left.
 function Completer:stop()
   self.closing = true
+  self.taken:signal()
   self.flush_now:notify()
   self.flusher:wait()
 end
