@@ -56,6 +56,25 @@ local function done_count(tbl)
     :format(tbl))
 end
 
+-- Takes a table lock (lock: the LOCK TABLE statement) in a transaction
+-- of its own pool, held until the function returned is called.
+local function hold_lock(lock)
+  local locker = pool({ size = 1 })
+  local locked, release = false, false
+  local holder = helper.spawn(function()
+    locker:tx(function(tx)
+      tx:exec(lock)
+      locked = true
+      helper.wait_until(function() return release end, 20, "the release")
+    end)
+  end)
+  helper.wait_until(function() return locked end, 5, "the table lock")
+  return function()
+    release = true
+    holder:join()
+  end
+end
+
 setup(function()
   db = helper.connect({ size = 8 })
   pgcoord.migrate(db)
@@ -145,9 +164,8 @@ describe("scheduling jobs", function()
     jobs:define("quiet", function() ran = ran + 1 end, { group = g })
     local w = worker(jobs, { group = g, poll_interval = 60, subscriber = connected_subscriber() })
     helper.wait_until(function()
-      -- (a claim is the worker's only transaction)
       for _, b in ipairs(helper.backends(app)) do
-        if b.state == "idle" and b.query == "COMMIT" then return true end
+        if b.state == "idle" and b.query:find("SET state = 'running'", 1, true) then return true end
       end
     end, 5, "the worker's first claim to be over")
     -- inserted behind the runner's back: no NOTIFY
@@ -434,6 +452,54 @@ describe("a worker", function()
     assert.are.equal(4, most, "most handlers at once")
     assert.is_true(polled <= 4, "stats().running reached " .. polled)
     helper.wait_until(function() return count_jobs(g) == 0 end, 5, "the results to be written")
+  end)
+
+  it("writes results 500 at a time by default: one full claim, one statement", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local ran, release = 0, false
+    jobs:define("step", function()
+      ran = ran + 1
+      -- the 301st run holds on: the worker is busy, no idle flush
+      while ran == 301 and not release do pgcoord.sleep(0.01) end
+    end, { group = g })
+    -- (two full claims: whichever lands first holds more than 300)
+    local list = {}
+    for i = 1, 1100 do list[i] = { type = "step", params = { i = i } } end
+    jobs:schedule_many(db, list)
+    local w = worker(jobs, { group = g, concurrency = 1, poll_interval = 30, flush_age = 60 })
+    helper.wait_until(function() return ran == 301 end, 20, "300 jobs to run")
+    -- (with flush_count 100, three batches would be on their way by now)
+    assert.are.equal(300, w:stats().unflushed)
+    release = true
+    helper.wait_until(function() return count_jobs(g) == 0 end, 20, "the results to be written")
+  end)
+
+  it("starts no job while a full batch of results waits for a writer: what is unwritten"
+    .. " stays near concurrency + 3 x flush_count", function()
+    local g = helper.unique("jg")
+    local wdb, app = pool({ size = 6 })
+    local jobs = pgcoord.jobs(wdb)
+    local ran = 0
+    jobs:define("quick", function() ran = ran + 1 end, { group = g })
+    -- results cannot be written while job_runs is locked (claims go on)
+    local unlock = hold_lock("LOCK TABLE pgcoord.job_runs IN EXCLUSIVE MODE")
+    local list = {}
+    for i = 1, 200 do list[i] = { type = "quick", params = { i = i } } end
+    jobs:schedule_many(db, list)
+    local o = { group = g, concurrency = 2, flush_count = 10, poll_interval = 60 }
+    local w = worker(jobs, o)
+    local ok, err = pcall(helper.wait_until, function()
+      local s = w:stats()
+      return s.queued > 0 and s.running == 0 and helper.admin():one([[
+        SELECT count(*)::int AS n FROM pg_stat_activity
+         WHERE application_name = $1 AND wait_event_type = 'Lock']], app).n == 2
+    end, 10, "two writers waiting and the runners holding off")
+    unlock()
+    assert(ok, err)
+    -- (each batch may take the results of the runs that were under way)
+    assert.is_true(ran <= o.concurrency + 3 * (o.flush_count + o.concurrency), "ran " .. ran)
+    helper.wait_until(function() return count_jobs(g) == 0 end, 10, "every job to be done")
   end)
 
   it("retries a failing job after base_delay x attempt, counting attempts", function()
@@ -1193,16 +1259,7 @@ describe("shutting a worker down", function()
     db:exec([[INSERT INTO pgcoord.jobs (group_name, type, state, params)
               SELECT $1, 'late', 'ready', '{}' FROM generate_series(1, 3)]], g)
     -- ... and a lock that holds up the worker's first round (reclaim, claim)
-    local locker = pool({ size = 1 })
-    local locked, release = false, false
-    local holder = helper.spawn(function()
-      locker:tx(function(tx)
-        tx:exec("LOCK TABLE pgcoord.jobs IN SHARE MODE")
-        locked = true
-        helper.wait_until(function() return release end, 20, "the release")
-      end)
-    end)
-    helper.wait_until(function() return locked end, 5, "the table lock")
+    local unlock = hold_lock("LOCK TABLE pgcoord.jobs IN SHARE MODE")
     local w = worker(jobs, { group = g, concurrency = 2, poll_interval = 60,
       subscriber = connected_subscriber() })
     helper.wait_until(function()
@@ -1211,8 +1268,7 @@ describe("shutting a worker down", function()
     end, 5, "the claim to wait for the lock")
     local stopper = helper.spawn(function() w:shutdown() end)
     helper.wait_until(function() return stopper:status() == "done" end, 5, "the shutdown")
-    release = true
-    holder:join()
+    unlock()
     -- the jobs were ready all along: wait for the claim to be over first
     helper.wait_until(function()
       for _, b in ipairs(helper.backends(app)) do

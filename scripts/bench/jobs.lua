@@ -253,7 +253,8 @@ elseif mode == "pgbench-script" then
   local claim_size, flush_size = args:integer(2, "CLAIM"), args:integer(3, "FLUSH")
   assert(claim_size % flush_size == 0, "CLAIM must be a multiple of FLUSH")
   local batches = claim_size // flush_size
-  local claim = bind(statement("CLAIM"), { ":grp", ":wid", tostring(claim_size) })
+  local claim = bind(statement("CLAIM"), { ":grp", ":wid", tostring(claim_size),
+                                            "(extract(epoch FROM clock_timestamp()) * 1e6)" })
     :match("^(WITH c AS %b())")
   assert(claim, "CLAIM no longer starts with WITH c AS (...)")
   local flush = statement("FLUSH")
@@ -277,13 +278,11 @@ elseif mode == "pgbench-script" then
   local out = { ("-- pgcoord's CLAIM (up to %d jobs), then its FLUSH in batches of %d.")
     :format(claim_size, flush_size),
     "-- Made by scripts/bench/jobs.lua from " .. path .. ".",
-    -- (the worker claims in a transaction of its own: BEGIN, CLAIM, COMMIT)
-    "BEGIN;",
     claim .. ",",
     ("n AS (SELECT (row_number() OVER (ORDER BY id) - 1) / %d AS b, * FROM c),")
       :format(flush_size),
     "a AS (SELECT b,", table.concat(aggs, ",\n"), "FROM n GROUP BY b)",
-    "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset", "COMMIT;" }
+    "SELECT", table.concat(picks, ",\n"), "FROM a", "\\gset" }
   for b = 1, batches do
     local v = function(name) return ":" .. name .. b end
     out[#out + 1] = bind(flush, { v "d", "'[]'", v "i", v "t", v "a", v "o", v "s", v "f",

@@ -369,7 +369,7 @@ local check_worker = options.spec("jobs:worker", {
   concurrency = { "integer", default = 10, min = 1, max = 10000 },
   prefetch = { "integer", default = 1000, min = 1, max = 100000 },
   poll_interval = { "number", default = 10, min = 0.01, max = 1000000 },
-  flush_count = { "integer", default = 100, min = 1, max = 100000 },
+  flush_count = { "integer", default = 500, min = 1, max = 100000 },
   flush_age = { "number", default = 1, min = 0.01, max = 1000000 },
   heartbeat_interval = { "number", default = 10, min = 0.01, max = 1000000 },
   reclaim_after = { "number", min = 0.01, max = 1000000 }, -- (default: 6 heartbeats)

@@ -280,7 +280,8 @@ function limits.claim(tx, self, id, want, held)
   local s = settings_of(tx:one(LOCK_GROUP, self.group))
   if not (s.paused or s.concurrency or s.rate) then
     -- cleared meanwhile (its NOTIFY is on its way): the plain claim
-    return tx:query(sql.CLAIM, self.group, id, want)
+    -- (the tag is for a claim outside a transaction: see worker.lua)
+    return tx:query(sql.CLAIM, self.group, id, want, math.floor(core.time() * 1e6))
   end
   local rows = tx:query(LIMITED_CLAIM, self.group, id, want, held, self.reclaim_after)
   local tokens = rows[1] and rows[1].tokens_left

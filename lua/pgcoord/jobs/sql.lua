@@ -54,9 +54,13 @@ sql.REGISTER = REGISTER
 -- params come back as text, decoded per job: a row whose params cannot be
 -- decoded (nested too deep, say) fails its own run rather than the claim,
 -- which would leave every row it took 'running' and in no worker's hands.
+-- $4 tags the claim: locked_at is the worker's clock (epoch microseconds,
+-- as the runs it logs), distinct for each of its claims, so that a claim
+-- whose outcome the worker could not read can be handed back (UNCLAIM).
 local CLAIM = [[
 WITH c AS (
-  UPDATE pgcoord.jobs j SET state = 'running', locked_by = $2, locked_at = now()
+  UPDATE pgcoord.jobs j
+     SET state = 'running', locked_by = $2, locked_at = to_timestamp($4 / 1e6::float8)
    WHERE j.ctid = ANY(ARRAY(
            SELECT ctid FROM pgcoord.jobs
             WHERE state = 'ready' AND group_name = $1
@@ -68,6 +72,18 @@ WITH c AS (
             j.run_at, j.error_count, j.last_error)
 SELECT * FROM c ORDER BY priority, id]]
 sql.CLAIM = CLAIM
+
+-- The rows of worker $1's claim tagged $2 back to ready, when the worker
+-- could not read the claim's rows (out of memory, a lost link): it may
+-- have committed.  No index finds them; it runs only after such a failure.
+local UNCLAIM = [[
+WITH back AS (
+  UPDATE pgcoord.jobs SET state = 'ready', locked_by = NULL, locked_at = NULL
+   WHERE locked_by = $1 AND state = 'running' AND locked_at = to_timestamp($2 / 1e6::float8)
+  RETURNING group_name)
+SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in', NULL)::text)
+  FROM (SELECT DISTINCT group_name FROM back) g]]
+sql.UNCLAIM = UNCLAIM
 
 local PROMOTE = [[
 WITH p AS (

@@ -59,6 +59,10 @@ Worker.__index = Worker
 
 local now_time, is_cancelled, is_snooze = core.time, task.is_cancelled, control.is_snooze
 
+local function micros(t)
+  return math.floor(t * 1e6 + 0.5)
+end
+
 -- ---- the local queue: claimed, not started ----
 
 local function pop(q)
@@ -190,6 +194,7 @@ function worker.new(types, pool, o)
     retry_now = task.cond(),          -- a backoff after a failure waits here
     work = task.cond(),               -- runners wait here
     claims = {},                      -- claim task on its way -> jobs it asks for
+    claim_tag = 0,                    -- the last claim's tag (_claim_plain)
     wakes = 0, drained = false,       -- wake-ups so far; group found empty
     handoff = false,                  -- a fetch or flush asked for has not run yet
     alive_until = -math.huge,         -- the lease (maintenance.lua)
@@ -270,25 +275,40 @@ function Worker:_undecodable(job, err)
   finish(self, job, false, message, core.time(), nil, self.types[job.type])
 end
 
-local function claim_rows(tx, group, id, want)
-  return tx:query(sql.CLAIM, group, id, want)
-end
-
 local function hand_back(pool, ids, id)
   return pool:query(sql.HAND_BACK, ids, id)
 end
 
+local function unclaim(pool, id, tag)
+  return pool:query(sql.UNCLAIM, id, tag)
+end
+
+-- The plain claim: one statement, one round trip.  It commits before its
+-- rows are read, so a claim whose rows cannot be read (out of memory) or
+-- whose outcome is lost with the link would leave them 'running' under
+-- this worker's id and in no runner's hands: they go back by the claim's
+-- tag (sql.lua).  A statement the server refused (severity ERROR) took
+-- nothing, nor one that found no connection (08001: never sent).
+function Worker:_claim_plain(id, want)
+  local tag = math.max(micros(now_time()), self.claim_tag + 1)
+  self.claim_tag = tag
+  local ok, rows = pcall(self.pool.query, self.pool, sql.CLAIM, self.o.group, id, want, tag)
+  if ok then return rows end
+  if not (db.is_error(rows) and (rows.severity == "ERROR" or rows.sqlstate == "08001")) then
+    self:_persist("handing back an unread claim failed", unclaim, self.pool, id, tag)
+  end
+  error(rows, 0)
+end
+
 function Worker:_claim(want)
   local id, version = self.maintenance:worker_id(), self.settings_version
-  -- In a transaction: a claim whose rows cannot be read (out of memory)
-  -- rolls back, where one that committed would leave them 'running' under
-  -- this worker's id and in no runner's hands.
   local rows
   if self.limited then
+    -- (in a transaction: it locks the group's row; one that fails rolls back)
     local q = self.queue
     rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + q.tail - q.head + 1)
   else
-    rows = self.pool:tx(claim_rows, self.o.group, id, want)
+    rows = self:_claim_plain(id, want)
   end
   local n = #rows
   if n == 0 then return 0 end
