@@ -567,13 +567,15 @@ describe("a worker", function()
     -- for the next poll (30 s).
     local g = helper.unique("jg")
     local p = pool()
-    local slow, in_tx = false, 0
-    local tx = p.tx
-    p.tx = function(self, fn, ...)
-      in_tx = in_tx + 1
-      local r = table.pack(pcall(tx, self, fn, ...))
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local slow, in_claim = false, 0
+    local query = p.query
+    p.query = function(self, q, ...)
+      if q ~= jobs_sql.CLAIM then return query(self, q, ...) end
+      in_claim = in_claim + 1
+      local r = table.pack(pcall(query, self, q, ...))
       if slow then pgcoord.sleep(1) end -- (the answer is late: the promotion lands first)
-      in_tx = in_tx - 1
+      in_claim = in_claim - 1
       if not r[1] then error(r[2], 0) end
       return table.unpack(r, 2, r.n)
     end
@@ -581,7 +583,7 @@ describe("a worker", function()
     local ran = false
     jobs:define("later", function() ran = true end, { group = g })
     worker(jobs, { group = g, poll_interval = 30 })
-    helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+    helper.wait_until(function() return in_claim == 0 end, 5, "the first claims to land")
     slow = true
     -- its NOTIFY starts claims at once, and the promotion 0.3 s later
     jobs:schedule(db, "later", {}, { run_at = db_time() + 0.3 })
@@ -740,13 +742,14 @@ describe("a worker", function()
     local jobs_sql = require "pgcoord.jobs.sql"
     local g = helper.unique("jg")
     local p = pool()
-    local slow, in_tx = false, 0
-    local tx, one = p.tx, p.one
-    p.tx = function(self, fn, ...)
-      in_tx = in_tx + 1
-      local r = table.pack(pcall(tx, self, fn, ...))
+    local slow, in_claim = false, 0
+    local query, one = p.query, p.one
+    p.query = function(self, q, ...)
+      if q ~= jobs_sql.CLAIM then return query(self, q, ...) end
+      in_claim = in_claim + 1
+      local r = table.pack(pcall(query, self, q, ...))
       if slow then pgcoord.sleep(1) end -- (the claim's answer is late)
-      in_tx = in_tx - 1
+      in_claim = in_claim - 1
       if not r[1] then error(r[2], 0) end
       return table.unpack(r, 2, r.n)
     end
@@ -762,7 +765,7 @@ describe("a worker", function()
     helper.capture_log(function()
       w = worker(jobs, { group = g, poll_interval = 30, heartbeat_interval = 0.05,
         reclaim_after = 5 })
-      helper.wait_until(function() return in_tx == 0 end, 5, "the first claims to land")
+      helper.wait_until(function() return in_claim == 0 end, 5, "the first claims to land")
       slow = true
       local old = w:stats().id
       jobs:schedule_many(db, { { type = "mine" }, { type = "mine" }, { type = "mine" } })
