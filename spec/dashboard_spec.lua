@@ -146,7 +146,8 @@ describe("the dashboard", function()
     end
   end)
 
-  it("reads pgcoord.jobs and job_runs only through indexes, in every statement", function()
+  it("reads pgcoord.jobs, job_runs and failed outbox messages only through indexes, in every"
+    .. " statement", function()
     local sql = require "pgcoord.dashboard.sql"
     local group = helper.unique("g")
     local statements = {
@@ -169,6 +170,21 @@ describe("the dashboard", function()
       plan = table.concat(plan, "\n")
       assert.is_nil(plan:find("Seq Scan on jobs", 1, true), plan)
       assert.is_nil(plan:find("Seq Scan on job_runs", 1, true), plan)
+    end
+    -- the failed outbox messages, listed and counted: each through its
+    -- partial index, no row filtered (an index of all rows would read past
+    -- the processed ones)
+    local ob = pgcoord.outbox(db, { table = helper.unique("dash_outbox") })
+    ob:migrate()
+    for _, s in ipairs({ { sql.outbox_counts(ob.quoted), { sql.CAP } },
+      { ob.sql.failed_list, { 50 } } }) do
+      local plan = {}
+      for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
+        plan[i] = r["QUERY PLAN"]
+      end
+      plan = table.concat(plan, "\n")
+      assert.is_nil(plan:find("Seq Scan", 1, true), plan)
+      assert.is_nil(plan:find("Filter:", 1, true), plan)
     end
     one:close()
   end)
