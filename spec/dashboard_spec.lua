@@ -162,12 +162,15 @@ describe("the dashboard", function()
     -- index can serve
     local one = helper.connect({ size = 1 })
     one:exec("SET enable_seqscan = off")
-    for _, s in ipairs(statements) do
+    local function explain(s)
       local plan = {}
       for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
         plan[i] = r["QUERY PLAN"]
       end
-      plan = table.concat(plan, "\n")
+      return table.concat(plan, "\n")
+    end
+    for _, s in ipairs(statements) do
+      local plan = explain(s)
       assert.is_nil(plan:find("Seq Scan on jobs", 1, true), plan)
       assert.is_nil(plan:find("Seq Scan on job_runs", 1, true), plan)
     end
@@ -178,11 +181,7 @@ describe("the dashboard", function()
     ob:migrate()
     for _, s in ipairs({ { sql.outbox_counts(ob.quoted), { sql.CAP } },
       { ob.sql.failed_list, { 50 } } }) do
-      local plan = {}
-      for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
-        plan[i] = r["QUERY PLAN"]
-      end
-      plan = table.concat(plan, "\n")
+      local plan = explain(s)
       assert.is_nil(plan:find("Seq Scan", 1, true), plan)
       assert.is_nil(plan:find("Filter:", 1, true), plan)
     end

@@ -590,6 +590,42 @@ describe("operations", function()
     assert.is_nil(out:find('msg="[^"]*child[^\n]* worker=', 1), out)
   end)
 
+  it("--workers logs every 5 s of a graceful stop which children it still waits for",
+    function()
+    local release = helper.tmpname("release")
+    -- each child's stop lasts until the spec has seen the supervisor's line
+    local script = helper.write_file(helper.tmpname("slow_stop") .. ".lua", [[
+      io.stdout:setvbuf("no")
+      local function released()
+        local f = io.open(arg[1])
+        if f then f:close() end
+        return f ~= nil
+      end
+      pgcoord.on_stop(function()
+        while not released() do pgcoord.sleep(0.05) end
+      end, "the slow part")
+      print("child ready")
+      while not pgcoord.stopping() do pgcoord.sleep(0.1) end
+    ]])
+    local p = helper.start({ "pgcoord-run", "--workers", "2", script, release })
+    helper.wait_until(function()
+      local _, n = p:output():gsub("child ready", "")
+      return n >= 2
+    end, 15, "two children")
+    local pids = {}
+    for pid, slot in p:output():gmatch('msg="child started" pid=(%d+) slot=(%d)') do
+      pids[tonumber(slot)] = pid
+    end
+    p:kill("TERM")
+    local line = helper.wait_until(function()
+      return p:output():match('[^\n]* msg="stop waiting" children=2[^\n]*')
+    end, 15, "the supervisor's stop waiting line")
+    helper.write_file(release, "")
+    assert.are.equal(0, p:wait(20), p:output())
+    assert.matches(('^time=%%S+ level=info msg="stop waiting" children=2 elapsed=%%d+%%.%%d'
+      .. ' kill_in=%%d+%%.%%d pids="%s %s" slots="1 2"$'):format(pids[1], pids[2]), line)
+  end)
+
   it("writes log lines that parse back, in both formats, with no password", function()
     local chunk = 'pgcoord.log.info("hello there", { job = 42, queue = "q \\"x\\"",'
       .. ' password = "hunter2" })'
