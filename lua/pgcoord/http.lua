@@ -312,8 +312,9 @@ function Server:_depth_loop()
 end
 
 -- Serves /metrics and /healthz on "host:port" (port 0 picks a free one; an
--- empty host is 127.0.0.1).  opts.db: the pool to probe and to read depths
--- from; idle_timeout (30 s): a connection that does not complete a request
+-- empty host is 127.0.0.1).  opts.db: the pool to read depths from (the
+-- health probe opens one connection more, with its conninfo);
+-- idle_timeout (30 s): a connection that does not complete a request
 -- within it of opening or of its previous request is closed;
 -- max_connections (256): one more is answered 503 and closed.  With a db
 -- the dashboard is served under / (dashboard = false: not); token: what
