@@ -146,7 +146,8 @@ describe("the dashboard", function()
     end
   end)
 
-  it("reads pgcoord.jobs and job_runs only through indexes, in every statement", function()
+  it("reads pgcoord.jobs, job_runs and failed outbox messages only through indexes, in every"
+    .. " statement", function()
     local sql = require "pgcoord.dashboard.sql"
     local group = helper.unique("g")
     local statements = {
@@ -161,14 +162,28 @@ describe("the dashboard", function()
     -- index can serve
     local one = helper.connect({ size = 1 })
     one:exec("SET enable_seqscan = off")
-    for _, s in ipairs(statements) do
+    local function explain(s)
       local plan = {}
       for i, r in ipairs(one:query("EXPLAIN " .. s[1], table.unpack(s[2]))) do
         plan[i] = r["QUERY PLAN"]
       end
-      plan = table.concat(plan, "\n")
+      return table.concat(plan, "\n")
+    end
+    for _, s in ipairs(statements) do
+      local plan = explain(s)
       assert.is_nil(plan:find("Seq Scan on jobs", 1, true), plan)
       assert.is_nil(plan:find("Seq Scan on job_runs", 1, true), plan)
+    end
+    -- the failed outbox messages, listed and counted: each through its
+    -- partial index, no row filtered (an index of all rows would read past
+    -- the processed ones)
+    local ob = pgcoord.outbox(db, { table = helper.unique("dash_outbox") })
+    ob:migrate()
+    for _, s in ipairs({ { sql.outbox_counts(ob.quoted), { sql.CAP } },
+      { ob.sql.failed_list, { 50 } } }) do
+      local plan = explain(s)
+      assert.is_nil(plan:find("Seq Scan", 1, true), plan)
+      assert.is_nil(plan:find("Filter:", 1, true), plan)
     end
     one:close()
   end)

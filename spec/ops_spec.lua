@@ -306,6 +306,73 @@ describe("operations", function()
     assert.matches("pgcoord_http_connections_refused_total 6", body, 1, true)
   end)
 
+  it("/healthz asked before the first probe came back waits for its answer, not a 503",
+    function()
+    local t = helper.tcp_parts()
+    local relay = helper.relay(t.host, t.port)
+    local pool = pgcoord.connect(relay.dsn(), { size = 1 })
+    -- the first probe's connection hangs in the relay until a /healthz waits
+    relay.blackhole()
+    local server = pgcoord.http.serve("127.0.0.1:0", { db = pool, dashboard = false })
+    finally(function()
+      relay.stop()
+      server:stop(5)
+      pool:close()
+    end)
+    helper.spawn(function()
+      helper.wait_until(function() return server.server:stats().open == 1 end, 5,
+        "the /healthz request")
+      relay.resume()
+    end)
+    local code, body = http_get_async(server.port, "/healthz")
+    assert.are.equal(200, code, body)
+  end)
+
+  it("/healthz stays 200 while dashboard pages hold every connection of the pool", function()
+    local pool = pgcoord.connect(nil, { size = 2 })
+    local ob = pgcoord.outbox(db, { table = helper.unique("ops_busy_outbox") })
+    ob:migrate()
+    local server = pgcoord.http.serve("127.0.0.1:0", { db = pool, outbox_tables = { ob.name } })
+    helper.wait_until(function() return http_get_async(server.port, "/healthz") == 200 end, 5,
+      "the first probe")
+    -- a lock holds every page of the failed messages (and so the pool) busy
+    local release, released = require("pgcoord.task").cond(), false
+    local locked = false
+    helper.spawn(function()
+      db:tx(function(tx)
+        tx:exec(("LOCK TABLE %s IN ACCESS EXCLUSIVE MODE"):format(ob.quoted))
+        locked = true
+        if not released then release:wait(30) end
+      end)
+    end)
+    finally(function()
+      released = true
+      release:signal()
+      server:stop(5)
+      pool:close()
+    end)
+    helper.wait_until(function() return locked end, 5, "the lock")
+    local pages = {}
+    for i = 1, 4 do
+      pages[i] = helper.start({ "curl", "-s", "-m", "20", "-o", "/dev/null",
+        ("http://127.0.0.1:%d/outbox/failed?table=%s"):format(server.port, ob.name) })
+    end
+    helper.wait_until(function()
+      local s = pool:stats()
+      return s.in_use == 2 and s.waiting >= 2
+    end, 10, "the pages to hold the pool")
+    -- past the 2.5 s after which a probe stuck behind them made /healthz stale
+    local until_t = pgcoord.now() + 3
+    while pgcoord.now() < until_t do
+      local code, body = http_get_async(server.port, "/healthz")
+      assert.are.equal(200, code, body)
+      pgcoord.sleep(0.1)
+    end
+    released = true
+    release:signal()
+    for _, p in ipairs(pages) do assert.are.equal(0, p:wait(15)) end
+  end)
+
   it("--http :0 binds 127.0.0.1 and logs the port; limits come from the command line",
     function()
     local p = helper.start({ "pgcoord-run", "--http", ":0", "--http-timeout", "1",
@@ -521,6 +588,42 @@ describe("operations", function()
     assert.matches('msg="child died" pid=' .. child .. ' signal=SIGKILL slot=1', out)
     assert.matches('msg="stopping the children" children=2 signal=SIGTERM', out, 1, true)
     assert.is_nil(out:find('msg="[^"]*child[^\n]* worker=', 1), out)
+  end)
+
+  it("--workers logs every 5 s of a graceful stop which children it still waits for",
+    function()
+    local release = helper.tmpname("release")
+    -- each child's stop lasts until the spec has seen the supervisor's line
+    local script = helper.write_file(helper.tmpname("slow_stop") .. ".lua", [[
+      io.stdout:setvbuf("no")
+      local function released()
+        local f = io.open(arg[1])
+        if f then f:close() end
+        return f ~= nil
+      end
+      pgcoord.on_stop(function()
+        while not released() do pgcoord.sleep(0.05) end
+      end, "the slow part")
+      print("child ready")
+      while not pgcoord.stopping() do pgcoord.sleep(0.1) end
+    ]])
+    local p = helper.start({ "pgcoord-run", "--workers", "2", script, release })
+    helper.wait_until(function()
+      local _, n = p:output():gsub("child ready", "")
+      return n >= 2
+    end, 15, "two children")
+    local pids = {}
+    for pid, slot in p:output():gmatch('msg="child started" pid=(%d+) slot=(%d)') do
+      pids[tonumber(slot)] = pid
+    end
+    p:kill("TERM")
+    local line = helper.wait_until(function()
+      return p:output():match('[^\n]* msg="stop waiting" children=2[^\n]*')
+    end, 15, "the supervisor's stop waiting line")
+    helper.write_file(release, "")
+    assert.are.equal(0, p:wait(20), p:output())
+    assert.matches(('^time=%%S+ level=info msg="stop waiting" children=2 elapsed=%%d+%%.%%d'
+      .. ' kill_in=%%d+%%.%%d pids="%s %s" slots="1 2"$'):format(pids[1], pids[2]), line)
   end)
 
   it("writes log lines that parse back, in both formats, with no password", function()

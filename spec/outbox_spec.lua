@@ -105,8 +105,8 @@ describe("outbox", function()
         "created_at timestamptz", "processed_at timestamptz" }) do
         assert.matches(col, sql, 1, true)
       end
-      local _, indexes = sql:gsub("CREATE INDEX ON", "")
-      assert.are.equal(3, indexes)
+      local _, indexes = sql:gsub("CREATE INDEX ", "")
+      assert.are.equal(4, indexes)
       -- runs as is
       local name = helper.unique("ddl")
       db:tx(function(tx)
@@ -130,14 +130,18 @@ describe("outbox", function()
         "last_error", "created_at", "processed_at" }) do
         assert.is_truthy(table.concat(names, ","):find(want, 1, true), want)
       end
-      assert.are.equal(3, db:one("SELECT count(*) AS n FROM pg_indexes WHERE tablename = $1"
+      assert.are.equal(4, db:one("SELECT count(*) AS n FROM pg_indexes WHERE tablename = $1"
         .. " AND indexdef LIKE '%WHERE%'", name).n)
     end)
 
-    it("migrate on an existing table touches nothing, even with it and the DDL lock held",
+    it("migrate on an up-to-date table touches nothing, even with it and the DDL lock held",
       function()
       local name = helper.unique("outbox")
-      db:exec(("CREATE TABLE %s (x integer)"):format(q(name)))
+      db:tx(function(tx)
+        for stmt in pgcoord.outbox(db, { table = name }):create_table_sql():gmatch("[^;]+;") do
+          tx:exec(stmt)
+        end
+      end)
       local held = false
       local gate = require("pgcoord.task").cond()
       local holder = pgcoord.spawn(function()
@@ -158,8 +162,24 @@ describe("outbox", function()
       pool:close()
       assert.is_true(ok, tostring(created))
       assert.is_false(created)
-      assert.are.equal(1, db:one("SELECT count(*) AS n FROM information_schema.columns"
-        .. " WHERE table_name = $1", name).n)
+    end)
+
+    it("migrate adds the failed messages' index to a table made before it", function()
+      local name = helper.unique("outbox")
+      local ob = pgcoord.outbox(db, { table = name })
+      assert.is_true(ob:migrate())
+      local function failed_index()
+        return db:one([[SELECT count(*) AS n FROM pg_indexes WHERE tablename = $1
+          AND indexdef LIKE '%(seq) WHERE (status = ''failed''::text)']], name).n
+      end
+      assert.are.equal(1, failed_index())
+      local index = db:one([[SELECT indexname FROM pg_indexes WHERE tablename = $1
+        AND indexdef LIKE '%''failed''%']], name).indexname
+      db:exec(("DROP INDEX %s"):format(q(index)))
+      assert.is_false(ob:migrate())
+      assert.are.equal(1, failed_index())
+      assert.is_false(ob:migrate())
+      assert.are.equal(1, failed_index())
     end)
 
     it("takes its schema from the connection's search_path", function()

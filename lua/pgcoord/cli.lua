@@ -410,7 +410,8 @@ local function serve_http(pgcoord, o, slot)
     local host, port = addr:match("^(.*):(%d+)$")
     if host and tonumber(port) > 0 then addr = ("%s:%d"):format(host, tonumber(port) + slot - 1) end
   end
-  -- (the probe and the dashboard's pages share it)
+  -- (the dashboard's pages and the depth refresh; the health probe opens
+  -- a connection of its own)
   local probe = pgcoord.connect(nil, { size = 3, params = { application_name = "pgcoord-http" } })
   local token = o.http_token or os.getenv("PGCOORD_HTTP_TOKEN")
   return pgcoord.http.serve(addr, { db = probe, idle_timeout = o.http_timeout,

@@ -1,9 +1,10 @@
 -- The operations endpoint: /metrics (Prometheus), /healthz and the
 -- dashboard (dashboard/) under /, served on the event loop.  /metrics and
 -- /healthz are answered from state that background tasks keep fresh (a
--- health probe every second, depths every depth_interval), so a scrape
--- never waits on the database; a dashboard page waits in a task of its
--- own.
+-- health probe every second, on a connection of its own, depths every
+-- depth_interval), so a scrape never waits on the database (but /healthz
+-- asked before the first probe came back waits for it, a second at most);
+-- a dashboard page waits in a task of its own.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
@@ -12,6 +13,7 @@ local status = require "pgcoord.status"
 local options = require "pgcoord.options"
 local lifecycle = require "pgcoord.lifecycle"
 local dashboard = require "pgcoord.dashboard"
+local db_module = require "pgcoord.db"
 
 local http = {}
 
@@ -231,6 +233,15 @@ end
 
 local TEXT = "text/plain; charset=utf-8"
 
+-- How long the probe waits for the database's answer, and a /healthz
+-- asked before the first probe came back waits for that probe.
+local PROBE_TIMEOUT = 1
+
+function Server:_reply_health()
+  local ok, why = self:_health()
+  return ok and 200 or 503, TEXT, why .. "\n", dashboard.HEADERS
+end
+
 function Server:_handle(method, path, req)
   if path ~= "/metrics" and path ~= "/healthz" then
     if self.dashboard then return self.dashboard:handle(method, path, req) end
@@ -240,10 +251,32 @@ function Server:_handle(method, path, req)
     return 405, TEXT, "method not allowed: use GET\n", dashboard.HEADERS
   end
   if path == "/healthz" then
-    local ok, why = self:_health()
-    return ok and 200 or 503, TEXT, why .. "\n", dashboard.HEADERS
+    -- Right after start the database has not been asked yet: a load
+    -- balancer must not see a 503 for that, so the answer waits for the
+    -- first probe's (which ends within PROBE_TIMEOUT).
+    if self.db and not self.probed then
+      req:defer()
+      task.spawn_daemon(function()
+        self.first_probe:wait(PROBE_TIMEOUT + 0.1)
+        req:reply(self:_reply_health())
+      end)
+      return
+    end
+    return self:_reply_health()
   end
   return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(), dashboard.HEADERS
+end
+
+-- The probe's own pool of one connection, opened at the first probe: a
+-- probe waiting behind busy dashboard pages on db's connections would
+-- call a busy pool a dead database.
+local function probe(self)
+  if not self.probe_db then
+    local db = self.db
+    self.probe_db = db_module.connect(db.conninfo, { size = 1, params = db.params,
+      prepare = db.prepare, name = db.name .. "-health", connect_timeout = PROBE_TIMEOUT })
+  end
+  return self.probe_db:one("SELECT 1 AS ok")
 end
 
 -- Probes the database every probe_interval; measures the loop's lag.
@@ -251,7 +284,7 @@ function Server:_probe_loop()
   local before = core.now()
   while self.state == "running" do
     if self.db then
-      local ok, err = pcall(task.with_timeout, 1, self.db.one, self.db, "SELECT 1 AS ok")
+      local ok, err = pcall(task.with_timeout, PROBE_TIMEOUT, probe, self)
       if ok then
         self.last_ok, self.last_error = core.now(), nil
         up:set(1)
@@ -259,6 +292,8 @@ function Server:_probe_loop()
         self.last_error = tostring(err)
         up:set(0)
       end
+      self.probed = true
+      self.first_probe:signal()
     end
     local wait = math.max(0, before + self.probe_interval - core.now())
     self.wake:wait(wait)
@@ -277,8 +312,9 @@ function Server:_depth_loop()
 end
 
 -- Serves /metrics and /healthz on "host:port" (port 0 picks a free one; an
--- empty host is 127.0.0.1).  opts.db: the pool to probe and to read depths
--- from; idle_timeout (30 s): a connection that does not complete a request
+-- empty host is 127.0.0.1).  opts.db: the pool to read depths from (the
+-- health probe opens one connection more, with its conninfo);
+-- idle_timeout (30 s): a connection that does not complete a request
 -- within it of opening or of its previous request is closed;
 -- max_connections (256): one more is answered 503 and closed.  With a db
 -- the dashboard is served under / (dashboard = false: not); token: what
@@ -293,6 +329,7 @@ function http.serve(addr, opts)
     depth_interval = opts.depth_interval,
     outbox_tables = opts.outbox_tables,
     wake = task.cond(),
+    first_probe = task.cond(),
     state = "running",
   }, Server)
   if opts.db and opts.dashboard then
@@ -336,6 +373,7 @@ function Server:stop(timeout)
       all = false
     end
   end
+  if self.probe_db then self.probe_db:close() end
   return all
 end
 Server.close = Server.stop

@@ -8,6 +8,7 @@
 -- slot (1..N): "worker" means a job worker's database id elsewhere.
 local core = require "pgcoord.core"
 local log = require "pgcoord.log"
+local lifecycle = require "pgcoord.lifecycle"
 
 local supervisor = {}
 
@@ -26,7 +27,7 @@ function supervisor.run(n, run_child, stop_timeout)
   local by_pid = {}
   local stopping = false
   local status = 0
-  local watchers, killer
+  local watchers, killer, reporter
 
   local function n_alive()
     local count = 0
@@ -85,6 +86,28 @@ function supervisor.run(n, run_child, stop_timeout)
     end
   end
 
+  -- Every lifecycle.WAIT_REPORT_EVERY seconds of a stop, while children
+  -- run: one line naming them, as a single process names what it waits for.
+  local function report_waiting(started)
+    reporter = core.timer(lifecycle.WAIT_REPORT_EVERY, function()
+      reporter = nil
+      local running, pids = {}, {}
+      for slot, s in ipairs(slots) do
+        if s.pid then
+          running[#running + 1] = slot
+          pids[#pids + 1] = s.pid
+        end
+      end
+      if #running == 0 then return end
+      local elapsed = core.now() - started
+      local deadline = stop_timeout and stop_timeout < math.huge and stop_timeout + KILL_AFTER
+      log.info("stop waiting", { children = #running, slots = table.concat(running, " "),
+        pids = table.concat(pids, " "), elapsed = ("%.1f"):format(elapsed),
+        kill_in = deadline and ("%.1f"):format(math.max(0, deadline - elapsed)) or nil })
+      report_waiting(started)
+    end)
+  end
+
   local function forward(signum)
     if stopping then
       log.warn("second signal: killing the children", { signal = log.signal_name(signum) })
@@ -98,6 +121,7 @@ function supervisor.run(n, run_child, stop_timeout)
       if s.timer then s.timer:cancel() end
     end
     for pid in pairs(by_pid) do core.kill(pid, SIGTERM) end
+    report_waiting(core.now())
     if stop_timeout and stop_timeout < math.huge then
       killer = core.timer(stop_timeout + KILL_AFTER, function()
         for pid, slot in pairs(by_pid) do
@@ -130,6 +154,7 @@ function supervisor.run(n, run_child, stop_timeout)
   end
   for _, w in ipairs(watchers) do w:close() end
   if killer then killer:cancel() end
+  if reporter then reporter:cancel() end
   return status
 end
 

@@ -78,6 +78,32 @@ function tables.create(pool, name, quoted, statements)
   end)
 end
 
+-- Adds each of indexes ({ name =, ddl = its CREATE INDEX }) that the
+-- table's schema has no relation of that name for, under the DDL lock.
+-- (Looked up in the catalog without locking the table; a build blocks
+-- writes to the table while it reads it.)
+function tables.add_indexes(pool, name, quoted, indexes)
+  local function present(conn, index)
+    return conn:one([[SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = $2
+        AND relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = $1::regclass))
+        AS present]], quoted, index.name).present
+  end
+  local missing = {}
+  for _, index in ipairs(indexes) do
+    if not present(pool, index) then missing[#missing + 1] = index end
+  end
+  if #missing == 0 then return end
+  pool:tx(function(tx)
+    tx:query("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+    for _, index in ipairs(missing) do
+      if not present(tx, index) then
+        tx:exec(index.ddl)
+        log.info("index added", { table = name, index = index.name })
+      end
+    end
+  end)
+end
+
 -- ---- deleting -----------------------------------------------------------------------
 
 -- Runs a DELETE whose LIMIT is its last parameter until it deletes fewer

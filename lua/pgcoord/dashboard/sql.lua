@@ -177,9 +177,8 @@ SELECT to_regclass('pgcoord.jobs') IS NOT NULL AS jobs,
          WHERE to_regclass(quote_ident(t)) IS NOT NULL) AS outboxes]]
 
 -- Capped ($1) pending and failed counts of an outbox table (quoted name
--- q): pending through its partial index; failed rows have none, so that
--- count reads past processed rows (the outbox is not one of the big
--- tables: processed rows go with its retention).
+-- q), each through its partial index (ob:migrate adds the failed one to a
+-- table made before it).
 function sql.outbox_counts(q)
   return ([[
 SELECT (SELECT count(*) FROM (SELECT 1 FROM %s WHERE status = 'pending' LIMIT $1) x)::int

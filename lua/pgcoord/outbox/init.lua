@@ -86,12 +86,18 @@ function outbox.new(pool, opts)
 end
 
 function Outbox:create_table_sql()
-  return tables.script(sql.outbox_ddl(self.quoted))
+  return tables.script(sql.outbox_ddl(self.quoted, self.name))
 end
 
--- Creates the table unless it exists; true when it did.
+-- Creates the table unless it exists; true when it did.  A table made by
+-- an earlier release gets the indexes added since.
 function Outbox:migrate()
-  return tables.create(self.db, self.name, self.quoted, sql.outbox_ddl(self.quoted))
+  if tables.create(self.db, self.name, self.quoted, sql.outbox_ddl(self.quoted, self.name)) then
+    return true
+  end
+  tables.add_indexes(self.db, self.name, self.quoted,
+    sql.outbox_added_indexes(self.quoted, self.name))
+  return false
 end
 
 -- ---- saving -----------------------------------------------------------------------

@@ -1,6 +1,8 @@
 -- Every statement the outbox, its relay, its publishers and the
 -- processed-messages store send, built once per table from its quoted
 -- name.  Parameters are $n; identifiers come quoted.
+local tables = require "pgcoord.tables"
+
 local sql = {}
 
 -- The channel a save notifies and a relay listens on: by default the
@@ -11,7 +13,7 @@ end
 
 -- ---- the outbox ---------------------------------------------------------------
 
-function sql.outbox_ddl(q)
+function sql.outbox_ddl(q, name)
   return {
     ([[CREATE TABLE %s (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -34,6 +36,26 @@ function sql.outbox_ddl(q)
     ("CREATE INDEX ON %s (visible_at) WHERE status = 'processing'"):format(q),
     -- retention cleanup
     ("CREATE INDEX ON %s (processed_at) WHERE status = 'processed'"):format(q),
+    sql.outbox_added_indexes(q, name)[1].ddl,
+  }
+end
+
+-- Indexes added after the table's first release, each under a name of
+-- its own (the table's, cut to fit at a character's boundary, and a
+-- suffix), which migrate looks for to add it to a table made before.
+local function index_name(name, suffix)
+  local keep = 63 - #suffix
+  while #name > keep do name = name:sub(1, utf8.offset(name, -1) - 1) end
+  return name .. suffix
+end
+
+function sql.outbox_added_indexes(q, name)
+  local failed = index_name(name, "_failed_idx")
+  return {
+    -- failed messages in order, for ob:failed and the dashboard's count:
+    -- without it both read past every processed row
+    { name = failed, ddl = ("CREATE INDEX %s ON %s (seq) WHERE status = 'failed'")
+      :format(tables.quote(failed), q) },
   }
 end
 
