@@ -26,6 +26,13 @@
 --       counts the messages handled in a window of SECONDS that opens with
 --       the first one (waiting at most WAIT seconds for it); prints
 --       "handled=N seconds=S rate=R acked=A"
+--   queue.lua publish-n QUEUE MESSAGES CLIENTS
+--       CLIENTS tasks publish MESSAGES messages in all, one per statement
+--   queue.lua consume-n QUEUE SUBSCRIPTIONS CONCURRENCY DELIVERIES
+--       a consumer per subscription, no-op handlers, until DELIVERIES are
+--       handled, then stopped (every ack written); for scripts/bench/queue-cost,
+--       which counts statements, WAL and instructions of a fixed amount of
+--       work, so it sends no statement of its own while it consumes
 local pgcoord = require "pgcoord"
 local queue = require "pgcoord.queue"
 
@@ -201,7 +208,50 @@ elseif mode == "consume" then
   say(("handled=%d seconds=%d rate=%.1f acked=%d"):format(counted, window, counted / window,
     acked))
 
+elseif mode == "publish-n" then
+  local name, n, clients = args[2], args:integer(3, "MESSAGES"), args:integer(4, "CLIENTS")
+  local db = pgcoord.connect(nil, { size = clients })
+  local q = pgcoord.queue(db, name)
+  local next_n, tasks = 0, {}
+  for c = 1, clients do
+    tasks[c] = pgcoord.spawn(function()
+      while next_n < n do
+        next_n = next_n + 1
+        q:publish(db, { n = next_n })
+      end
+    end)
+  end
+  for _, t in ipairs(tasks) do t:join() end
+  db:close()
+  say(("published=%d"):format(n))
+
+elseif mode == "consume-n" then
+  local name, subs = args[2], args:integer(3, "SUBSCRIPTIONS")
+  local concurrency, total = args:integer(4, "CONCURRENCY"), args:integer(5, "DELIVERIES", 0)
+  local db = pgcoord.connect(nil, { size = math.min(20, subs * concurrency + 2) })
+  local q = pgcoord.queue(db, name)
+  local handled, all_handled = 0, require("pgcoord.task").cond()
+  local function handler()
+    handled = handled + 1
+    if handled == total then all_handled:signal() end
+  end
+  local consumers = {}
+  for i = 1, subs do
+    consumers[i] = q:consume("s" .. i, handler, { concurrency = concurrency })
+  end
+  say("ready")
+  -- (a wait, not a poll: the process does nothing but consume meanwhile)
+  while handled < total do all_handled:wait() end
+  local acked = 0
+  for _, c in ipairs(consumers) do
+    c:stop()
+    acked = acked + c:stats().acked
+  end
+  db:close()
+  say(("handled=%d acked=%d"):format(handled, acked))
+
 else
-  error(("queue.lua: unknown mode %s (setup, sql, fill, drain, publish or consume)")
+  error(("queue.lua: unknown mode %s (setup, sql, fill, drain, publish, consume, publish-n"
+    .. " or consume-n)")
     :format(tostring(mode)))
 end

@@ -3,8 +3,12 @@
 -- leases renewed by keeper.lua; wakeups.lua wakes it on a NOTIFY.
 --
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
--- there are free handlers.  Ordered ones claim the head only, and ack it
--- and claim the next in one statement.  Part of the primitives layer.
+-- there are free handlers plus `prefetch` more, kept in hand for the
+-- handlers that end next (so the server works on the next claim while the
+-- handlers work through what came before), and each claim writes the acks
+-- of the handlers that ended since the last one.  Ordered ones claim the
+-- head only, and ack it and claim the next in one statement.  Part of the
+-- primitives layer.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
@@ -13,6 +17,7 @@ local options = require "pgcoord.options"
 local retry = require "pgcoord.retry"
 local backoff = require "pgcoord.backoff"
 local json = require "pgcoord.json"
+local db = require "pgcoord.db"
 local sql = require "pgcoord.queue.sql"
 local acks = require "pgcoord.queue.acks"
 local keeper = require "pgcoord.queue.keeper"
@@ -63,6 +68,7 @@ consumer.MAX_SECONDS = MAX_SECONDS
 
 local check_options = options.spec("q:consume", {
   concurrency = { "integer", default = 1, min = 1, max = MAX_CONCURRENCY },
+  prefetch = { "integer", min = 0, max = MAX_CONCURRENCY },   -- nil: concurrency
   poll_interval = { "number", default = 5, min = MIN_POLL, max = MAX_SECONDS },
   visibility_timeout = { "number", default = 30, min = MIN_LEASE, max = MAX_SECONDS },
   max_deliveries = { "integer", min = 1, max = MAX_DELIVERIES },   -- nil: no limit
@@ -73,6 +79,7 @@ local check_options = options.spec("q:consume", {
 -- q:consume's options, checked, with defaults.
 function consumer.options(opts)
   local o = check_options(opts)
+  o.prefetch = o.prefetch or o.concurrency
   if o.max_retry_delay < o.retry_delay then
     options.raise("q:consume: max_retry_delay (%s) must not be less than retry_delay (%s)",
       options.show(o.max_retry_delay), options.show(o.retry_delay))
@@ -119,6 +126,12 @@ function consumer.start(sub, fn, o, waker)
     state = "starting",      -- starting, running, stopping, stopped
     wakeup = task.signal(),  -- the claim loop sleeps here
     running = 0,             -- handlers in progress
+    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
+    -- claimed and not ended at most (an ordered subscription has one
+    -- message in flight: nothing to hold), and the least room worth a
+    -- claim, so that busy handlers ending one by one do not make a claim each
+    capacity = o.concurrency + (sub.ordered and 0 or o.prefetch),
+    claim_at = math.max(1, (sub.ordered and 0 or o.prefetch) // 2),
     in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
     next_due = nil,          -- when the earliest backoff this consumer set ends
     waker = waker,
@@ -145,7 +158,8 @@ function Consumer:has_room()
   return self.running < self.o.concurrency
 end
 
--- The leases of running handlers, { message id, delivery count } each.
+-- The leases of running handlers and of the messages held for them,
+-- { message id, delivery count } each.
 function Consumer:_leases()
   local list = {}
   for id, entry in pairs(self.in_flight) do
@@ -156,11 +170,34 @@ end
 
 -- ---- claiming ------------------------------------------------------------------
 
+local function by_id(a, b) return a.id < b.id end
+
+-- Messages held for a handler.
+function Consumer:_held()
+  return self.held.tail - self.held.head + 1
+end
+
+-- Claims up to n rows; an unordered claim writes the acks waiting too.
 function Consumer:_claim(n)
   local ctx = self.ctx
-  local rows = ctx.pool:query(ctx.ordered and sql.claim_head or sql.claim, ctx.subscription_id,
-    n, ctx.max_deliveries, ctx.visibility_timeout)
-  table.sort(rows, function(a, b) return a.id < b.id end)
+  if ctx.ordered then
+    return ctx.pool:query(sql.claim_head, ctx.subscription_id, n, ctx.max_deliveries,
+      ctx.visibility_timeout)
+  end
+  local batch = self.acks:take()
+  local sids, ids, ns = sql.token_arrays(ctx.subscription_id, batch)
+  local in_hand = {}
+  for id in pairs(self.in_flight) do in_hand[#in_hand + 1] = id end
+  local ok, rows = pcall(ctx.pool.query, ctx.pool, sql.claim, ctx.subscription_id, n,
+    ctx.max_deliveries, ctx.visibility_timeout, sids, ids, ns, db.int_array(in_hand))
+  if not ok then
+    self.acks:give_back(batch)
+    error(rows, 0)
+  end
+  local first = rows[1]
+  self.acks:settle(batch, first.acked, first.lost and first.lost:gmatch("%d+"))
+  if first.id == nil then return {} end   -- nothing claimed: the one row says so
+  if #rows > 1 then table.sort(rows, by_id) end
   return rows
 end
 
@@ -180,11 +217,44 @@ function Consumer:_start(rows)
       if row.deliveries == 1 then fresh = fresh + 1 end
       local entry = { n = row.deliveries, id = row.id, consumer = self }
       self.in_flight[row.id] = entry
-      self.running = self.running + 1
-      entry.task = task.spawn(self._handle, self, row, entry)
+      if self.running < self.o.concurrency then
+        self:_run(row, entry)
+      else
+        local held = self.held
+        held.tail = held.tail + 1
+        held[held.tail] = { row, entry }
+      end
     end
   end
   return fresh
+end
+
+function Consumer:_run(row, entry)
+  self.running = self.running + 1
+  entry.task = task.spawn(self._handle, self, row, entry)
+end
+
+-- The next message held, handed to the handler slot that just freed.
+function Consumer:_run_held()
+  local held = self.held
+  local h = held.head
+  if h > held.tail then return end
+  local item = held[h]
+  held[h] = nil
+  if h == held.tail then held.head, held.tail = 1, 0 else held.head = h + 1 end
+  self:_run(item[1], item[2])
+end
+
+-- Hands back the messages held for a handler (the consumer is stopping).
+function Consumer:_drop_held()
+  local held = self.held
+  for i = held.head, held.tail do
+    local entry = held[i][2]
+    held[i] = nil
+    self.in_flight[entry.id] = nil
+    self.acks:abandon(entry.id, entry.n)
+  end
+  held.head, held.tail = 1, 0
 end
 
 -- Seconds to sleep after a claim found nothing: until the next lease or
@@ -218,9 +288,9 @@ function Consumer:_loop()
   local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
   local by_timer = false
   while self.state == "running" do
-    local free = o.concurrency - self.running
+    local free = self.capacity - self.running - self:_held()
     local wait = o.poll_interval
-    if free > 0 then
+    if free >= self.claim_at then
       -- wake-ups that came before this claim are answered by it
       self.wakeup:clear()
       local asked = math.min(free, CLAIM_BATCH)
@@ -276,6 +346,7 @@ function Consumer:_handle(row, entry)
       if not entry.outcome then self.acks:abandon(row.id, entry.n) end
     end
     self.running = self.running - 1
+    if self.state == "running" then self:_run_held() end
     self.wakeup:notify()
   end })
   local decoded, payload = pcall(json_decode, row.payload)
@@ -363,6 +434,9 @@ function Consumer:_shutdown(timeout)
   self.wakeup:notify()
   self.waker:remove(self)
   self.loop_task:wait()
+  -- held messages go back first, for other consumers to take at once
+  self:_drop_held()
+  self.acks:release()
   local deadline = timeout and core.now() + timeout
   local handlers = {}
   for id, entry in pairs(self.in_flight) do handlers[id] = entry.task end
@@ -413,7 +487,7 @@ function Consumer:stats()
   local c = self.ctx.counters
   return { state = self.state, running = self.running, handled = c.handled, acked = c.acked,
            requeued = c.requeued, dead = c.dead, lost = c.lost, fenced = c.fenced,
-           unacked = self.acks:count() }
+           unacked = self.acks:count(), held = self:_held() }
 end
 
 return consumer
