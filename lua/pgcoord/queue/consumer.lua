@@ -126,6 +126,8 @@ function consumer.start(sub, fn, o, waker)
     state = "starting",      -- starting, running, stopping, stopped
     wakeup = task.signal(),  -- the claim loop sleeps here
     running = 0,             -- handlers in progress
+    runners = 0,             -- tasks that run handlers, one message after another
+    idle = {},               -- the wake-ups of those waiting for a message
     held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
     -- claimed and not ended at most (an ordered subscription has one
     -- message in flight: nothing to hold), and the least room worth a
@@ -217,32 +219,68 @@ function Consumer:_start(rows)
       if row.deliveries == 1 then fresh = fresh + 1 end
       local entry = { n = row.deliveries, id = row.id, consumer = self }
       self.in_flight[row.id] = entry
-      if self.running < self.o.concurrency then
-        self:_run(row, entry)
-      else
-        local held = self.held
-        held.tail = held.tail + 1
-        held[held.tail] = { row, entry }
-      end
+      local held = self.held
+      held.tail = held.tail + 1
+      held[held.tail] = { row, entry }
     end
   end
+  self:_wake_runners()
   return fresh
 end
 
-function Consumer:_run(row, entry)
-  self.running = self.running + 1
-  entry.task = task.spawn(self._handle, self, row, entry)
+-- ---- runners: a task runs one handler after another ---------------------------
+-- (a task per message would cost more than a no-op handler itself)
+
+-- Wakes an idle runner per message held, and starts runners, up to
+-- concurrency, for the messages left.
+function Consumer:_wake_runners()
+  local idle, want = self.idle, self:_held()
+  while want > 0 and #idle > 0 do
+    table.remove(idle):notify()
+    want = want - 1
+  end
+  local start = math.min(want, self.o.concurrency - self.runners)
+  for _ = 1, start do
+    self.runners = self.runners + 1
+    task.spawn(self._runner, self, task.signal())
+  end
 end
 
--- The next message held, handed to the handler slot that just freed.
-function Consumer:_run_held()
+-- Takes the next message held, if any.
+function Consumer:_take_held()
   local held = self.held
   local h = held.head
-  if h > held.tail then return end
+  if h > held.tail then return nil end
   local item = held[h]
   held[h] = nil
   if h == held.tail then held.head, held.tail = 1, 0 else held.head = h + 1 end
-  self:_run(item[1], item[2])
+  return item
+end
+
+-- A runner: handles what is held while the consumer runs; ends when it
+-- stops (a cancel of the runner cancels its handler).
+function Consumer:_runner(wake)
+  local me = task.current()
+  while true do
+    local item = self.state == "running" and self:_take_held()
+    if item then
+      local entry = item[2]
+      entry.task = me
+      self.running = self.running + 1
+      local ok, err = pcall(self._handle, self, item[1], entry)
+      if not ok then   -- cancelled (at a stop's deadline): this runner ends
+        self.runners = self.runners - 1
+        error(err, 0)
+      end
+    elseif self.state ~= "running" then
+      break
+    else
+      local idle = self.idle
+      idle[#idle + 1] = wake
+      wake:wait()
+    end
+  end
+  self.runners = self.runners - 1
 end
 
 -- Hands back the messages held for a handler (the consumer is stopping).
@@ -346,7 +384,6 @@ function Consumer:_handle(row, entry)
       if not entry.outcome then self.acks:abandon(row.id, entry.n) end
     end
     self.running = self.running - 1
-    if self.state == "running" then self:_run_held() end
     self.wakeup:notify()
   end })
   local decoded, payload = pcall(json_decode, row.payload)
@@ -437,6 +474,9 @@ function Consumer:_shutdown(timeout)
   -- held messages go back first, for other consumers to take at once
   self:_drop_held()
   self.acks:release()
+  -- idle runners end (the others once their handlers have)
+  for _, wake in ipairs(self.idle) do wake:notify() end
+  self.idle = {}
   local deadline = timeout and core.now() + timeout
   local handlers = {}
   for id, entry in pairs(self.in_flight) do handlers[id] = entry.task end
