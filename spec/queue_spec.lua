@@ -712,6 +712,34 @@ describe("pgcoord.queue", function()
     assert.is_true(sent[sql.claim] >= 2)
   end)
 
+  it("keeps two claims on their way while a backlog lasts, each message handled once",
+    function()
+    local sql = require("pgcoord.queue").sql
+    local p = pool(6)
+    local on_way, most, query = 0, 0, p.query
+    p.query = function(self, text, ...)
+      if text ~= sql.claim then return query(self, text, ...) end
+      on_way = on_way + 1
+      most = math.max(most, on_way)
+      local ok, rows = pcall(query, self, text, ...)
+      on_way = on_way - 1
+      if not ok then error(rows, 0) end
+      return rows
+    end
+    local qname = helper.unique("q")
+    local q = pgcoord.queue(p, qname)
+    q:subscribe("s")
+    local values = {}
+    for i = 1, 500 do values[i] = i end
+    q:publish_many(db, values)
+    local seen = {}
+    consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
+      { concurrency = 24 })
+    helper.wait_until(function() return q:stats("s").acked == 500 end, 20, "500 acks")
+    assert.are.equal(2, most)
+    for i = 1, 500 do assert.are.equal(1, seen[i]) end
+  end)
+
   it("holds prefetch messages for busy handlers, keeps their leases, hands them back on stop",
     function()
     local qname = helper.unique("q")

@@ -5,8 +5,10 @@
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
 -- there are free handlers plus `prefetch` more, kept in hand for the
 -- handlers that end next (so the server works on the next claim while the
--- handlers work through what came before), and each claim writes the acks
--- of the handlers that ended since the last one.  Ordered ones claim the
+-- handlers work through what came before; while a backlog lasts, a second
+-- claim goes beside it), and each claim writes the acks of the handlers
+-- that ended since the last one.  Handlers run on runner tasks, up to
+-- concurrency of them, one message after another.  Ordered ones claim the
 -- head only, and ack it and claim the next in one statement.  Part of the
 -- primitives layer.
 local core = require "pgcoord.core"
@@ -64,6 +66,9 @@ local MAX_SECONDS = 365 * 86400
 local MAX_CONCURRENCY = 10000
 local MAX_DELIVERIES = 0x7fffffff   -- deliveries is an integer column
 local CLAIM_BATCH = 500             -- rows per claim statement
+-- The least rows for each of two claims on their way at once, so that a
+-- small consumer sends one claim of its room, not two of half.
+local MIN_SPLIT = 8
 consumer.MAX_SECONDS = MAX_SECONDS
 
 local check_options = options.spec("q:consume", {
@@ -131,9 +136,14 @@ function consumer.start(sub, fn, o, waker)
     held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
     -- claimed and not ended at most (an ordered subscription has one
     -- message in flight: nothing to hold), and the least room worth a
-    -- claim, so that busy handlers ending one by one do not make a claim each
+    -- claim (half of it, at most prefetch), so that handlers ending one by
+    -- one do not make a claim each
     capacity = o.concurrency + (sub.ordered and 0 or o.prefetch),
-    claim_at = math.max(1, (sub.ordered and 0 or o.prefetch) // 2),
+    claim_at = math.max(1, math.min(sub.ordered and 0 or o.prefetch,
+      (o.concurrency + o.prefetch) // 2)),
+    backlog = false,         -- the last claim came back full
+    companion = nil,         -- the claim task on its way beside the loop's, if any
+    companion_rows = 0,      -- the rows it asked for
     in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
     next_due = nil,          -- when the earliest backoff this consumer set ends
     waker = waker,
@@ -317,6 +327,19 @@ function Consumer:_idle_wait(wait, overdue)
   return wait
 end
 
+-- The second claim on its way beside the loop's, while there is a
+-- backlog: the server works on both at once, as it would for two consumers.
+function Consumer:_companion(n)
+  local ok, rows = pcall(self._claim, self, n)
+  self.companion, self.companion_rows = nil, 0
+  if ok then
+    self:_start(rows)
+  else
+    log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+  end
+  self.wakeup:notify()
+end
+
 -- The claim loop: claim while handlers are free, then sleep until a
 -- handler ends, a notification or a reconnection comes, the next lease or
 -- backoff ends, or poll_interval passes.
@@ -326,13 +349,20 @@ function Consumer:_loop()
   local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
   local by_timer = false
   while self.state == "running" do
-    local free = self.capacity - self.running - self:_held()
+    local free = self.capacity - self.running - self:_held() - self.companion_rows
     local wait = o.poll_interval
     if free >= self.claim_at then
       -- wake-ups that came before this claim are answered by it
       self.wakeup:clear()
       local asked = math.min(free, CLAIM_BATCH)
+      if self.backlog and not self.companion and free // 2 >= math.max(MIN_SPLIT, self.claim_at)
+      then
+        asked = math.min(free // 2, CLAIM_BATCH)
+        self.companion_rows = math.min(free - asked, CLAIM_BATCH)
+        self.companion = task.spawn(self._companion, self, self.companion_rows)
+      end
       local ok, rows = pcall(self._claim, self, asked)
+      self.backlog = ok and #rows == asked
       if not ok then
         wait = failed:next()
         log.warn("queue claim failed", ctx:fields({ error = error_text(rows) }))
@@ -471,6 +501,7 @@ function Consumer:_shutdown(timeout)
   self.wakeup:notify()
   self.waker:remove(self)
   self.loop_task:wait()
+  if self.companion then self.companion:wait() end
   -- held messages go back first, for other consumers to take at once
   self:_drop_held()
   self.acks:release()
