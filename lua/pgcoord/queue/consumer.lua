@@ -1,5 +1,5 @@
--- The consume service of one subscription: the claim loop and a handler
--- task per claimed message.  Its outcomes are written by acks.lua, its
+-- The consume service of one subscription: the claim loop and the runners
+-- of its handlers.  Its outcomes are written by acks.lua, its
 -- leases renewed by keeper.lua; wakeups.lua wakes it on a NOTIFY.
 --
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
