@@ -189,6 +189,11 @@ function Consumer:_held()
   return self.held.tail - self.held.head + 1
 end
 
+-- Messages a claim may take now.
+function Consumer:_room()
+  return self.capacity - self.running - self:_held() - self.companion_rows
+end
+
 -- Claims up to n rows; an unordered claim writes the acks waiting too.
 function Consumer:_claim(n)
   local ctx = self.ctx
@@ -241,16 +246,17 @@ end
 -- ---- runners: a task runs one handler after another ---------------------------
 -- (a task per message would cost more than a no-op handler itself)
 
--- Wakes an idle runner per message held, and starts runners, up to
--- concurrency, for the messages left.
+-- Wakes one idle runner, or starts one (up to concurrency), when
+-- messages are held.  Each runner that takes a message with more held
+-- wakes the next: handlers that wait get a runner each, one after
+-- another, while handlers that never wait leave the first runner to go
+-- through the lot, not a wake-up of every runner for nothing.
 function Consumer:_wake_runners()
-  local idle, want = self.idle, self:_held()
-  while want > 0 and #idle > 0 do
+  if self:_held() == 0 then return end
+  local idle = self.idle
+  if #idle > 0 then
     table.remove(idle):notify()
-    want = want - 1
-  end
-  local start = math.min(want, self.o.concurrency - self.runners)
-  for _ = 1, start do
+  elseif self.runners < self.o.concurrency then
     self.runners = self.runners + 1
     task.spawn(self._runner, self, task.signal())
   end
@@ -274,6 +280,7 @@ function Consumer:_runner(wake)
   while true do
     local item = self.state == "running" and self:_take_held()
     if item then
+      self:_wake_runners()
       local entry = item[2]
       entry.task = me
       self.running = self.running + 1
@@ -349,7 +356,7 @@ function Consumer:_loop()
   local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
   local by_timer = false
   while self.state == "running" do
-    local free = self.capacity - self.running - self:_held() - self.companion_rows
+    local free = self:_room()
     local wait = o.poll_interval
     if free >= self.claim_at then
       -- wake-ups that came before this claim are answered by it
@@ -414,7 +421,9 @@ function Consumer:_handle(row, entry)
       if not entry.outcome then self.acks:abandon(row.id, entry.n) end
     end
     self.running = self.running - 1
-    self.wakeup:notify()
+    -- (only once there is room for a claim: a wake-up of the loop per
+    -- handler would cost more than a no-op handler)
+    if self:_room() >= self.claim_at then self.wakeup:notify() end
   end })
   local decoded, payload = pcall(json_decode, row.payload)
   if not decoded then
