@@ -362,8 +362,9 @@ function Consumer:_loop()
       -- wake-ups that came before this claim are answered by it
       self.wakeup:clear()
       local asked = math.min(free, CLAIM_BATCH)
-      if self.backlog and not self.companion and free // 2 >= math.max(MIN_SPLIT, self.claim_at)
-      then
+      -- (never for an ordered subscription: one message in flight)
+      if self.backlog and not ctx.ordered and not self.companion
+         and free // 2 >= math.max(MIN_SPLIT, self.claim_at) then
         asked = math.min(free // 2, CLAIM_BATCH)
         self.companion_rows = math.min(free - asked, CLAIM_BATCH)
         self.companion = task.spawn(self._companion, self, self.companion_rows)
