@@ -5,10 +5,11 @@
 --   queue.lua sql DIR QUEUE SIDS
 --       writes pgbench scripts doing the module's own statements (its SQL
 --       text, $n parameters turned into pgbench variables) to DIR:
---       publish.sql, consume-N.sql (unordered: claim one, ack it) and
+--       publish.sql, consume-N.sql (unordered: claim one, acking the one
+--       claimed before in the same statement, as consumers do),
 --       consume-ordered.sql (ack the head and claim the next, as ordered
---       consumers do), and drain-N.sql (claim up to :batch, then ack what
---       was claimed in one statement)
+--       consumers do), and drain-N.sql (claim up to :batch, acking the
+--       batch claimed before in the same statement)
 --   queue.lua publish QUEUE SECONDS CLIENTS
 --       CLIENTS tasks publish one message per statement for SECONDS;
 --       prints "published=N seconds=S rate=R"
@@ -26,6 +27,13 @@
 --       counts the messages handled in a window of SECONDS that opens with
 --       the first one (waiting at most WAIT seconds for it); prints
 --       "handled=N seconds=S rate=R acked=A"
+--   queue.lua publish-n QUEUE MESSAGES CLIENTS
+--       CLIENTS tasks publish MESSAGES messages in all, one per statement
+--   queue.lua consume-n QUEUE SUBSCRIPTIONS CONCURRENCY DELIVERIES
+--       a consumer per subscription, no-op handlers, until DELIVERIES are
+--       handled, then stopped (every ack written); for scripts/bench/queue-cost,
+--       which counts statements, WAL and instructions of a fixed amount of
+--       work, so it sends no statement of its own while it consumes
 local pgcoord = require "pgcoord"
 local queue = require "pgcoord.queue"
 
@@ -70,32 +78,35 @@ elseif mode == "sql" then
   for sid in tostring(args[4]):gmatch("%d+") do sids[#sids + 1] = sid end
   local s = queue.sql
   write(dir .. "/publish.sql", pgbench_sql(s.publish, { ":qname", ":payload" }))
-  -- Arrays of one element for the acks: ARRAY[:x] where pgcoord sends '{x}'.
-  local ack = s.ack:gsub("%$(%d)::(%a+)%[%]", function(n, t)
-    return ("ARRAY[:%s]::%s[]"):format(({ "sid", "id", "deliveries" })[tonumber(n)], t)
-  end)
+  -- The unordered claim acks what the last one claimed ($5-$7) as it
+  -- claims; pgbench holds nothing else in hand ($8).  Its last SELECT
+  -- becomes the arrays of what it claimed, for the next transaction's acks
+  -- (pgbench needs values, not NULL, for "none").
+  local final = "SELECT o.acked, o.lost, c.* FROM outcome o LEFT JOIN claimed c ON true"
+  assert(s.claim:find(final, 1, true), "the claim no longer ends with " .. final)
+  local function claim_script(sid, limit, v)
+    return pgbench_sql(s.claim:gsub(final:gsub("%p", "%%%0"), ([[
+SELECT o.acked, COALESCE((SELECT array_agg(%s::bigint) FROM claimed), '{}')::text AS %s,
+       COALESCE((SELECT array_agg(id) FROM claimed), '{}')::text AS %s,
+       COALESCE((SELECT array_agg(deliveries) FROM claimed), '{}')::text AS %s
+  FROM outcome o]]):format(sid, v.sids, v.ids, v.ns)),
+      { sid, limit, "NULL", "30", ":" .. v.sids, ":" .. v.ids, ":" .. v.ns, "'{}'" })
+      :gsub(";\n$", " \\gset\n")
+  end
+  -- Publish -> ack: claim one, acking the one before, one statement a
+  -- message; a script per subscription, each with its own variables (a
+  -- client runs the scripts in any order): -D sids_N='{}' and so on.
   for i, sid in ipairs(sids) do
     write(("%s/consume-%d.sql"):format(dir, i),
-      "\\set id 0\n\\set deliveries 0\n"
-      .. pgbench_sql(s.claim, { sid, "1", "NULL", "30" }):gsub(";\n$", " \\aset\n")
-      .. pgbench_sql(ack, { ":sid" }):gsub(":sid", sid))
+      claim_script(sid, "1", { sids = "sids_" .. i, ids = "ids_" .. i, ns = "ns_" .. i }))
   end
-  -- Drain: claim up to :batch (the claim's CTE heads the script's own
-  -- chain), then ack every claimed row in one statement, as the consumer
-  -- batches its acks.
-  local batch_ack = s.ack:gsub("%$(%d)::(%a+)%[%]", function(n, t)
-    return (":%s::%s[]"):format(({ "sids", "ids", "ns" })[tonumber(n)], t)
-  end)
+  -- Drain: claim up to :batch, acking the batch before, as the consumer
+  -- does once its handlers have ended; past :claims transactions (:n counts
+  -- them, from -D n=0), a claim of none, which acks the last batch.
   for i, sid in ipairs(sids) do
-    local claim = pgbench_sql(s.claim, { sid, ":batch", "NULL", "30" }):gsub(";\n$", "")
-    local chain, found = claim:gsub("^(WITH picked AS %b())%s*UPDATE", "%1,\nc AS (UPDATE", 1)
-    assert(found == 1, "the claim no longer starts with WITH picked AS (...) UPDATE")
     write(("%s/drain-%d.sql"):format(dir, i),
-      chain .. ")\n"
-      .. "SELECT COALESCE(array_agg(" .. sid .. "), '{}')::text AS sids,"
-      .. " COALESCE(array_agg(id), '{}')::text AS ids,"
-      .. " COALESCE(array_agg(deliveries), '{}')::text AS ns FROM c \\gset\n"
-      .. batch_ack .. ";\n")
+      "\\set n :n + 1\n\\if :n > :claims\n\\set limit 0\n\\else\n\\set limit :batch\n\\endif\n"
+      .. claim_script(sid, ":limit", { sids = "sids", ids = "ids", ns = "ns" }))
   end
   -- Ordered: claim the head when holding nothing, else ack it and claim
   -- the next in one statement (pgbench needs 0, not NULL, for "none").
@@ -201,7 +212,50 @@ elseif mode == "consume" then
   say(("handled=%d seconds=%d rate=%.1f acked=%d"):format(counted, window, counted / window,
     acked))
 
+elseif mode == "publish-n" then
+  local name, n, clients = args[2], args:integer(3, "MESSAGES"), args:integer(4, "CLIENTS")
+  local db = pgcoord.connect(nil, { size = clients })
+  local q = pgcoord.queue(db, name)
+  local next_n, tasks = 0, {}
+  for c = 1, clients do
+    tasks[c] = pgcoord.spawn(function()
+      while next_n < n do
+        next_n = next_n + 1
+        q:publish(db, { n = next_n })
+      end
+    end)
+  end
+  for _, t in ipairs(tasks) do t:join() end
+  db:close()
+  say(("published=%d"):format(n))
+
+elseif mode == "consume-n" then
+  local name, subs = args[2], args:integer(3, "SUBSCRIPTIONS")
+  local concurrency, total = args:integer(4, "CONCURRENCY"), args:integer(5, "DELIVERIES", 0)
+  local db = pgcoord.connect(nil, { size = math.min(20, subs * concurrency + 2) })
+  local q = pgcoord.queue(db, name)
+  local handled, all_handled = 0, require("pgcoord.task").cond()
+  local function handler()
+    handled = handled + 1
+    if handled == total then all_handled:signal() end
+  end
+  local consumers = {}
+  for i = 1, subs do
+    consumers[i] = q:consume("s" .. i, handler, { concurrency = concurrency })
+  end
+  say("ready")
+  -- (a wait, not a poll: the process does nothing but consume meanwhile)
+  while handled < total do all_handled:wait() end
+  local acked = 0
+  for _, c in ipairs(consumers) do
+    c:stop()
+    acked = acked + c:stats().acked
+  end
+  db:close()
+  say(("handled=%d acked=%d"):format(handled, acked))
+
 else
-  error(("queue.lua: unknown mode %s (setup, sql, fill, drain, publish or consume)")
+  error(("queue.lua: unknown mode %s (setup, sql, fill, drain, publish, consume, publish-n"
+    .. " or consume-n)")
     :format(tostring(mode)))
 end

@@ -1,11 +1,14 @@
 -- The outcomes of one consumer's deliveries, written back: acks in
--- batches by one writer task (whatever accumulated while the last batch
--- was being written goes in the next, so batches grow with the load),
+-- batches, most of them with the unordered consumer's next claim (one
+-- statement for both, see take()), the rest by one writer task once the
+-- oldest has waited ACK_AGE with no claim to take it (whatever accumulated
+-- meanwhile goes in the same batch, so batches grow with the load),
 -- requeues and the ordered head's ack-and-claim at once, and, when the
 -- consumer stops, the hand-back of deliveries whose handlers were
 -- cancelled.  Every write names its rows by delivery count, the lease's
 -- fencing token: an outcome for a lease lost meanwhile changes nothing,
 -- and is counted as lost.  Part of the primitives layer.
+local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local json = require "pgcoord.json"
@@ -18,6 +21,11 @@ local Acks = {}
 Acks.__index = Acks
 
 local ACK_BATCH = 1000
+-- How long an ack waits for a claim to carry it before the writer writes
+-- it alone: short beside any lease (visibility_timeout is at least 0.1 s;
+-- a lease is not renewed once its handler has returned).  A field, read
+-- at each use, so that a spec can make the claims the only writers.
+acks.ACK_AGE = 0.02
 local ERROR_LIMIT = 2000 -- bytes of an error kept in last_error
 local TRIES = 5          -- of a write that cannot wait for the next batch
 
@@ -31,6 +39,7 @@ function acks.start(ctx)
     ctx = ctx,
     state = "running",        -- running, stopping, stopped
     list = {},                -- { message id, delivery count } to ack
+    since = 0,                -- core.now() when the oldest of them came
     abandoned = {},           -- the same, to hand back at the stop
     wake = task.signal(),     -- the writer sleeps here
   }, Acks)
@@ -43,8 +52,52 @@ end
 -- Acks a delivery in the next batch.
 function Acks:push(id, n)
   local list = self.list
-  list[#list + 1] = { id, n }
+  local k = #list + 1
+  list[k] = { id, n }
+  -- (the writer times the oldest, and writes at once a full batch)
+  if k == 1 then
+    self.since = core.now()
+    self.wake:notify()
+  elseif k == ACK_BATCH then
+    self.wake:notify()
+  end
+end
+
+-- The acks waiting, at most ACK_BATCH, taken for a claim to write (and
+-- settle(), or give_back() if it failed).
+function Acks:take()
+  local list = self.list
+  if #list <= ACK_BATCH then
+    self.list = {}
+    return list
+  end
+  self.list = table.move(list, ACK_BATCH + 1, #list, 1, {})
+  self.since = core.now()
+  return table.move(list, 1, ACK_BATCH, 1, {})
+end
+
+-- Acks taken whose claim failed: first in the next batch.
+function Acks:give_back(batch)
+  if #batch == 0 then return end
+  if #self.list == 0 then self.since = core.now() end
+  table.move(self.list, 1, #self.list, #batch + 1, batch)
+  self.list = batch
   self.wake:notify()
+end
+
+-- Counts a batch written: acked of them went through; lost, when some did
+-- not, is an iterator of the message ids that did not (their leases ran
+-- out meanwhile).
+function Acks:settle(batch, acked, lost)
+  local ctx = self.ctx
+  ctx:count("acked", acked)
+  if acked < #batch then
+    local gone = {}
+    for id in lost do gone[tonumber(id)] = true end
+    for _, a in ipairs(batch) do
+      if gone[a[1]] then self:_lost(a[1], a[2], "ack") end
+    end
+  end
 end
 
 -- Acks waiting for the writer.
@@ -135,14 +188,18 @@ function Acks:requeue(id, n, reason, delay)
   end
 end
 
--- The writer: batches of at most ACK_BATCH, retried with backoff.
+-- The writer: batches of at most ACK_BATCH that no claim took within
+-- ACK_AGE, retried with backoff; at a stop, at once.
 function Acks:_loop()
   local ctx = self.ctx
   local delay, failures = backoff.new({ base = 0.1, cap = 2 }), 0
   while true do
+    local due = self.since + acks.ACK_AGE
     if #self.list == 0 then
       if self.state ~= "running" then return end
       self.wake:wait()
+    elseif self.state == "running" and #self.list < ACK_BATCH and core.now() < due then
+      self.wake:wait(due - core.now())
     else
       local batch = self.list
       if #batch > ACK_BATCH then
@@ -173,8 +230,8 @@ function Acks:_loop()
   end
 end
 
--- Hands back the deliveries of cancelled handlers, for others at once.
-function Acks:_release()
+-- Hands back the deliveries abandoned so far, for others at once.
+function Acks:release()
   local list, ctx = self.abandoned, self.ctx
   self.abandoned = {}
   if #list == 0 then return end
@@ -192,7 +249,7 @@ end
 function Acks:stop()
   if self.state ~= "running" then return end
   self.state = "stopping"
-  self:_release()
+  self:release()
   self.wake:notify()
   self.task:wait()
   self.state = "stopped"

@@ -1,10 +1,16 @@
--- The consume service of one subscription: the claim loop and a handler
--- task per claimed message.  Its outcomes are written by acks.lua, its
+-- The consume service of one subscription: the claim loop and the runners
+-- of its handlers.  Its outcomes are written by acks.lua, its
 -- leases renewed by keeper.lua; wakeups.lua wakes it on a NOTIFY.
 --
 -- Unordered subscriptions claim FOR UPDATE SKIP LOCKED, as many rows as
--- there are free handlers.  Ordered ones claim the head only, and ack it
--- and claim the next in one statement.  Part of the primitives layer.
+-- there are free handlers plus `prefetch` more, kept in hand for the
+-- handlers that end next (so the server works on the next claim while the
+-- handlers work through what came before; while a backlog lasts, a second
+-- claim goes beside it), and each claim writes the acks of the handlers
+-- that ended since the last one.  Handlers run on runner tasks, up to
+-- concurrency of them, one message after another.  Ordered ones claim the
+-- head only, and ack it and claim the next in one statement.  Part of the
+-- primitives layer.
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
@@ -13,6 +19,7 @@ local options = require "pgcoord.options"
 local retry = require "pgcoord.retry"
 local backoff = require "pgcoord.backoff"
 local json = require "pgcoord.json"
+local db = require "pgcoord.db"
 local sql = require "pgcoord.queue.sql"
 local acks = require "pgcoord.queue.acks"
 local keeper = require "pgcoord.queue.keeper"
@@ -59,10 +66,14 @@ local MAX_SECONDS = 365 * 86400
 local MAX_CONCURRENCY = 10000
 local MAX_DELIVERIES = 0x7fffffff   -- deliveries is an integer column
 local CLAIM_BATCH = 500             -- rows per claim statement
+-- The least rows for each of two claims on their way at once, so that a
+-- small consumer sends one claim of its room, not two of half.
+local MIN_SPLIT = 8
 consumer.MAX_SECONDS = MAX_SECONDS
 
 local check_options = options.spec("q:consume", {
   concurrency = { "integer", default = 1, min = 1, max = MAX_CONCURRENCY },
+  prefetch = { "integer", min = 0, max = MAX_CONCURRENCY },   -- nil: concurrency
   poll_interval = { "number", default = 5, min = MIN_POLL, max = MAX_SECONDS },
   visibility_timeout = { "number", default = 30, min = MIN_LEASE, max = MAX_SECONDS },
   max_deliveries = { "integer", min = 1, max = MAX_DELIVERIES },   -- nil: no limit
@@ -73,6 +84,7 @@ local check_options = options.spec("q:consume", {
 -- q:consume's options, checked, with defaults.
 function consumer.options(opts)
   local o = check_options(opts)
+  o.prefetch = o.prefetch or o.concurrency
   if o.max_retry_delay < o.retry_delay then
     options.raise("q:consume: max_retry_delay (%s) must not be less than retry_delay (%s)",
       options.show(o.max_retry_delay), options.show(o.retry_delay))
@@ -120,9 +132,21 @@ function consumer.start(sub, fn, o, waker)
     state = "starting",      -- starting, running, stopping, stopped
     wakeup = task.signal(),  -- the claim loop sleeps here
     running = 0,             -- handlers in progress
+    runners = 0,             -- tasks that run handlers, one message after another
+    idle = {},               -- the wake-ups of those waiting for a message
+    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
+    -- claimed and not ended at most (an ordered subscription has one
+    -- message in flight: nothing to hold), and the least room worth a
+    -- claim (half of it, at most prefetch), so that handlers ending one by
+    -- one do not make a claim each
+    capacity = o.concurrency + (sub.ordered and 0 or o.prefetch),
+    claim_at = math.max(1, math.min(sub.ordered and 0 or o.prefetch,
+      (o.concurrency + o.prefetch) // 2)),
+    backlog = false,         -- the last claim came back full
+    companion = nil,         -- the claim task on its way beside the loop's, if any
+    companion_rows = 0,      -- the rows it asked for
     in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
     next_due = nil,          -- when the earliest backoff this consumer set ends
-    announced = true,        -- messages may wait: claim when a handler is free
     waker = waker,
     done = task.cond(),      -- signalled once stopped
   }, Consumer)
@@ -138,14 +162,18 @@ function consumer.start(sub, fn, o, waker)
   return self
 end
 
--- There may be messages to claim (a notification, a reconnection): the
--- claim loop claims at once if a handler is free, else as one frees.
+-- Wakes the claim loop; a wake-up that comes while it is busy is kept.
 function Consumer:wake()
-  self.announced = true
-  if self.running < self.o.concurrency then self.wakeup:notify() end
+  self.wakeup:notify()
 end
 
--- The leases of running handlers, { message id, delivery count } each.
+-- Whether a handler is free (a notification is worth a claim).
+function Consumer:has_room()
+  return self.running < self.o.concurrency
+end
+
+-- The leases of running handlers and of the messages held for them,
+-- { message id, delivery count } each.
 function Consumer:_leases()
   local list = {}
   for id, entry in pairs(self.in_flight) do
@@ -156,11 +184,39 @@ end
 
 -- ---- claiming ------------------------------------------------------------------
 
+local function by_id(a, b) return a.id < b.id end
+
+-- Messages held for a handler.
+function Consumer:_held()
+  return self.held.tail - self.held.head + 1
+end
+
+-- Messages a claim may take now.
+function Consumer:_room()
+  return self.capacity - self.running - self:_held() - self.companion_rows
+end
+
+-- Claims up to n rows; an unordered claim writes the acks waiting too.
 function Consumer:_claim(n)
   local ctx = self.ctx
-  local rows = ctx.pool:query(ctx.ordered and sql.claim_head or sql.claim, ctx.subscription_id,
-    n, ctx.max_deliveries, ctx.visibility_timeout)
-  table.sort(rows, function(a, b) return a.id < b.id end)
+  if ctx.ordered then
+    return ctx.pool:query(sql.claim_head, ctx.subscription_id, n, ctx.max_deliveries,
+      ctx.visibility_timeout)
+  end
+  local batch = self.acks:take()
+  local sids, ids, ns = sql.token_arrays(ctx.subscription_id, batch)
+  local in_hand = {}
+  for id in pairs(self.in_flight) do in_hand[#in_hand + 1] = id end
+  local ok, rows = pcall(ctx.pool.query, ctx.pool, sql.claim, ctx.subscription_id, n,
+    ctx.max_deliveries, ctx.visibility_timeout, sids, ids, ns, db.int_array(in_hand))
+  if not ok then
+    self.acks:give_back(batch)
+    error(rows, 0)
+  end
+  local first = rows[1]
+  self.acks:settle(batch, first.acked, first.lost and first.lost:gmatch("%d+"))
+  if first.id == nil then return {} end   -- nothing claimed: the one row says so
+  if #rows > 1 then table.sort(rows, by_id) end
   return rows
 end
 
@@ -180,11 +236,82 @@ function Consumer:_start(rows)
       if row.deliveries == 1 then fresh = fresh + 1 end
       local entry = { n = row.deliveries, id = row.id, consumer = self }
       self.in_flight[row.id] = entry
-      self.running = self.running + 1
-      entry.task = task.spawn(self._handle, self, row, entry)
+      local held = self.held
+      held.tail = held.tail + 1
+      held[held.tail] = { row, entry }
     end
   end
+  self:_wake_runners()
   return fresh
+end
+
+-- ---- runners: a task runs one handler after another ---------------------------
+-- (a task per message would cost more than a no-op handler itself)
+
+-- Wakes one idle runner, or starts one (up to concurrency), when
+-- messages are held.  Each runner that takes a message with more held
+-- wakes the next: handlers that wait get a runner each, one after
+-- another, while handlers that never wait leave the first runner to go
+-- through the lot, not a wake-up of every runner for nothing.
+function Consumer:_wake_runners()
+  if self:_held() == 0 then return end
+  local idle = self.idle
+  if #idle > 0 then
+    table.remove(idle):notify()
+  elseif self.runners < self.o.concurrency then
+    self.runners = self.runners + 1
+    task.spawn(self._runner, self, task.signal())
+  end
+end
+
+-- Takes the next message held, if any.
+function Consumer:_take_held()
+  local held = self.held
+  local h = held.head
+  if h > held.tail then return nil end
+  local item = held[h]
+  held[h] = nil
+  if h == held.tail then held.head, held.tail = 1, 0 else held.head = h + 1 end
+  return item
+end
+
+-- A runner: handles what is held while the consumer runs; ends when it
+-- stops (a cancel of the runner cancels its handler).
+function Consumer:_runner(wake)
+  local me = task.current()
+  while true do
+    local item = self.state == "running" and self:_take_held()
+    if item then
+      self:_wake_runners()
+      local entry = item[2]
+      entry.task = me
+      self.running = self.running + 1
+      local ok, err = pcall(self._handle, self, item[1], entry)
+      if not ok then   -- cancelled (at a stop's deadline): this runner ends
+        self.runners = self.runners - 1
+        error(err, 0)
+      end
+    elseif self.state ~= "running" then
+      break
+    else
+      local idle = self.idle
+      idle[#idle + 1] = wake
+      wake:wait()
+    end
+  end
+  self.runners = self.runners - 1
+end
+
+-- Hands back the messages held for a handler (the consumer is stopping).
+function Consumer:_drop_held()
+  local held = self.held
+  for i = held.head, held.tail do
+    local entry = held[i][2]
+    held[i] = nil
+    self.in_flight[entry.id] = nil
+    self.acks:abandon(entry.id, entry.n)
+  end
+  held.head, held.tail = 1, 0
 end
 
 -- Seconds to sleep after a claim found nothing: until the next lease or
@@ -209,30 +336,44 @@ function Consumer:_idle_wait(wait, overdue)
   return wait
 end
 
--- The claim loop: claim while handlers are free and messages may wait
--- (announced, or the last claim was full), then sleep until a handler
--- ends, a notification or a reconnection comes, the next lease or backoff
--- ends, or poll_interval passes.  A handler that ends with nothing
--- announced claims nothing: once the last one ends, one look at the next
--- lease or backoff (no claim) sets the sleep, as an empty claim would have.
+-- The second claim on its way beside the loop's, while there is a
+-- backlog: the server works on both at once, as it would for two consumers.
+function Consumer:_companion(n)
+  local ok, rows = pcall(self._claim, self, n)
+  self.companion, self.companion_rows = nil, 0
+  if ok then
+    self:_start(rows)
+  else
+    log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+  end
+  self.wakeup:notify()
+end
+
+-- The claim loop: claim while handlers are free, then sleep until a
+-- handler ends, a notification or a reconnection comes, the next lease or
+-- backoff ends, or poll_interval passes.
 function Consumer:_loop()
   local ctx, o = self.ctx, self.o
   local failed = backoff.new({ base = 0.1, cap = o.poll_interval })
   local overdue = backoff.new({ base = 0.02, cap = 2.56, jitter = false })
   local by_timer = false
-  local deadline = core.now()  -- when the sleep set by the last look ends
   while self.state == "running" do
-    local free = o.concurrency - self.running
+    local free = self:_room()
     local wait = o.poll_interval
-    local idle = false
-    if free > 0 and (self.announced or by_timer) then
+    if free >= self.claim_at then
       -- wake-ups that came before this claim are answered by it
       self.wakeup:clear()
-      self.announced = false
       local asked = math.min(free, CLAIM_BATCH)
+      -- (never for an ordered subscription: one message in flight)
+      if self.backlog and not ctx.ordered and not self.companion
+         and free // 2 >= math.max(MIN_SPLIT, self.claim_at) then
+        asked = math.min(free // 2, CLAIM_BATCH)
+        self.companion_rows = math.min(free - asked, CLAIM_BATCH)
+        self.companion = task.spawn(self._companion, self, self.companion_rows)
+      end
       local ok, rows = pcall(self._claim, self, asked)
+      self.backlog = ok and #rows == asked
       if not ok then
-        self.announced = true
         wait = failed:next()
         log.warn("queue claim failed", ctx:fields({ error = error_text(rows) }))
       else
@@ -240,38 +381,22 @@ function Consumer:_loop()
         local fresh = self:_start(rows)
         -- first deliveries found by the timer: no notification announced them
         if by_timer and fresh > 0 then self.fan:polled(fresh) end
-        -- a full batch: there may be more, claim again at once (or as
-        -- handlers free)
-        if #rows == asked then
-          self.announced = true
-          if asked < free then self.wakeup:notify() end
-        end
+        -- a full batch: there may be more, claim again at once
+        if #rows == asked and asked < free then self.wakeup:notify() end
         if #rows > 0 then overdue:reset() end
-        idle = #rows == 0
-        if not idle and self.next_due then
+        if #rows == 0 then
+          wait = self:_idle_wait(wait, overdue)
+          if not wait then
+            log.warn("queue subscription dropped, consumer stopping", ctx:fields())
+            task.spawn(self.stop, self)
+            return
+          end
+        elseif self.next_due then
           wait = math.min(wait, math.max(self.next_due - core.now(), 0.01))
         end
-      end
-    elseif free > 0 and self.running == 0 then
-      idle = true
-    elseif free > 0 then
-      -- handlers run, nothing announced: the sleep the last look set, or
-      -- until a backoff this consumer set meanwhile ends
-      wait = math.max(0, deadline - core.now())
-      if self.next_due then wait = math.min(wait, math.max(self.next_due - core.now(), 0.01)) end
-    end
-    if idle then
-      -- (what comes during the look is kept in announced and running)
-      self.wakeup:clear()
-      wait = self:_idle_wait(wait, overdue)
-      if not wait then
-        log.warn("queue subscription dropped, consumer stopping", ctx:fields())
-        task.spawn(self.stop, self)
-        return
+        if self.next_due and self.next_due <= core.now() + wait then self.next_due = nil end
       end
     end
-    if self.next_due and self.next_due <= core.now() + wait then self.next_due = nil end
-    deadline = core.now() + wait
     -- by_timer: only the timer ended the sleep (see fan:polled above)
     if self.state == "running" then by_timer = not self.wakeup:wait(wait) end
   end
@@ -300,7 +425,9 @@ function Consumer:_handle(row, entry)
       if not entry.outcome then self.acks:abandon(row.id, entry.n) end
     end
     self.running = self.running - 1
-    self.wakeup:notify()
+    -- (only once there is room for a claim: a wake-up of the loop per
+    -- handler would cost more than a no-op handler)
+    if self:_room() >= self.claim_at then self.wakeup:notify() end
   end })
   local decoded, payload = pcall(json_decode, row.payload)
   if not decoded then
@@ -387,6 +514,13 @@ function Consumer:_shutdown(timeout)
   self.wakeup:notify()
   self.waker:remove(self)
   self.loop_task:wait()
+  if self.companion then self.companion:wait() end
+  -- held messages go back first, for other consumers to take at once
+  self:_drop_held()
+  self.acks:release()
+  -- idle runners end (the others once their handlers have)
+  for _, wake in ipairs(self.idle) do wake:notify() end
+  self.idle = {}
   local deadline = timeout and core.now() + timeout
   local handlers = {}
   for id, entry in pairs(self.in_flight) do handlers[id] = entry.task end
@@ -440,7 +574,7 @@ function Consumer:stats()
   return { state = self.state, running = self.running, handled = c.handled, failed = c.failed,
            acked = c.acked,
            requeued = c.requeued, dead = c.dead, lost = c.lost, fenced = c.fenced,
-           unacked = self.acks:count() }
+           unacked = self.acks:count(), held = self:_held() }
 end
 
 return consumer

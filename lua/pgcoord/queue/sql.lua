@@ -115,15 +115,43 @@ UPDATE pgcoord.queue_deliveries d
 RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload::text AS payload,
           m.published_at]]
 
--- Unordered: the first visible pending rows that nobody else is claiming.
+-- Unordered: acks the deliveries named by $5, $6 and $7 (the arrays of
+-- BY_TOKEN, below; empty when there is nothing to ack), then claims the
+-- first visible pending rows that nobody else is claiming: the acks of
+-- the handlers that ended ride on the claim that refills their slots, one
+-- round trip for both.  The claim passes by the rows being acked (a
+-- statement must not change a row twice; a row whose lease ran out while
+-- its ack waited would otherwise be both) and those the consumer has in
+-- hand ($8: a handler's lease lapses while its fenced transaction holds the
+-- row, see RENEW, and the consumer must not take the message again the
+-- moment that commits, before the handler's ack).  One row at least: acked (how
+-- many acks went through), lost (the ids of those that did not, as an
+-- array's text, only when some did not) and the claimed message's
+-- columns, if any.
 local CLAIM = [[
-WITH picked AS (
+WITH acked AS (
+  UPDATE pgcoord.queue_deliveries d
+     SET state = 'acked', acked_at = now()
+    FROM unnest($5::bigint[], $6::bigint[], $7::integer[]) AS a(sid, id, n)
+   WHERE d.subscription_id = a.sid AND d.message_id = a.id AND d.deliveries = a.n
+     AND d.state = 'pending'
+  RETURNING d.message_id),
+picked AS (
   SELECT subscription_id, message_id FROM pgcoord.queue_deliveries
    WHERE subscription_id = $1 AND state = 'pending' AND visible_at <= now()
+     AND message_id <> ALL ($6::bigint[]) AND message_id <> ALL ($8::bigint[])
    ORDER BY message_id
    LIMIT $2
-     FOR UPDATE SKIP LOCKED)
-]] .. CLAIM_UPDATE
+     FOR UPDATE SKIP LOCKED),
+claimed AS (
+]] .. CLAIM_UPDATE .. [[),
+outcome AS (
+  SELECT count(*) AS acked,
+         CASE WHEN count(*) < cardinality($6::bigint[])
+              THEN array(SELECT unnest($6::bigint[]) EXCEPT SELECT message_id FROM acked)::text
+         END AS lost
+    FROM acked)
+SELECT o.acked, o.lost, c.* FROM outcome o LEFT JOIN claimed c ON true]]
 
 -- Ordered: the head only, and only when it is visible ($2 is unused, so
 -- that both claims take the same parameters).  No lock in the CTE: two

@@ -40,13 +40,13 @@ local function read(self, channel, fan, queue_id)
   task.spawn(function()
     while listener:receive() ~= nil do
       for c, id in pairs(self.consumers) do
-        if id == queue_id then c:wake() end
+        if id == queue_id and c:has_room() then c:wake() end
       end
     end
   end)
 end
 
--- Wakes consumer c (c:wake()) for queue queue_id from now
+-- Wakes consumer c (c:wake(), c:has_room()) for queue queue_id from now
 -- on; returns the channel's fan-out (fan:polled counts what polls found).
 function Wakeups:add(c, queue_id)
   if not self.sub then self.sub = subscriber.new(self.pool) end
