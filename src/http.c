@@ -591,19 +591,7 @@ static const luaL_Reg http_funcs[] = {
 
 void pgc_open_http(lua_State *L)
 {
-	luaL_newmetatable(L, SERVER_META);
-	lua_newtable(L);
-	luaL_setfuncs(L, server_methods, 0);
-	lua_setfield(L, -2, "__index");
-	lua_pushcfunction(L, server_close);
-	lua_setfield(L, -2, "__gc");
-	lua_pop(L, 1);
-	luaL_newmetatable(L, REQUEST_META);
-	lua_newtable(L);
-	luaL_setfuncs(L, request_methods, 0);
-	lua_setfield(L, -2, "__index");
-	lua_pushcfunction(L, request_gc);
-	lua_setfield(L, -2, "__gc");
-	lua_pop(L, 1);
+	pgc_new_meta(L, SERVER_META, server_methods, server_close);
+	pgc_new_meta(L, REQUEST_META, request_methods, request_gc);
 	luaL_setfuncs(L, http_funcs, 0);
 }

@@ -644,8 +644,9 @@ static const luaL_Reg loop_funcs[] = {
 	{NULL, NULL}
 };
 
-static void new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
-		     lua_CFunction gc)
+/* Registers metatable `name` with `methods` as __index and `gc` as __gc. */
+void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
+		  lua_CFunction gc)
 {
 	luaL_newmetatable(L, name);
 	lua_newtable(L);
@@ -660,7 +661,7 @@ static void new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
 void pgc_open_loop(lua_State *L)
 {
 	open_loop_state(L);
-	new_meta(L, TIMER_META, timer_methods, timer_gc);
-	new_meta(L, SIGNAL_META, signal_methods, signal_close);
+	pgc_new_meta(L, TIMER_META, timer_methods, timer_gc);
+	pgc_new_meta(L, SIGNAL_META, signal_methods, signal_close);
 	luaL_setfuncs(L, loop_funcs, 0);
 }

@@ -30,6 +30,8 @@ int pgc_traceback(lua_State *L);
 int pgc_ref(lua_State *L, int idx);
 void pgc_unref(lua_State *L, int *ref);
 void pgc_open_loop(lua_State *L);
+void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
+		  lua_CFunction gc);
 struct timeval pgc_timeval(double seconds);
 
 /* pgconn.c */
