@@ -45,7 +45,8 @@ SELECT q.name AS queue, s.name AS subscription, s.ordered,
   LEFT JOIN pgcoord.queue_deliveries d ON d.subscription_id = s.id
  GROUP BY q.name, s.name, s.ordered ORDER BY q.name, s.name]]
 
-local LOCKS = [[
+-- (the dashboard reads it with a LIMIT)
+status.LOCKS = [[
 SELECT name, holder, token,
        extract(epoch FROM now() - acquired_at)::float8 AS held_for,
        extract(epoch FROM now() - renewed_at)::float8 AS renewed_ago
@@ -88,7 +89,7 @@ function status.collect(db, outbox_tables)
   local s = {}
   if present.jobs then s.jobs = job_groups(db, present.worker_running) end
   if present.queues then s.queues = db:query(QUEUES) end
-  if present.locks then s.locks = db:query(LOCKS) end
+  if present.locks then s.locks = db:query(status.LOCKS) end
   if present.outboxes then
     s.outbox = {}
     for i, name in ipairs(present.outboxes) do s.outbox[i] = outbox_counts(db, name) end

@@ -8,6 +8,8 @@
 --  * the states are spelt out in each statement, never a parameter, so
 --    that the planner matches the partial index even in a generic plan.
 -- scripts/bench/dashboard EXPLAINs each of these on a million jobs.
+local status = require "pgcoord.status"
+
 local sql = {}
 
 sql.CAP = 10000
@@ -154,11 +156,8 @@ SELECT q.name AS queue, s.name AS subscription, s.ordered,
   JOIN pgcoord.queues q ON q.id = s.queue_id
  ORDER BY q.name, s.name]]
 
-sql.LOCKS = [[
-SELECT name, holder, token,
-       extract(epoch FROM now() - acquired_at)::float8 AS held_for,
-       extract(epoch FROM now() - renewed_at)::float8 AS renewed_ago
-  FROM pgcoord.job_locks ORDER BY name LIMIT $1]]
+-- The lock holders as `--status` reads them, $1 at most.
+sql.LOCKS = status.LOCKS .. " LIMIT $1"
 
 sql.PERIODIC = [[
 SELECT name, spec, group_name AS "group", type, timezone,
