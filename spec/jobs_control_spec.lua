@@ -196,18 +196,22 @@ describe("jobs:cancel", function()
     function()
     local g = helper.unique("jc")
     local jobs = pgcoord.jobs(db)
-    local done, release = {}, false
+    local done, holding, release = {}, false, false
     jobs:define("quick", function(job)
       if job.params.hold then
+        holding = true
         helper.wait_until(function() return release end, 10, "the spec to release the job")
       end
       done[job.id] = true
     end, { group = g })
     -- results wait for flush_age (or for the worker to have nothing in
     -- hand, which the held job prevents): the first job has returned, its
-    -- row still 'running'
+    -- row still 'running'.  The first is scheduled once the held one runs:
+    -- scheduled together, two claims in flight may bring the first alone,
+    -- and with nothing else in hand its result is written at once.
     worker(jobs, { group = g, flush_age = 600, flush_count = 1000, concurrency = 2 })
     local second = jobs:schedule(db, "quick", { hold = true })
+    helper.wait_until(function() return holding end, 5, "the held job to start")
     local first = jobs:schedule(db, "quick", { hold = false })
     helper.wait_until(function() return done[first] end, 5, "the first handler")
     assert.are.equal("running", state_of(first))
