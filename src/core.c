@@ -17,6 +17,20 @@ static int l_getpid(lua_State *L)
 	return 1;
 }
 
+/* core.hostname() -> the kernel's host name (gethostname(2)) | nil, err */
+static int l_hostname(lua_State *L)
+{
+	char name[256];
+	if (gethostname(name, sizeof name) != 0) {
+		luaL_pushfail(L);
+		lua_pushfstring(L, "gethostname: %s", strerror(errno));
+		return 2;
+	}
+	name[sizeof name - 1] = '\0';	/* (POSIX leaves a truncated one unterminated) */
+	lua_pushstring(L, name);
+	return 1;
+}
+
 /* core.isatty(fd) -> boolean */
 static int l_isatty(lua_State *L)
 {
@@ -82,6 +96,8 @@ int luaopen_pgcoord_core(lua_State *L)
 	pgc_open_process(L);
 	lua_pushcfunction(L, l_getpid);
 	lua_setfield(L, -2, "getpid");
+	lua_pushcfunction(L, l_hostname);
+	lua_setfield(L, -2, "hostname");
 	lua_pushcfunction(L, l_isatty);
 	lua_setfield(L, -2, "isatty");
 	lua_pushcfunction(L, l_sysconf);

@@ -49,8 +49,8 @@ Environment:
   PGCOORD_HISTORY     the prompt's history file (default $HOME/.pgcoord_history;
                       empty: none)
   PGCOORD_RESOLV_CONF the resolv.conf for host names (default /etc/resolv.conf)
-  HOSTNAME            names this host in job workers (default localhost) and
-                      lock holders (default /etc/hostname)
+  HOSTNAME            names this host in job workers and lock holders
+                      (default the kernel's host name)
 Admin commands (a script named jobs, queue or outbox runs as ./jobs); exit
 status 0 done, 1 failed or not every id acted on, 2 usage error:
 ]=]

@@ -56,14 +56,8 @@ SELECT token FROM pgcoord.job_locks
 local nonce_counter = 0
 
 local function identity()
-  local host = os.getenv("HOSTNAME")
-  if not host or host == "" then
-    local f = io.open("/etc/hostname")
-    host = f and f:read("l") or "localhost"
-    if f then f:close() end
-  end
   nonce_counter = nonce_counter + 1
-  return ("%s:%d:%x%x"):format(host, core.getpid(), math.random(0, 0xffffff), nonce_counter)
+  return ("%s:%x%x"):format(lifecycle.process_name(), math.random(0, 0xffffff), nonce_counter)
 end
 
 -- Below these floors the keeper or a waiter would spin (a renewal every

@@ -27,6 +27,14 @@ local registered = 0
 local default_timeout = DEFAULT_TIMEOUT
 local deadline_timer, report_timer
 
+-- "host:pid", naming this process in job workers and lock holders: the
+-- HOSTNAME variable (a container's name, say), else the kernel's.
+function lifecycle.process_name()
+  local host = os.getenv("HOSTNAME")
+  if not host or host == "" then host = core.hostname() or "localhost" end
+  return ("%s:%d"):format(host, core.getpid())
+end
+
 local function check_timeout(where, timeout, level)
   if type(timeout) ~= "number" or timeout ~= timeout or timeout <= 0 then
     error(("%s: timeout must be a number of seconds > 0 (math.huge: no deadline), got %s")

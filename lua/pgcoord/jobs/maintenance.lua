@@ -14,6 +14,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
+local lifecycle = require "pgcoord.lifecycle"
 local sql = require "pgcoord.jobs.sql"
 
 local maintenance = {}
@@ -30,7 +31,7 @@ Maintenance.__index = Maintenance
 function maintenance.new(pool, group, heartbeat_interval, reclaim_after, hooks)
   return setmetatable({
     pool = pool, group = group, hooks = hooks, id = nil,
-    name = ("%s:%d"):format(os.getenv("HOSTNAME") or "localhost", core.getpid()),
+    name = lifecycle.process_name(),
     heartbeat_interval = heartbeat_interval, reclaim_after = reclaim_after,
     alive = task.cond(),          -- a heartbeat renewed the lease
     beat_now = task.cond(),       -- runners past the lease ask for a beat
