@@ -60,7 +60,7 @@ status 0 done, 1 failed or not every id acted on, 2 usage error:
 local redact = log.redact
 
 local function die(fmt, ...)
-  io.stderr:write("pgcoord-run: ", redact(fmt:format(...)), "\n")
+  io.stderr:write("pgcoord-run: " .. redact(fmt:format(...)) .. "\n")
   return 1
 end
 
@@ -153,7 +153,7 @@ local function run_main(fn, ...)
     if not ok and task.is_cancelled(err) and lifecycle.stopping() then
       return -- cancelled past the stop deadline: the stop decides the status
     elseif not ok then
-      io.stderr:write("pgcoord-run: ", redact(error_text(err)), "\n")
+      io.stderr:write("pgcoord-run: " .. redact(error_text(err)) .. "\n")
       exit_code = 1
     end
   end, ...)

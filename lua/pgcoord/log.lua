@@ -9,7 +9,10 @@ local log = {}
 local LEVELS = { debug = 10, info = 20, warn = 30, error = 40 }
 local threshold = LEVELS.info
 local format = "logfmt"
-local sink = function(line) io.stderr:write(line, "\n") end
+-- One write(2) per line: processes sharing stderr (a --workers
+-- supervisor and its children) then never splice their lines together.
+local function stderr_sink(line) io.stderr:write(line .. "\n") end
+local sink = stderr_sink
 
 local SECRET_KEYS = { password = true, passwd = true, secret = true, api_key = true }
 
@@ -257,7 +260,7 @@ end
 
 -- sink(line) receives each rendered line; nil restores stderr.
 function log.set_sink(fn)
-  sink = fn or function(line) io.stderr:write(line, "\n") end
+  sink = fn or stderr_sink
 end
 
 function log.enabled(level)
