@@ -182,15 +182,39 @@ end)
 describe("the process name of job workers and lock holders", function()
   after_each(helper.cleanup)
 
-  local NAME = script([[print("name=" .. require("pgcoord.lifecycle").process_name())]])
+  -- The names a worker and a lock holder write, read back from their rows
+  -- (a lock's holder is the process name and a nonce).
+  local NAMES = script([[
+    local group, lock_name = ...
+    local db = pgcoord.connect()
+    local jobs = pgcoord.jobs(db)
+    jobs:define("noop", function() end, { group = group })
+    local w = jobs:worker({ group = group })
+    w:ready()
+    print("worker=" .. db:one("SELECT name FROM pgcoord.job_workers WHERE id = $1",
+      w:stats().id).name)
+    w:stop()
+    pgcoord.joblock(db, lock_name):run(function()
+      print("holder=" .. db:one("SELECT holder FROM pgcoord.job_locks WHERE name = $1",
+        lock_name).holder)
+    end)
+    db:close()
+  ]])
+
+  local function names(opts)
+    local code, out = helper.run({ "pgcoord-run", NAMES, helper.unique("pn"),
+      helper.unique("pn_lock") }, opts)
+    assert.are.equal(0, code, out)
+    return out
+  end
 
   it("is HOSTNAME:pid, or the kernel's host name without HOSTNAME", function()
-    local kernel = assert(io.popen("uname -n")):read("l")
-    local code, out = helper.run({ "pgcoord-run", NAME }, { unset = { "HOSTNAME" } })
-    assert.are.equal(0, code, out)
-    assert.matches("name=" .. kernel:gsub("%p", "%%%0") .. ":%d+\n", out)
-    code, out = helper.run({ "pgcoord-run", NAME }, { env = { HOSTNAME = "box-7" } })
-    assert.are.equal(0, code, out)
-    assert.matches("name=box%-7:%d+\n", out)
+    local kernel = assert(io.popen("uname -n")):read("l"):gsub("%p", "%%%0")
+    local out = names({ unset = { "HOSTNAME" } })
+    assert.matches("worker=" .. kernel .. ":%d+\n", out)
+    assert.matches("holder=" .. kernel .. ":%d+:%x+\n", out)
+    out = names({ env = { HOSTNAME = "box-7" } })
+    assert.matches("worker=box%-7:%d+\n", out)
+    assert.matches("holder=box%-7:%d+:%x+\n", out)
   end)
 end)
