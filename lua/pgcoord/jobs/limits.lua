@@ -189,6 +189,7 @@ function limits.watcher(pool, group, poll_interval, reclaim_after, hooks)
   return setmetatable({
     pool = pool, group = group, poll_interval = poll_interval, reclaim_after = reclaim_after,
     hooks = hooks, settings = { paused = false },
+    notified = 0,                 -- changes applied from a NOTIFY, for load()
     reload = task.signal(),       -- the poll loop reloads at once
     poller = nil, timer = nil, timer_at = nil, unlisten = nil,
   }, Watcher)
@@ -219,16 +220,26 @@ function Watcher:_apply(s)
   end
 end
 
--- Reads the group's settings (raises when the database says no).
+-- Reads the group's settings (raises when the database says no).  A
+-- NOTIFY applied while the read was on its way wins: the read may have
+-- been answered before that change committed (the two come on separate
+-- connections, in either order), and a change the read saw after it
+-- sends a NOTIFY of its own.  Applying the read would undo a limit until
+-- the next poll.
 function Watcher:load()
-  self:_apply(settings_of(self.pool:one(SETTINGS, self.group)))
+  local notified = self.notified
+  local row = self.pool:one(SETTINGS, self.group)
+  if self.notified == notified then self:_apply(settings_of(row)) end
 end
 
 -- Applies each change NOTIFY'd on sub, reloads on each reconnect (one may
 -- have been missed).
 function Watcher:listen(sub)
   local group = self.group
-  local listener = sub:channel(limits.CHANNEL):on(function(msg) self:_apply(msg) end,
+  local listener = sub:channel(limits.CHANNEL):on(function(msg)
+    self.notified = self.notified + 1
+    self:_apply(msg)
+  end,
     { filter = function(msg) return type(msg) == "table" and msg.group == group end })
   local unhook = sub:hook_reconnect(function() self.reload:notify() end)
   self.unlisten = function()
