@@ -71,13 +71,15 @@ local function backlog(p, n)
 end
 
 -- Counts the unordered claims pool p sends: { on_way = now, most = at
--- once, asked = the rows each asked for, in sending order }.
+-- once, asked = the rows each asked for, in sending order, from = the
+-- highest message id one looked from }.
 local function count_claims(p)
   local claim = require("pgcoord.queue").sql.claim
-  local claims, query = { on_way = 0, most = 0, asked = {} }, p.query
+  local claims, query = { on_way = 0, most = 0, asked = {}, from = 0 }, p.query
   p.query = function(self, text, ...)
     if text ~= claim then return query(self, text, ...) end
     claims.asked[#claims.asked + 1] = select(2, ...)
+    claims.from = math.max(claims.from, (select(9, ...)))
     claims.on_way = claims.on_way + 1
     claims.most = math.max(claims.most, claims.on_way)
     local ok, rows = pcall(query, self, text, ...)
@@ -835,6 +837,45 @@ describe("pgcoord.queue", function()
     local rows = deliveries(db, qname, "s")
     assert.are.equal(40, #rows)
     for _, r in ipairs(rows) do assert.are.same({ "acked", 1 }, { r.state, r.deliveries }) end
+  end)
+
+  -- The late message's id is below the floor the claims look from once it
+  -- commits; the backlog, topped up, never ends, so only the claim from
+  -- the first id that goes out every FULL_SCAN_INTERVAL can find it.
+  it("during a backlog, claims look from the highest id claimed, yet find a row committed below it",
+    function()
+    local p = pool(8)
+    local claims = count_claims(p)
+    local q = backlog(p, 0)
+    local late_id, commit = nil, false
+    local publisher = helper.spawn(function()
+      db:tx(function(tx)
+        late_id = q:publish(tx, "late")
+        helper.wait_until(function() return commit end, 30, "the commit")
+      end)
+    end)
+    helper.wait_until(function() return late_id end, 10, "the late message's id")
+    local published = 0
+    local function top_up()
+      if published - q:stats("s").acked > 2000 then return end
+      local values = {}
+      for i = 1, 2000 do values[i] = published + i end
+      q:publish_many(p, values)
+      published = published + 2000
+    end
+    top_up()
+    local seen = {}
+    consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
+      { concurrency = 24 })
+    helper.wait_until(function() top_up() return claims.from > late_id end, 10,
+      "a claim to look from past the late message")
+    commit = true
+    publisher:join()
+    helper.wait_until(function() top_up() return seen.late end, 20, "the late message")
+    helper.wait_until(function() return q:stats("s").acked == published + 1 end, 30,
+      "every message acked")
+    assert.are.equal(1, seen.late)
+    for i = 1, published do assert.are.equal(1, seen[i]) end
   end)
 
   it("holds prefetch messages for busy handlers, keeps their leases, hands them back on stop",

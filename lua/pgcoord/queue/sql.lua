@@ -129,7 +129,9 @@ RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload::te
 -- its ack waited would otherwise be both) and those the consumer has in
 -- hand ($8: a handler's lease lapses while its fenced transaction holds the
 -- row, see RENEW, and the consumer must not take the message again the
--- moment that commits, before the handler's ack).  One row at least: acked (how
+-- moment that commits, before the handler's ack).  It looks from message id
+-- $9 on (0: from the first): during a backlog, past the index entries the
+-- acks left behind (see the consumer's floor).  One row at least: acked (how
 -- many acks went through), lost (the ids of those that did not, as an
 -- array's text, only when some did not) and the claimed message's
 -- columns, if any.
@@ -145,6 +147,7 @@ picked AS (
   SELECT subscription_id, message_id FROM pgcoord.queue_deliveries
    WHERE subscription_id = $1 AND state = 'pending' AND visible_at <= now()
      AND message_id <> ALL ($6::bigint[]) AND message_id <> ALL ($8::bigint[])
+     AND message_id >= $9
    ORDER BY message_id
    LIMIT $2
      FOR UPDATE SKIP LOCKED),
