@@ -58,6 +58,38 @@ local function renewed(qname, id)
     WHERE q.name = $1 AND d.message_id = $2]], qname, id).renewed
 end
 
+-- A queue of pool p with a subscription "s" and the messages 1..n
+-- published; returns it and its name.
+local function backlog(p, n)
+  local qname = helper.unique("q")
+  local q = pgcoord.queue(p, qname)
+  q:subscribe("s")
+  local values = {}
+  for i = 1, n do values[i] = i end
+  q:publish_many(p, values)
+  return q, qname
+end
+
+-- Counts the unordered claims pool p sends: { on_way = now, most = at
+-- once, asked = the rows each asked for, in sending order, from = the
+-- highest message id one looked from }.
+local function count_claims(p)
+  local claim = require("pgcoord.queue").sql.claim
+  local claims, query = { on_way = 0, most = 0, asked = {}, from = 0 }, p.query
+  p.query = function(self, text, ...)
+    if text ~= claim then return query(self, text, ...) end
+    claims.asked[#claims.asked + 1] = select(2, ...)
+    claims.from = math.max(claims.from, (select(9, ...)))
+    claims.on_way = claims.on_way + 1
+    claims.most = math.max(claims.most, claims.on_way)
+    local ok, rows = pcall(query, self, text, ...)
+    claims.on_way = claims.on_way - 1
+    if not ok then error(rows, 0) end
+    return rows
+  end
+  return claims
+end
+
 describe("pgcoord.queue", function()
   local db
 
@@ -748,30 +780,102 @@ describe("pgcoord.queue", function()
 
   it("keeps two claims on their way while a backlog lasts, each message handled once",
     function()
-    local sql = require("pgcoord.queue").sql
     local p = pool(6)
-    local on_way, most, query = 0, 0, p.query
-    p.query = function(self, text, ...)
-      if text ~= sql.claim then return query(self, text, ...) end
-      on_way = on_way + 1
-      most = math.max(most, on_way)
-      local ok, rows = pcall(query, self, text, ...)
-      on_way = on_way - 1
-      if not ok then error(rows, 0) end
-      return rows
-    end
-    local qname = helper.unique("q")
-    local q = pgcoord.queue(p, qname)
-    q:subscribe("s")
-    local values = {}
-    for i = 1, 500 do values[i] = i end
-    q:publish_many(db, values)
+    local claims = count_claims(p)
+    local q = backlog(p, 500)
     local seen = {}
     consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
       { concurrency = 24 })
     helper.wait_until(function() return q:stats("s").acked == 500 end, 20, "500 acks")
-    assert.are.equal(2, most)
+    assert.are.equal(2, claims.most)
     for i = 1, 500 do assert.are.equal(1, seen[i]) end
+  end)
+
+  -- The handlers free room while the loop's claim waits on the server (a
+  -- table lock holds it there): the consumer sends a second claim beside
+  -- it rather than waiting for the first to come back.
+  it("during a backlog, sends a second claim while the first is on the server, never over-claims",
+    function()
+    local sql = require("pgcoord.queue").sql
+    local p, app = helper.connect({ size = 8 })
+    pools[#pools + 1] = p
+    local claims = count_claims(p)
+    -- the consumer's claims waiting on a lock in the server
+    local function claims_waiting()
+      return helper.admin():one([[SELECT count(*) AS n FROM pg_stat_activity
+        WHERE application_name = $1 AND wait_event_type = 'Lock'
+          AND left(query, 60) = left($2, 60)]], app, sql.claim).n
+    end
+    local q, qname = backlog(p, 40)
+    -- claims take ids in order: handler i ends once opened reaches i
+    local opened, seen = 0, {}
+    local c = consume(q, "s", function(msg)
+      helper.wait_until(function() return opened >= msg.payload end, 20, "the gate")
+      seen[msg.payload] = (seen[msg.payload] or 0) + 1
+    end, { concurrency = 8, prefetch = 8 })
+    -- the first claim came back full (16 of 16): a backlog
+    helper.wait_until(function()
+      local st = c:stats()
+      return st.running == 8 and st.held == 8
+    end, 10, "8 handlers running and 8 messages held")
+    local locker = pool(1)
+    locker:tx(function(tx)
+      tx:exec("LOCK TABLE pgcoord.queue_deliveries IN EXCLUSIVE MODE")
+      opened = 8   -- room for 8: one claim of 8 goes out, and waits
+      helper.wait_until(function() return claims_waiting() == 1 end, 10, "a claim on the server")
+      assert.are.equal(1, claims.on_way)
+      opened = 16  -- room for 8 more while it waits: a second claim goes beside it
+      helper.wait_until(function() return claims_waiting() == 2 end, 10,
+        "two claims on the server")
+      opened = math.huge
+    end)
+    -- each claim asked only for the room the other left
+    assert.are.same({ 16, 8, 8 }, { table.unpack(claims.asked, 1, 3) })
+    helper.wait_until(function() return q:stats("s").acked == 40 end, 20, "40 acks")
+    assert.are.equal(2, claims.most)
+    for i = 1, 40 do assert.are.equal(1, seen[i]) end
+    local rows = deliveries(db, qname, "s")
+    assert.are.equal(40, #rows)
+    for _, r in ipairs(rows) do assert.are.same({ "acked", 1 }, { r.state, r.deliveries }) end
+  end)
+
+  -- The late message's id is below the floor the claims look from once it
+  -- commits; the backlog, topped up, never ends, so only the claim from
+  -- the first id that goes out every FULL_SCAN_INTERVAL can find it.
+  it("during a backlog, claims look from the highest id claimed, yet find a row committed below it",
+    function()
+    local p = pool(8)
+    local claims = count_claims(p)
+    local q = backlog(p, 0)
+    local late_id, commit = nil, false
+    local publisher = helper.spawn(function()
+      db:tx(function(tx)
+        late_id = q:publish(tx, "late")
+        helper.wait_until(function() return commit end, 30, "the commit")
+      end)
+    end)
+    helper.wait_until(function() return late_id end, 10, "the late message's id")
+    local published = 0
+    local function top_up()
+      if published - q:stats("s").acked > 2000 then return end
+      local values = {}
+      for i = 1, 2000 do values[i] = published + i end
+      q:publish_many(p, values)
+      published = published + 2000
+    end
+    top_up()
+    local seen = {}
+    consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
+      { concurrency = 24 })
+    helper.wait_until(function() top_up() return claims.from > late_id end, 10,
+      "a claim to look from past the late message")
+    commit = true
+    publisher:join()
+    helper.wait_until(function() top_up() return seen.late end, 20, "the late message")
+    helper.wait_until(function() return q:stats("s").acked == published + 1 end, 30,
+      "every message acked")
+    assert.are.equal(1, seen.late)
+    for i = 1, published do assert.are.equal(1, seen[i]) end
   end)
 
   it("holds prefetch messages for busy handlers, keeps their leases, hands them back on stop",

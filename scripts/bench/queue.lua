@@ -79,7 +79,8 @@ elseif mode == "sql" then
   local s = queue.sql
   write(dir .. "/publish.sql", pgbench_sql(s.publish, { ":qname", ":payload" }))
   -- The unordered claim acks what the last one claimed ($5-$7) as it
-  -- claims; pgbench holds nothing else in hand ($8).  Its last SELECT
+  -- claims; pgbench holds nothing else in hand ($8) and looks from the
+  -- first id ($9, as a consumer does outside a backlog).  Its last SELECT
   -- becomes the arrays of what it claimed, for the next transaction's acks
   -- (pgbench needs values, not NULL, for "none").
   local final = "SELECT o.acked, o.lost, c.* FROM outcome o LEFT JOIN claimed c ON true"
@@ -90,7 +91,7 @@ SELECT o.acked, COALESCE((SELECT array_agg(%s::bigint) FROM claimed), '{}')::tex
        COALESCE((SELECT array_agg(id) FROM claimed), '{}')::text AS %s,
        COALESCE((SELECT array_agg(deliveries) FROM claimed), '{}')::text AS %s
   FROM outcome o]]):format(sid, v.sids, v.ids, v.ns)),
-      { sid, limit, "NULL", "30", ":" .. v.sids, ":" .. v.ids, ":" .. v.ns, "'{}'" })
+      { sid, limit, "NULL", "30", ":" .. v.sids, ":" .. v.ids, ":" .. v.ns, "'{}'", "0" })
       :gsub(";\n$", " \\gset\n")
   end
   -- Publish -> ack: claim one, acking the one before, one statement a

@@ -92,7 +92,11 @@ SELECT s.id, s.queue_id, s.ordered
 
 -- Claims: $1 subscription, $2 how many, $3 max_deliveries (NULL: no
 -- limit), $4 visibility_timeout.  The UPDATE finds its rows through
--- `picked` only (one index probe per row, as with BY_TOKEN below).  A row
+-- `picked` only (one index probe per row, as with BY_TOKEN below); its
+-- `d.subscription_id = $1` is what makes the probe one: without it the
+-- generic plan of the prepared claim probes by message_id alone, the
+-- index's second column, and walks the whole pending index for each row
+-- (24 rows, 2,384 buffers, halfway through a drain of 50,000).  A row
 -- whose deliveries already reached max_deliveries (its handlers died, or
 -- overran their lease, each time) goes to the dead letters instead of to
 -- a handler.  Payloads come back as text, decoded per message by its
@@ -109,7 +113,8 @@ UPDATE pgcoord.queue_deliveries d
                               || ' consumer stopped or died, or the handler outlived its lease)'
                          ELSE d.last_error END
   FROM picked p, pgcoord.queue_messages m
- WHERE d.subscription_id = p.subscription_id AND d.message_id = p.message_id
+ WHERE d.subscription_id = $1
+   AND d.subscription_id = p.subscription_id AND d.message_id = p.message_id
    AND d.state = 'pending' AND d.visible_at <= now()
    AND m.id = d.message_id
 RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload::text AS payload,
@@ -124,7 +129,9 @@ RETURNING d.message_id AS id, d.state, d.deliveries, d.last_error, m.payload::te
 -- its ack waited would otherwise be both) and those the consumer has in
 -- hand ($8: a handler's lease lapses while its fenced transaction holds the
 -- row, see RENEW, and the consumer must not take the message again the
--- moment that commits, before the handler's ack).  One row at least: acked (how
+-- moment that commits, before the handler's ack).  It looks from message id
+-- $9 on (0: from the first): during a backlog, past the index entries the
+-- acks left behind (see the consumer's floor).  One row at least: acked (how
 -- many acks went through), lost (the ids of those that did not, as an
 -- array's text, only when some did not) and the claimed message's
 -- columns, if any.
@@ -140,6 +147,7 @@ picked AS (
   SELECT subscription_id, message_id FROM pgcoord.queue_deliveries
    WHERE subscription_id = $1 AND state = 'pending' AND visible_at <= now()
      AND message_id <> ALL ($6::bigint[]) AND message_id <> ALL ($8::bigint[])
+     AND message_id >= $9
    ORDER BY message_id
    LIMIT $2
      FOR UPDATE SKIP LOCKED),
