@@ -111,20 +111,20 @@ end
 
 -- ---- one connection ------------------------------------------------------
 
-local function send_register(resume, conn, sql, binary, ...)
+local send_register = task.calls_back_once(function(resume, conn, sql, binary, ...)
   local ok, err = conn:send(sql, resume, binary, ...)
   if not ok then resume(nil, err) end
-end
+end)
 
-local function prepared_register(resume, conn, name, binary, ...)
+local prepared_register = task.calls_back_once(function(resume, conn, name, binary, ...)
   local ok, err = conn:send_prepared(name, resume, binary, ...)
   if not ok then resume(nil, err) end
-end
+end)
 
-local function prepare_register(resume, conn, name, sql)
+local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
   local ok, err = conn:prepare(name, sql, resume)
   if not ok then resume(nil, err) end
-end
+end)
 
 local function await_ok(register, ...)
   local r, err = task.await(register, ...)
@@ -291,10 +291,10 @@ local function check_sql(sql, what)
   checked[sql], n_checked = true, n_checked + 1
 end
 
-local function script_register(resume, conn, sql)
+local script_register = task.calls_back_once(function(resume, conn, sql)
   local ok, err = conn:send_script(sql, resume)
   if not ok then resume(nil, err) end
-end
+end)
 
 -- Runs several statements (no parameters), as migrations need.
 local function run_script(conn, sql)
