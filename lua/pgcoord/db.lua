@@ -111,15 +111,9 @@ end
 
 -- ---- one connection ------------------------------------------------------
 
-local send_register = task.calls_back_once(function(resume, conn, sql, binary, ...)
-  local ok, err = conn:send(sql, resume, binary, ...)
-  if not ok then resume(nil, err) end
-end)
-
-local prepared_register = task.calls_back_once(function(resume, conn, name, binary, ...)
-  local ok, err = conn:send_prepared(name, resume, binary, ...)
-  if not ok then resume(nil, err) end
-end)
+-- (in C: a query's wait runs no Lua function of its own)
+local send_register = task.calls_back_once(core.send_register)
+local prepared_register = task.calls_back_once(core.prepared_register)
 
 local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
   local ok, err = conn:prepare(name, sql, resume)
