@@ -47,6 +47,7 @@ typedef struct pgc_conn {
 	int failed_connecting;	/* the link was lost before it was ready */
 	int describing;		/* the result wanted is parameter types */
 	int pipelined;		/* results end at a pipeline sync, not at NULL */
+	double released;	/* pgc_now() at the last conn:release() */
 	char *lost;		/* why the connection closed, for the callbacks */
 	struct pgc_resolve *resolve;	/* host names being looked up first */
 } pgc_conn;
@@ -1265,14 +1266,21 @@ static int conn_in_transaction(lua_State *L)
 }
 
 /*
- * conn:check() -> boolean: reads what an idle connection's socket holds
- * right now, so a connection the server closed (a restart, a terminated
- * backend) is found dead before it is handed out, even when the loop has
- * not run since.  A dead one is closed without callbacks.
+ * conn:check([fresh]) -> boolean: reads what an idle connection's socket
+ * holds right now, so a connection the server closed (a restart, a
+ * terminated backend) is found dead before it is handed out, even when
+ * the loop has not run since.  A dead one is closed without callbacks.
+ * One released less than fresh seconds ago is taken as alive unread: the
+ * read is a syscall, and a pool hands a connection out again and again.
  */
 static int conn_check(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
+	double fresh = luaL_optnumber(L, 2, 0);
+	if (fresh > 0 && c->state == READY && pgc_now() - c->released < fresh) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
 	for (int i = 0; i < 2 && c->state == READY; i++) {
 		struct pollfd pfd = {PQsocket(c->pg), POLLIN, 0};
 		if (poll(&pfd, 1, 0) <= 0)
@@ -1286,11 +1294,29 @@ static int conn_check(lua_State *L)
 	return 1;
 }
 
+static int reusable(pgc_conn *c)
+{
+	return c->state == READY && PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+}
+
 /* conn:reusable(): idle, outside any transaction: fit to go back to a pool. */
 static int conn_reusable(lua_State *L)
 {
+	lua_pushboolean(L, reusable(check_conn(L)));
+	return 1;
+}
+
+/*
+ * conn:release() -> conn:reusable(), the connection going back to its
+ * pool: when it is, the time is kept for conn:check(fresh).
+ */
+static int conn_release(lua_State *L)
+{
 	pgc_conn *c = check_conn(L);
-	lua_pushboolean(L, c->state == READY && PQtransactionStatus(c->pg) == PQTRANS_IDLE);
+	int ok = reusable(c);
+	if (ok)
+		c->released = pgc_now();
+	lua_pushboolean(L, ok);
 	return 1;
 }
 
@@ -1325,6 +1351,7 @@ static const luaL_Reg conn_methods[] = {
 	{"parameter", conn_parameter},
 	{"in_transaction", conn_in_transaction},
 	{"reusable", conn_reusable},
+	{"release", conn_release},
 	{"check", conn_check},
 	{NULL, NULL}
 };

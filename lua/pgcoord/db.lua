@@ -401,7 +401,7 @@ end
 
 function Pool:_open()
   local conn = db.open(self)
-  local lease = setmetatable({ pool = self, conn = conn, idle = false, idle_since = 0 }, Lease)
+  local lease = setmetatable({ pool = self, conn = conn, idle = false }, Lease)
   conn:on_close(function(why)
     if lease.idle and remove_idle(self, lease) then
       lease.idle = false
@@ -429,7 +429,7 @@ function Pool:acquire()
       lease.idle = false
       -- a connection back from a query a moment ago is alive: look at the
       -- socket (a syscall) only for one that sat idle a while
-      if core.now() - lease.idle_since < IDLE_CHECK_AFTER or lease.conn:check() then
+      if lease.conn:check(IDLE_CHECK_AFTER) then
         return lease
       end
       -- the server closed it while idle and the loop has not seen it yet
@@ -473,12 +473,11 @@ end
 -- (a lease's __close: the one step between a query and the next)
 local function give_back(lease)
   local pool, conn = lease.pool, lease.conn
-  if pool.closed or not conn:reusable() then
+  if pool.closed or not conn:release() then
     pool:_discard(lease)
     return
   end
   lease.idle = true
-  lease.idle_since = core.now()
   local idle = pool.idle
   idle[#idle + 1] = lease
   if pool.waiters[1] ~= nil then wake_one(pool) end

@@ -128,29 +128,25 @@ local function current()
   return by_co[co], false
 end
 
--- Resumes a waiting task at once from the main thread (an event callback),
--- else queues it, so that a task never runs inside another.
 local co_running = coroutine.running
-
-local function wake(t, ...)
-  local _, main = co_running()
-  if main then resume_task(t, ...) else enqueue(t, ...) end
-end
 
 -- The function that ends t's wait number token with its arguments, the
 -- values await returns; a call for another wait, or after the wait ended,
 -- does nothing.  Without a token, it ends whichever wait is on: the one
 -- each task has, for register functions that call back once (below).
+-- It resumes the task at once from the main thread (an event callback),
+-- else queues it, so that a task never runs inside another.
 local function resumer(t, token)
   return function(...)
     local current_token = t.wait_token
     if not current_token or (token and current_token ~= token) then return end
     t.wait_token, t.cancel_wait = false, false
-    if t.parked then
-      wake(t, ...)
-    else -- resumed before the task yielded
+    if not t.parked then -- resumed before the task yielded
       t.early = table.pack(...)
+      return
     end
+    local _, main = co_running()
+    if main then resume_task(t, ...) else enqueue(t, ...) end
   end
 end
 
