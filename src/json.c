@@ -527,9 +527,38 @@ int pgc_json_decode(lua_State *L)
 	return 1;
 }
 
+/* Whether s can start a JSON value: what else the decoder would refuse. */
+static int starts_value(const char *s, size_t len)
+{
+	jreader r = {s, s + len, s};
+	skip_space(&r);
+	return r.p < r.end && *r.p != '\0' && strchr("{[\"tfn-0123456789", *r.p) != NULL;
+}
+
+/*
+ * core.json_decode_payload(payload) -> its value, or the payload itself
+ * when it is not JSON (nil and "" too): how a notification reaches its
+ * listeners.  One call and no pcall from Lua, and a payload that cannot
+ * start a JSON value skips the error the decoder would make.
+ */
+static int json_decode_payload(lua_State *L)
+{
+	lua_settop(L, 1);
+	size_t len;
+	const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+	if (s == NULL || !starts_value(s, len))
+		return 1;
+	lua_pushcfunction(L, pgc_json_decode);
+	lua_pushvalue(L, 1);
+	if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_isnil(L, -1))
+		lua_settop(L, 1);	/* not JSON after all: the string as it is */
+	return 1;
+}
+
 static const luaL_Reg json_funcs[] = {
 	{"json_encode", pgc_json_encode},
 	{"json_decode", pgc_json_decode},
+	{"json_decode_payload", json_decode_payload},
 	{NULL, NULL}
 };
 
