@@ -455,15 +455,18 @@ static void decode_container(lua_State *L, jreader *r, int depth, int is_array)
 		jfail(L, r, "nested too deep");
 	luaL_checkstack(L, 6, "JSON nesting");
 	char close = is_array ? ']' : '}';
-	lua_newtable(L);
-	int t = lua_gettop(L);
-	lua_Integer n = 0;
 	r->p++;
 	skip_space(r);
 	if (r->p < r->end && *r->p == close) {
 		r->p++;
+		lua_newtable(L);
 		return;
 	}
+	/* room for the first element: most payloads are small objects, and
+	 * growing a table from nothing costs a resize */
+	lua_createtable(L, is_array, !is_array);
+	int t = lua_gettop(L);
+	lua_Integer n = 0;
 	for (;;) {
 		skip_space(r);
 		if (!is_array) {

@@ -367,16 +367,21 @@ function task.cond()
 end
 
 local cond_register = task.calls_back_once(function(resume, cond, timeout)
+  if not timeout then
+    -- resume is the task's own (calls_back_once): the waiter itself
+    cond.waiters[resume] = true
+    return function() cond.waiters[resume] = nil end
+  end
   local timer
   local function done(value, err)
-    if timer then timer:cancel() end
+    timer:cancel()
     cond.waiters[done] = nil
     resume(value, err)
   end
   cond.waiters[done] = true
-  if timeout then timer = core.timer(timeout, function() done(nil, "timeout") end) end
+  timer = core.timer(timeout, function() done(nil, "timeout") end)
   return function()
-    if timer then timer:cancel() end
+    timer:cancel()
     cond.waiters[done] = nil
   end
 end)
