@@ -71,6 +71,20 @@ describe("JSON decoding", function()
     assert.are.same({ 1, 2500.0, -0.5, 100.0 }, pgcoord.json.decode("[1, 2.5e3, -0.5, 1E2]"))
   end)
 
+  it("a notification's payload decodes to its value, or stays the string it is", function()
+    local decode_payload = pgcoord.json.decode_payload
+    assert.are.same({ n = 1, tags = { "a" } }, decode_payload(' {"n": 1, "tags": ["a"]}'))
+    assert.are.equal(42, decode_payload("42"))
+    assert.are.equal("quoted", decode_payload('"quoted"'))
+    assert.are.equal(pgcoord.json.null, decode_payload("null"))
+    -- not JSON: refused at the first byte, or by the decoder further on
+    for _, raw in ipairs({ "job 17 done", "+1", "{half", "[1, 2", "01", "tru", "\0{}" }) do
+      assert.are.equal(raw, decode_payload(raw))
+    end
+    assert.are.equal("", decode_payload(""))
+    assert.is_nil(decode_payload(nil))
+  end)
+
   it("the encoder refuses NaN and infinities", function()
     for _, x in ipairs({ math.huge, -math.huge, 0 / 0 }) do
       assert.matches("cannot encode .* as JSON", helper.error_of(pgcoord.json.encode, { x = x }))

@@ -455,15 +455,18 @@ static void decode_container(lua_State *L, jreader *r, int depth, int is_array)
 		jfail(L, r, "nested too deep");
 	luaL_checkstack(L, 6, "JSON nesting");
 	char close = is_array ? ']' : '}';
-	lua_newtable(L);
-	int t = lua_gettop(L);
-	lua_Integer n = 0;
 	r->p++;
 	skip_space(r);
 	if (r->p < r->end && *r->p == close) {
 		r->p++;
+		lua_newtable(L);
 		return;
 	}
+	/* room for the first element: most payloads are small objects, and
+	 * growing a table from nothing costs a resize */
+	lua_createtable(L, is_array, !is_array);
+	int t = lua_gettop(L);
+	lua_Integer n = 0;
 	for (;;) {
 		skip_space(r);
 		if (!is_array) {
@@ -527,9 +530,38 @@ int pgc_json_decode(lua_State *L)
 	return 1;
 }
 
+/* Whether s can start a JSON value: what else the decoder would refuse. */
+static int starts_value(const char *s, size_t len)
+{
+	jreader r = {s, s + len, s};
+	skip_space(&r);
+	return r.p < r.end && *r.p != '\0' && strchr("{[\"tfn-0123456789", *r.p) != NULL;
+}
+
+/*
+ * core.json_decode_payload(payload) -> its value, or the payload itself
+ * when it is not JSON (nil and "" too): how a notification reaches its
+ * listeners.  One call and no pcall from Lua, and a payload that cannot
+ * start a JSON value skips the error the decoder would make.
+ */
+static int json_decode_payload(lua_State *L)
+{
+	lua_settop(L, 1);
+	size_t len;
+	const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+	if (s == NULL || !starts_value(s, len))
+		return 1;
+	lua_pushcfunction(L, pgc_json_decode);
+	lua_pushvalue(L, 1);
+	if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_isnil(L, -1))
+		lua_settop(L, 1);	/* not JSON after all: the string as it is */
+	return 1;
+}
+
 static const luaL_Reg json_funcs[] = {
 	{"json_encode", pgc_json_encode},
 	{"json_decode", pgc_json_decode},
+	{"json_decode_payload", json_decode_payload},
 	{NULL, NULL}
 };
 

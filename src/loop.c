@@ -151,7 +151,7 @@ typedef struct pgc_timer {
 	int self_ref;
 } pgc_timer;
 
-static double monotonic_now(void)
+double pgc_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -193,7 +193,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
 	pgc_timer *t = arg;
 	(void)fd, (void)what;
-	double left = t->due - monotonic_now();
+	double left = t->due - pgc_now();
 	if (left > 0) {
 		struct timeval tv = pgc_timeval(left);
 		if (tv.tv_sec == 0 && tv.tv_usec == 0)
@@ -218,7 +218,7 @@ static int l_timer(lua_State *L)
 	if (t->ev == NULL)
 		return luaL_error(L, "pgcoord: cannot create a timer");
 	struct timeval tv = pgc_timeval(seconds);
-	t->due = monotonic_now() + (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+	t->due = pgc_now() + (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 	if (evtimer_add(t->ev, &tv) != 0)
 		return luaL_error(L, "pgcoord: cannot arm a timer");
 	t->cb_ref = pgc_ref(L, 2);
@@ -408,7 +408,7 @@ static int l_step(lua_State *L)
 
 static int l_now(lua_State *L)
 {
-	lua_pushnumber(L, monotonic_now());
+	lua_pushnumber(L, pgc_now());
 	return 1;
 }
 

@@ -38,7 +38,7 @@ typedef struct pgc_conn {
 	enum conn_state state;
 	int sock;
 	int self_ref;		/* anchors the userdata while it is not CLOSED */
-	int cb_ref;		/* connect or query callback awaiting an outcome */
+	int waiting;		/* a callback (the user value) awaits the connect or a query */
 	int notify_ref;		/* function(channel, payload, pid) */
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
@@ -47,6 +47,7 @@ typedef struct pgc_conn {
 	int failed_connecting;	/* the link was lost before it was ready */
 	int describing;		/* the result wanted is parameter types */
 	int pipelined;		/* results end at a pipeline sync, not at NULL */
+	double released;	/* pgc_now() at the last conn:release() */
 	char *lost;		/* why the connection closed, for the callbacks */
 	struct pgc_resolve *resolve;	/* host names being looked up first */
 } pgc_conn;
@@ -56,9 +57,50 @@ static void stop_resolving(pgc_conn *c);
 static void on_read(evutil_socket_t fd, short what, void *arg);
 static void on_write(evutil_socket_t fd, short what, void *arg);
 
+/*
+ * The connection at idx.  Every function of a connection has its
+ * metatable as upvalue 1: luaL_checkudata would look it up by name, a
+ * string to intern at every call, and queries make several calls.
+ */
+static pgc_conn *conn_at(lua_State *L, int idx)
+{
+	pgc_conn *c = lua_touserdata(L, idx);
+	if (c == NULL || !lua_getmetatable(L, idx) || !lua_rawequal(L, -1, lua_upvalueindex(1)))
+		luaL_typeerror(L, idx, CONN_META);
+	lua_pop(L, 1);
+	return c;
+}
+
 static pgc_conn *check_conn(lua_State *L)
 {
-	return luaL_checkudata(L, 1, CONN_META);
+	return conn_at(L, 1);
+}
+
+/*
+ * The callback awaiting the connect or the current query is the
+ * userdata's user value, not a registry reference: it is set and taken at
+ * every query, and there a user value costs less.  ud: the userdata's
+ * absolute index.
+ */
+static void hold_callback(lua_State *L, pgc_conn *c, int ud, int fn)
+{
+	lua_pushvalue(L, fn);
+	lua_setiuservalue(L, ud, 1);
+	c->waiting = 1;
+}
+
+/* Pushes the callback awaiting an outcome, or nil; 1 when it was one. */
+static int take_callback(lua_State *L, pgc_conn *c, int ud)
+{
+	if (!c->waiting || lua_touserdata(L, ud) != c) {
+		lua_pushnil(L);
+		return 0;
+	}
+	c->waiting = 0;
+	lua_getiuservalue(L, ud, 1);
+	lua_pushnil(L);	/* let it go: it may hold a task that ends */
+	lua_setiuservalue(L, ud, 1);
+	return 1;
 }
 
 /*
@@ -169,14 +211,12 @@ static void drop_refs(lua_State *L, pgc_conn *c)
 static int deliver_lost(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
-	int cb = c->cb_ref, onclose = c->close_ref;
-	c->cb_ref = LUA_NOREF;
+	int onclose = c->close_ref;
 	c->close_ref = LUA_NOREF;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->self_ref);	/* anchor */
+	int ud = lua_gettop(L);
 	drop_refs(L, c);
-	if (cb != LUA_NOREF) {
-		lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
-		luaL_unref(L, LUA_REGISTRYINDEX, cb);
+	if (take_callback(L, c, ud)) {
 		lua_pushnil(L);
 		pgc_push_error(L, c->failed_connecting ? "08001" : "08006", lost_message(c));
 		lua_call(L, 2, 0);
@@ -234,8 +274,7 @@ static int deliver_connected(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->self_ref);
-	lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
-	pgc_unref(L, &c->cb_ref);
+	take_callback(L, c, lua_gettop(L));
 	lua_pushvalue(L, -2);
 	lua_call(L, 1, 0);
 	return 0;
@@ -698,10 +737,11 @@ static int l_connect(lua_State *L)
 	}
 	keys[n] = vals[n] = NULL;
 
-	pgc_conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+	pgc_conn *c = lua_newuserdatauv(L, sizeof *c, 1);
+	int ud = lua_gettop(L);
 	memset(c, 0, sizeof *c);
 	c->sock = -1;
-	c->self_ref = c->cb_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
+	c->self_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
 	c->L = pgc_main_state(L);
 	c->state = CONNECTING;
 	luaL_setmetatable(L, CONN_META);
@@ -734,8 +774,8 @@ static int l_connect(lua_State *L)
 		pgc_push_error(L, "08001", lost_message(c));
 		return 2;
 	}
-	c->self_ref = pgc_ref(L, -1);
-	c->cb_ref = pgc_ref(L, 4);
+	c->self_ref = pgc_ref(L, ud);
+	hold_callback(L, c, ud, 4);
 	return 1;
 }
 
@@ -798,8 +838,8 @@ static int deliver_result(lua_State *L)
 	PQclear(c->delivering);
 	PGresult *res = c->delivering = c->result;
 	c->result = NULL;
-	lua_rawgeti(L, LUA_REGISTRYINDEX, c->cb_ref);
-	pgc_unref(L, &c->cb_ref);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, c->self_ref);
+	take_callback(L, c, lua_gettop(L));
 	int cb = lua_gettop(L);
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 	int describing = c->describing;
@@ -1008,13 +1048,16 @@ static int send_failed(lua_State *L, pgc_conn *c)
 	return 2;
 }
 
-/* After a send: wait for the result, or report why the send failed. */
-static int sent(lua_State *L, pgc_conn *c, int ok)
+/*
+ * After a send: wait for the result, the callback at cb to be called
+ * with it, or report why the send failed.
+ */
+static int sent(lua_State *L, pgc_conn *c, int ok, int ud, int cb)
 {
 	if (!ok || flush(c) != 0)
 		return send_failed(L, c);
 	c->state = BUSY;
-	c->cb_ref = pgc_ref(L, 3);
+	hold_callback(L, c, ud, cb);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -1030,22 +1073,33 @@ static const char *check_sql(lua_State *L, int idx)
 }
 
 /*
+ * Sends a query with binary|nil at 4 and the parameters from 5 on: the
+ * SQL text, or the name of a prepared statement, at `what`; the userdata
+ * at ud and the callback at cb.  As conn:send returns.
+ */
+static int send_params(lua_State *L, int ud, int what, int cb, int prepared)
+{
+	pgc_conn *c = conn_at(L, ud);
+	const char *text = prepared ? luaL_checkstring(L, what) : check_sql(L, what);
+	luaL_checktype(L, cb, LUA_TFUNCTION);
+	const char *binary = luaL_optstring(L, 4, NULL);
+	check_ready(L, c);
+	pgc_params p;
+	pgc_params_from_stack(L, 5, lua_gettop(L), binary, &p);
+	int ok = prepared
+		? PQsendQueryPrepared(c->pg, text, p.n, p.values, p.lengths, p.formats, 0)
+		: PQsendQueryParams(c->pg, text, p.n, NULL, p.values, p.lengths, p.formats, 0);
+	return sent(L, c, ok, ud, cb);
+}
+
+/*
  * conn:send(sql, callback, binary|nil, params...) -> true | nil, err
  * The callback gets (rows) or (nil, err) once the query is done; binary
  * is as for send_prepared.
  */
 static int conn_send(lua_State *L)
 {
-	pgc_conn *c = check_conn(L);
-	const char *sql = check_sql(L, 2);
-	luaL_checktype(L, 3, LUA_TFUNCTION);
-	const char *binary = luaL_optstring(L, 4, NULL);
-	check_ready(L, c);
-	pgc_params p;
-	pgc_params_from_stack(L, 5, lua_gettop(L), binary, &p);
-	int ok = PQsendQueryParams(c->pg, sql, p.n, NULL, p.values, p.lengths,
-				   p.formats, 0);
-	return sent(L, c, ok);
+	return send_params(L, 1, 2, 3, 0);
 }
 
 /*
@@ -1064,9 +1118,7 @@ static int conn_prepare(lua_State *L)
 	check_ready(L, c);
 	int ok = PQenterPipelineMode(c->pg) && PQsendPrepare(c->pg, name, sql, 0, NULL) &&
 		 PQsendDescribePrepared(c->pg, name) && PQpipelineSync(c->pg);
-	lua_settop(L, 4);
-	lua_replace(L, 3);	/* sent() takes the callback from slot 3 */
-	int r = sent(L, c, ok);
+	int r = sent(L, c, ok, 1, 4);
 	if (c->state == BUSY)
 		c->describing = c->pipelined = 1;
 	return r;
@@ -1079,15 +1131,35 @@ static int conn_prepare(lua_State *L)
  */
 static int conn_send_prepared(lua_State *L)
 {
-	pgc_conn *c = check_conn(L);
-	const char *name = luaL_checkstring(L, 2);
-	luaL_checktype(L, 3, LUA_TFUNCTION);
-	const char *binary = luaL_optstring(L, 4, NULL);
-	check_ready(L, c);
-	pgc_params p;
-	pgc_params_from_stack(L, 5, lua_gettop(L), binary, &p);
-	int ok = PQsendQueryPrepared(c->pg, name, p.n, p.values, p.lengths, p.formats, 0);
-	return sent(L, c, ok);
+	return send_params(L, 1, 2, 3, 1);
+}
+
+/* A register function's end: a send that failed (nil, err) calls resume. */
+static int registered(lua_State *L, int nresults)
+{
+	if (nresults == 2) {
+		lua_pushvalue(L, 1);
+		lua_insert(L, -3);
+		lua_call(L, 2, 0);
+	}
+	return 0;
+}
+
+/*
+ * core.send_register(resume, conn, sql, binary|nil, params...) and
+ * core.prepared_register(resume, conn, name, binary|nil, params...):
+ * conn:send and conn:send_prepared in the shape of a task.await register
+ * function, so that a query's wait runs no Lua function of its own; a
+ * send that fails calls resume(nil, err) at once.
+ */
+static int l_send_register(lua_State *L)
+{
+	return registered(L, send_params(L, 2, 3, 1, 0));
+}
+
+static int l_prepared_register(lua_State *L)
+{
+	return registered(L, send_params(L, 2, 3, 1, 1));
 }
 
 /* conn:send_script(sql, callback): several statements, no parameters. */
@@ -1097,7 +1169,7 @@ static int conn_send_script(lua_State *L)
 	const char *sql = check_sql(L, 2);
 	luaL_checktype(L, 3, LUA_TFUNCTION);
 	check_ready(L, c);
-	return sent(L, c, PQsendQuery(c->pg, sql));
+	return sent(L, c, PQsendQuery(c->pg, sql), 1, 3);
 }
 
 /* ---- the rest of the handle ---------------------------------------- */
@@ -1145,13 +1217,9 @@ static int conn_on_notice(lua_State *L)
 static int conn_close(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
-	int cb = c->cb_ref;
-	c->cb_ref = LUA_NOREF;
 	shut(c, "connection closed");
 	drop_refs(L, c);
-	if (cb != LUA_NOREF) {
-		lua_rawgeti(L, LUA_REGISTRYINDEX, cb);
-		luaL_unref(L, LUA_REGISTRYINDEX, cb);
+	if (take_callback(L, c, 1)) {
 		lua_pushnil(L);
 		pgc_push_error(L, "08003", "connection closed while a query was running");
 		lua_call(L, 2, 0);
@@ -1198,14 +1266,21 @@ static int conn_in_transaction(lua_State *L)
 }
 
 /*
- * conn:check() -> boolean: reads what an idle connection's socket holds
- * right now, so a connection the server closed (a restart, a terminated
- * backend) is found dead before it is handed out, even when the loop has
- * not run since.  A dead one is closed without callbacks.
+ * conn:check([fresh]) -> boolean: reads what an idle connection's socket
+ * holds right now, so a connection the server closed (a restart, a
+ * terminated backend) is found dead before it is handed out, even when
+ * the loop has not run since.  A dead one is closed without callbacks.
+ * One released less than fresh seconds ago is taken as alive unread: the
+ * read is a syscall, and a pool hands a connection out again and again.
  */
 static int conn_check(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
+	double fresh = luaL_optnumber(L, 2, 0);
+	if (fresh > 0 && c->state == READY && pgc_now() - c->released < fresh) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
 	for (int i = 0; i < 2 && c->state == READY; i++) {
 		struct pollfd pfd = {PQsocket(c->pg), POLLIN, 0};
 		if (poll(&pfd, 1, 0) <= 0)
@@ -1219,11 +1294,29 @@ static int conn_check(lua_State *L)
 	return 1;
 }
 
+static int reusable(pgc_conn *c)
+{
+	return c->state == READY && PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+}
+
 /* conn:reusable(): idle, outside any transaction: fit to go back to a pool. */
 static int conn_reusable(lua_State *L)
 {
+	lua_pushboolean(L, reusable(check_conn(L)));
+	return 1;
+}
+
+/*
+ * conn:release() -> conn:reusable(), the connection going back to its
+ * pool: when it is, the time is kept for conn:check(fresh).
+ */
+static int conn_release(lua_State *L)
+{
 	pgc_conn *c = check_conn(L);
-	lua_pushboolean(L, c->state == READY && PQtransactionStatus(c->pg) == PQTRANS_IDLE);
+	int ok = reusable(c);
+	if (ok)
+		c->released = pgc_now();
+	lua_pushboolean(L, ok);
 	return 1;
 }
 
@@ -1234,7 +1327,7 @@ static int conn_gc(lua_State *L)
 	PQclear(c->delivering);
 	c->delivering = NULL;
 	drop_refs(L, c);
-	pgc_unref(L, &c->cb_ref);
+	c->waiting = 0;	/* (the user value goes with the userdata) */
 	if (c->ev_timeout) {
 		event_free(c->ev_timeout);
 		c->ev_timeout = NULL;
@@ -1258,22 +1351,27 @@ static const luaL_Reg conn_methods[] = {
 	{"parameter", conn_parameter},
 	{"in_transaction", conn_in_transaction},
 	{"reusable", conn_reusable},
+	{"release", conn_release},
 	{"check", conn_check},
 	{NULL, NULL}
 };
 
 static const luaL_Reg conn_funcs[] = {
 	{"connect", l_connect},
+	{"send_register", l_send_register},
+	{"prepared_register", l_prepared_register},
 	{NULL, NULL}
 };
 
 void pgc_open_pgconn(lua_State *L)
 {
 	luaL_newmetatable(L, CONN_META);
-	luaL_newlib(L, conn_methods);
-	lua_setfield(L, -2, "__index");
+	int meta = lua_gettop(L);
+	luaL_newlibtable(L, conn_methods);
+	lua_pushvalue(L, meta);
+	luaL_setfuncs(L, conn_methods, 1);
+	lua_setfield(L, meta, "__index");
 	lua_pushcfunction(L, conn_gc);
-	lua_setfield(L, -2, "__gc");
-	lua_pop(L, 1);
-	luaL_setfuncs(L, conn_funcs, 0);
+	lua_setfield(L, meta, "__gc");
+	luaL_setfuncs(L, conn_funcs, 1);	/* (the metatable as their upvalue too) */
 }

@@ -33,6 +33,7 @@ void pgc_open_loop(lua_State *L);
 void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
 		  lua_CFunction gc);
 struct timeval pgc_timeval(double seconds);
+double pgc_now(void);	/* CLOCK_MONOTONIC seconds, as core.now() */
 
 /* pgconn.c */
 void pgc_open_pgconn(lua_State *L);

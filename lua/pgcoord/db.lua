@@ -111,20 +111,14 @@ end
 
 -- ---- one connection ------------------------------------------------------
 
-local function send_register(resume, conn, sql, binary, ...)
-  local ok, err = conn:send(sql, resume, binary, ...)
-  if not ok then resume(nil, err) end
-end
+-- (in C: a query's wait runs no Lua function of its own)
+local send_register = task.calls_back_once(core.send_register)
+local prepared_register = task.calls_back_once(core.prepared_register)
 
-local function prepared_register(resume, conn, name, binary, ...)
-  local ok, err = conn:send_prepared(name, resume, binary, ...)
-  if not ok then resume(nil, err) end
-end
-
-local function prepare_register(resume, conn, name, sql)
+local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
   local ok, err = conn:prepare(name, sql, resume)
   if not ok then resume(nil, err) end
-end
+end)
 
 local function await_ok(register, ...)
   local r, err = task.await(register, ...)
@@ -291,10 +285,10 @@ local function check_sql(sql, what)
   checked[sql], n_checked = true, n_checked + 1
 end
 
-local function script_register(resume, conn, sql)
+local script_register = task.calls_back_once(function(resume, conn, sql)
   local ok, err = conn:send_script(sql, resume)
   if not ok then resume(nil, err) end
-end
+end)
 
 -- Runs several statements (no parameters), as migrations need.
 local function run_script(conn, sql)
@@ -407,7 +401,7 @@ end
 
 function Pool:_open()
   local conn = db.open(self)
-  local lease = setmetatable({ pool = self, conn = conn, idle = false, idle_since = 0 }, Lease)
+  local lease = setmetatable({ pool = self, conn = conn, idle = false }, Lease)
   conn:on_close(function(why)
     if lease.idle and remove_idle(self, lease) then
       lease.idle = false
@@ -435,7 +429,7 @@ function Pool:acquire()
       lease.idle = false
       -- a connection back from a query a moment ago is alive: look at the
       -- socket (a syscall) only for one that sat idle a while
-      if core.now() - lease.idle_since < IDLE_CHECK_AFTER or lease.conn:check() then
+      if lease.conn:check(IDLE_CHECK_AFTER) then
         return lease
       end
       -- the server closed it while idle and the loop has not seen it yet
@@ -479,12 +473,11 @@ end
 -- (a lease's __close: the one step between a query and the next)
 local function give_back(lease)
   local pool, conn = lease.pool, lease.conn
-  if pool.closed or not conn:reusable() then
+  if pool.closed or not conn:release() then
     pool:_discard(lease)
     return
   end
   lease.idle = true
-  lease.idle_since = core.now()
   local idle = pool.idle
   idle[#idle + 1] = lease
   if pool.waiters[1] ~= nil then wake_one(pool) end

@@ -42,7 +42,10 @@ function fanout.new(channel, opts)
   local fan = setmetatable({
     channel = channel,
     overflow = o.overflow,
-    listeners = {},      -- set: listener -> true
+    -- an array, walked for every notification; a listener that goes
+    -- leaves a new one, so a walk that wakes a task which closes one
+    -- goes on undisturbed
+    listeners = {},
     count = 0,
     counters = { notifications = 0, drops = 0, overflows = 0, poll_saved = 0, streak = 0 },
     recovery = nil,
@@ -73,8 +76,8 @@ local function new_listener(fan, filter, capacity)
     l.wake_pending = false
     l.ready:signal()
   end
-  fan.listeners[l] = true
   fan.count = fan.count + 1
+  fan.listeners[fan.count] = l
   return l
 end
 
@@ -202,10 +205,11 @@ function Listener:close()
   if self.closed then return end
   self.closed = true
   local fan = self.fan
-  if fan.listeners[self] then
-    fan.listeners[self] = nil
-    fan.count = fan.count - 1
+  local rest = {}
+  for _, l in ipairs(fan.listeners) do
+    if l ~= self then rest[#rest + 1] = l end
   end
+  fan.listeners, fan.count = rest, #rest
   self.queue, self.head, self.tail = {}, 1, 0
   if callbacks[self] then forget_callback(self) end
   if self.ready then self.ready:signal() end
@@ -242,22 +246,19 @@ end
 
 -- ---- delivery ------------------------------------------------------------
 
-local json_decode = json.decode
-
--- (as json.try_decode, without its call: this runs for every notification)
-local function decode(payload)
-  if payload == nil or payload == "" then return payload end
-  local ok, value = pcall(json_decode, payload)
-  if not ok or value == nil then return payload end -- not JSON: the raw string
-  return value
-end
+-- A payload's value, or the payload as it is when it is not JSON (in C:
+-- this runs for every notification).
+local decode = json.decode_payload
 
 -- Hands msg to every listener; returns how many buffers were full.
 function Fan:_dispatch(msg)
   local full = 0
-  for l in pairs(self.listeners) do
-    local wanted = true
-    if l.filter then
+  local listeners = self.listeners
+  for i = 1, #listeners do
+    local l = listeners[i]
+    -- (a task that an earlier offer woke at once may have closed it)
+    local wanted = not l.closed
+    if wanted and l.filter then
       local ok, keep = pcall(l.filter, msg)
       if not ok then
         log.error("listener filter failed", { channel = self.channel, error = tostring(keep) })

@@ -15,6 +15,9 @@ local json = {}
 json.null = cjson.null
 json.encode = core.json_encode
 json.decode = core.json_decode
+-- A notification's payload: its value, or the string as it is when it is
+-- not JSON (nil and "" too).
+json.decode_payload = core.json_decode_payload
 
 local ARRAY = { __jsonarray = true }
 

@@ -128,13 +128,37 @@ local function current()
   return by_co[co], false
 end
 
--- Resumes a waiting task at once from the main thread (an event callback),
--- else queues it, so that a task never runs inside another.
 local co_running = coroutine.running
 
-local function wake(t, ...)
-  local _, main = co_running()
-  if main then resume_task(t, ...) else enqueue(t, ...) end
+-- The function that ends t's wait number token with its arguments, the
+-- values await returns; a call for another wait, or after the wait ended,
+-- does nothing.  Without a token, it ends whichever wait is on: the one
+-- each task has, for register functions that call back once (below).
+-- It resumes the task at once from the main thread (an event callback),
+-- else queues it, so that a task never runs inside another.
+local function resumer(t, token)
+  return function(...)
+    local current_token = t.wait_token
+    if not current_token or (token and current_token ~= token) then return end
+    t.wait_token, t.cancel_wait = false, false
+    if not t.parked then -- resumed before the task yielded
+      t.early = table.pack(...)
+      return
+    end
+    local _, main = co_running()
+    if main then resume_task(t, ...) else enqueue(t, ...) end
+  end
+end
+
+-- Register functions that call resume exactly once, never after their
+-- wait ended otherwise: a wait ends only by that call, or by a cancel,
+-- which ends the task.  Their waits take the task's own resume function
+-- instead of a new closure each (a query's wait runs for every statement).
+local calls_once = setmetatable({}, { __mode = "k" })
+
+function task.calls_back_once(register)
+  calls_once[register] = true
+  return register
 end
 
 function task.spawn(fn, ...)
@@ -146,6 +170,7 @@ function task.spawn(fn, ...)
   local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0, fn = fn,
                            cancel_requested = false, outcome = false, wait_token = false,
                            cancel_wait = false, parked = false, early = false }, Task)
+  t.resume = resumer(t, nil)
   t.co = coroutine.create(function(...)
     t.outcome = table.pack(xpcall(fn, on_error, ...))
   end)
@@ -209,15 +234,7 @@ function task.await(register, ...)
   -- yielded for this wait; a resume before that leaves its values in early)
   local token = t.waits + 1
   t.waits, t.wait_token, t.parked = token, token, false
-  local cancel = register(function(...)
-    if t.wait_token ~= token then return end
-    t.wait_token, t.cancel_wait = false, false
-    if t.parked then
-      wake(t, ...)
-    else
-      t.early = table.pack(...)
-    end
-  end, ...)
+  local cancel = register(calls_once[register] and t.resume or resumer(t, token), ...)
   local early = t.early
   if early then -- resumed before we yielded
     t.early = false
@@ -228,22 +245,24 @@ function task.await(register, ...)
   return raise_if_cancelled(t, co_yield())
 end
 
+local sleep_register = task.calls_back_once(function(resume, seconds)
+  local timer = core.timer(seconds, resume)
+  return function() timer:cancel() end
+end)
+
 function task.sleep(seconds)
   if type(seconds) ~= "number" or seconds ~= seconds then
     error(("pgcoord.sleep: seconds must be a number, got %s"):format(tostring(seconds)), 2)
   end
-  task.await(function(resume)
-    local timer = core.timer(seconds, resume)
-    return function() timer:cancel() end
-  end)
+  task.await(sleep_register, seconds)
 end
 
 -- Lets the other ready tasks and the loop's pending events run, then goes
 -- on: a task that works through many items without waiting calls this so
 -- that it does not starve the rest (a signal it sent is acted on at once).
-local function defer_register(resume)
+local defer_register = task.calls_back_once(function(resume)
   task.defer(resume)
-end
+end)
 
 function task.pass()
   task.await(defer_register)
@@ -261,7 +280,7 @@ function Task:status()
   return self.state
 end
 
-local function join_register(resume, t, timeout)
+local join_register = task.calls_back_once(function(resume, t, timeout)
   local joiners = t.joiners
   local timer
   local function done()
@@ -283,7 +302,7 @@ local function join_register(resume, t, timeout)
       if joiners[i] == done then table.remove(joiners, i) return end
     end
   end
-end
+end)
 
 -- Waits until the task has ended; false when timeout seconds pass first.
 function Task:wait(timeout)
@@ -347,20 +366,25 @@ function task.cond()
   return setmetatable({ waiters = {} }, Cond)
 end
 
-local function cond_register(resume, cond, timeout)
+local cond_register = task.calls_back_once(function(resume, cond, timeout)
+  if not timeout then
+    -- resume is the task's own (calls_back_once): the waiter itself
+    cond.waiters[resume] = true
+    return function() cond.waiters[resume] = nil end
+  end
   local timer
   local function done(value, err)
-    if timer then timer:cancel() end
+    timer:cancel()
     cond.waiters[done] = nil
     resume(value, err)
   end
   cond.waiters[done] = true
-  if timeout then timer = core.timer(timeout, function() done(nil, "timeout") end) end
+  timer = core.timer(timeout, function() done(nil, "timeout") end)
   return function()
-    if timer then timer:cancel() end
+    timer:cancel()
     cond.waiters[done] = nil
   end
-end
+end)
 
 -- Waits for signal(value); returns value, or nil, "timeout".
 function Cond:wait(timeout)
