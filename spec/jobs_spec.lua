@@ -475,6 +475,33 @@ describe("a worker", function()
     helper.wait_until(function() return count_jobs(g) == 0 end, 20, "the results to be written")
   end)
 
+  it("vacuums pgcoord.jobs itself once it wrote vacuum_every results; 0 never does", function()
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    jobs:define("step", function() end, { group = g })
+    local function server_vacuums()
+      return db:one([[SELECT vacuum_count::int AS n FROM pg_stat_user_tables
+                       WHERE relid = 'pgcoord.jobs'::regclass]]).n
+    end
+    local function run_ten(opts)
+      local list = {}
+      for i = 1, 10 do list[i] = { type = "step" } end
+      jobs:schedule_many(db, list)
+      local w = worker(jobs, opts)
+      helper.wait_until(function() return count_jobs(g) == 0 end, 10, "the jobs to run")
+      return w
+    end
+    local before = server_vacuums()
+    local w = run_ten({ group = g, vacuum_every = 10, flush_count = 5, poll_interval = 30 })
+    helper.wait_until(function() return w:stats().vacuums == 1 end, 10, "the worker's vacuum")
+    assert.is_true(server_vacuums() > before, "the server counted no vacuum")
+    w:stop()
+    local never = run_ten({ group = g, vacuum_every = 0, flush_count = 5, poll_interval = 30 })
+    assert.are.equal(0, never:stats().vacuums)
+    local err = errors(function() jobs:worker({ group = g, vacuum_every = -1 }) end)
+    assert.matches("vacuum_every", err)
+  end)
+
   it("starts no job while a full batch of results waits for a writer: what is unwritten"
     .. " stays near concurrency + 3 x flush_count", function()
     local g = helper.unique("jg")

@@ -114,9 +114,10 @@ end
 local Completer = {}
 Completer.__index = Completer
 
--- hooks: on_error(what, err); on_retry_due(at), the core.now() time the
--- earliest failed run just written comes due; on_flushing(), the flusher
--- runs (runners that passed for it may stop passing).
+-- hooks: on_error(what, err); on_written(n), n results were just written;
+-- on_retry_due(at), the core.now() time the earliest failed run just
+-- written comes due; on_flushing(), the flusher runs (runners that passed
+-- for it may stop passing).
 function completer.new(pool, group, flush_count, flush_age, hooks)
   return setmetatable({ pool = pool, group = group, owner = nil, hooks = hooks,
                         flush_count = flush_count, flush_age = flush_age,
@@ -194,6 +195,7 @@ function Completer:_written(batch)
     end
   end
   if due then self.hooks.on_retry_due(due) end
+  self.hooks.on_written(batch.n)
 end
 
 -- Writes a batch; returns nothing when it is written, else what is left

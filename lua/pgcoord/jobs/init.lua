@@ -372,6 +372,7 @@ local check_worker = options.spec("jobs:worker", {
   flush_count = { "integer", default = 500, min = 1, max = 100000 },
   flush_age = { "number", default = 1, min = 0.01, max = 1000000 },
   heartbeat_interval = { "number", default = 10, min = 0.01, max = 1000000 },
+  vacuum_every = { "integer", default = 100000, min = 0, max = 1000000000 }, -- (jobs/vacuum.lua)
   reclaim_after = { "number", min = 0.01, max = 1000000 }, -- (default: 6 heartbeats)
   should_log_run = { "function" },
   handle_error = { "function" },

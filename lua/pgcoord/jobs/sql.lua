@@ -178,6 +178,10 @@ SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in'
   FROM (SELECT DISTINCT group_name FROM back) g]]
 sql.HAND_BACK = HAND_BACK
 
+-- A worker's own vacuum of the table (jobs/vacuum.lua): SKIP_LOCKED, so
+-- that it never waits behind another's or autovacuum's.
+sql.VACUUM = "VACUUM (SKIP_LOCKED) pgcoord.jobs"
+
 -- Jobs whose retries ran out ($1 a group or NULL, $2 at most).
 local FAILED = [[
 SELECT id, group_name AS "group", type, params::text AS params, error_count, last_error,

@@ -18,6 +18,7 @@ local metrics = require "pgcoord.metrics"
 local subscriber = require "pgcoord.subscriber"
 local sql = require "pgcoord.jobs.sql"
 local completer = require "pgcoord.jobs.completer"
+local vacuum = require "pgcoord.jobs.vacuum"
 local maintenance = require "pgcoord.jobs.maintenance"
 local retention = require "pgcoord.jobs.retention"
 local limits = require "pgcoord.jobs.limits"
@@ -212,7 +213,10 @@ function worker.new(types, pool, o)
       w:_wake()
     end,
     on_flushing = function() w.handoff = false end,
+    on_written = function(n) w.vacuum:written(n) end,
   })
+  w.vacuum = vacuum.new(pool, o.group, o.vacuum_every,
+    function(what, err) w:_infra_error(what, err) end)
   w.maintenance = maintenance.new(pool, o.group, o.heartbeat_interval, o.reclaim_after, {
     on_error = function(what, err) w:_infra_error(what, err) end,
     on_lease = function(alive_until) w.alive_until = alive_until end,
@@ -709,6 +713,7 @@ function Worker:stop(timeout)
     finish(self, job, false, "cancelled at shutdown", core.time(), true, self.types[job.type])
   end
   self.completer:stop()
+  self.vacuum:stop(FETCH_GRACE)
   self.maintenance:deregister()
   if self.limited and not self.paused then self.limiter:slots_freed() end
   self.state = "stopped"
@@ -745,7 +750,8 @@ function Worker:stats()
            queued = q.tail - q.head + 1, running = self.running, handled = self.handled,
            failed = self.failed,
            unflushed = self.completer:unwritten(), paused = self.paused, limited = self.limited,
-           retention = self.pruner and self.pruner:stats() or nil }
+           retention = self.pruner and self.pruner:stats() or nil,
+           vacuums = self.vacuum:count() }
 end
 
 return worker
