@@ -179,8 +179,11 @@ SELECT pg_notify('pgcoord_jobs', json_build_object('group', group_name, 'due_in'
 sql.HAND_BACK = HAND_BACK
 
 -- A worker's own vacuum of the table (jobs/vacuum.lua): SKIP_LOCKED, so
--- that it never waits behind another's or autovacuum's.
-sql.VACUUM = "VACUUM (SKIP_LOCKED) pgcoord.jobs"
+-- that it never waits behind another's or autovacuum's; no truncation of
+-- the table's empty end, whose ACCESS EXCLUSIVE lock stops every claim
+-- while it waits (seen as Timeout:VacuumTruncate beside the claims), and
+-- no parallel index workers taking the cores the workers' statements use.
+sql.VACUUM = "VACUUM (SKIP_LOCKED, TRUNCATE false, PARALLEL 0) pgcoord.jobs"
 
 -- Jobs whose retries ran out ($1 a group or NULL, $2 at most).
 local FAILED = [[
