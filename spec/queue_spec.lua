@@ -90,6 +90,17 @@ local function count_claims(p)
   return claims
 end
 
+-- A handler that counts the times each payload reached it, and the counts.
+local function tally()
+  local seen = {}
+  return seen, function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end
+end
+
+-- Asserts that payloads 1 to n each reached the handler once.
+local function each_once(seen, n)
+  for i = 1, n do assert.are.equal(1, seen[i], ("message %d"):format(i)) end
+end
+
 describe("pgcoord.queue", function()
   local db
 
@@ -783,12 +794,11 @@ describe("pgcoord.queue", function()
     local p = pool(6)
     local claims = count_claims(p)
     local q = backlog(p, 500)
-    local seen = {}
-    consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
-      { concurrency = 24 })
+    local seen, count = tally()
+    consume(q, "s", count, { concurrency = 24 })
     helper.wait_until(function() return q:stats("s").acked == 500 end, 20, "500 acks")
     assert.are.equal(2, claims.most)
-    for i = 1, 500 do assert.are.equal(1, seen[i]) end
+    each_once(seen, 500)
   end)
 
   -- The handlers free room while the loop's claim waits on the server (a
@@ -808,10 +818,11 @@ describe("pgcoord.queue", function()
     end
     local q, qname = backlog(p, 40)
     -- claims take ids in order: handler i ends once opened reaches i
-    local opened, seen = 0, {}
+    local opened = 0
+    local seen, count = tally()
     local c = consume(q, "s", function(msg)
       helper.wait_until(function() return opened >= msg.payload end, 20, "the gate")
-      seen[msg.payload] = (seen[msg.payload] or 0) + 1
+      count(msg)
     end, { concurrency = 8, prefetch = 8 })
     -- the first claim came back full (16 of 16): a backlog
     helper.wait_until(function()
@@ -833,7 +844,7 @@ describe("pgcoord.queue", function()
     assert.are.same({ 16, 8, 8 }, { table.unpack(claims.asked, 1, 3) })
     helper.wait_until(function() return q:stats("s").acked == 40 end, 20, "40 acks")
     assert.are.equal(2, claims.most)
-    for i = 1, 40 do assert.are.equal(1, seen[i]) end
+    each_once(seen, 40)
     local rows = deliveries(db, qname, "s")
     assert.are.equal(40, #rows)
     for _, r in ipairs(rows) do assert.are.same({ "acked", 1 }, { r.state, r.deliveries }) end
@@ -864,9 +875,8 @@ describe("pgcoord.queue", function()
       published = published + 2000
     end
     top_up()
-    local seen = {}
-    consume(q, "s", function(msg) seen[msg.payload] = (seen[msg.payload] or 0) + 1 end,
-      { concurrency = 24 })
+    local seen, count = tally()
+    consume(q, "s", count, { concurrency = 24 })
     helper.wait_until(function() top_up() return claims.from > late_id end, 10,
       "a claim to look from past the late message")
     commit = true
@@ -875,7 +885,7 @@ describe("pgcoord.queue", function()
     helper.wait_until(function() return q:stats("s").acked == published + 1 end, 30,
       "every message acked")
     assert.are.equal(1, seen.late)
-    for i = 1, published do assert.are.equal(1, seen[i]) end
+    each_once(seen, published)
   end)
 
   it("holds prefetch messages for busy handlers, keeps their leases, hands them back on stop",

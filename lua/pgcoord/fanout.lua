@@ -46,7 +46,6 @@ function fanout.new(channel, opts)
     -- leaves a new one, so a walk that wakes a task which closes one
     -- goes on undisturbed
     listeners = {},
-    count = 0,
     counters = { notifications = 0, drops = 0, overflows = 0, poll_saved = 0, streak = 0 },
     recovery = nil,
   }, Fan)
@@ -76,8 +75,7 @@ local function new_listener(fan, filter, capacity)
     l.wake_pending = false
     l.ready:signal()
   end
-  fan.count = fan.count + 1
-  fan.listeners[fan.count] = l
+  fan.listeners[#fan.listeners + 1] = l
   return l
 end
 
@@ -209,7 +207,7 @@ function Listener:close()
   for _, l in ipairs(fan.listeners) do
     if l ~= self then rest[#rest + 1] = l end
   end
-  fan.listeners, fan.count = rest, #rest
+  fan.listeners = rest
   self.queue, self.head, self.tail = {}, 1, 0
   if callbacks[self] then forget_callback(self) end
   if self.ready then self.ready:signal() end
@@ -340,7 +338,7 @@ end
 
 function Fan:stats()
   local c = self.counters
-  return { channel = self.channel, listeners = self.count, notifications = c.notifications,
+  return { channel = self.channel, listeners = #self.listeners, notifications = c.notifications,
            drops = c.drops, overflows = c.overflows, poll_saved = c.poll_saved,
            streak = c.streak }
 end
