@@ -5,7 +5,23 @@
 -- to the server are counted as round trips (each send waits for one
 -- reply).  Prints "round_trips=N sends=..." once the group is empty.
 --   jobs-cost.lua GROUP JOBS CONCURRENCY LOG
+-- Statements are sent by core's send_register and prepared_register (which
+-- db.lua takes as it loads: wrapped before it is required, so this runs
+-- under a stock lua5.4, not pgcoord-run, which has loaded it already) and
+-- by the connection's methods.
+local core = require "pgcoord.core"
+local counts, counting = {}, false
+local function counted(name, f)
+  return function(...)
+    if counting then counts[name] = (counts[name] or 0) + 1 end
+    return f(...)
+  end
+end
+for _, name in ipairs({ "send_register", "prepared_register" }) do
+  core[name] = counted(name, assert(core[name], name))
+end
 local pgcoord = require "pgcoord"
+require("pgcoord.log").set_level("warn")
 
 package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
 local bench = require "benchlib"
@@ -17,15 +33,8 @@ local concurrency, log_runs = args:integer(4, "CONCURRENCY"), args[5] or "all"
 local db = pgcoord.connect(nil, { size = 10 })
 local methods = getmetatable(debug.getregistry()["pgcoord.pgconn"] and
   setmetatable({}, debug.getregistry()["pgcoord.pgconn"]) or {}).__index
-local counts, counting = {}, false
 for _, name in ipairs({ "send", "send_prepared", "prepare", "send_script", "send_begun" }) do
-  local f = methods[name]
-  if f then
-    methods[name] = function(...)
-      if counting then counts[name] = (counts[name] or 0) + 1 end
-      return f(...)
-    end
-  end
+  if methods[name] then methods[name] = counted(name, methods[name]) end
 end
 
 local function env_integer(name)
@@ -52,7 +61,7 @@ bench.wait_for(function()
   return empty()
 end, 60, "empty group")
 counting = false
-counts.send_prepared = counts.send_prepared - polls
+counts.prepared_register = counts.prepared_register - polls
 w:shutdown()
 local total, parts = 0, {}
 for name, c in pairs(counts) do
