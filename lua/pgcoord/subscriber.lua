@@ -154,7 +154,8 @@ end
 function Sub:_dispatcher()
   local counters, fans = self.counters, self.fans
   return function(channel, payload)
-    self.last_activity = core.now()
+    -- (no clock read here: the session's check credits the time to
+    -- whatever the count says arrived since its last look)
     counters.notifications = counters.notifications + 1
     if channel == PING_CHANNEL then
       self.pings_heard = self.pings_heard + 1
@@ -234,10 +235,17 @@ function Sub:_session(conn)
     if not ok then log.error("on_reconnect failed", { error = err }) end
   end
   self.listening:signal()
+  -- A notification counts as heard at the first check after it (never
+  -- earlier than it came), so silence is found at most one check late:
+  -- half a ping's interval, or half the margin the grace leaves over it.
   local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 2
+  local counters, heard = self.counters, self.counters.notifications
   while not self.reason and self:_keeps(self.task) do
     self.wake:wait(check)
-    if not self.reason and core.now() - self.last_activity > self.ping_grace then
+    local now = core.now()
+    if counters.notifications ~= heard then
+      heard, self.last_activity = counters.notifications, now
+    elseif not self.reason and now - self.last_activity > self.ping_grace then
       self.reason = ("no notification within ping_grace (%gs)"):format(self.ping_grace)
     end
   end
