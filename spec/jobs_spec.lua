@@ -422,6 +422,31 @@ describe("scheduling jobs", function()
       assert.are.same(want, order, "prefetch " .. prefetch)
     end
   end)
+
+  it("claims ready jobs that a finished transaction locked or updated, in order", function()
+    -- (the claim passes over rows touched by transactions beside it: these
+    -- were touched by ones that ended, and must not wait for good)
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local order = {}
+    jobs:define("p", function(job) order[#order + 1] = job.id end, { group = g })
+    local ids = jobs:schedule_many(db, { { type = "p" }, { type = "p" }, { type = "p" },
+                                         { type = "p" } })
+    local lock = "SELECT id FROM pgcoord.jobs WHERE id = $1 FOR UPDATE"
+    assert.is_false(pcall(db.tx, db, function(tx) tx:query(lock, ids[1]); error("roll back") end))
+    db:tx(function(tx) tx:query(lock, ids[2]) end)
+    assert.is_false(pcall(db.tx, db, function(tx)
+      tx:exec("UPDATE pgcoord.jobs SET priority = priority WHERE id = $1", ids[3])
+      error("roll back")
+    end))
+    local touched = db:one([[SELECT count(*)::int AS n FROM pgcoord.jobs
+                              WHERE id = ANY($1::bigint[]) AND xmax <> '0']], "{" ..
+      table.concat(ids, ",") .. "}").n
+    assert.are.equal(3, touched, "the first three rows carry their lockers' xmax")
+    worker(jobs, { group = g, concurrency = 1, prefetch = 1, poll_interval = 30 })
+    helper.wait_until(function() return #order == #ids end, 5, "all jobs to run")
+    assert.are.same(ids, order)
+  end)
 end)
 
 describe("a worker", function()

@@ -57,6 +57,20 @@ sql.REGISTER = REGISTER
 -- $4 tags the claim: locked_at is the worker's clock (epoch microseconds,
 -- as the runs it logs), distinct for each of its claims, so that a claim
 -- whose outcome the worker could not read can be handed back (UNCLAIM).
+-- The xmax test passes over the rows that a transaction running beside
+-- this claim has locked or updated (another claim's, in this process or
+-- another), before FOR UPDATE tries them.  FOR UPDATE alone skips a row
+-- whose claim is still in progress, but one whose claim committed after
+-- this statement's snapshot it follows to its newest version (read
+-- committed), and locks that, the other worker's 'running' row, before it
+-- finds the state no longer 'ready': that worker's FLUSH then waited on
+-- this claim to delete its own job (Lock:transactionid, "while deleting
+-- tuple"), and each such lock cost a write.  A row whose xmax is older
+-- than the snapshot (a locker that rolled back, or committed and left it
+-- ready) is claimed as before, so no row is passed over for good.
+-- (xmax is the row's raw header: 0 for a row no one has touched; age()
+-- orders xids across wraparound; the snapshot's xids in progress and its
+-- xmax bound the transactions beside it.)
 local CLAIM = [[
 WITH c AS (
   UPDATE pgcoord.jobs j
@@ -64,6 +78,9 @@ WITH c AS (
    WHERE j.ctid = ANY(ARRAY(
            SELECT ctid FROM pgcoord.jobs
             WHERE state = 'ready' AND group_name = $1
+              AND (xmax = '0' OR NOT (
+                     xmax = ANY(ARRAY(SELECT xid(pg_snapshot_xip(pg_current_snapshot()))))
+                     OR age(xmax) <= (SELECT age(xid(pg_snapshot_xmax(pg_current_snapshot()))))))
             ORDER BY priority, id
             LIMIT $3
               FOR UPDATE SKIP LOCKED))
