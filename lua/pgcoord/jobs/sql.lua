@@ -70,7 +70,10 @@ sql.REGISTER = REGISTER
 -- ready) is claimed as before, so no row is passed over for good.
 -- (xmax is the row's raw header: 0 for a row no one has touched; age()
 -- orders xids across wraparound; the snapshot's xids in progress and its
--- xmax bound the transactions beside it.)
+-- xmax bound the transactions beside it.  Two share-lockers leave a
+-- MultiXactId there, another counter: one that reads as an xid not yet
+-- given out has a negative age and is never passed over, and one that
+-- reads as a recent xid is passed over only while that xid would be.)
 local CLAIM = [[
 WITH c AS (
   UPDATE pgcoord.jobs j
@@ -80,7 +83,8 @@ WITH c AS (
             WHERE state = 'ready' AND group_name = $1
               AND (xmax = '0' OR NOT (
                      xmax = ANY(ARRAY(SELECT xid(pg_snapshot_xip(pg_current_snapshot()))))
-                     OR age(xmax) <= (SELECT age(xid(pg_snapshot_xmax(pg_current_snapshot()))))))
+                     OR age(xmax) BETWEEN 0
+                          AND (SELECT age(xid(pg_snapshot_xmax(pg_current_snapshot()))))))
             ORDER BY priority, id
             LIMIT $3
               FOR UPDATE SKIP LOCKED))
