@@ -163,6 +163,11 @@ function consumer.start(sub, fn, o, waker)
     waker = waker,
     done = task.cond(),      -- signalled once stopped
   }, Consumer)
+  self.wake_due = false     -- a wake-up of the next runner is deferred
+  self.wake_deferred = function()
+    self.wake_due = false
+    self:_wake_runners()
+  end
   self.fan = waker:add(self, ctx.queue_id)
   self.acks = acks.start(ctx)
   self.keeper = keeper.start(ctx, function() return self:_leases() end)
@@ -275,10 +280,7 @@ end
 -- (a task per message would cost more than a no-op handler itself)
 
 -- Wakes one idle runner, or starts one (up to concurrency), when
--- messages are held.  Each runner that takes a message with more held
--- wakes the next: handlers that wait get a runner each, one after
--- another, while handlers that never wait leave the first runner to go
--- through the lot, not a wake-up of every runner for nothing.
+-- messages are held.
 function Consumer:_wake_runners()
   if self:_held() == 0 then return end
   local idle = self.idle
@@ -288,6 +290,18 @@ function Consumer:_wake_runners()
     self.runners = self.runners + 1
     task.spawn(self._runner, self, task.signal())
   end
+end
+
+-- A runner that takes a message with more held has the next runner woken
+-- once it yields (from the loop, see task.defer), if messages are still
+-- held then: handlers that wait get a runner each, one after another,
+-- while handlers that never wait leave the first runner to go through the
+-- lot, with no wake-up of another runner for nothing (one a message cost
+-- more than a no-op handler).
+function Consumer:_wake_next()
+  if self.wake_due then return end
+  self.wake_due = true
+  task.defer(self.wake_deferred)
 end
 
 -- Takes the next message held, if any.
@@ -301,18 +315,48 @@ function Consumer:_take_held()
   return item
 end
 
+-- A handler's slot, given back: its delivery leaves the in-flight set
+-- (handed back at the stop if it has no outcome) and room for a claim
+-- wakes the loop.
+function Consumer:_release(entry)
+  local id = entry.id
+  if self.in_flight[id] == entry then
+    self.in_flight[id] = nil
+    if not entry.outcome then self.acks:abandon(id, entry.n) end
+  end
+  self.running = self.running - 1
+  -- (only once there is room for a claim: a wake-up of the loop per
+  -- handler would cost more than a no-op handler)
+  self:_room_freed()
+end
+
+-- What a runner's to-be-closed variable does when the runner is closed
+-- (cancelled while its handler waits): gives back the slot of the
+-- delivery in hand.  One per runner, not one per message.
+local Slot = { __close = function(slot)
+  local entry = slot.entry
+  if entry then
+    slot.entry = nil
+    slot.consumer:_release(entry)
+  end
+end }
+
 -- A runner: handles what is held while the consumer runs; ends when it
 -- stops (a cancel of the runner cancels its handler).
 function Consumer:_runner(wake)
   local me = task.current()
+  local slot <close> = setmetatable({ consumer = self, entry = false }, Slot)
   while true do
     local item = self.state == "running" and self:_take_held()
     if item then
-      self:_wake_runners()
+      if self.held.tail > 0 then self:_wake_next() end
       local entry = item[2]
       entry.task = me
       self.running = self.running + 1
+      slot.entry = entry
       local ok, err = pcall(self._handle, self, item[1], entry)
+      slot.entry = false
+      self:_release(entry)
       if not ok then   -- cancelled (at a stop's deadline): this runner ends
         self.runners = self.runners - 1
         error(err, 0)
@@ -470,21 +514,10 @@ function Consumer:_failed(row, entry, reason)
   self.acks:requeue(row.id, entry.n, reason, delay)
 end
 
--- A handler task: decodes the payload, runs fn, then acks or requeues.
--- The slot is given back by a to-be-closed variable, so a cancelled
--- handler gives it back too.
+-- A handler, on its runner: decodes the payload, runs fn, then acks or
+-- requeues.  The runner gives the slot back (see Slot, for a cancel).
 function Consumer:_handle(row, entry)
   local ctx = self.ctx
-  local _ <close> = setmetatable({}, { __close = function()
-    if self.in_flight[row.id] == entry then
-      self.in_flight[row.id] = nil
-      if not entry.outcome then self.acks:abandon(row.id, entry.n) end
-    end
-    self.running = self.running - 1
-    -- (only once there is room for a claim: a wake-up of the loop per
-    -- handler would cost more than a no-op handler)
-    self:_room_freed()
-  end })
   local decoded, payload = pcall(json_decode, row.payload)
   if not decoded then
     -- a poison message: a delivery that failed, so max_deliveries ends it
