@@ -144,7 +144,7 @@ function consumer.start(sub, fn, o, waker)
     running = 0,             -- handlers in progress
     runners = 0,             -- tasks that run handlers, one message after another
     idle = {},               -- the wake-ups of those waiting for a message
-    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
+    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: their entries
     -- claimed and not ended at most (an ordered subscription has one
     -- message in flight: nothing to hold), and the least room worth a
     -- claim (half of it, at most prefetch), so that handlers ending one by
@@ -190,14 +190,17 @@ function Consumer:has_room()
   return self.running < self.o.concurrency
 end
 
--- The leases of running handlers and of the messages held for them,
--- { message id, delivery count } each.
+-- The leases of running handlers and of the messages held for them:
+-- { ids = message ids, ns = delivery counts }.
 function Consumer:_leases()
-  local list = {}
+  local ids, ns = {}, {}
   for id, entry in pairs(self.in_flight) do
-    if not entry.outcome then list[#list + 1] = { id, entry.n } end
+    if not entry.outcome then
+      local k = #ids + 1
+      ids[k], ns[k] = id, entry.n
+    end
   end
-  return list
+  return { ids = ids, ns = ns }
 end
 
 -- ---- claiming ------------------------------------------------------------------
@@ -246,8 +249,18 @@ function Consumer:_claim(n)
   local first = rows[1]
   self.acks:settle(batch, first.acked, first.lost and first.lost:gmatch("%d+"))
   if first.id == nil then return {} end   -- nothing claimed: the one row says so
-  if #rows > 1 then table.sort(rows, by_id) end
-  self.floor = math.max(self.floor, rows[#rows].id)
+  -- (an UPDATE returns its rows in no set order, mostly the claim's)
+  local last = rows[1].id
+  for i = 2, #rows do
+    local id = rows[i].id
+    if id < last then
+      table.sort(rows, by_id)
+      last = rows[#rows].id
+      break
+    end
+    last = id
+  end
+  if last > self.floor then self.floor = last end
   return rows
 end
 
@@ -265,11 +278,12 @@ function Consumer:_start(rows)
       self.acks:abandon(row.id, row.deliveries)
     else
       if row.deliveries == 1 then fresh = fresh + 1 end
-      local entry = { n = row.deliveries, id = row.id, consumer = self }
-      self.in_flight[row.id] = entry
+      local id = row.id
+      local entry = { n = row.deliveries, id = id, consumer = self, row = row }
+      self.in_flight[id] = entry
       local held = self.held
-      held.tail = held.tail + 1
-      held[held.tail] = { row, entry }
+      local tail = held.tail + 1
+      held.tail, held[tail] = tail, entry
     end
   end
   self:_wake_runners()
@@ -347,14 +361,13 @@ function Consumer:_runner(wake)
   local me = task.current()
   local slot <close> = setmetatable({ consumer = self, entry = false }, Slot)
   while true do
-    local item = self.state == "running" and self:_take_held()
-    if item then
+    local entry = self.state == "running" and self:_take_held()
+    if entry then
       if self.held.tail > 0 then self:_wake_next() end
-      local entry = item[2]
       entry.task = me
       self.running = self.running + 1
       slot.entry = entry
-      local ok, err = pcall(self._handle, self, item[1], entry)
+      local ok, err = pcall(self._handle, self, entry.row, entry)
       slot.entry = false
       self:_release(entry)
       if not ok then   -- cancelled (at a stop's deadline): this runner ends
@@ -376,7 +389,7 @@ end
 function Consumer:_drop_held()
   local held = self.held
   for i = held.head, held.tail do
-    local entry = held[i][2]
+    local entry = held[i]
     held[i] = nil
     self.in_flight[entry.id] = nil
     self.acks:abandon(entry.id, entry.n)
