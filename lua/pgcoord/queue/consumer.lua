@@ -45,10 +45,10 @@ Consumer.__index = Consumer
 -- What a handler gets: { id, payload, published_at, deliveries,
 -- last_error } and msg:fence(tx).  Its delivery (the in-flight entry) is
 -- kept aside, so that a handler that changes the fields cannot move the
--- fence onto another delivery.
+-- fence onto another delivery: the entry is the message's metatable (its
+-- __index is Message), and names the message it was given as (a weak
+-- table from message to entry cost more than a no-op handler).
 local Message = {}
-Message.__index = Message
-local leases = setmetatable({}, { __mode = "k" })   -- msg -> in-flight entry
 
 local error_text = task.error_text
 local json_decode = json.decode
@@ -156,9 +156,11 @@ function consumer.start(sub, fn, o, waker)
     floor = 0,               -- the highest message id claimed
     scanned_at = -math.huge, -- when the last claim from the first id went out
     loop_rows = 0,           -- the rows the loop's claim on its way asked for, if any
-    companion = nil,         -- the claim task on its way beside the loop's, if any
-    companion_rows = 0,      -- the rows it asked for
-    in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
+    companion = nil,         -- the task that claims beside the loop, once needed
+    companion_go = task.signal(), -- it sleeps here between its claims
+    companion_rows = 0,      -- the rows of its claim on its way, if any
+    in_flight = {},          -- message id -> its entry: { id, n = delivery count, row, task,
+                             -- outcome, msg }, the metatable of the message handed out
     next_due = nil,          -- when the earliest backoff this consumer set ends
     waker = waker,
     done = task.cond(),      -- signalled once stopped
@@ -279,7 +281,8 @@ function Consumer:_start(rows)
     else
       if row.deliveries == 1 then fresh = fresh + 1 end
       local id = row.id
-      local entry = { n = row.deliveries, id = id, consumer = self, row = row }
+      local entry = { n = row.deliveries, id = id, consumer = self, row = row, msg = false,
+                      __index = Message }
       self.in_flight[id] = entry
       local held = self.held
       local tail = held.tail + 1
@@ -420,30 +423,45 @@ function Consumer:_idle_wait(wait, overdue)
 end
 
 -- The second claim on its way beside the loop's, while there is a
--- backlog: the server works on both at once, as it would for two consumers.
-function Consumer:_companion(n)
-  local ok, rows = pcall(self._claim, self, n)
-  self.companion, self.companion_rows = nil, 0
-  if ok then
-    self.backlog = #rows == n
-    self:_start(rows)
-  else
-    log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+-- backlog: the server works on both at once, as it would for two
+-- consumers.  One task sends them all, one after another (a task a claim
+-- cost more than the claim's handlers), until the consumer stops.
+function Consumer:_companion_loop()
+  while true do
+    local n = self.companion_rows
+    if n > 0 then
+      local ok, rows = pcall(self._claim, self, n)
+      self.companion_rows = 0
+      if ok then
+        self.backlog = #rows == n
+        self:_start(rows)
+      else
+        log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+      end
+      self.wakeup:notify()
+    elseif self.state ~= "running" then
+      return
+    else
+      self.companion_go:wait()
+    end
   end
-  self.wakeup:notify()
 end
 
 -- Sends the companion claim of n rows (their room is spoken for at once).
 function Consumer:_send_companion(n)
   self.companion_rows = n
-  self.companion = task.spawn(self._companion, self, n)
+  if self.companion then
+    self.companion_go:notify()
+  else
+    self.companion = task.spawn(self._companion_loop, self)
+  end
 end
 
 -- Whether a companion claim of n rows is worth sending: a backlog, none on
 -- its way yet, enough rows for two claims, never for an ordered
 -- subscription (it has one message in flight).
 function Consumer:_companion_due(n)
-  return self.backlog and not self.companion and not self.ctx.ordered
+  return self.backlog and self.companion_rows == 0 and not self.ctx.ordered
     and self.state == "running" and n >= math.max(MIN_SPLIT, self.claim_at)
 end
 
@@ -540,8 +558,8 @@ function Consumer:_handle(row, entry)
     return self:_failed(row, entry, reason)
   end
   local msg = setmetatable({ id = row.id, payload = payload, published_at = row.published_at,
-                deliveries = row.deliveries, last_error = row.last_error }, Message)
-  leases[msg] = entry
+                deliveries = row.deliveries, last_error = row.last_error }, entry)
+  entry.msg = msg
   local ok, res = xpcall(self.fn, task.traced, msg)
   ctx.counters.handled = ctx.counters.handled + 1
   if ok and res ~= false then
@@ -599,8 +617,10 @@ end
 -- unless this delivery is still the current one, and keeps it current
 -- until tx ends, so the writes in tx commit only while the lease holds.
 function Message:fence(tx)
-  local entry = leases[self]
-  if not entry then options.raise("msg:fence: expected a message given to a queue handler") end
+  local entry = getmetatable(self)
+  if type(entry) ~= "table" or entry.__index ~= Message or entry.msg ~= self then
+    options.raise("msg:fence: expected a message given to a queue handler")
+  end
   if type(tx) ~= "table" or type(tx.query) ~= "function" or tx.size ~= nil then
     local got = type(tx) == "table" and tx.size ~= nil and "a pool" or type(tx)
     options.raise("msg:fence: expected a transaction (the tx of db:tx), got %s: a fence holds"
@@ -616,7 +636,10 @@ function Consumer:_shutdown(timeout)
   self.wakeup:notify()
   self.waker:remove(self)
   self.loop_task:wait()
-  if self.companion then self.companion:wait() end
+  if self.companion then
+    self.companion_go:notify()
+    self.companion:wait()
+  end
   -- held messages go back first, for other consumers to take at once
   self:_drop_held()
   self.acks:release()
