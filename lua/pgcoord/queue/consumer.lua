@@ -321,17 +321,6 @@ function Consumer:_wake_next()
   task.defer(self.wake_deferred)
 end
 
--- Takes the next message held, if any.
-function Consumer:_take_held()
-  local held = self.held
-  local h = held.head
-  if h > held.tail then return nil end
-  local item = held[h]
-  held[h] = nil
-  if h == held.tail then held.head, held.tail = 1, 0 else held.head = h + 1 end
-  return item
-end
-
 -- A handler's slot, given back: its delivery leaves the in-flight set
 -- (handed back at the stop if it has no outcome) and room for a claim
 -- wakes the loop.
@@ -341,10 +330,15 @@ function Consumer:_release(entry)
     self.in_flight[id] = nil
     if not entry.outcome then self.acks:abandon(id, entry.n) end
   end
-  self.running = self.running - 1
+  local running = self.running - 1
+  self.running = running
   -- (only once there is room for a claim: a wake-up of the loop per
-  -- handler would cost more than a no-op handler)
-  self:_room_freed()
+  -- handler would cost more than a no-op handler; _room() inline, as this
+  -- runs for every message)
+  local held = self.held
+  local room = self.capacity - running - (held.tail - held.head + 1) - self.loop_rows
+    - self.companion_rows
+  if room >= self.claim_at then self:_room_freed(room) end
 end
 
 -- What a runner's to-be-closed variable does when the runner is closed
@@ -363,10 +357,19 @@ end }
 function Consumer:_runner(wake)
   local me = task.current()
   local slot <close> = setmetatable({ consumer = self, entry = false }, Slot)
+  local held = self.held
   while true do
-    local entry = self.state == "running" and self:_take_held()
+    -- the next message held, if any, taken
+    local h = held.head
+    local entry = self.state == "running" and h <= held.tail and held[h]
     if entry then
-      if self.held.tail > 0 then self:_wake_next() end
+      held[h] = nil
+      if h == held.tail then
+        held.head, held.tail = 1, 0
+      else
+        held.head = h + 1
+        if not self.wake_due then self:_wake_next() end
+      end
       entry.task = me
       self.running = self.running + 1
       slot.entry = entry
@@ -465,15 +468,14 @@ function Consumer:_companion_due(n)
     and self.state == "running" and n >= math.max(MIN_SPLIT, self.claim_at)
 end
 
--- A handler ended: room for a claim wakes the loop.  While the loop's own
+-- A handler ended, leaving room (at least claim_at) for a claim: it wakes
+-- the loop.  While the loop's own
 -- claim is on its way during a backlog, a companion claim goes out at once
 -- beside it instead: the loop, woken as soon as the room reaches claim_at,
 -- claims that much alone and sends the next only once it came back, so
 -- without this the handlers would wait on one claim after another (a
 -- drain had two claims on their way 0.02 s of 6 s).
-function Consumer:_room_freed()
-  local room = self:_room()
-  if room < self.claim_at then return end
+function Consumer:_room_freed(room)
   if self.loop_rows > 0 and self:_companion_due(room) then
     self:_send_companion(math.min(room, CLAIM_BATCH))
   else
