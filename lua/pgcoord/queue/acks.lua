@@ -33,14 +33,39 @@ local error_text = task.error_text
 
 local clean_text = json.clean_text
 
+-- Deliveries go in batches: { ids = message ids, ns = their delivery
+-- counts }, two lists of one length (a table per delivery would cost more
+-- than a no-op handler).
+local function new_batch()
+  return { ids = {}, ns = {} }
+end
+
+-- The first n deliveries of batch b, taken out of it.
+local function take_first(b, n)
+  local ids, ns, len = b.ids, b.ns, #b.ids
+  local head = { ids = table.move(ids, 1, n, 1, {}), ns = table.move(ns, 1, n, 1, {}) }
+  b.ids, b.ns = table.move(ids, n + 1, len, 1, {}), table.move(ns, n + 1, len, 1, {})
+  return head
+end
+
+-- Batch b with the deliveries of batch rest after its own.
+local function append(b, rest)
+  local k = #b.ids
+  table.move(rest.ids, 1, #rest.ids, k + 1, b.ids)
+  table.move(rest.ns, 1, #rest.ns, k + 1, b.ns)
+  return b
+end
+acks.new_batch = new_batch
+
 -- ctx: the consumer's context (pool, ids, names, counters, count(), fields()).
 function acks.start(ctx)
   local self = setmetatable({
     ctx = ctx,
     state = "running",        -- running, stopping, stopped
-    list = {},                -- { message id, delivery count } to ack
+    list = new_batch(),       -- the deliveries to ack
     since = 0,                -- core.now() when the oldest of them came
-    abandoned = {},           -- the same, to hand back at the stop
+    writer_idle = false,      -- the writer waits for a first ack (no timer)
+    abandoned = new_batch(),  -- deliveries to hand back at the stop
     wake = task.signal(),     -- the writer sleeps here
   }, Acks)
   self.task = task.spawn(self._loop, self)
@@ -52,12 +77,14 @@ end
 -- Acks a delivery in the next batch.
 function Acks:push(id, n)
   local list = self.list
-  local k = #list + 1
-  list[k] = { id, n }
-  -- (the writer times the oldest, and writes at once a full batch)
+  local ids = list.ids
+  local k = #ids + 1
+  ids[k], list.ns[k] = id, n
+  -- (the writer times the oldest, and writes at once a full batch; one
+  -- already timing an older ack sees the new oldest when its timer ends)
   if k == 1 then
     self.since = core.now()
-    self.wake:notify()
+    if self.writer_idle then self.wake:notify() end
   elseif k == ACK_BATCH then
     self.wake:notify()
   end
@@ -67,21 +94,19 @@ end
 -- settle(), or give_back() if it failed).
 function Acks:take()
   local list = self.list
-  if #list <= ACK_BATCH then
-    self.list = {}
+  if #list.ids <= ACK_BATCH then
+    self.list = new_batch()
     return list
   end
-  self.list = table.move(list, ACK_BATCH + 1, #list, 1, {})
   self.since = core.now()
-  return table.move(list, 1, ACK_BATCH, 1, {})
+  return take_first(list, ACK_BATCH)
 end
 
 -- Acks taken whose claim failed: first in the next batch.
 function Acks:give_back(batch)
-  if #batch == 0 then return end
-  if #self.list == 0 then self.since = core.now() end
-  table.move(self.list, 1, #self.list, #batch + 1, batch)
-  self.list = batch
+  if #batch.ids == 0 then return end
+  if #self.list.ids == 0 then self.since = core.now() end
+  self.list = append(batch, self.list)
   self.wake:notify()
 end
 
@@ -90,25 +115,27 @@ end
 -- out meanwhile).
 function Acks:settle(batch, acked, lost)
   local ctx = self.ctx
-  ctx:count("acked", acked)
-  if acked < #batch then
+  local ids = batch.ids
+  if acked > 0 then ctx:count("acked", acked) end
+  if acked < #ids then
     local gone = {}
     for id in lost do gone[tonumber(id)] = true end
-    for _, a in ipairs(batch) do
-      if gone[a[1]] then self:_lost(a[1], a[2], "ack") end
+    for i, id in ipairs(ids) do
+      if gone[id] then self:_lost(id, batch.ns[i], "ack") end
     end
   end
 end
 
 -- Acks waiting for the writer.
 function Acks:count()
-  return #self.list
+  return #self.list.ids
 end
 
 -- Keeps a delivery whose handler never finished, to hand back at the stop.
 function Acks:abandon(id, n)
   local list = self.abandoned
-  list[#list + 1] = { id, n }
+  local k = #list.ids + 1
+  list.ids[k], list.ns[k] = id, n
 end
 
 -- Retries fn(...) while the database fails, up to TRIES times.
@@ -136,18 +163,19 @@ function Acks:_write(batch)
   local ctx = self.ctx
   local rows = ctx.pool:query(sql.ack, sql.token_arrays(ctx.subscription_id, batch))
   ctx:count("acked", #rows)
-  if #rows < #batch then
+  local ids = batch.ids
+  if #rows < #ids then
     local done = {}
     for _, r in ipairs(rows) do done[r.id] = true end
-    for _, a in ipairs(batch) do
-      if not done[a[1]] then self:_lost(a[1], a[2], "ack") end
+    for i, id in ipairs(ids) do
+      if not done[id] then self:_lost(id, batch.ns[i], "ack") end
     end
   end
 end
 
 -- Acks one delivery now (an ordered one, at a stop).
 function Acks:ack_one(id, n)
-  self:_persist("ack", self._write, self, { { id, n } })
+  self:_persist("ack", self._write, self, { ids = { id }, ns = { n } })
 end
 
 local function ack_claim_head(self, id, n)
@@ -195,18 +223,20 @@ function Acks:_loop()
   local delay, failures = backoff.new({ base = 0.1, cap = 2 }), 0
   while true do
     local due = self.since + acks.ACK_AGE
-    if #self.list == 0 then
+    local waiting = #self.list.ids
+    if waiting == 0 then
       if self.state ~= "running" then return end
+      self.writer_idle = true
       self.wake:wait()
-    elseif self.state == "running" and #self.list < ACK_BATCH and core.now() < due then
+      self.writer_idle = false
+    elseif self.state == "running" and waiting < ACK_BATCH and core.now() < due then
       self.wake:wait(due - core.now())
     else
       local batch = self.list
-      if #batch > ACK_BATCH then
-        batch = table.move(self.list, 1, ACK_BATCH, 1, {})
-        self.list = table.move(self.list, ACK_BATCH + 1, #self.list, 1, {})
+      if waiting > ACK_BATCH then
+        batch = take_first(self.list, ACK_BATCH)
       else
-        self.list = {}
+        self.list = new_batch()
       end
       local ok, err = pcall(self._write, self, batch)
       if ok then
@@ -214,14 +244,13 @@ function Acks:_loop()
         delay:reset()
       else
         failures = failures + 1
-        table.move(self.list, 1, #self.list, #batch + 1, batch)
-        self.list = batch
+        self.list = append(batch, self.list)
         log.warn("queue ack failed", ctx:fields({ error = error_text(err), attempt = failures,
-          acks = #batch }))
+          acks = #batch.ids }))
         if self.state ~= "running" and failures >= TRIES then
           log.error("queue acks not written; their messages will be delivered again",
-            ctx:fields({ acks = #batch }))
-          self.list = {}
+            ctx:fields({ acks = #batch.ids }))
+          self.list = new_batch()
           return
         end
         self.wake:wait(delay:next())
@@ -233,14 +262,14 @@ end
 -- Hands back the deliveries abandoned so far, for others at once.
 function Acks:release()
   local list, ctx = self.abandoned, self.ctx
-  self.abandoned = {}
-  if #list == 0 then return end
+  self.abandoned = new_batch()
+  if #list.ids == 0 then return end
   local sids, ids, ns = sql.token_arrays(ctx.subscription_id, list)
   local ok, err = pcall(ctx.pool.one, ctx.pool, sql.release, sids, ids, ns,
     "handed back unfinished when the consumer stopped", ctx.queue_id)
   if not ok then
     log.warn("queue could not hand back cancelled messages; they return when their leases end",
-      ctx:fields({ error = error_text(err), messages = #list }))
+      ctx:fields({ error = error_text(err), messages = #list.ids }))
   end
 end
 

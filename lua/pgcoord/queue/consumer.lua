@@ -45,10 +45,10 @@ Consumer.__index = Consumer
 -- What a handler gets: { id, payload, published_at, deliveries,
 -- last_error } and msg:fence(tx).  Its delivery (the in-flight entry) is
 -- kept aside, so that a handler that changes the fields cannot move the
--- fence onto another delivery.
+-- fence onto another delivery: the entry is the message's metatable (its
+-- __index is Message), and names the message it was given as (a weak
+-- table from message to entry cost more than a no-op handler).
 local Message = {}
-Message.__index = Message
-local leases = setmetatable({}, { __mode = "k" })   -- msg -> in-flight entry
 
 local error_text = task.error_text
 local json_decode = json.decode
@@ -144,7 +144,7 @@ function consumer.start(sub, fn, o, waker)
     running = 0,             -- handlers in progress
     runners = 0,             -- tasks that run handlers, one message after another
     idle = {},               -- the wake-ups of those waiting for a message
-    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: { row, entry }
+    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: their entries
     -- claimed and not ended at most (an ordered subscription has one
     -- message in flight: nothing to hold), and the least room worth a
     -- claim (half of it, at most prefetch), so that handlers ending one by
@@ -156,13 +156,20 @@ function consumer.start(sub, fn, o, waker)
     floor = 0,               -- the highest message id claimed
     scanned_at = -math.huge, -- when the last claim from the first id went out
     loop_rows = 0,           -- the rows the loop's claim on its way asked for, if any
-    companion = nil,         -- the claim task on its way beside the loop's, if any
-    companion_rows = 0,      -- the rows it asked for
-    in_flight = {},          -- message id -> { id, n = delivery count, task, outcome }
+    companion = nil,         -- the task that claims beside the loop, once needed
+    companion_go = task.signal(), -- it sleeps here between its claims
+    companion_rows = 0,      -- the rows of its claim on its way, if any
+    in_flight = {},          -- message id -> its entry: { id, n = delivery count, row, task,
+                             -- outcome, msg }, the metatable of the message handed out
     next_due = nil,          -- when the earliest backoff this consumer set ends
     waker = waker,
     done = task.cond(),      -- signalled once stopped
   }, Consumer)
+  self.wake_due = false     -- a wake-up of the next runner is deferred
+  self.wake_deferred = function()
+    self.wake_due = false
+    self:_wake_runners()
+  end
   self.fan = waker:add(self, ctx.queue_id)
   self.acks = acks.start(ctx)
   self.keeper = keeper.start(ctx, function() return self:_leases() end)
@@ -185,14 +192,17 @@ function Consumer:has_room()
   return self.running < self.o.concurrency
 end
 
--- The leases of running handlers and of the messages held for them,
--- { message id, delivery count } each.
+-- The leases of running handlers and of the messages held for them:
+-- { ids = message ids, ns = delivery counts }.
 function Consumer:_leases()
-  local list = {}
+  local ids, ns = {}, {}
   for id, entry in pairs(self.in_flight) do
-    if not entry.outcome then list[#list + 1] = { id, entry.n } end
+    if not entry.outcome then
+      local k = #ids + 1
+      ids[k], ns[k] = id, entry.n
+    end
   end
-  return list
+  return { ids = ids, ns = ns }
 end
 
 -- ---- claiming ------------------------------------------------------------------
@@ -241,8 +251,18 @@ function Consumer:_claim(n)
   local first = rows[1]
   self.acks:settle(batch, first.acked, first.lost and first.lost:gmatch("%d+"))
   if first.id == nil then return {} end   -- nothing claimed: the one row says so
-  if #rows > 1 then table.sort(rows, by_id) end
-  self.floor = math.max(self.floor, rows[#rows].id)
+  -- (an UPDATE returns its rows in no set order, mostly the claim's)
+  local last = rows[1].id
+  for i = 2, #rows do
+    local id = rows[i].id
+    if id < last then
+      table.sort(rows, by_id)
+      last = rows[#rows].id
+      break
+    end
+    last = id
+  end
+  if last > self.floor then self.floor = last end
   return rows
 end
 
@@ -260,11 +280,13 @@ function Consumer:_start(rows)
       self.acks:abandon(row.id, row.deliveries)
     else
       if row.deliveries == 1 then fresh = fresh + 1 end
-      local entry = { n = row.deliveries, id = row.id, consumer = self }
-      self.in_flight[row.id] = entry
+      local id = row.id
+      local entry = { n = row.deliveries, id = id, consumer = self, row = row, msg = false,
+                      __index = Message }
+      self.in_flight[id] = entry
       local held = self.held
-      held.tail = held.tail + 1
-      held[held.tail] = { row, entry }
+      local tail = held.tail + 1
+      held.tail, held[tail] = tail, entry
     end
   end
   self:_wake_runners()
@@ -275,10 +297,7 @@ end
 -- (a task per message would cost more than a no-op handler itself)
 
 -- Wakes one idle runner, or starts one (up to concurrency), when
--- messages are held.  Each runner that takes a message with more held
--- wakes the next: handlers that wait get a runner each, one after
--- another, while handlers that never wait leave the first runner to go
--- through the lot, not a wake-up of every runner for nothing.
+-- messages are held.
 function Consumer:_wake_runners()
   if self:_held() == 0 then return end
   local idle = self.idle
@@ -290,29 +309,73 @@ function Consumer:_wake_runners()
   end
 end
 
--- Takes the next message held, if any.
-function Consumer:_take_held()
-  local held = self.held
-  local h = held.head
-  if h > held.tail then return nil end
-  local item = held[h]
-  held[h] = nil
-  if h == held.tail then held.head, held.tail = 1, 0 else held.head = h + 1 end
-  return item
+-- A runner that takes a message with more held has the next runner woken
+-- once it yields (from the loop, see task.defer), if messages are still
+-- held then: handlers that wait get a runner each, one after another,
+-- while handlers that never wait leave the first runner to go through the
+-- lot, with no wake-up of another runner for nothing (one a message cost
+-- more than a no-op handler).
+function Consumer:_wake_next()
+  if self.wake_due then return end
+  self.wake_due = true
+  task.defer(self.wake_deferred)
 end
+
+-- A handler's slot, given back: its delivery leaves the in-flight set
+-- (handed back at the stop if it has no outcome) and room for a claim
+-- wakes the loop.
+function Consumer:_release(entry)
+  local id = entry.id
+  if self.in_flight[id] == entry then
+    self.in_flight[id] = nil
+    if not entry.outcome then self.acks:abandon(id, entry.n) end
+  end
+  local running = self.running - 1
+  self.running = running
+  -- (only once there is room for a claim: a wake-up of the loop per
+  -- handler would cost more than a no-op handler; _room() inline, as this
+  -- runs for every message)
+  local held = self.held
+  local room = self.capacity - running - (held.tail - held.head + 1) - self.loop_rows
+    - self.companion_rows
+  if room >= self.claim_at then self:_room_freed(room) end
+end
+
+-- What a runner's to-be-closed variable does when the runner is closed
+-- (cancelled while its handler waits): gives back the slot of the
+-- delivery in hand.  One per runner, not one per message.
+local Slot = { __close = function(slot)
+  local entry = slot.entry
+  if entry then
+    slot.entry = nil
+    slot.consumer:_release(entry)
+  end
+end }
 
 -- A runner: handles what is held while the consumer runs; ends when it
 -- stops (a cancel of the runner cancels its handler).
 function Consumer:_runner(wake)
   local me = task.current()
+  local slot <close> = setmetatable({ consumer = self, entry = false }, Slot)
+  local held = self.held
   while true do
-    local item = self.state == "running" and self:_take_held()
-    if item then
-      self:_wake_runners()
-      local entry = item[2]
+    -- the next message held, if any, taken
+    local h = held.head
+    local entry = self.state == "running" and h <= held.tail and held[h]
+    if entry then
+      held[h] = nil
+      if h == held.tail then
+        held.head, held.tail = 1, 0
+      else
+        held.head = h + 1
+        if not self.wake_due then self:_wake_next() end
+      end
       entry.task = me
       self.running = self.running + 1
-      local ok, err = pcall(self._handle, self, item[1], entry)
+      slot.entry = entry
+      local ok, err = pcall(self._handle, self, entry.row, entry)
+      slot.entry = false
+      self:_release(entry)
       if not ok then   -- cancelled (at a stop's deadline): this runner ends
         self.runners = self.runners - 1
         error(err, 0)
@@ -332,7 +395,7 @@ end
 function Consumer:_drop_held()
   local held = self.held
   for i = held.head, held.tail do
-    local entry = held[i][2]
+    local entry = held[i]
     held[i] = nil
     self.in_flight[entry.id] = nil
     self.acks:abandon(entry.id, entry.n)
@@ -363,42 +426,56 @@ function Consumer:_idle_wait(wait, overdue)
 end
 
 -- The second claim on its way beside the loop's, while there is a
--- backlog: the server works on both at once, as it would for two consumers.
-function Consumer:_companion(n)
-  local ok, rows = pcall(self._claim, self, n)
-  self.companion, self.companion_rows = nil, 0
-  if ok then
-    self.backlog = #rows == n
-    self:_start(rows)
-  else
-    log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+-- backlog: the server works on both at once, as it would for two
+-- consumers.  One task sends them all, one after another (a task a claim
+-- cost more than the claim's handlers), until the consumer stops.
+function Consumer:_companion_loop()
+  while true do
+    local n = self.companion_rows
+    if n > 0 then
+      local ok, rows = pcall(self._claim, self, n)
+      self.companion_rows = 0
+      if ok then
+        self.backlog = #rows == n
+        self:_start(rows)
+      else
+        log.warn("queue claim failed", self.ctx:fields({ error = error_text(rows) }))
+      end
+      self.wakeup:notify()
+    elseif self.state ~= "running" then
+      return
+    else
+      self.companion_go:wait()
+    end
   end
-  self.wakeup:notify()
 end
 
 -- Sends the companion claim of n rows (their room is spoken for at once).
 function Consumer:_send_companion(n)
   self.companion_rows = n
-  self.companion = task.spawn(self._companion, self, n)
+  if self.companion then
+    self.companion_go:notify()
+  else
+    self.companion = task.spawn(self._companion_loop, self)
+  end
 end
 
 -- Whether a companion claim of n rows is worth sending: a backlog, none on
 -- its way yet, enough rows for two claims, never for an ordered
 -- subscription (it has one message in flight).
 function Consumer:_companion_due(n)
-  return self.backlog and not self.companion and not self.ctx.ordered
+  return self.backlog and self.companion_rows == 0 and not self.ctx.ordered
     and self.state == "running" and n >= math.max(MIN_SPLIT, self.claim_at)
 end
 
--- A handler ended: room for a claim wakes the loop.  While the loop's own
+-- A handler ended, leaving room (at least claim_at) for a claim: it wakes
+-- the loop.  While the loop's own
 -- claim is on its way during a backlog, a companion claim goes out at once
 -- beside it instead: the loop, woken as soon as the room reaches claim_at,
 -- claims that much alone and sends the next only once it came back, so
 -- without this the handlers would wait on one claim after another (a
 -- drain had two claims on their way 0.02 s of 6 s).
-function Consumer:_room_freed()
-  local room = self:_room()
-  if room < self.claim_at then return end
+function Consumer:_room_freed(room)
   if self.loop_rows > 0 and self:_companion_due(room) then
     self:_send_companion(math.min(room, CLAIM_BATCH))
   else
@@ -470,21 +547,10 @@ function Consumer:_failed(row, entry, reason)
   self.acks:requeue(row.id, entry.n, reason, delay)
 end
 
--- A handler task: decodes the payload, runs fn, then acks or requeues.
--- The slot is given back by a to-be-closed variable, so a cancelled
--- handler gives it back too.
+-- A handler, on its runner: decodes the payload, runs fn, then acks or
+-- requeues.  The runner gives the slot back (see Slot, for a cancel).
 function Consumer:_handle(row, entry)
   local ctx = self.ctx
-  local _ <close> = setmetatable({}, { __close = function()
-    if self.in_flight[row.id] == entry then
-      self.in_flight[row.id] = nil
-      if not entry.outcome then self.acks:abandon(row.id, entry.n) end
-    end
-    self.running = self.running - 1
-    -- (only once there is room for a claim: a wake-up of the loop per
-    -- handler would cost more than a no-op handler)
-    self:_room_freed()
-  end })
   local decoded, payload = pcall(json_decode, row.payload)
   if not decoded then
     -- a poison message: a delivery that failed, so max_deliveries ends it
@@ -494,8 +560,8 @@ function Consumer:_handle(row, entry)
     return self:_failed(row, entry, reason)
   end
   local msg = setmetatable({ id = row.id, payload = payload, published_at = row.published_at,
-                deliveries = row.deliveries, last_error = row.last_error }, Message)
-  leases[msg] = entry
+                deliveries = row.deliveries, last_error = row.last_error }, entry)
+  entry.msg = msg
   local ok, res = xpcall(self.fn, task.traced, msg)
   ctx.counters.handled = ctx.counters.handled + 1
   if ok and res ~= false then
@@ -553,8 +619,10 @@ end
 -- unless this delivery is still the current one, and keeps it current
 -- until tx ends, so the writes in tx commit only while the lease holds.
 function Message:fence(tx)
-  local entry = leases[self]
-  if not entry then options.raise("msg:fence: expected a message given to a queue handler") end
+  local entry = getmetatable(self)
+  if type(entry) ~= "table" or entry.__index ~= Message or entry.msg ~= self then
+    options.raise("msg:fence: expected a message given to a queue handler")
+  end
   if type(tx) ~= "table" or type(tx.query) ~= "function" or tx.size ~= nil then
     local got = type(tx) == "table" and tx.size ~= nil and "a pool" or type(tx)
     options.raise("msg:fence: expected a transaction (the tx of db:tx), got %s: a fence holds"
@@ -570,7 +638,10 @@ function Consumer:_shutdown(timeout)
   self.wakeup:notify()
   self.waker:remove(self)
   self.loop_task:wait()
-  if self.companion then self.companion:wait() end
+  if self.companion then
+    self.companion_go:notify()
+    self.companion:wait()
+  end
   -- held messages go back first, for other consumers to take at once
   self:_drop_held()
   self.acks:release()

@@ -40,8 +40,8 @@ function keeper.sweep(pool, queue_id, retention)
   return total
 end
 
--- ctx: the consumer's context; leases() lists { message id, delivery
--- count } of the handlers running now.
+-- ctx: the consumer's context; leases() gives { ids = message ids, ns =
+-- delivery counts } of the handlers running now.
 function keeper.start(ctx, leases)
   local self = setmetatable({ ctx = ctx, leases = leases, state = "running",
                               wake = task.signal() }, Keeper)
@@ -52,14 +52,15 @@ end
 function Keeper:_renew()
   local ctx = self.ctx
   local list = self.leases()
-  if #list == 0 then return end
+  local count = #list.ids
+  if count == 0 then return end
   local sids, ids, ns = sql.token_arrays(ctx.subscription_id, list)
   local ok, row = pcall(ctx.pool.one, ctx.pool, sql.renew, sids, ids, ns, ctx.visibility_timeout)
   if not ok then
     log.warn("queue lease renewal failed", ctx:fields({ error = error_text(row) }))
-  elseif row.current < #list then
+  elseif row.current < count then
     log.warn("queue leases lost while their handlers run; the messages may be handled twice",
-      ctx:fields({ lost = #list - row.current }))
+      ctx:fields({ lost = count - row.current }))
   end
 end
 

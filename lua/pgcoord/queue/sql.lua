@@ -238,12 +238,13 @@ local BY_TOKEN = [[
  WHERE d.subscription_id = a.sid AND d.message_id = a.id AND d.deliveries = a.n
    AND d.state = 'pending']]
 
--- The three arrays of BY_TOKEN for subscription sid and a list of
--- { message id, delivery count }.
-function sql.token_arrays(sid, list)
-  local sids, ids, ns = {}, {}, {}
-  for i, a in ipairs(list) do sids[i], ids[i], ns[i] = sid, a[1], a[2] end
-  return db.int_array(sids), db.int_array(ids), db.int_array(ns)
+-- The three arrays of BY_TOKEN for subscription sid and a batch: { ids =
+-- message ids, ns = their delivery counts }, two lists of one length.
+function sql.token_arrays(sid, batch)
+  local ids = batch.ids
+  local k = #ids
+  local sids = k == 0 and "{}" or "{" .. (sid .. ","):rep(k - 1) .. sid .. "}"
+  return sids, db.int_array(ids, k), db.int_array(batch.ns, k)
 end
 
 local ACK = [[
