@@ -236,9 +236,11 @@ function Sub:_session(conn)
   end
   self.listening:signal()
   -- A notification counts as heard at the first check after it (never
-  -- earlier than it came), so silence is found at most one check late:
-  -- half a ping's interval, or half the margin the grace leaves over it.
-  local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 2
+  -- earlier than it came), so silence is found at most two checks late:
+  -- half a ping's interval, or half the margin the grace leaves over it,
+  -- as when each notification read the clock and the checks came twice
+  -- as far apart.
+  local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 4
   local counters, heard = self.counters, self.counters.notifications
   while not self.reason and self:_keeps(self.task) do
     self.wake:wait(check)
