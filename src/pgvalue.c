@@ -37,13 +37,26 @@ static int is_null(lua_State *L, int idx)
  */
 char *pgc_format_integer(lua_Integer v, char *buf, size_t size)
 {
+	/* two digits a division: a batch's epoch microseconds have sixteen */
+	static const char pairs[] =
+		"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+		"40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+		"8081828384858687888990919293949596979899";
 	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
 	char *p = buf + size - 1;	/* size >= PGC_INTEGER_BUF */
 	*p = '\0';
-	do {
-		*--p = (char)('0' + u % 10);
-		u /= 10;
-	} while (u != 0);
+	while (u >= 100) {
+		const char *d = pairs + 2 * (u % 100);
+		u /= 100;
+		*--p = d[1];
+		*--p = d[0];
+	}
+	if (u >= 10) {
+		*--p = pairs[2 * u + 1];
+		*--p = pairs[2 * u];
+	} else {
+		*--p = (char)('0' + u);
+	}
 	if (v < 0)
 		*--p = '-';
 	return p;
@@ -183,43 +196,82 @@ static long long days_from_civil(long long y, int m, int d)
 	return era * 146097 + doe - 719468;
 }
 
+/*
+ * The unsigned decimal at *s, which moves past its digits; -1 when there
+ * is none, or more than 18 (no field of the server's text has that many).
+ * strtol's locale and base handling cost more than a row is worth.
+ */
+static long long read_digits(const char **s)
+{
+	const char *p = *s;
+	long long v = 0;
+	int n = 0;
+	for (; *p >= '0' && *p <= '9'; p++, n++) {
+		if (n == 18)
+			return -1;
+		v = v * 10 + (*p - '0');
+	}
+	*s = p;
+	return n == 0 ? -1 : v;
+}
+
+/* The server's text of an integer (int2, int4, int8, oid): [-]digits. */
+static lua_Integer parse_integer(const char *s)
+{
+	int negative = *s == '-';
+	unsigned long long u = 0;
+	for (s += negative; *s >= '0' && *s <= '9'; s++)
+		u = u * 10 + (unsigned long long)(*s - '0');
+	/* (wraps to the exact value for the int8 minimum too) */
+	return (lua_Integer)(negative ? 0ULL - u : u);
+}
+
 /* "YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]" -> epoch seconds. */
 static int parse_timestamp(const char *s, double *out)
 {
-	if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+	if (*s < '0' || *s > '9') {
+		if (strcmp(s, "infinity") != 0 && strcmp(s, "-infinity") != 0)
+			return 0;
 		*out = s[0] == '-' ? -HUGE_VAL : HUGE_VAL;
 		return 1;
 	}
-	char *end;
-	long long year = strtoll(s, &end, 10);
-	if (*end != '-')
+	const char *end = s;
+	long long year = read_digits(&end);
+	if (year < 0 || *end++ != '-')
 		return 0;
-	int mon = (int)strtol(end + 1, &end, 10);
-	if (*end != '-')
+	long long mon = read_digits(&end);
+	if (mon < 0 || *end++ != '-')
 		return 0;
-	int day = (int)strtol(end + 1, &end, 10);
-	if (*end != ' ' && *end != 'T')
+	long long day = read_digits(&end);
+	if (day < 0 || (*end != ' ' && *end != 'T'))
 		return 0;
-	int hour = (int)strtol(end + 1, &end, 10);
-	if (*end != ':')
+	end++;
+	long long hour = read_digits(&end);
+	if (hour < 0 || *end++ != ':')
 		return 0;
-	int min = (int)strtol(end + 1, &end, 10);
-	if (*end != ':')
+	long long min = read_digits(&end);
+	if (min < 0 || *end++ != ':')
 		return 0;
-	/* seconds as whole microseconds: strtod is slow, and the server
-	 * never sends more than six decimals */
-	long long usec = strtol(end + 1, &end, 10) * 1000000LL;
+	/* seconds as whole microseconds: the server never sends more than
+	 * six decimals */
+	long long sec = read_digits(&end);
+	if (sec < 0)
+		return 0;
+	long long usec = sec * 1000000LL;
 	if (*end == '.') {
 		long long scale = 100000;
 		for (end++; *end >= '0' && *end <= '9'; end++, scale /= 10)
 			usec += (*end - '0') * scale;
 	}
-	long offset = 0;
+	long long offset = 0;
 	if (*end == '+' || *end == '-') {
 		int sign = *end == '-' ? -1 : 1;
-		long part[3] = {0, 0, 0};
+		long long part[3] = {0, 0, 0};
 		for (int i = 0; i < 3; i++) {
-			part[i] = strtol(end + 1, &end, 10);
+			end++;
+			part[i] = read_digits(&end);
+			if (part[i] < 0)
+				return 0;
 			if (*end != ':')
 				break;
 		}
@@ -229,7 +281,7 @@ static int parse_timestamp(const char *s, double *out)
 		year = 1 - year;
 	else if (*end != '\0')
 		return 0;
-	long long days = days_from_civil(year, mon, day);
+	long long days = days_from_civil(year, (int)mon, (int)day);
 	long long whole = days * 86400 + hour * 3600 + min * 60 - offset;
 	*out = (double)(whole * 1000000LL + usec) / 1e6;
 	return 1;
@@ -265,7 +317,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col)
 	case INT4OID:
 	case INT8OID:
 	case OIDOID:
-		lua_pushinteger(L, (lua_Integer)strtoll(v, NULL, 10));
+		lua_pushinteger(L, parse_integer(v));
 		return;
 	case FLOAT4OID:
 	case FLOAT8OID:
@@ -302,15 +354,22 @@ void pgc_push_result(lua_State *L, const PGresult *res)
 	int rows = lua_gettop(L);
 	for (int c = 0; c < ncols; c++)
 		lua_pushstring(L, PQfname(res, c));
+	/* a row's NULLs, read once (past NULL_FLAGS columns, asked again) */
+	enum { NULL_FLAGS = 64 };
+	char null[NULL_FLAGS];
 	for (int r = 0; r < nrows; r++) {
 		/* sized for the columns that are not NULL: a table's hash part
 		 * doubles past a power of two, and rows are made by the thousand */
 		int present = 0;
-		for (int c = 0; c < ncols; c++)
-			present += !PQgetisnull(res, r, c);
+		for (int c = 0; c < ncols; c++) {
+			int is_null = PQgetisnull(res, r, c);
+			if (c < NULL_FLAGS)
+				null[c] = (char)is_null;
+			present += !is_null;
+		}
 		lua_createtable(L, 0, present);
 		for (int c = 0; c < ncols; c++) {
-			if (PQgetisnull(res, r, c))
+			if (c < NULL_FLAGS ? null[c] : PQgetisnull(res, r, c))
 				continue;
 			lua_pushvalue(L, rows + 1 + c);
 			push_value(L, res, r, c);
@@ -438,19 +497,26 @@ static int array_literal(lua_State *L, int quoted)
 			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
 		} else if (!quoted && lua_isinteger(L, -1)) {
 			s = pgc_format_integer(lua_tointeger(L, -1), digits, sizeof digits);
-			len = strlen(s);
+			len = (size_t)(digits + sizeof digits - 1 - s);
 		} else {
 			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
 					  luaL_typename(L, -1),
 					  quoted ? "a string" : "an integer or a boolean");
 		}
 		lua_pop(L, 1);
-		if (i > 1)
-			luaL_addchar(&b, ',');
 		if (!quoted || type == LUA_TNIL) {
-			luaL_addlstring(&b, s, len);
+			/* the separator and the element in one go: ids come by the
+			 * thousand */
+			char *out = luaL_prepbuffsize(&b, len + 1);
+			size_t k = 0;
+			if (i > 1)
+				out[k++] = ',';
+			memcpy(out + k, s, len);
+			luaL_addsize(&b, k + len);
 			continue;
 		}
+		if (i > 1)
+			luaL_addchar(&b, ',');
 		luaL_addchar(&b, '"');
 		for (size_t k = 0; k < len; k++) {
 			if (s[k] == '"' || s[k] == '\\')
