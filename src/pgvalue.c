@@ -304,7 +304,24 @@ static void push_bytea(lua_State *L, const char *v)
 	PQfreemem(bytes);
 }
 
-static void push_value(lua_State *L, const PGresult *res, int row, int col)
+/*
+ * Text (and types not converted) as a string.  A column often holds the
+ * row before's value (a claim's job type and group), kept in stack slot
+ * last: the same string again costs a compare, not a hash and a lookup.
+ */
+static void push_text(lua_State *L, const char *v, int len, int last)
+{
+	size_t n;
+	const char *prev = lua_tolstring(L, last, &n);
+	if (prev != NULL && n == (size_t)len && memcmp(prev, v, n) == 0) {
+		lua_pushvalue(L, last);
+		return;
+	}
+	lua_pushlstring(L, v, (size_t)len);
+	lua_copy(L, -1, last);
+}
+
+static void push_value(lua_State *L, const PGresult *res, int row, int col, int last)
 {
 	const char *v = PQgetvalue(res, row, col);
 	int len = PQgetlength(res, row, col);
@@ -342,18 +359,21 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col)
 		push_bytea(L, v);
 		return;
 	}
-	lua_pushlstring(L, v, (size_t)len);
+	push_text(L, v, len, last);
 }
 
 /* rows = { {col = value, ...}, ..., affected = n }; NULL leaves a key out. */
 void pgc_push_result(lua_State *L, const PGresult *res)
 {
 	int nrows = PQntuples(res), ncols = PQnfields(res);
-	luaL_checkstack(L, ncols + 8, "too many result columns");
+	luaL_checkstack(L, 2 * ncols + 8, "too many result columns");
 	lua_createtable(L, nrows, 1);
 	int rows = lua_gettop(L);
+	/* the column names, then each column's last text value (push_text) */
 	for (int c = 0; c < ncols; c++)
 		lua_pushstring(L, PQfname(res, c));
+	for (int c = 0; c < ncols; c++)
+		lua_pushnil(L);
 	/* a row's NULLs, read once (past NULL_FLAGS columns, asked again) */
 	enum { NULL_FLAGS = 64 };
 	char null[NULL_FLAGS];
@@ -372,7 +392,7 @@ void pgc_push_result(lua_State *L, const PGresult *res)
 			if (c < NULL_FLAGS ? null[c] : PQgetisnull(res, r, c))
 				continue;
 			lua_pushvalue(L, rows + 1 + c);
-			push_value(L, res, r, c);
+			push_value(L, res, r, c, rows + 1 + ncols + c);
 			lua_rawset(L, -3);
 		}
 		lua_rawseti(L, rows, r + 1);

@@ -64,7 +64,7 @@ local function micros(t)
   return math.floor(t * 1e6 + 0.5)
 end
 
--- ---- the local queue: claimed, not started ----
+-- ---- the local queue: claimed, not started (q[head..tail]; _claim appends) ----
 
 local function pop(q)
   local h, t = q.head, q.tail
@@ -77,12 +77,6 @@ local function pop(q)
     q.head = h + 1
   end
   return job
-end
-
-local function push(q, job)
-  local t = q.tail + 1
-  q.tail = t
-  q[t] = job
 end
 
 -- ---- recording a run's outcome ----
@@ -332,10 +326,16 @@ function Worker:_claim(want)
     local job = setmetatable(rows[i], job_meta) -- (job:progress)
     local params = job.params
     local ok, value = true, nil
-    if params then ok, value = pcall(decode, params) end
+    if params == "{}" then
+      value = {} -- (the params of most jobs: no decoder, no pcall)
+    elseif params then
+      ok, value = pcall(decode, params)
+    end
     if ok then
       job.params = value
-      push(q, job)
+      -- (q.tail read each time: _undecodable may wait, and runners pop)
+      local tail = q.tail + 1
+      q.tail, q[tail] = tail, job
     else
       self:_undecodable(job, value)
     end
