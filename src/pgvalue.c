@@ -491,14 +491,19 @@ static int l_error(lua_State *L)
 
 /* ---- array literals --------------------------------------------------- */
 
+/* What an array literal's elements are. */
+enum elems { INT_ELEMS, TEXT_ELEMS, MICROS_ELEMS };
+
 /*
  * "{e1,e2,...}" from list[1..n] (n defaults to #list), nil as NULL;
- * elements are integers and booleans, or with quoted, strings.  Each is
- * read and popped before it goes into the buffer, which owns the stack top
- * (a string stays alive in the list meanwhile).
+ * elements are integers and booleans (INT_ELEMS), strings, quoted
+ * (TEXT_ELEMS), or epoch seconds written as whole microseconds, rounded
+ * (MICROS_ELEMS).  Each is read and popped before it goes into the buffer,
+ * which owns the stack top (a string stays alive in the list meanwhile).
  */
-static int array_literal(lua_State *L, int quoted)
+static int array_literal(lua_State *L, enum elems kind)
 {
+	int quoted = kind == TEXT_ELEMS;
 	luaL_checktype(L, 1, LUA_TTABLE);
 	lua_Integer n = luaL_opt(L, luaL_checkinteger, 2, (lua_Integer)lua_rawlen(L, 1));
 	luaL_Buffer b;
@@ -513,15 +518,25 @@ static int array_literal(lua_State *L, int quoted)
 			s = "NULL", len = 4;
 		} else if (quoted && type == LUA_TSTRING) {
 			s = lua_tolstring(L, -1, &len);
-		} else if (!quoted && type == LUA_TBOOLEAN) {
+		} else if (kind == INT_ELEMS && type == LUA_TBOOLEAN) {
 			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
-		} else if (!quoted && lua_isinteger(L, -1)) {
+		} else if (kind == INT_ELEMS && lua_isinteger(L, -1)) {
 			s = pgc_format_integer(lua_tointeger(L, -1), digits, sizeof digits);
 			len = (size_t)(digits + sizeof digits - 1 - s);
+		} else if (kind == MICROS_ELEMS && type == LUA_TNUMBER &&
+			   fabs(lua_tonumber(L, -1)) < 9e12) {
+			/* as math.floor(t * 1e6 + 0.5) would round it */
+			double us = floor(lua_tonumber(L, -1) * 1e6 + 0.5);
+			s = pgc_format_integer((lua_Integer)us, digits, sizeof digits);
+			len = (size_t)(digits + sizeof digits - 1 - s);
 		} else {
+			static const char *const wanted[] = {
+				[INT_ELEMS] = "an integer or a boolean",
+				[TEXT_ELEMS] = "a string",
+				[MICROS_ELEMS] = "a time in epoch seconds",
+			};
 			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
-					  luaL_typename(L, -1),
-					  quoted ? "a string" : "an integer or a boolean");
+					  luaL_typename(L, -1), wanted[kind]);
 		}
 		lua_pop(L, 1);
 		if (!quoted || type == LUA_TNIL) {
@@ -553,19 +568,26 @@ static int array_literal(lua_State *L, int quoted)
 /* core.int_array(list [, n]): integers and booleans. */
 static int l_int_array(lua_State *L)
 {
-	return array_literal(L, 0);
+	return array_literal(L, INT_ELEMS);
 }
 
 /* core.text_array(list [, n]): strings, quoted. */
 static int l_text_array(lua_State *L)
 {
-	return array_literal(L, 1);
+	return array_literal(L, TEXT_ELEMS);
+}
+
+/* core.micros_array(list [, n]): epoch seconds as integer microseconds. */
+static int l_micros_array(lua_State *L)
+{
+	return array_literal(L, MICROS_ELEMS);
 }
 
 static const luaL_Reg value_funcs[] = {
 	{"error", l_error},
 	{"int_array", l_int_array},
 	{"text_array", l_text_array},
+	{"micros_array", l_micros_array},
 	{NULL, NULL}
 };
 

@@ -640,5 +640,8 @@ db.run_script = run_script
 -- NULL); text_array(list [, n]): '{"a","b\\"c",NULL}' from strings.
 db.int_array = core.int_array
 db.text_array = core.text_array
+-- micros_array(list [, n]): "{1764700148123457}" from epoch seconds (core.time()),
+-- as integer microseconds rounded to the nearest.
+db.micros_array = core.micros_array
 
 return db

@@ -104,13 +104,12 @@ local function flush_params(batch)
   local int_array, m = db.int_array, batch.logged
   return int_array(batch.done), #batch.failures > 0 and json.encode(batch.failures) or "[]",
     int_array(batch.ids, m), db.text_array(batch.types, m), int_array(batch.attempts, m),
-    int_array(batch.oks, m), int_array(batch.started, m), int_array(batch.finished, m)
+    int_array(batch.oks, m), db.micros_array(batch.started, m),
+    db.micros_array(batch.finished, m)
 end
 
 local Completer = {}
 Completer.__index = Completer
-
-local floor = math.floor
 
 -- hooks: on_error(what, err); on_written(n), n results were just written;
 -- on_retry_due(at), the core.now() time the earliest failed run just
@@ -142,8 +141,8 @@ function Completer:record(id, jtype, attempt, ok, failure, log_run, started, fin
     local m = batch.logged + 1
     batch.logged = m
     batch.ids[m], batch.types[m], batch.attempts[m], batch.oks[m] = id, jtype, attempt, ok
-    -- (epoch microseconds, rounded: inline, as this runs for every job)
-    batch.started[m], batch.finished[m] = floor(started * 1e6 + 0.5), floor(finished * 1e6 + 0.5)
+    -- (epoch seconds: written as microseconds, flush_params)
+    batch.started[m], batch.finished[m] = started, finished
   end
   local n = batch.n + 1
   batch.n = n

@@ -162,10 +162,12 @@ local function run_one(self, job, types, started, slot)
     return
   end
   local ok, err
-  do
+  if def.timeout then
     -- (a timer only for types with a timeout; disarmed as the handler
     -- ends, however it ends, a cancel of the runner included)
-    local _ <close> = def.timeout and self:_arm_timeout(slot, job, def, started) or nil
+    local _ <close> = self:_arm_timeout(slot, job, def, started)
+    ok, err = xpcall(def.fn, handler_error, job)
+  else
     ok, err = xpcall(def.fn, handler_error, job)
   end
   if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt and not is_snooze(err) then
