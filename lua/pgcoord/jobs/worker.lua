@@ -107,15 +107,33 @@ local function keeps_run(should_log, job, ok, failure, attempt, started, finishe
   return not lok or keep ~= false
 end
 
--- The metric series of a job type, made on its first run.
+-- The metric series of a job type, made on its first run.  Its runs that
+-- succeeded are counted in `ok` first, an increment where a metrics call
+-- per job would cost more than the job: publish_counts adds them to the
+-- counter as each batch of results is written and before each scrape.
 local function new_series(self, jtype)
   local group = self.o.group
   local series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
                    failed = failed_total:with(group, jtype), retried = retried:with(group, jtype),
-                   snoozed = snoozed:with(group, jtype), timed_out = timed_out:with(group, jtype) }
+                   snoozed = snoozed:with(group, jtype), timed_out = timed_out:with(group, jtype),
+                   ok = 0 }
   self.series[jtype] = series
   return series
 end
+
+local function publish_counts(self)
+  for _, series in pairs(self.series) do
+    local n = series.ok
+    if n > 0 then
+      series.ok = 0
+      series.completed:inc(n)
+    end
+  end
+end
+
+metrics.collect(function()
+  for w in metrics.each("job_worker") do publish_counts(w) end
+end)
 
 -- Records the outcome of a run (def: the job type's definition, if any).
 local function finish(self, job, ok, err, started, retryable, def)
@@ -132,7 +150,7 @@ local function finish(self, job, ok, err, started, retryable, def)
   self.handled = self.handled + 1
   if not ok and not failure.snooze then self.failed = self.failed + 1 end
   if ok then
-    series.completed:inc()
+    series.ok = series.ok + 1
   elseif failure.final then
     series.failed:inc()
   elseif failure.snooze then
@@ -209,7 +227,10 @@ function worker.new(types, pool, o)
       w:_wake()
     end,
     on_flushing = function() w.handoff = false end,
-    on_written = function(n) w.vacuum:written(n) end,
+    on_written = function(n)
+      publish_counts(w)
+      w.vacuum:written(n)
+    end,
   })
   w.vacuum = vacuum.new(pool, o.group, o.vacuum_every,
     function(what, err) w:_infra_error(what, err) end)
@@ -226,6 +247,7 @@ function worker.new(types, pool, o)
     on_wake = function() w:_wake() end,
     on_error = function(what, err) w:_infra_error(what, err) end,
   })
+  metrics.track("job_worker", w) -- (publish_counts before a scrape)
   w.main = task.spawn(w._main, w)
   return w
 end
@@ -715,6 +737,7 @@ function Worker:stop(timeout)
     finish(self, job, false, "cancelled at shutdown", core.time(), true, self.types[job.type])
   end
   self.completer:stop()
+  publish_counts(self)
   self.vacuum:stop(FETCH_GRACE)
   self.maintenance:deregister()
   if self.limited and not self.paused then self.limiter:slots_freed() end
