@@ -404,6 +404,16 @@ describe("conversions", function()
     assert.are.equal(-2, db:one("SELECT ($1::bigint[])[2] AS v", ints).v)
   end)
 
+  it("core.set_metatables gives each row of a result the metatable", function()
+    local core = require "pgcoord.core"
+    local rows = db:query("SELECT g AS n FROM generate_series(1, 3) g")
+    local mt = { __index = { twice = function(row) return row.n * 2 end } }
+    core.set_metatables(rows, mt)
+    for i = 1, 3 do assert.are.equal(2 * i, rows[i]:twice()) end
+    assert.has_error(function() core.set_metatables({ 1 }, mt) end,
+      "pgcoord: list element 1 is a number, not a table")
+  end)
+
   it("micros_array writes epoch seconds as rounded microseconds, as math.floor(t * 1e6 + 0.5)",
     function()
       local arrays = require "pgcoord.db"

@@ -583,7 +583,29 @@ static int l_micros_array(lua_State *L)
 	return array_literal(L, MICROS_ELEMS);
 }
 
+/*
+ * core.set_metatables(list, mt): mt on each of list[1..#list], tables (rows,
+ * as a job worker's claim has them): one call a batch, not one a row.
+ */
+static int l_set_metatables(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	luaL_checktype(L, 2, LUA_TTABLE);
+	lua_settop(L, 2);
+	lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
+	for (lua_Integer i = 1; i <= n; i++) {
+		if (lua_rawgeti(L, 1, i) != LUA_TTABLE)
+			return luaL_error(L, "pgcoord: list element %d is a %s, not a table", (int)i,
+					  luaL_typename(L, -1));
+		lua_pushvalue(L, 2);
+		lua_setmetatable(L, -2);
+		lua_pop(L, 1);
+	}
+	return 0;
+}
+
 static const luaL_Reg value_funcs[] = {
+	{"set_metatables", l_set_metatables},
 	{"error", l_error},
 	{"int_array", l_int_array},
 	{"text_array", l_text_array},

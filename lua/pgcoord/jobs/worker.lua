@@ -345,9 +345,10 @@ function Worker:_claim(want)
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
     return n
   end
-  local decode, q, job_meta = json.decode, self.queue, self.job_meta
+  local decode, q = json.decode, self.queue
+  core.set_metatables(rows, self.job_meta) -- (job:progress)
   for i = 1, n do
-    local job = setmetatable(rows[i], job_meta) -- (job:progress)
+    local job = rows[i]
     local params = job.params
     local ok, value = true, nil
     if params == "{}" then
@@ -513,7 +514,9 @@ function Worker:_runner(slot)
     local job = pop(q)
     if job then
       self.running = self.running + 1
-      if q.tail - q.head + 1 <= refill_at and not self.drained and wake:notify() then
+      -- (wake.kept: the fetch loop has a wake-up it has not taken yet)
+      if q.tail - q.head + 1 <= refill_at and not self.drained and not wake.kept
+         and wake:notify() then
         self.handoff = true
       end
       in_flight[slot] = job
