@@ -321,12 +321,12 @@ static void push_text(lua_State *L, const char *v, int len, int last)
 	lua_copy(L, -1, last);
 }
 
-static void push_value(lua_State *L, const PGresult *res, int row, int col, int last)
+static void push_value(lua_State *L, const PGresult *res, int row, int col, Oid type,
+		       int last)
 {
 	const char *v = PQgetvalue(res, row, col);
-	int len = PQgetlength(res, row, col);
 	double d;
-	switch (PQftype(res, col)) {
+	switch (type) {
 	case BOOLOID:
 		lua_pushboolean(L, v[0] == 't');
 		return;
@@ -346,7 +346,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col, int 
 		return;
 	case JSONOID:
 	case JSONBOID:
-		push_json(L, v, len);
+		push_json(L, v, PQgetlength(res, row, col));
 		return;
 	case TIMESTAMPOID:
 	case TIMESTAMPTZOID:
@@ -359,7 +359,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col, int 
 		push_bytea(L, v);
 		return;
 	}
-	push_text(L, v, len, last);
+	push_text(L, v, PQgetlength(res, row, col), last);
 }
 
 /* rows = { {col = value, ...}, ..., affected = n }; NULL leaves a key out. */
@@ -374,25 +374,30 @@ void pgc_push_result(lua_State *L, const PGresult *res)
 		lua_pushstring(L, PQfname(res, c));
 	for (int c = 0; c < ncols; c++)
 		lua_pushnil(L);
-	/* a row's NULLs, read once (past NULL_FLAGS columns, asked again) */
-	enum { NULL_FLAGS = 64 };
-	char null[NULL_FLAGS];
+	/* the first COLUMNS columns' types, and a row's NULLs, read once
+	 * (past them, asked again) */
+	enum { COLUMNS = 64 };
+	Oid types[COLUMNS];
+	char null[COLUMNS];
+	for (int c = 0; c < ncols && c < COLUMNS; c++)
+		types[c] = PQftype(res, c);
 	for (int r = 0; r < nrows; r++) {
 		/* sized for the columns that are not NULL: a table's hash part
 		 * doubles past a power of two, and rows are made by the thousand */
 		int present = 0;
 		for (int c = 0; c < ncols; c++) {
 			int is_null = PQgetisnull(res, r, c);
-			if (c < NULL_FLAGS)
+			if (c < COLUMNS)
 				null[c] = (char)is_null;
 			present += !is_null;
 		}
 		lua_createtable(L, 0, present);
 		for (int c = 0; c < ncols; c++) {
-			if (c < NULL_FLAGS ? null[c] : PQgetisnull(res, r, c))
+			if (c < COLUMNS ? null[c] : PQgetisnull(res, r, c))
 				continue;
 			lua_pushvalue(L, rows + 1 + c);
-			push_value(L, res, r, c, rows + 1 + ncols + c);
+			push_value(L, res, r, c, c < COLUMNS ? types[c] : PQftype(res, c),
+				   rows + 1 + ncols + c);
 			lua_rawset(L, -3);
 		}
 		lua_rawseti(L, rows, r + 1);
