@@ -121,6 +121,9 @@ function completer.new(pool, group, flush_count, flush_age, hooks)
                         batch = new_batch(), writers = 0, write_failed = false,
                         writing = 0, -- results the writers have in hand
                         room = (MAX_WRITERS + 1) * flush_count,
+                        -- the results not written fill room: make_room would wait
+                        -- (read by the runners before each job, a call saved)
+                        full = false,
                         flush_now = task.signal(), flushed = task.cond(),
                         closing = false, flusher = nil }, Completer)
 end
@@ -146,6 +149,7 @@ function Completer:record(id, jtype, attempt, ok, failure, log_run, started, fin
   end
   local n = batch.n + 1
   batch.n = n
+  if n + self.writing >= self.room then self.full = true end
   return n == self.flush_count and self.flush_now:notify()
 end
 
@@ -161,7 +165,8 @@ end
 
 -- Waits, before a job starts, while the results recorded and not written
 -- (the writers' included) fill MAX_WRITERS + 1 batches.  (Not once the
--- completer is stopping: what is left is written then.)
+-- completer is stopping: what is left is written then.)  Callers may test
+-- c.full first: when it is false, this would not wait.
 function Completer:make_room()
   while self.batch.n + self.writing >= self.room and not self.closing do self.flushed:wait() end
 end
@@ -233,6 +238,7 @@ function Completer:_write(batch)
     self.write_failed = true
     self.hooks.on_error("writing results failed", err)
   end
+  self.full = self.batch.n + self.writing >= self.room
   self.flushed:signal()
 end
 

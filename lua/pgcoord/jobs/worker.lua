@@ -505,7 +505,7 @@ function Worker:_runner(slot)
       streak = 0
       task.pass()
     end
-    if q.head <= q.tail then results:make_room() end
+    if results.full and q.head <= q.tail then results:make_room() end
     local started = now_time()
     if started >= self.alive_until and q.head <= q.tail then
       if not self.maintenance:renew_lease() then return end
