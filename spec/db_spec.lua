@@ -404,6 +404,32 @@ describe("conversions", function()
     assert.are.equal(-2, db:one("SELECT ($1::bigint[])[2] AS v", ints).v)
   end)
 
+  it("core.set_metatables gives each row of a result the metatable", function()
+    local core = require "pgcoord.core"
+    local rows = db:query("SELECT g AS n FROM generate_series(1, 3) g")
+    local mt = { __index = { twice = function(row) return row.n * 2 end } }
+    core.set_metatables(rows, mt)
+    for i = 1, 3 do assert.are.equal(2 * i, rows[i]:twice()) end
+    assert.has_error(function() core.set_metatables({ 1 }, mt) end,
+      "pgcoord: list element 1 is a number, not a table")
+  end)
+
+  it("micros_array writes epoch seconds as rounded microseconds, as math.floor(t * 1e6 + 0.5)",
+    function()
+      local arrays = require "pgcoord.db"
+      local times = { 1764700148.1234567, 0, -1.5, 1.0000004, 1.0000006, 0.0000005 }
+      local list = arrays.micros_array(times)
+      for i, t in ipairs(times) do
+        local v = db:one("SELECT ($1::bigint[])[$2] AS v", list, i).v
+        assert.are.equal(math.floor(t * 1e6 + 0.5), v, "element " .. i)
+      end
+      assert.are.equal("{1,NULL}", arrays.micros_array({ 0.000001 }, 2))
+      assert.has_error(function() arrays.micros_array({ "1" }) end,
+        "pgcoord: array element 1 is a string, not a time in epoch seconds")
+      assert.has_error(function() arrays.micros_array({ math.huge }) end,
+        "pgcoord: array element 1 is a number, not a time in epoch seconds")
+    end)
+
   it("infinite timestamps are math.huge", function()
     local row = db:one("SELECT 'infinity'::timestamptz AS a, '-infinity'::timestamptz AS b,"
       .. " 'infinity'::timestamp AS c, '-infinity'::timestamp AS d")

@@ -500,6 +500,27 @@ describe("a worker", function()
     helper.wait_until(function() return count_jobs(g) == 0 end, 20, "the results to be written")
   end)
 
+  it("the completed counter is exact at a scrape, results written or not", function()
+    local metrics = require "pgcoord.metrics"
+    local g = helper.unique("jg")
+    local jobs = pgcoord.jobs(db)
+    local hold = true
+    jobs:define("counted", function() end, { group = g })
+    jobs:define("held", function() while hold do pgcoord.sleep(0.01) end end, { group = g })
+    local list = { { type = "held", priority = 2 } }
+    for i = 1, 3 do list[#list + 1] = { type = "counted", priority = 1, params = { i = i } } end
+    jobs:schedule_many(db, list)
+    -- (one runner, busy with the held job: the three results stay unwritten)
+    local w = worker(jobs, { group = g, concurrency = 1, poll_interval = 30, flush_age = 60 })
+    helper.wait_until(function() return w:stats().handled == 3 end, 20, "three runs")
+    assert.are.equal(3, w:stats().unflushed)
+    local line = ('pgcoord_jobs_completed_total{group="%s",type="counted"} 3\n'):format(g)
+    assert.truthy(metrics.render():find(line, 1, true))
+    hold = false
+    helper.wait_until(function() return count_jobs(g) == 0 end, 20, "the results to be written")
+    assert.truthy(metrics.render():find(line, 1, true)) -- (counted once)
+  end)
+
   it("vacuums pgcoord.jobs itself once it wrote vacuum_every results; 0 never does", function()
     local g = helper.unique("jg")
     local jobs = pgcoord.jobs(db)

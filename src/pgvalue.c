@@ -37,13 +37,26 @@ static int is_null(lua_State *L, int idx)
  */
 char *pgc_format_integer(lua_Integer v, char *buf, size_t size)
 {
+	/* two digits a division: a batch's epoch microseconds have sixteen */
+	static const char pairs[] =
+		"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+		"40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+		"8081828384858687888990919293949596979899";
 	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
 	char *p = buf + size - 1;	/* size >= PGC_INTEGER_BUF */
 	*p = '\0';
-	do {
-		*--p = (char)('0' + u % 10);
-		u /= 10;
-	} while (u != 0);
+	while (u >= 100) {
+		const char *d = pairs + 2 * (u % 100);
+		u /= 100;
+		*--p = d[1];
+		*--p = d[0];
+	}
+	if (u >= 10) {
+		*--p = pairs[2 * u + 1];
+		*--p = pairs[2 * u];
+	} else {
+		*--p = (char)('0' + u);
+	}
 	if (v < 0)
 		*--p = '-';
 	return p;
@@ -183,43 +196,82 @@ static long long days_from_civil(long long y, int m, int d)
 	return era * 146097 + doe - 719468;
 }
 
+/*
+ * The unsigned decimal at *s, which moves past its digits; -1 when there
+ * is none, or more than 18 (no field of the server's text has that many).
+ * strtol's locale and base handling cost more than a row is worth.
+ */
+static long long read_digits(const char **s)
+{
+	const char *p = *s;
+	long long v = 0;
+	int n = 0;
+	for (; *p >= '0' && *p <= '9'; p++, n++) {
+		if (n == 18)
+			return -1;
+		v = v * 10 + (*p - '0');
+	}
+	*s = p;
+	return n == 0 ? -1 : v;
+}
+
+/* The server's text of an integer (int2, int4, int8, oid): [-]digits. */
+static lua_Integer parse_integer(const char *s)
+{
+	int negative = *s == '-';
+	unsigned long long u = 0;
+	for (s += negative; *s >= '0' && *s <= '9'; s++)
+		u = u * 10 + (unsigned long long)(*s - '0');
+	/* (wraps to the exact value for the int8 minimum too) */
+	return (lua_Integer)(negative ? 0ULL - u : u);
+}
+
 /* "YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]" -> epoch seconds. */
 static int parse_timestamp(const char *s, double *out)
 {
-	if (strcmp(s, "infinity") == 0 || strcmp(s, "-infinity") == 0) {
+	if (*s < '0' || *s > '9') {
+		if (strcmp(s, "infinity") != 0 && strcmp(s, "-infinity") != 0)
+			return 0;
 		*out = s[0] == '-' ? -HUGE_VAL : HUGE_VAL;
 		return 1;
 	}
-	char *end;
-	long long year = strtoll(s, &end, 10);
-	if (*end != '-')
+	const char *end = s;
+	long long year = read_digits(&end);
+	if (year < 0 || *end++ != '-')
 		return 0;
-	int mon = (int)strtol(end + 1, &end, 10);
-	if (*end != '-')
+	long long mon = read_digits(&end);
+	if (mon < 0 || *end++ != '-')
 		return 0;
-	int day = (int)strtol(end + 1, &end, 10);
-	if (*end != ' ' && *end != 'T')
+	long long day = read_digits(&end);
+	if (day < 0 || (*end != ' ' && *end != 'T'))
 		return 0;
-	int hour = (int)strtol(end + 1, &end, 10);
-	if (*end != ':')
+	end++;
+	long long hour = read_digits(&end);
+	if (hour < 0 || *end++ != ':')
 		return 0;
-	int min = (int)strtol(end + 1, &end, 10);
-	if (*end != ':')
+	long long min = read_digits(&end);
+	if (min < 0 || *end++ != ':')
 		return 0;
-	/* seconds as whole microseconds: strtod is slow, and the server
-	 * never sends more than six decimals */
-	long long usec = strtol(end + 1, &end, 10) * 1000000LL;
+	/* seconds as whole microseconds: the server never sends more than
+	 * six decimals */
+	long long sec = read_digits(&end);
+	if (sec < 0)
+		return 0;
+	long long usec = sec * 1000000LL;
 	if (*end == '.') {
 		long long scale = 100000;
 		for (end++; *end >= '0' && *end <= '9'; end++, scale /= 10)
 			usec += (*end - '0') * scale;
 	}
-	long offset = 0;
+	long long offset = 0;
 	if (*end == '+' || *end == '-') {
 		int sign = *end == '-' ? -1 : 1;
-		long part[3] = {0, 0, 0};
+		long long part[3] = {0, 0, 0};
 		for (int i = 0; i < 3; i++) {
-			part[i] = strtol(end + 1, &end, 10);
+			end++;
+			part[i] = read_digits(&end);
+			if (part[i] < 0)
+				return 0;
 			if (*end != ':')
 				break;
 		}
@@ -229,7 +281,7 @@ static int parse_timestamp(const char *s, double *out)
 		year = 1 - year;
 	else if (*end != '\0')
 		return 0;
-	long long days = days_from_civil(year, mon, day);
+	long long days = days_from_civil(year, (int)mon, (int)day);
 	long long whole = days * 86400 + hour * 3600 + min * 60 - offset;
 	*out = (double)(whole * 1000000LL + usec) / 1e6;
 	return 1;
@@ -252,12 +304,29 @@ static void push_bytea(lua_State *L, const char *v)
 	PQfreemem(bytes);
 }
 
-static void push_value(lua_State *L, const PGresult *res, int row, int col)
+/*
+ * Text (and types not converted) as a string.  A column often holds the
+ * row before's value (a claim's job type and group), kept in stack slot
+ * last: the same string again costs a compare, not a hash and a lookup.
+ */
+static void push_text(lua_State *L, const char *v, int len, int last)
+{
+	size_t n;
+	const char *prev = lua_tolstring(L, last, &n);
+	if (prev != NULL && n == (size_t)len && memcmp(prev, v, n) == 0) {
+		lua_pushvalue(L, last);
+		return;
+	}
+	lua_pushlstring(L, v, (size_t)len);
+	lua_copy(L, -1, last);
+}
+
+static void push_value(lua_State *L, const PGresult *res, int row, int col, Oid type,
+		       int last)
 {
 	const char *v = PQgetvalue(res, row, col);
-	int len = PQgetlength(res, row, col);
 	double d;
-	switch (PQftype(res, col)) {
+	switch (type) {
 	case BOOLOID:
 		lua_pushboolean(L, v[0] == 't');
 		return;
@@ -265,7 +334,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col)
 	case INT4OID:
 	case INT8OID:
 	case OIDOID:
-		lua_pushinteger(L, (lua_Integer)strtoll(v, NULL, 10));
+		lua_pushinteger(L, parse_integer(v));
 		return;
 	case FLOAT4OID:
 	case FLOAT8OID:
@@ -277,7 +346,7 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col)
 		return;
 	case JSONOID:
 	case JSONBOID:
-		push_json(L, v, len);
+		push_json(L, v, PQgetlength(res, row, col));
 		return;
 	case TIMESTAMPOID:
 	case TIMESTAMPTZOID:
@@ -290,30 +359,45 @@ static void push_value(lua_State *L, const PGresult *res, int row, int col)
 		push_bytea(L, v);
 		return;
 	}
-	lua_pushlstring(L, v, (size_t)len);
+	push_text(L, v, PQgetlength(res, row, col), last);
 }
 
 /* rows = { {col = value, ...}, ..., affected = n }; NULL leaves a key out. */
 void pgc_push_result(lua_State *L, const PGresult *res)
 {
 	int nrows = PQntuples(res), ncols = PQnfields(res);
-	luaL_checkstack(L, ncols + 8, "too many result columns");
+	luaL_checkstack(L, 2 * ncols + 8, "too many result columns");
 	lua_createtable(L, nrows, 1);
 	int rows = lua_gettop(L);
+	/* the column names, then each column's last text value (push_text) */
 	for (int c = 0; c < ncols; c++)
 		lua_pushstring(L, PQfname(res, c));
+	for (int c = 0; c < ncols; c++)
+		lua_pushnil(L);
+	/* the first COLUMNS columns' types, and a row's NULLs, read once
+	 * (past them, asked again) */
+	enum { COLUMNS = 64 };
+	Oid types[COLUMNS];
+	char null[COLUMNS];
+	for (int c = 0; c < ncols && c < COLUMNS; c++)
+		types[c] = PQftype(res, c);
 	for (int r = 0; r < nrows; r++) {
 		/* sized for the columns that are not NULL: a table's hash part
 		 * doubles past a power of two, and rows are made by the thousand */
 		int present = 0;
-		for (int c = 0; c < ncols; c++)
-			present += !PQgetisnull(res, r, c);
+		for (int c = 0; c < ncols; c++) {
+			int is_null = PQgetisnull(res, r, c);
+			if (c < COLUMNS)
+				null[c] = (char)is_null;
+			present += !is_null;
+		}
 		lua_createtable(L, 0, present);
 		for (int c = 0; c < ncols; c++) {
-			if (PQgetisnull(res, r, c))
+			if (c < COLUMNS ? null[c] : PQgetisnull(res, r, c))
 				continue;
 			lua_pushvalue(L, rows + 1 + c);
-			push_value(L, res, r, c);
+			push_value(L, res, r, c, c < COLUMNS ? types[c] : PQftype(res, c),
+				   rows + 1 + ncols + c);
 			lua_rawset(L, -3);
 		}
 		lua_rawseti(L, rows, r + 1);
@@ -412,14 +496,19 @@ static int l_error(lua_State *L)
 
 /* ---- array literals --------------------------------------------------- */
 
+/* What an array literal's elements are. */
+enum elems { INT_ELEMS, TEXT_ELEMS, MICROS_ELEMS };
+
 /*
  * "{e1,e2,...}" from list[1..n] (n defaults to #list), nil as NULL;
- * elements are integers and booleans, or with quoted, strings.  Each is
- * read and popped before it goes into the buffer, which owns the stack top
- * (a string stays alive in the list meanwhile).
+ * elements are integers and booleans (INT_ELEMS), strings, quoted
+ * (TEXT_ELEMS), or epoch seconds written as whole microseconds, rounded
+ * (MICROS_ELEMS).  Each is read and popped before it goes into the buffer,
+ * which owns the stack top (a string stays alive in the list meanwhile).
  */
-static int array_literal(lua_State *L, int quoted)
+static int array_literal(lua_State *L, enum elems kind)
 {
+	int quoted = kind == TEXT_ELEMS;
 	luaL_checktype(L, 1, LUA_TTABLE);
 	lua_Integer n = luaL_opt(L, luaL_checkinteger, 2, (lua_Integer)lua_rawlen(L, 1));
 	luaL_Buffer b;
@@ -434,23 +523,40 @@ static int array_literal(lua_State *L, int quoted)
 			s = "NULL", len = 4;
 		} else if (quoted && type == LUA_TSTRING) {
 			s = lua_tolstring(L, -1, &len);
-		} else if (!quoted && type == LUA_TBOOLEAN) {
+		} else if (kind == INT_ELEMS && type == LUA_TBOOLEAN) {
 			s = lua_toboolean(L, -1) ? "t" : "f", len = 1;
-		} else if (!quoted && lua_isinteger(L, -1)) {
+		} else if (kind == INT_ELEMS && lua_isinteger(L, -1)) {
 			s = pgc_format_integer(lua_tointeger(L, -1), digits, sizeof digits);
-			len = strlen(s);
+			len = (size_t)(digits + sizeof digits - 1 - s);
+		} else if (kind == MICROS_ELEMS && type == LUA_TNUMBER &&
+			   fabs(lua_tonumber(L, -1)) < 9e12) {
+			/* as math.floor(t * 1e6 + 0.5) would round it */
+			double us = floor(lua_tonumber(L, -1) * 1e6 + 0.5);
+			s = pgc_format_integer((lua_Integer)us, digits, sizeof digits);
+			len = (size_t)(digits + sizeof digits - 1 - s);
 		} else {
+			static const char *const wanted[] = {
+				[INT_ELEMS] = "an integer or a boolean",
+				[TEXT_ELEMS] = "a string",
+				[MICROS_ELEMS] = "a time in epoch seconds",
+			};
 			return luaL_error(L, "pgcoord: array element %d is a %s, not %s", (int)i,
-					  luaL_typename(L, -1),
-					  quoted ? "a string" : "an integer or a boolean");
+					  luaL_typename(L, -1), wanted[kind]);
 		}
 		lua_pop(L, 1);
-		if (i > 1)
-			luaL_addchar(&b, ',');
 		if (!quoted || type == LUA_TNIL) {
-			luaL_addlstring(&b, s, len);
+			/* the separator and the element in one go: ids come by the
+			 * thousand */
+			char *out = luaL_prepbuffsize(&b, len + 1);
+			size_t k = 0;
+			if (i > 1)
+				out[k++] = ',';
+			memcpy(out + k, s, len);
+			luaL_addsize(&b, k + len);
 			continue;
 		}
+		if (i > 1)
+			luaL_addchar(&b, ',');
 		luaL_addchar(&b, '"');
 		for (size_t k = 0; k < len; k++) {
 			if (s[k] == '"' || s[k] == '\\')
@@ -467,19 +573,48 @@ static int array_literal(lua_State *L, int quoted)
 /* core.int_array(list [, n]): integers and booleans. */
 static int l_int_array(lua_State *L)
 {
-	return array_literal(L, 0);
+	return array_literal(L, INT_ELEMS);
 }
 
 /* core.text_array(list [, n]): strings, quoted. */
 static int l_text_array(lua_State *L)
 {
-	return array_literal(L, 1);
+	return array_literal(L, TEXT_ELEMS);
+}
+
+/* core.micros_array(list [, n]): epoch seconds as integer microseconds. */
+static int l_micros_array(lua_State *L)
+{
+	return array_literal(L, MICROS_ELEMS);
+}
+
+/*
+ * core.set_metatables(list, mt): mt on each of list[1..#list], tables (rows,
+ * as a job worker's claim has them): one call a batch, not one a row.
+ */
+static int l_set_metatables(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TTABLE);
+	luaL_checktype(L, 2, LUA_TTABLE);
+	lua_settop(L, 2);
+	lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
+	for (lua_Integer i = 1; i <= n; i++) {
+		if (lua_rawgeti(L, 1, i) != LUA_TTABLE)
+			return luaL_error(L, "pgcoord: list element %d is a %s, not a table", (int)i,
+					  luaL_typename(L, -1));
+		lua_pushvalue(L, 2);
+		lua_setmetatable(L, -2);
+		lua_pop(L, 1);
+	}
+	return 0;
 }
 
 static const luaL_Reg value_funcs[] = {
+	{"set_metatables", l_set_metatables},
 	{"error", l_error},
 	{"int_array", l_int_array},
 	{"text_array", l_text_array},
+	{"micros_array", l_micros_array},
 	{NULL, NULL}
 };
 

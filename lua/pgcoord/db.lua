@@ -157,12 +157,22 @@ local MAX_STATEMENTS = 256
 local BYTEA = 17
 
 -- 64-bit FNV-1a of the text, and its length: a collision is out of reach.
+-- Each connection prepares the same texts: a name is hashed once (a byte
+-- costs a Lua call), up to MAX_NAMES of them, then from scratch.
+local names, n_names = {}, 0
+local MAX_NAMES = 1000
+
 local function statement_name(sql)
+  local name = names[sql]
+  if name then return name end
   local h = 0xcbf29ce484222325
   for i = 1, #sql do
     h = (h ~ sql:byte(i)) * 0x100000001b3
   end
-  return ("pgc_%016x_%x"):format(h, #sql)
+  name = ("pgc_%016x_%x"):format(h, #sql)
+  if n_names >= MAX_NAMES then names, n_names = {}, 0 end
+  names[sql], n_names = name, n_names + 1
+  return name
 end
 
 -- "0010": a character per parameter, "1" where it is bytea (see pgvalue.c).
@@ -640,5 +650,8 @@ db.run_script = run_script
 -- NULL); text_array(list [, n]): '{"a","b\\"c",NULL}' from strings.
 db.int_array = core.int_array
 db.text_array = core.text_array
+-- micros_array(list [, n]): "{1764700148123457}" from epoch seconds (core.time()),
+-- as integer microseconds rounded to the nearest.
+db.micros_array = core.micros_array
 
 return db

@@ -412,7 +412,9 @@ end
 -- A wake-up kept until a waiter takes it: notify() while nobody waits
 -- makes the next wait() return at once.  Loops that wait for "something
 -- to do" use this, so a notification that comes while they are busy is
--- never lost (a Cond drops it).
+-- never lost (a Cond drops it).  s.kept, read-only, is true while a
+-- wake-up waits to be taken: notify() would do nothing then, and a loop
+-- that notifies for every item tests it instead of making the call.
 local Signal = {}
 Signal.__index = Signal
 

@@ -104,11 +104,8 @@ local function flush_params(batch)
   local int_array, m = db.int_array, batch.logged
   return int_array(batch.done), #batch.failures > 0 and json.encode(batch.failures) or "[]",
     int_array(batch.ids, m), db.text_array(batch.types, m), int_array(batch.attempts, m),
-    int_array(batch.oks, m), int_array(batch.started, m), int_array(batch.finished, m)
-end
-
-local function micros(t)
-  return math.floor(t * 1e6 + 0.5)
+    int_array(batch.oks, m), db.micros_array(batch.started, m),
+    db.micros_array(batch.finished, m)
 end
 
 local Completer = {}
@@ -124,6 +121,9 @@ function completer.new(pool, group, flush_count, flush_age, hooks)
                         batch = new_batch(), writers = 0, write_failed = false,
                         writing = 0, -- results the writers have in hand
                         room = (MAX_WRITERS + 1) * flush_count,
+                        -- the results not written fill room: make_room would wait
+                        -- (read by the runners before each job, a call saved)
+                        full = false,
                         flush_now = task.signal(), flushed = task.cond(),
                         closing = false, flusher = nil }, Completer)
 end
@@ -144,10 +144,12 @@ function Completer:record(id, jtype, attempt, ok, failure, log_run, started, fin
     local m = batch.logged + 1
     batch.logged = m
     batch.ids[m], batch.types[m], batch.attempts[m], batch.oks[m] = id, jtype, attempt, ok
-    batch.started[m], batch.finished[m] = micros(started), micros(finished)
+    -- (epoch seconds: written as microseconds, flush_params)
+    batch.started[m], batch.finished[m] = started, finished
   end
   local n = batch.n + 1
   batch.n = n
+  if n + self.writing >= self.room then self.full = true end
   return n == self.flush_count and self.flush_now:notify()
 end
 
@@ -163,7 +165,8 @@ end
 
 -- Waits, before a job starts, while the results recorded and not written
 -- (the writers' included) fill MAX_WRITERS + 1 batches.  (Not once the
--- completer is stopping: what is left is written then.)
+-- completer is stopping: what is left is written then.)  Callers may test
+-- c.full first: when it is false, this would not wait.
 function Completer:make_room()
   while self.batch.n + self.writing >= self.room and not self.closing do self.flushed:wait() end
 end
@@ -235,6 +238,7 @@ function Completer:_write(batch)
     self.write_failed = true
     self.hooks.on_error("writing results failed", err)
   end
+  self.full = self.batch.n + self.writing >= self.room
   self.flushed:signal()
 end
 

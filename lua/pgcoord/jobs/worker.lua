@@ -64,7 +64,7 @@ local function micros(t)
   return math.floor(t * 1e6 + 0.5)
 end
 
--- ---- the local queue: claimed, not started ----
+-- ---- the local queue: claimed, not started (q[head..tail]; _claim appends) ----
 
 local function pop(q)
   local h, t = q.head, q.tail
@@ -77,12 +77,6 @@ local function pop(q)
     q.head = h + 1
   end
   return job
-end
-
-local function push(q, job)
-  local t = q.tail + 1
-  q.tail = t
-  q[t] = job
 end
 
 -- ---- recording a run's outcome ----
@@ -113,15 +107,33 @@ local function keeps_run(should_log, job, ok, failure, attempt, started, finishe
   return not lok or keep ~= false
 end
 
--- The metric series of a job type, made on its first run.
+-- The metric series of a job type, made on its first run.  Its runs that
+-- succeeded are counted in `ok` first, an increment where a metrics call
+-- per job would cost more than the job: publish_counts adds them to the
+-- counter as each batch of results is written and before each scrape.
 local function new_series(self, jtype)
   local group = self.o.group
   local series = { duration = duration:with(group, jtype), completed = completed:with(group, jtype),
                    failed = failed_total:with(group, jtype), retried = retried:with(group, jtype),
-                   snoozed = snoozed:with(group, jtype), timed_out = timed_out:with(group, jtype) }
+                   snoozed = snoozed:with(group, jtype), timed_out = timed_out:with(group, jtype),
+                   ok = 0 }
   self.series[jtype] = series
   return series
 end
+
+local function publish_counts(self)
+  for _, series in pairs(self.series) do
+    local n = series.ok
+    if n > 0 then
+      series.ok = 0
+      series.completed:inc(n)
+    end
+  end
+end
+
+metrics.collect(function()
+  for w in metrics.each("job_worker") do publish_counts(w) end
+end)
 
 -- Records the outcome of a run (def: the job type's definition, if any).
 local function finish(self, job, ok, err, started, retryable, def)
@@ -138,7 +150,7 @@ local function finish(self, job, ok, err, started, retryable, def)
   self.handled = self.handled + 1
   if not ok and not failure.snooze then self.failed = self.failed + 1 end
   if ok then
-    series.completed:inc()
+    series.ok = series.ok + 1
   elseif failure.final then
     series.failed:inc()
   elseif failure.snooze then
@@ -168,10 +180,12 @@ local function run_one(self, job, types, started, slot)
     return
   end
   local ok, err
-  do
+  if def.timeout then
     -- (a timer only for types with a timeout; disarmed as the handler
     -- ends, however it ends, a cancel of the runner included)
-    local _ <close> = def.timeout and self:_arm_timeout(slot, job, def, started) or nil
+    local _ <close> = self:_arm_timeout(slot, job, def, started)
+    ok, err = xpcall(def.fn, handler_error, job)
+  else
     ok, err = xpcall(def.fn, handler_error, job)
   end
   if not ok and not is_cancelled(err) and getmetatable(err) ~= RetryAt and not is_snooze(err) then
@@ -213,7 +227,10 @@ function worker.new(types, pool, o)
       w:_wake()
     end,
     on_flushing = function() w.handoff = false end,
-    on_written = function(n) w.vacuum:written(n) end,
+    on_written = function(n)
+      publish_counts(w)
+      w.vacuum:written(n)
+    end,
   })
   w.vacuum = vacuum.new(pool, o.group, o.vacuum_every,
     function(what, err) w:_infra_error(what, err) end)
@@ -230,6 +247,7 @@ function worker.new(types, pool, o)
     on_wake = function() w:_wake() end,
     on_error = function(what, err) w:_infra_error(what, err) end,
   })
+  metrics.track("job_worker", w) -- (publish_counts before a scrape)
   w.main = task.spawn(w._main, w)
   return w
 end
@@ -327,15 +345,22 @@ function Worker:_claim(want)
     self:_persist("handing back jobs failed", hand_back, self.pool, ids, id)
     return n
   end
-  local decode, q, job_meta = json.decode, self.queue, self.job_meta
+  local decode, q = json.decode, self.queue
+  core.set_metatables(rows, self.job_meta) -- (job:progress)
   for i = 1, n do
-    local job = setmetatable(rows[i], job_meta) -- (job:progress)
+    local job = rows[i]
     local params = job.params
     local ok, value = true, nil
-    if params then ok, value = pcall(decode, params) end
+    if params == "{}" then
+      value = {} -- (the params of most jobs: no decoder, no pcall)
+    elseif params then
+      ok, value = pcall(decode, params)
+    end
     if ok then
       job.params = value
-      push(q, job)
+      -- (q.tail read each time: _undecodable may wait, and runners pop)
+      local tail = q.tail + 1
+      q.tail, q[tail] = tail, job
     else
       self:_undecodable(job, value)
     end
@@ -480,7 +505,7 @@ function Worker:_runner(slot)
       streak = 0
       task.pass()
     end
-    if q.head <= q.tail then results:make_room() end
+    if results.full and q.head <= q.tail then results:make_room() end
     local started = now_time()
     if started >= self.alive_until and q.head <= q.tail then
       if not self.maintenance:renew_lease() then return end
@@ -489,7 +514,9 @@ function Worker:_runner(slot)
     local job = pop(q)
     if job then
       self.running = self.running + 1
-      if q.tail - q.head + 1 <= refill_at and not self.drained and wake:notify() then
+      -- (wake.kept: the fetch loop has a wake-up it has not taken yet)
+      if q.tail - q.head + 1 <= refill_at and not self.drained and not wake.kept
+         and wake:notify() then
         self.handoff = true
       end
       in_flight[slot] = job
@@ -713,6 +740,7 @@ function Worker:stop(timeout)
     finish(self, job, false, "cancelled at shutdown", core.time(), true, self.types[job.type])
   end
   self.completer:stop()
+  publish_counts(self)
   self.vacuum:stop(FETCH_GRACE)
   self.maintenance:deregister()
   if self.limited and not self.paused then self.limiter:slots_freed() end
