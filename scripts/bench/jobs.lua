@@ -56,16 +56,25 @@ local args = bench.args("jobs.lua", ...)
 local mode = args.mode
 
 
--- Whether none of group's jobs is left (of those with ids lo..hi, when
--- given).  EXISTS stops at the first row left; a count would read every
--- row still there, and the planner runs it as a parallel scan, which
--- starts worker processes on each poll: in "share" that load falls on the
--- processes still working (IPC:ExecuteGather and BgWorkerShutdown were a
--- tenth of the backends' samples in jobs-workers).
-local function none_left(db, group, lo, hi)
-  return not db:one([[SELECT EXISTS (SELECT FROM pgcoord.jobs
-                        WHERE group_name = $1 AND id BETWEEN $2 AND $3) AS found]],
-    group, lo or 0, hi or math.maxinteger).found
+-- A poll of whether none of group's jobs with ids lo..hi is left: a
+-- function that returns true once none is.  It asks for the lowest id
+-- left and starts the next poll there: the jobs below it are gone for good
+-- (a retry keeps its row), and their dead entries, at the front of the
+-- range, are not read again on each poll.  A count would read every row
+-- left, and the planner ran it as a parallel scan, which starts worker
+-- processes on each poll: in "share" that fell on the processes still
+-- working (IPC:ExecuteGather and BgWorkerShutdown were a tenth of the
+-- backends' samples in jobs-workers).
+local function none_left_poll(db, group, lo, hi)
+  lo, hi = lo or 0, hi or math.maxinteger
+  return function()
+    local row = db:one([[SELECT id FROM pgcoord.jobs
+                          WHERE group_name = $1 AND id BETWEEN $2 AND $3
+                          ORDER BY id LIMIT 1]], group, lo, hi)
+    if row == nil then return true end
+    lo = row.id
+    return false
+  end
 end
 
 -- $NAME as an integer; nil when unset (the worker's default then).
@@ -109,7 +118,7 @@ if mode == "throughput" then
   })
   wait_for(function() return done >= n end, 300, "last handler")
   local t_handlers = pgcoord.now()
-  wait_for(function() return none_left(db, group, lo, hi) end, 60, "empty table")
+  wait_for(none_left_poll(db, group, lo, hi), 60, "empty table")
   local t1 = pgcoord.now()
   local cpu = os.clock() - cpu0
 
@@ -183,13 +192,13 @@ elseif mode == "share" then
   -- the database is asked only while this process's handlers are idle (a
   -- millisecond without a job done), so that the polls do not load it
   -- while the work goes on
-  local seen = -1
+  local seen, none_left = -1, none_left_poll(db, group, range.lo, range.hi)
   wait_for(function()
     if handled ~= seen then
       seen = handled
       return false
     end
-    return none_left(db, group, range.lo, range.hi)
+    return none_left()
   end, 300, "empty table")
   local t1 = pgcoord.now()
   local cpu = os.clock() - cpu0
