@@ -45,7 +45,7 @@
 -- has returned.  rate = JOBS / (t1 - t0).  The poll reads the run's range
 -- of ids by the primary key, so that jobs of the group that are not the
 -- run's (scripts/bench/jobs-big fills the table with later and failed
--- ones) neither count nor make each poll a scan of them all.
+-- ones) are neither taken for the run's nor read on each poll.
 local pgcoord = require "pgcoord"
 
 package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
