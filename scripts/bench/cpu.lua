@@ -31,14 +31,19 @@ local args = bench.args("cpu.lua", ...)
 local mode = args.mode
 
 -- A local fan-out that fn's last call signals: waits for it (at most limit s).
-local function until_done(limit, what, start)
+-- (describe, if given, says how far it got when the time is up)
+local function until_done(limit, what, start, describe)
   local done = pgcoord.fanout("bench_cpu_done")
   local waiter = done:listen()
   start(function() done:notify(true) end)
   local got, err = waiter:receive(limit)
   waiter:close()
-  if not got then error(("no %s within %d s (%s)"):format(what, limit, tostring(err))) end
+  if not got then
+    error(("no %s within %d s (%s)%s"):format(what, limit, tostring(err),
+      describe and "; " .. describe() or ""))
+  end
 end
+local LIMIT = tonumber(os.getenv("BENCH_CPU_LIMIT")) or 600
 
 local n
 if mode == "query" then
@@ -69,13 +74,19 @@ elseif mode == "listen" then
     pgcoord.sleep(0.01)
   end
   local listener
-  until_done(600, "last notification", function(finish)
-    local calls = 0
+  local calls = 0
+  until_done(LIMIT, "last notification", function(finish)
     listener = fan:on(function()
       calls = calls + 1
       if calls == n then finish() end
     end)
     say("ready")
+  end, function()
+    local f, s = fan:stats(), sub:stats()
+    return ("%d of %d calls; fan-out: notifications=%s drops=%s;"
+      .. " subscriber: notifications=%d reconnects=%d generation=%d state=%s")
+      :format(calls, n, tostring(f.notifications), tostring(f.drops),
+              s.notifications, s.reconnects, s.generation, s.state)
   end)
   listener:close()
   sub:stop()
@@ -101,7 +112,7 @@ elseif mode == "jobs-drain" then
   local db = pgcoord.connect(nil, { size = 4 })
   local jobs = pgcoord.jobs(db)
   local w
-  until_done(600, "last job", function(finish)
+  until_done(LIMIT, "last job", function(finish)
     local done = 0
     jobs:define("noop", function()
       done = done + 1
@@ -147,7 +158,7 @@ elseif mode == "queue-drain" then
   local db = pgcoord.connect(nil, { size = concurrency + 2 })
   local q = pgcoord.queue(db, args[2])
   local c
-  until_done(600, "last message", function(finish)
+  until_done(LIMIT, "last message", function(finish)
     local handled = 0
     c = q:consume("s1", function()
       handled = handled + 1

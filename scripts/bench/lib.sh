@@ -47,7 +47,9 @@ stop_pid() {
 }
 
 # wait_for_line FILE PATTERN SECONDS: waits until FILE has a line matching
-# PATTERN (grep -E); prints it.
+# PATTERN (grep -E); prints it.  Empty FILE before starting its writer:
+# `cmd >FILE &` truncates it in the background job, maybe after this has
+# read an earlier run's line from it.
 wait_for_line() {
   local file=$1 pattern=$2 limit=$3 i
   for ((i = 0; i < limit * 20; i++)); do
