@@ -438,6 +438,20 @@ describe("conversions", function()
     assert.are.equal(math.huge, row.c)
     assert.are.equal(-math.huge, row.d)
   end)
+
+  it("timestamps at the ends of the server's range are epoch seconds", function()
+    -- (the last microsecond of 294276 AD is past 2^63 microseconds from 1970
+    -- once counted in microseconds from its day: it has to be read without
+    -- that product; 4713 BC is the first day the server takes)
+    local row = db:one([[SELECT t AS t, extract(epoch FROM t)::float8 AS e,
+                                b AS b, extract(epoch FROM b)::float8 AS be
+                           FROM (SELECT '294276-12-31 23:59:59.999999+00'::timestamptz AS t,
+                                        '4713-01-01 00:00:00+00 BC'::timestamptz AS b) s]])
+    assert.is_number(row.t)
+    assert.is_true(math.abs(row.t - row.e) < 0.01, ("%.6f vs %.6f"):format(row.t, row.e))
+    assert.is_number(row.b)
+    assert.are.equal(row.be, row.b)
+  end)
 end)
 
 describe("query results", function()

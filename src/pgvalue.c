@@ -7,6 +7,7 @@
  * converted by column type OID.
  * JSON goes through json.c, which keeps integers exact.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -237,7 +238,7 @@ static int parse_timestamp(const char *s, double *out)
 	}
 	const char *end = s;
 	long long year = read_digits(&end);
-	if (year < 0 || *end++ != '-')
+	if (year < 0 || year > 1000000 || *end++ != '-')	/* the server's end: 294276 */
 		return 0;
 	long long mon = read_digits(&end);
 	if (mon < 0 || *end++ != '-')
@@ -283,7 +284,12 @@ static int parse_timestamp(const char *s, double *out)
 		return 0;
 	long long days = days_from_civil(year, (int)mon, (int)day);
 	long long whole = days * 86400 + hour * 3600 + min * 60 - offset;
-	*out = (double)(whole * 1000000LL + usec) / 1e6;
+	/* in whole microseconds the result is rounded once; past 2^63 of
+	 * them (the last days of 294276 AD) the two parts add as doubles */
+	if (whole > LLONG_MAX / 1000000 - 1 || whole < LLONG_MIN / 1000000 + 1)
+		*out = (double)whole + (double)usec / 1e6;
+	else
+		*out = (double)(whole * 1000000LL + usec) / 1e6;
 	return 1;
 }
 
