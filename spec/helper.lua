@@ -150,6 +150,12 @@ function helper.connect(opts, conninfo)
   return pgcoord.connect(conninfo, o), params.application_name
 end
 
+-- The database's clock (epoch seconds) through a pool or transaction:
+-- what job times are compared with.
+function helper.db_time(db)
+  return db:one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
+end
+
 local admin
 
 -- A small pool for watching the server (pg_stat_activity and the like).

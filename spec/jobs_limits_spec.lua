@@ -15,9 +15,7 @@ local fixture = helper.started()
 
 local errors = helper.error_of
 
-local function db_time()
-  return db:one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
-end
+local function db_time() return helper.db_time(db) end
 
 -- A worker stopped after the test.
 local function worker(jobs, opts)

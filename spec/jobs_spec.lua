@@ -36,9 +36,7 @@ local function count_jobs(group, state)
 end
 
 -- The database's clock, epoch seconds.
-local function db_time(pool_or_tx)
-  return (pool_or_tx or db):one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
-end
+local function db_time(pool_or_tx) return helper.db_time(pool_or_tx or db) end
 
 local errors = helper.error_of
 

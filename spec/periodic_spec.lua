@@ -46,9 +46,7 @@ local function show(t)
   return t and os.date("!%Y-%m-%d %H:%M", math.floor(t)) or "nil"
 end
 
-local function db_time()
-  return db:one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t").t
-end
+local function db_time() return helper.db_time(db) end
 
 local function row_of(name)
   return db:one([[SELECT spec, extract(epoch FROM last_slot)::float8 AS last_slot,

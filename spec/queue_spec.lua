@@ -738,6 +738,8 @@ describe("pgcoord.queue", function()
     assert.matches("its handler has ended", after, 1, true)
     assert.matches("expected a message given to a queue handler",
       errors(function() setmetatable({ id = id }, getmetatable(last)):fence(db) end), 1, true)
+    -- nor does getmetatable hand the delivery itself to the handler
+    assert.is_nil(rawget(getmetatable(last), "consumer"))
   end)
 
   it("renews the other leases while a handler's fenced transaction is open", function()

@@ -9,10 +9,12 @@ local status = {}
 
 -- Which tables exist; outboxes: those of the outbox tables $1 (a JSON list);
 -- worker_running: whether workers record their running handlers (sql/010).
-local PRESENT = [[
+-- (the dashboard asks the same)
+status.PRESENT = [[
 SELECT to_regclass('pgcoord.jobs') IS NOT NULL AS jobs,
        to_regclass('pgcoord.queue_deliveries') IS NOT NULL AS queues,
        to_regclass('pgcoord.job_locks') IS NOT NULL AS locks,
+       to_regclass('pgcoord.job_periodic') IS NOT NULL AS periodic,
        (SELECT json_agg(t) FROM json_array_elements_text($1::json) t
          WHERE to_regclass(quote_ident(t)) IS NOT NULL) AS outboxes,
        EXISTS (SELECT 1 FROM pg_attribute
@@ -85,7 +87,7 @@ end
 -- outbox table name.
 function status.collect(db, outbox_tables)
   outbox_tables = outbox_tables or { "outbox_messages" }
-  local present = db:one(PRESENT, json.array(outbox_tables))
+  local present = db:one(status.PRESENT, json.array(outbox_tables))
   local s = {}
   if present.jobs then s.jobs = job_groups(db, present.worker_running) end
   if present.queues then s.queues = db:query(QUEUES) end

@@ -167,13 +167,7 @@ SELECT name, spec, group_name AS "group", type, timezone,
 
 -- Which tables exist: the schema's, and of the outbox tables $1 (a JSON
 -- list) those that do.
-sql.PRESENT = [[
-SELECT to_regclass('pgcoord.jobs') IS NOT NULL AS jobs,
-       to_regclass('pgcoord.queue_deliveries') IS NOT NULL AS queues,
-       to_regclass('pgcoord.job_locks') IS NOT NULL AS locks,
-       to_regclass('pgcoord.job_periodic') IS NOT NULL AS periodic,
-       (SELECT json_agg(t) FROM json_array_elements_text($1::json) t
-         WHERE to_regclass(quote_ident(t)) IS NOT NULL) AS outboxes]]
+sql.PRESENT = status.PRESENT
 
 -- Capped ($1) pending and failed counts of an outbox table (quoted name
 -- q), each through its partial index (ob:migrate adds the failed one to a

@@ -47,8 +47,11 @@ Consumer.__index = Consumer
 -- kept aside, so that a handler that changes the fields cannot move the
 -- fence onto another delivery: the entry is the message's metatable (its
 -- __index is Message), and names the message it was given as (a weak
--- table from message to entry cost more than a no-op handler).
+-- table from message to entry cost more than a no-op handler).  Its
+-- __metatable keeps it from the handler: getmetatable(msg) is Message.
 local Message = {}
+Message.__index = Message
+local get_entry = debug.getmetatable
 
 local error_text = task.error_text
 local json_decode = json.decode
@@ -282,7 +285,7 @@ function Consumer:_start(rows)
       if row.deliveries == 1 then fresh = fresh + 1 end
       local id = row.id
       local entry = { n = row.deliveries, id = id, consumer = self, row = row, msg = false,
-                      __index = Message }
+                      __index = Message, __metatable = Message }
       self.in_flight[id] = entry
       local held = self.held
       local tail = held.tail + 1
@@ -619,7 +622,7 @@ end
 -- unless this delivery is still the current one, and keeps it current
 -- until tx ends, so the writes in tx commit only while the lease holds.
 function Message:fence(tx)
-  local entry = getmetatable(self)
+  local entry = get_entry(self)
   if type(entry) ~= "table" or entry.__index ~= Message or entry.msg ~= self then
     options.raise("msg:fence: expected a message given to a queue handler")
   end
