@@ -531,6 +531,30 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     assert.is_nil(after:find("closed again", 1, true), out)
   end)
 
+  it("fan:on runs a burst in order; a callback that raises is logged and the rest still run",
+    function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local got = {}
+    local lines = helper.capture_log(function()
+      local on = fan:on(function(m)
+        if m % 3 == 0 then error("no threes: " .. m) end
+        got[#got + 1] = m
+      end)
+      -- one burst: all ten are in hand when the task first runs
+      for i = 1, 10 do fan:notify(i) end
+      helper.wait_until(function() return #got == 7 end, 5, "the callbacks")
+      on:close()
+    end)
+    assert.are.same({ 1, 2, 4, 5, 7, 8, 10 }, got)
+    local failed = {}
+    for _, line in ipairs(lines) do
+      if line:find("listener failed", 1, true) then
+        failed[#failed + 1] = line:match("no threes: (%d+)")
+      end
+    end
+    assert.are.same({ "3", "6", "9" }, failed)
+  end)
+
   it("fan:on's task ends when its listener closes; poll and push take and give without waiting",
     function()
     local fan = pgcoord.fanout(helper.unique("ch"))

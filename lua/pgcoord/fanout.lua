@@ -84,21 +84,22 @@ function Fan:listen(opts)
   return new_listener(self, o.filter, o.buffer)
 end
 
--- Queues msg; false when the buffer is full.  On the hot path: a
--- notification costs one call of this per listener, nothing more.
-function Listener:_offer(msg)
-  local tail = self.tail
-  if tail - self.head + 1 >= self.capacity then return false end
+-- Queues msg for listener l; false when its buffer is full.  On the hot
+-- path: a notification costs one call of this per listener, nothing more
+-- (a local, not a method: no lookup through the metatable).
+local function offer(l, msg)
+  local tail = l.tail
+  if tail - l.head + 1 >= l.capacity then return false end
   tail = tail + 1
-  self.tail = tail
-  self.queue[tail] = msg
-  if self.waiting > 0 and not self.wake_pending then
-    if tail - self.head + 1 < self.capacity // 2 then
+  l.tail = tail
+  l.queue[tail] = msg
+  if l.waiting > 0 and not l.wake_pending then
+    if tail - l.head + 1 < l.capacity // 2 then
       -- wake the reader once for the whole burst this read brought
-      self.wake_pending = true
-      task.defer(self.wake_reader)
+      l.wake_pending = true
+      task.defer(l.wake_reader)
     else
-      self.ready:signal()
+      l.ready:signal()
     end
   end
   return true
@@ -108,7 +109,7 @@ end
 -- its buffer is full or it is closed.
 function Listener:push(msg)
   if self.closed then return false end
-  return self:_offer(msg)
+  return offer(self, msg)
 end
 
 -- The next message without waiting, or nil.
@@ -228,13 +229,20 @@ function Fan:on(fn, opts)
   local o = on_options(opts)
   local l = new_listener(self, o.filter, o.buffer)
   local channel = self.channel
+  -- msg, then the others in hand: one protected call for a burst, not
+  -- one each; after an error the next call goes on with the rest
+  local function run_in_hand(msg)
+    repeat
+      fn(msg)
+      msg = l:poll()
+    until msg == nil
+  end
   l.task = task.spawn(function()
-    -- as `for msg in l:messages()`, with messages in hand taken at once
+    -- as `for msg in l:messages()`
     while true do
-      local msg
-      if l.head <= l.tail then msg = l:poll() else msg = l:receive() end
+      local msg = l:receive()
       if msg == nil then return end
-      local ok, err = xpcall(fn, traceback, msg)
+      local ok, err = xpcall(run_in_hand, traceback, msg)
       if not ok then log.error("listener failed", { channel = channel, error = err }) end
     end
   end)
@@ -248,10 +256,10 @@ end
 -- this runs for every notification).
 local decode = json.decode_payload
 
--- Hands msg to every listener; returns how many buffers were full.
-function Fan:_dispatch(msg)
+-- Hands msg to every listener of fan; returns how many buffers were full.
+local function dispatch(fan, msg)
   local full = 0
-  local listeners = self.listeners
+  local listeners = fan.listeners
   for i = 1, #listeners do
     local l = listeners[i]
     -- (a task that an earlier offer woke at once may have closed it)
@@ -259,18 +267,18 @@ function Fan:_dispatch(msg)
     if wanted and l.filter then
       local ok, keep = pcall(l.filter, msg)
       if not ok then
-        log.error("listener filter failed", { channel = self.channel, error = tostring(keep) })
+        log.error("listener filter failed", { channel = fan.channel, error = tostring(keep) })
       end
       wanted = ok and keep
     end
-    if wanted and not l:_offer(msg) then full = full + 1 end
+    if wanted and not offer(l, msg) then full = full + 1 end
   end
-  self.counters.notifications = self.counters.notifications + 1
+  fan.counters.notifications = fan.counters.notifications + 1
   if full > 0 then
-    if self.overflow == "drop" then
-      self.counters.drops = self.counters.drops + full
+    if fan.overflow == "drop" then
+      fan.counters.drops = fan.counters.drops + full
     else
-      self.counters.overflows = self.counters.overflows + full
+      fan.counters.overflows = fan.counters.overflows + full
     end
   end
   return full
@@ -279,7 +287,7 @@ end
 -- From the subscriber: a notification that came over the wire.
 function Fan:_wire(payload)
   self.counters.streak = 0
-  local full = self:_dispatch(decode(payload))
+  local full = dispatch(self, decode(payload))
   if full > 0 and self.overflow == "error" then
     log.warn("listener buffer full, notification not delivered",
       { channel = self.channel, listeners = full })
@@ -288,7 +296,7 @@ end
 
 -- Local dispatch of value to this process's listeners.
 function Fan:notify(value)
-  local full = self:_dispatch(value)
+  local full = dispatch(self, value)
   if full > 0 and self.overflow == "error" then
     error(("pgcoord.fanout: %d listener buffer(s) full on channel %q (overflow = \"error\")")
       :format(full, self.channel), 2)
