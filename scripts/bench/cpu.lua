@@ -83,10 +83,10 @@ elseif mode == "listen" then
     say("ready")
   end, function()
     local f, s = fan:stats(), sub:stats()
-    return ("%d of %d calls; fan-out: notifications=%s drops=%s;"
+    return ("%d of %d calls; fan-out: notifications=%d drops=%d;"
       .. " subscriber: notifications=%d reconnects=%d generation=%d state=%s")
-      :format(calls, n, tostring(f.notifications), tostring(f.drops),
-              s.notifications, s.reconnects, s.generation, s.state)
+      :format(calls, n, f.notifications, f.drops, s.notifications, s.reconnects, s.generation,
+              s.state)
   end)
   listener:close()
   sub:stop()
