@@ -46,10 +46,22 @@ stop_pid() {
   wait "$pid" 2>/dev/null || true
 }
 
+# start_bg OUT CMD...: runs CMD in the background, stdout and stderr to OUT,
+# ended on exit; its pid in $bg_pid.  OUT is emptied here first: `cmd >OUT &`
+# truncates it inside the background job, maybe after a wait_for_line has
+# read an earlier run's line from it.  Call it in this shell, not in $(...),
+# or bench_cleanup never learns the pid.
+start_bg() {
+  local out=$1
+  shift
+  : >"$out"
+  "$@" >"$out" 2>&1 &
+  bg_pid=$!
+  bg_pids+=("$bg_pid")
+}
+
 # wait_for_line FILE PATTERN SECONDS: waits until FILE has a line matching
-# PATTERN (grep -E); prints it.  Empty FILE before starting its writer:
-# `cmd >FILE &` truncates it in the background job, maybe after this has
-# read an earlier run's line from it.
+# PATTERN (grep -E); prints it.  Start FILE's writer with start_bg.
 wait_for_line() {
   local file=$1 pattern=$2 limit=$3 i
   for ((i = 0; i < limit * 20; i++)); do
