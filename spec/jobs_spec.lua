@@ -54,23 +54,34 @@ local function done_count(tbl)
     :format(tbl))
 end
 
+-- Runs fn(tx) in a transaction of its own pool and holds it open until
+-- the function returned is called: end_tx() commits, end_tx(false) rolls
+-- back.
+local function hold_tx(fn)
+  local holder_pool = pool({ size = 1 })
+  local held, failure, ending, commit = false, nil, false, true
+  local holder = helper.spawn(function()
+    local ok, err = pcall(holder_pool.tx, holder_pool, function(tx)
+      fn(tx)
+      held = true
+      helper.wait_until(function() return ending end, 20, "the transaction's end")
+      if not commit then error("roll back", 0) end
+    end)
+    if not ok and not (ending and not commit and err == "roll back") then failure = err end
+  end)
+  helper.wait_until(function() return held or failure end, 5, "the transaction to begin")
+  if failure then error(failure, 0) end
+  return function(commit_it)
+    commit, ending = commit_it ~= false, true
+    holder:join()
+    if failure then error(failure, 0) end
+  end
+end
+
 -- Takes a table lock (lock: the LOCK TABLE statement) in a transaction
 -- of its own pool, held until the function returned is called.
 local function hold_lock(lock)
-  local locker = pool({ size = 1 })
-  local locked, release = false, false
-  local holder = helper.spawn(function()
-    locker:tx(function(tx)
-      tx:exec(lock)
-      locked = true
-      helper.wait_until(function() return release end, 20, "the release")
-    end)
-  end)
-  helper.wait_until(function() return locked end, 5, "the table lock")
-  return function()
-    release = true
-    holder:join()
-  end
+  return hold_tx(function(tx) tx:exec(lock) end)
 end
 
 setup(function()
@@ -631,6 +642,44 @@ describe("a worker", function()
     m:due(due)
     assert.is_true(promotion:wait(5), "the promotion did not end")
     assert.are.equal(due, m:next_due())
+  end)
+
+  it("promotes past due jobs other transactions hold, and leaves them as those made them",
+    function()
+    -- PROMOTE locks with SKIP LOCKED and updates what it locked: a job a
+    -- transaction holds is neither waited for nor overwritten, and comes
+    -- due again at the next promotion if that transaction let it be.
+    local jobs_sql = require "pgcoord.jobs.sql"
+    local task = require "pgcoord.task"
+    local g = helper.unique("jg")
+    local ids = {}
+    for i = 1, 3 do
+      ids[i] = db:one([[INSERT INTO pgcoord.jobs (group_name, type, state, run_at)
+        VALUES ($1, 'p', 'scheduled', now() - interval '1 second') RETURNING id]], g).id
+    end
+    local cancel = hold_tx(function(tx)
+      tx:exec("UPDATE pgcoord.jobs SET state = 'cancelled' WHERE id = $1", ids[1])
+    end)
+    local hold = hold_tx(function(tx)
+      tx:query("SELECT id FROM pgcoord.jobs WHERE id = $1 FOR UPDATE", ids[2])
+    end)
+    local function promote() -- (a wait for a held row would end in a timeout)
+      return task.with_timeout(5, db.one, db, jobs_sql.PROMOTE, g).promoted
+    end
+    local function states()
+      local out = {}
+      for i, id in ipairs(ids) do
+        out[i] = db:one("SELECT state FROM pgcoord.jobs WHERE id = $1", id).state
+      end
+      return out
+    end
+    assert.are.equal(1, promote())
+    cancel()
+    hold(false)
+    assert.are.same({ "cancelled", "scheduled", "ready" }, states())
+    assert.are.equal(1, promote())
+    assert.are.same({ "cancelled", "ready", "ready" }, states())
+    assert.are.equal(0, promote())
   end)
 
   it("claims what a promotion readied while empty claims were on their way", function()

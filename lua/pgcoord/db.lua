@@ -11,6 +11,7 @@ local log = require "pgcoord.log"
 local options = require "pgcoord.options"
 
 local db = {}
+local await = task.await -- (every statement waits: an upvalue, not a field)
 
 local Pool = {}
 Pool.__index = Pool
@@ -121,7 +122,7 @@ local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
 end)
 
 local function await_ok(register, ...)
-  local r, err = task.await(register, ...)
+  local r, err = await(register, ...)
   if r == nil then error(annotate(err), 0) end
   return r
 end
@@ -253,7 +254,7 @@ local function run(conn, sql, ...)
   if entry == nil then entry = statement(conn, sql, ...) end
   local rows, err
   if entry and entry[1] then
-    rows, err = task.await(prepared_register, conn, entry[1], entry[2], ...)
+    rows, err = await(prepared_register, conn, entry[1], entry[2], ...)
     local state = rows == nil and err.sqlstate
     if state and (state == "26000" or state == "0A000") then
       -- missing on the server (a pooler's other server connection, a
@@ -263,13 +264,13 @@ local function run(conn, sql, ...)
       forget(conn, sql)
       if state == "0A000" then statements[conn].stale[entry[1]] = true end
       if conn:reusable() then
-        rows, err = task.await(send_register, conn, sql, entry[2], ...)
+        rows, err = await(send_register, conn, sql, entry[2], ...)
       else
         pooler_hint(err)
       end
     end
   else
-    rows, err = task.await(send_register, conn, sql, entry and entry[2], ...)
+    rows, err = await(send_register, conn, sql, entry and entry[2], ...)
   end
   if rows == nil then error(annotate(err), 0) end
   return rows
@@ -302,7 +303,7 @@ end)
 
 -- Runs several statements (no parameters), as migrations need.
 local function run_script(conn, sql)
-  local rows, err = task.await(script_register, conn, sql)
+  local rows, err = await(script_register, conn, sql)
   if rows == nil then error(annotate(err), 0) end
   return rows
 end
@@ -394,7 +395,7 @@ end
 -- Opens a connection with the pool's settings, outside the pool (the
 -- subscriber's LISTEN connection is one).
 function db.open(pool)
-  local conn, err = task.await(connect_register, pool)
+  local conn, err = await(connect_register, pool)
   if not conn then
     err.message = ("pgcoord.connect: cannot connect to %s: %s")
       :format(describe_target(pool.conninfo), log.redact(err.message or "?"))
@@ -426,7 +427,8 @@ end
 local IDLE_CHECK_AFTER = 0.05
 
 -- Takes a connection: an idle one, a new one while under size, or waits.
-function Pool:acquire()
+-- (a local: the statements below call it without a lookup through Pool)
+local function acquire(self)
   while true do
     if self.closed then
       raise("08003", "pgcoord: the pool is closed")
@@ -453,10 +455,11 @@ function Pool:acquire()
       wake_one(self)
       error(lease, 0)
     else
-      task.await(wait_register, self)
+      await(wait_register, self)
     end
   end
 end
+Pool.acquire = acquire
 
 local function terminate_backend(pool, pid)
   local ok, err = pcall(pool.exec, pool, "SELECT pg_terminate_backend($1)", pid)
@@ -500,25 +503,25 @@ end
 
 function Pool:query(sql, ...)
   if not checked[sql] then check_sql(sql, "db:query") end
-  local lease <close> = self:acquire()
+  local lease <close> = acquire(self)
   return run(lease.conn, sql, ...)
 end
 
 function Pool:one(sql, ...)
   if not checked[sql] then check_sql(sql, "db:one") end
-  local lease <close> = self:acquire()
+  local lease <close> = acquire(self)
   return run(lease.conn, sql, ...)[1]
 end
 
 function Pool:exec(sql, ...)
   if not checked[sql] then check_sql(sql, "db:exec") end
-  local lease <close> = self:acquire()
+  local lease <close> = acquire(self)
   return run(lease.conn, sql, ...).affected
 end
 
 function Pool:script(sql)
   if not checked[sql] then check_sql(sql, "db:script") end
-  local lease <close> = self:acquire()
+  local lease <close> = acquire(self)
   return run_script(lease.conn, sql)
 end
 
@@ -546,7 +549,7 @@ function Pool:tx(fn, ...)
   if type(fn) ~= "function" then
     error(("pgcoord: db:tx expects a function, got %s"):format(type(fn)), 2)
   end
-  local lease <close> = self:acquire()
+  local lease <close> = acquire(self)
   run_plain(lease.conn, "BEGIN")
   local tx = setmetatable({ conn = lease.conn, db = self, done = false, savepoints = 0 }, Tx)
   return end_tx(tx, pcall(fn, tx, ...))
