@@ -385,6 +385,23 @@ describe("conversions", function()
     end)
   end
 
+  it("every other type comes back as the server's text: a date in ISO form whatever DateStyle",
+    function()
+    -- (a date is a day, not an instant: no epoch seconds for it)
+    local conn = pgcoord.connect(nil, { size = 1, params = {
+      options = "-c DateStyle=SQL,DMY -c TimeZone=Asia/Kathmandu" } })
+    local ok, err = pcall(function()
+      local row = conn:one([[SELECT date '2026-12-03' AS d, date '0044-03-15 BC' AS bc,
+        interval '1 day 2 hours' AS i, time '07:08:09.5' AS t, ARRAY[1, 2, NULL] AS a,
+        uuid 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11' AS u, inet '10.0.0.1/8' AS n]])
+      assert.are.same({ d = "2026-12-03", bc = "0044-03-15 BC", i = "1 day 02:00:00",
+        t = "07:08:09.5", a = "{1,2,NULL}", u = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        n = "10.0.0.1/8" }, row)
+    end)
+    conn:close()
+    if not ok then error(err, 0) end
+  end)
+
   it("array literals: integers, and strings with quotes, backslashes and NULLs", function()
     local arrays = require "pgcoord.db"
     local list = { 'plain', 'with "quotes"', [[back\slash]], "a,b", "{braces}", "NULL", "",
