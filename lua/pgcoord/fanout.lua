@@ -112,17 +112,22 @@ function Listener:push(msg)
   return offer(self, msg)
 end
 
--- The next message without waiting, or nil.
-function Listener:poll()
-  local head = self.head
-  if head > self.tail then return nil end
-  local msg = self.queue[head]
-  self.queue[head] = nil
-  self.head = head + 1
-  if self.head > self.tail then self.head, self.tail = 1, 0 end
+-- The next message without waiting, or nil.  (A local too: a fan:on task
+-- calls it for each message of a burst.)
+local function poll(l)
+  local head, tail = l.head, l.tail
+  if head > tail then return nil end
+  local queue = l.queue
+  local msg = queue[head]
+  queue[head] = nil
+  if head == tail then
+    l.head, l.tail = 1, 0
+  else
+    l.head = head + 1
+  end
   return msg
 end
-Listener._pop = Listener.poll -- the outbox's name for it, until it calls poll
+Listener.poll = poll
 
 -- Counts a task out of receive() however it leaves: a cancelled task is
 -- unwound, not returned from.
@@ -134,7 +139,7 @@ end }
 -- Next message; nil, "timeout" after timeout seconds; nil, "closed".
 function Listener:receive(timeout)
   while true do
-    if self.head <= self.tail then return self:poll() end
+    if self.head <= self.tail then return poll(self) end
     if self.closed then return nil, "closed" end
     if not self.ready then
       -- a wake-up is only sent while someone waits (waiting > 0), so a
@@ -149,7 +154,7 @@ function Listener:receive(timeout)
       woken = self.ready:wait(timeout)
     end
     if not woken then
-      if self.head <= self.tail then return self:poll() end
+      if self.head <= self.tail then return poll(self) end
       return nil, "timeout"
     end
   end
@@ -234,7 +239,7 @@ function Fan:on(fn, opts)
   local function run_in_hand(msg)
     repeat
       fn(msg)
-      msg = l:poll()
+      msg = poll(l)
     until msg == nil
   end
   l.task = task.spawn(function()
@@ -259,7 +264,7 @@ local decode = json.decode_payload
 -- Hands msg to every listener of fan; returns how many buffers were full.
 local function dispatch(fan, msg)
   local full = 0
-  local listeners = fan.listeners
+  local listeners, counters = fan.listeners, fan.counters
   for i = 1, #listeners do
     local l = listeners[i]
     -- (a task that an earlier offer woke at once may have closed it)
@@ -273,26 +278,29 @@ local function dispatch(fan, msg)
     end
     if wanted and not offer(l, msg) then full = full + 1 end
   end
-  fan.counters.notifications = fan.counters.notifications + 1
+  counters.notifications = counters.notifications + 1
   if full > 0 then
     if fan.overflow == "drop" then
-      fan.counters.drops = fan.counters.drops + full
+      counters.drops = counters.drops + full
     else
-      fan.counters.overflows = fan.counters.overflows + full
+      counters.overflows = counters.overflows + full
     end
   end
   return full
 end
 
--- From the subscriber: a notification that came over the wire.
-function Fan:_wire(payload)
-  self.counters.streak = 0
-  local full = dispatch(self, decode(payload))
-  if full > 0 and self.overflow == "error" then
+-- From the subscriber: a notification that came over the wire.  (A local
+-- the subscriber holds, as offer and dispatch are: no lookup through Fan
+-- for each notification.)
+local function wire(fan, payload)
+  fan.counters.streak = 0
+  local full = dispatch(fan, decode(payload))
+  if full > 0 and fan.overflow == "error" then
     log.warn("listener buffer full, notification not delivered",
-      { channel = self.channel, listeners = full })
+      { channel = fan.channel, listeners = full })
   end
 end
+fanout.wire = wire
 
 -- Local dispatch of value to this process's listeners.
 function Fan:notify(value)

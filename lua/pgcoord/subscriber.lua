@@ -152,7 +152,7 @@ end
 -- The notification handler of a session's connection: it runs once per
 -- notification, so it is the whole dispatch, without a method call.
 function Sub:_dispatcher()
-  local counters, fans = self.counters, self.fans
+  local counters, fans, wire = self.counters, self.fans, fanout.wire
   return function(channel, payload)
     -- (no clock read here: the session's check credits the time to
     -- whatever the count says arrived since its last look)
@@ -164,7 +164,7 @@ function Sub:_dispatcher()
       return
     end
     local fan = fans[channel]
-    if fan then fan:_wire(payload) end
+    if fan then wire(fan, payload) end
   end
 end
 
