@@ -10,6 +10,7 @@
 -- Part of the notifications layer: requires only the runtime.
 local task = require "pgcoord.task"
 local json = require "pgcoord.json"
+local fifo = require "pgcoord.fifo"
 local log = require "pgcoord.log"
 local lifecycle = require "pgcoord.lifecycle"
 local options = require "pgcoord.options"
@@ -65,8 +66,7 @@ local function new_listener(fan, filter, capacity)
     fan = fan,
     filter = filter,
     capacity = capacity,
-    head = 1, tail = 0,  -- queue[head..tail]
-    queue = {},
+    queue = fifo.new(),  -- the buffer
     waiting = 0,         -- tasks in receive(): only then is a wake-up worth sending
     closed = false,
     ready = nil,         -- task.cond, made when someone first waits
@@ -88,13 +88,12 @@ end
 -- path: a notification costs one call of this per listener, nothing more
 -- (a local, not a method: no lookup through the metatable).
 local function offer(l, msg)
-  local tail = l.tail
-  if tail - l.head + 1 >= l.capacity then return false end
-  tail = tail + 1
-  l.tail = tail
-  l.queue[tail] = msg
+  local q = l.queue -- (fifo.push, inline)
+  local head, tail = q.head, q.tail + 1
+  if tail - head >= l.capacity then return false end
+  q.tail, q[tail] = tail, msg
   if l.waiting > 0 and not l.wake_pending then
-    if tail - l.head + 1 < l.capacity // 2 then
+    if tail - head + 1 < l.capacity // 2 then
       -- wake the reader once for the whole burst this read brought
       l.wake_pending = true
       task.defer(l.wake_reader)
@@ -112,22 +111,12 @@ function Listener:push(msg)
   return offer(self, msg)
 end
 
--- The next message without waiting, or nil.  (A local too: a fan:on task
--- calls it for each message of a burst.)
-local function poll(l)
-  local head, tail = l.head, l.tail
-  if head > tail then return nil end
-  local queue = l.queue
-  local msg = queue[head]
-  queue[head] = nil
-  if head == tail then
-    l.head, l.tail = 1, 0
-  else
-    l.head = head + 1
-  end
-  return msg
+local pop, count = fifo.pop, fifo.count
+
+-- The next message without waiting, or nil.
+function Listener:poll()
+  return pop(self.queue)
 end
-Listener.poll = poll
 
 -- Counts a task out of receive() however it leaves: a cancelled task is
 -- unwound, not returned from.
@@ -139,7 +128,7 @@ end }
 -- Next message; nil, "timeout" after timeout seconds; nil, "closed".
 function Listener:receive(timeout)
   while true do
-    if self.head <= self.tail then return poll(self) end
+    if count(self.queue) > 0 then return pop(self.queue) end
     if self.closed then return nil, "closed" end
     if not self.ready then
       -- a wake-up is only sent while someone waits (waiting > 0), so a
@@ -154,7 +143,7 @@ function Listener:receive(timeout)
       woken = self.ready:wait(timeout)
     end
     if not woken then
-      if self.head <= self.tail then return poll(self) end
+      if count(self.queue) > 0 then return pop(self.queue) end
       return nil, "timeout"
     end
   end
@@ -168,7 +157,7 @@ function Listener:messages()
 end
 
 function Listener:pending()
-  return self.tail - self.head + 1
+  return count(self.queue)
 end
 
 function Listener:is_closed()
@@ -214,7 +203,7 @@ function Listener:close()
     if l ~= self then rest[#rest + 1] = l end
   end
   fan.listeners = rest
-  self.queue, self.head, self.tail = {}, 1, 0
+  fifo.clear(self.queue)
   if callbacks[self] then forget_callback(self) end
   if self.ready then self.ready:signal() end
 end
@@ -239,7 +228,7 @@ function Fan:on(fn, opts)
   local function run_in_hand(msg)
     repeat
       fn(msg)
-      msg = poll(l)
+      msg = pop(l.queue) -- (a local: each message of the burst)
     until msg == nil
   end
   l.task = task.spawn(function()

@@ -9,6 +9,7 @@
 local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local json = require "pgcoord.json"
+local fifo = require "pgcoord.fifo"
 local log = require "pgcoord.log"
 local db = require "pgcoord.db"
 local lifecycle = require "pgcoord.lifecycle"
@@ -64,20 +65,9 @@ local function micros(t)
   return math.floor(t * 1e6 + 0.5)
 end
 
--- ---- the local queue: claimed, not started (q[head..tail]; _claim appends) ----
+-- ---- the local queue (fifo.lua): claimed, not started; _claim appends ----
 
-local function pop(q)
-  local h, t = q.head, q.tail
-  if h > t then return nil end
-  local job = q[h]
-  q[h] = nil
-  if h == t then
-    q.head, q.tail = 1, 0
-  else
-    q.head = h + 1
-  end
-  return job
-end
+local pop, push, count = fifo.pop, fifo.push, fifo.count
 
 -- ---- recording a run's outcome ----
 
@@ -202,7 +192,7 @@ function worker.new(types, pool, o)
     types = types, pool = pool, o = o,
     state = "starting", changed = task.cond(), -- (signalled at each change of state)
     start_given_up = false,           -- stopped before it started
-    queue = { head = 1, tail = 0 },   -- claimed, not started
+    queue = fifo.new(),               -- claimed, not started
     running = 0,                      -- handlers in progress
     in_flight = {},                   -- runner number -> the job it runs
     wake = task.signal(),             -- the fetch loop waits here
@@ -328,7 +318,7 @@ function Worker:_claim(want)
   if self.limited then
     -- (in a transaction: it locks the group's row; one that fails rolls back)
     local q = self.queue
-    rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + q.tail - q.head + 1)
+    rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + count(q))
   else
     rows = self:_claim_plain(id, want)
   end
@@ -358,9 +348,7 @@ function Worker:_claim(want)
     end
     if ok then
       job.params = value
-      -- (q.tail read each time: _undecodable may wait, and runners pop)
-      local tail = q.tail + 1
-      q.tail, q[tail] = tail, job
+      push(q, job)
     else
       self:_undecodable(job, value)
     end
@@ -392,7 +380,7 @@ function Worker:_start_claims()
     on_way, claiming = on_way + 1, claiming + want
   end
   while not self.drained and self.state == "running" and on_way < MAX_CLAIMS do
-    local held = q.tail - q.head + 1 + claiming
+    local held = count(q) + claiming
     if held > o.refill_at then return end
     local want = math.min(o.prefetch - held, o.claim_max)
     claiming = claiming + want
@@ -407,7 +395,7 @@ end
 function Worker:_start_limited_claim()
   local q = self.queue
   if self.paused or self.drained or self.state ~= "running" or next(self.claims) then return end
-  local want = self.o.concurrency - self.running - (q.tail - q.head + 1)
+  local want = self.o.concurrency - self.running - count(q)
   if want > 0 then self.claims[task.spawn(self._claim_task, self, want)] = want end
 end
 
@@ -505,9 +493,9 @@ function Worker:_runner(slot)
       streak = 0
       task.pass()
     end
-    if results.full and q.head <= q.tail then results:make_room() end
+    if results.full and count(q) > 0 then results:make_room() end
     local started = now_time()
-    if started >= self.alive_until and q.head <= q.tail then
+    if started >= self.alive_until and count(q) > 0 then
       if not self.maintenance:renew_lease() then return end
       started = now_time()
     end
@@ -515,7 +503,7 @@ function Worker:_runner(slot)
     if job then
       self.running = self.running + 1
       -- (wake.kept: the fetch loop has a wake-up it has not taken yet)
-      if q.tail - q.head + 1 <= refill_at and not self.drained and not wake.kept
+      if count(q) <= refill_at and not self.drained and not wake.kept
          and wake:notify() then
         self.handoff = true
       end
@@ -527,7 +515,7 @@ function Worker:_runner(slot)
       streak = streak + 1
       -- (limited: the claim that follows gives the slot back)
       if self.limited then self:_wake() end
-      if running == 0 and q.head > q.tail then
+      if running == 0 and count(q) == 0 then
         -- nothing left in hand: no reason to hold results back
         results:flush()
       end
@@ -552,7 +540,7 @@ function Worker:_interrupt(slot)
   self.running = self.running - 1
   self.runners[slot] = task.spawn(self._runner, self, slot)
   local q = self.queue
-  if self.running == 0 and q.head > q.tail then self.completer:flush() end
+  if self.running == 0 and count(q) == 0 then self.completer:flush() end
   return job
 end
 
@@ -634,7 +622,7 @@ function Worker:_listen()
     self:_wake()
     -- a cancel sent while not listening was missed: ask about the jobs in hand
     local q = self.queue
-    if next(self.in_flight) or q.head <= q.tail then task.spawn(self._recheck_cancels, self) end
+    if next(self.in_flight) or count(q) > 0 then task.spawn(self._recheck_cancels, self) end
   end)
   local group = self.o.group
   self.limiter:listen(sub)
@@ -775,7 +763,7 @@ Worker.shutdown = Worker.stop
 function Worker:stats()
   local q = self.queue
   return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
-           queued = q.tail - q.head + 1, running = self.running, handled = self.handled,
+           queued = count(q), running = self.running, handled = self.handled,
            failed = self.failed,
            unflushed = self.completer:unwritten(), paused = self.paused, limited = self.limited,
            retention = self.pruner and self.pruner:stats() or nil,

@@ -20,10 +20,12 @@ local retry = require "pgcoord.retry"
 local backoff = require "pgcoord.backoff"
 local json = require "pgcoord.json"
 local db = require "pgcoord.db"
+local fifo = require "pgcoord.fifo"
 local sql = require "pgcoord.queue.sql"
 local acks = require "pgcoord.queue.acks"
 local keeper = require "pgcoord.queue.keeper"
 local metrics = require "pgcoord.metrics"
+local pop, push, count = fifo.pop, fifo.push, fifo.count
 
 local consumer = {}
 
@@ -147,7 +149,7 @@ function consumer.start(sub, fn, o, waker)
     running = 0,             -- handlers in progress
     runners = 0,             -- tasks that run handlers, one message after another
     idle = {},               -- the wake-ups of those waiting for a message
-    held = { head = 1, tail = 0 }, -- claimed, for the next free handler: their entries
+    held = fifo.new(),       -- claimed, for the next free handler: their entries
     -- claimed and not ended at most (an ordered subscription has one
     -- message in flight: nothing to hold), and the least room worth a
     -- claim (half of it, at most prefetch), so that handlers ending one by
@@ -214,7 +216,7 @@ local function by_id(a, b) return a.id < b.id end
 
 -- Messages held for a handler.
 function Consumer:_held()
-  return self.held.tail - self.held.head + 1
+  return count(self.held)
 end
 
 -- Messages a claim may take now: the rows of the claims on their way are
@@ -287,9 +289,7 @@ function Consumer:_start(rows)
       local entry = { n = row.deliveries, id = id, consumer = self, row = row, msg = false,
                       __index = Message, __metatable = Message }
       self.in_flight[id] = entry
-      local held = self.held
-      local tail = held.tail + 1
-      held.tail, held[tail] = tail, entry
+      push(self.held, entry)
     end
   end
   self:_wake_runners()
@@ -338,8 +338,7 @@ function Consumer:_release(entry)
   -- (only once there is room for a claim: a wake-up of the loop per
   -- handler would cost more than a no-op handler; _room() inline, as this
   -- runs for every message)
-  local held = self.held
-  local room = self.capacity - running - (held.tail - held.head + 1) - self.loop_rows
+  local room = self.capacity - running - count(self.held) - self.loop_rows
     - self.companion_rows
   if room >= self.claim_at then self:_room_freed(room) end
 end
@@ -363,16 +362,9 @@ function Consumer:_runner(wake)
   local held = self.held
   while true do
     -- the next message held, if any, taken
-    local h = held.head
-    local entry = self.state == "running" and h <= held.tail and held[h]
+    local entry = self.state == "running" and pop(held)
     if entry then
-      held[h] = nil
-      if h == held.tail then
-        held.head, held.tail = 1, 0
-      else
-        held.head = h + 1
-        if not self.wake_due then self:_wake_next() end
-      end
+      if count(held) > 0 and not self.wake_due then self:_wake_next() end
       entry.task = me
       self.running = self.running + 1
       slot.entry = entry
@@ -396,14 +388,10 @@ end
 
 -- Hands back the messages held for a handler (the consumer is stopping).
 function Consumer:_drop_held()
-  local held = self.held
-  for i = held.head, held.tail do
-    local entry = held[i]
-    held[i] = nil
+  for entry in pop, self.held do
     self.in_flight[entry.id] = nil
     self.acks:abandon(entry.id, entry.n)
   end
-  held.head, held.tail = 1, 0
 end
 
 -- Seconds to sleep after a claim found nothing: until the next lease or
