@@ -137,6 +137,22 @@ choose_transport() {
   [[ $ssl == "$([[ $tls == 1 ]] && echo t || echo f)" ]] || die "the connection is not $transport"
 }
 
+# pgss_setup: sets pgss=1 when pg_stat_statements is loaded (and its
+# extension made), else 0.  BENCH_PGSS=1 restarts this throwaway cluster
+# with it preloaded first.
+pgss_setup() {
+  local q=("$pg_bindir/psql" -X -q -v ON_ERROR_STOP=1 -At)
+  if [[ ${BENCH_PGSS:-} == 1 && $("${q[@]}" -c "SHOW shared_preload_libraries") != *pg_stat_statements* ]]; then
+    "${q[@]}" -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'" >/dev/null \
+      || die "cannot preload pg_stat_statements"
+    "$repo/scripts/pg-tmp" ctl restart || die "cannot restart the cluster"
+  fi
+  pgss=0
+  [[ $("${q[@]}" -c "SHOW shared_preload_libraries") == *pg_stat_statements* ]] && pgss=1
+  ((pgss == 0)) || "${q[@]}" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null \
+    || die "cannot create the pg_stat_statements extension"
+}
+
 # ---- make bench: BENCH_QUICK and the one summary table -----------------------
 # BENCH_QUICK=1: a short pass (smaller sizes, one round) of every script.
 quick=${BENCH_QUICK:-0}
