@@ -32,6 +32,20 @@ describe("fifo", function()
     assert.are.equal(1, q.head)
   end)
 
+  it("keep drops the items it is told to, in place, and an emptied queue starts again at 1",
+    function()
+    local q = fifo.new()
+    for i = 1, 6 do fifo.push(q, i) end
+    fifo.pop(q)
+    fifo.keep(q, function(v) return v % 2 == 0 end)
+    assert.are.same({ head = 2, tail = 4, [2] = 2, [3] = 4, [4] = 6 }, q)
+    assert.are.same({ 2, 4, 6 }, { fifo.pop(q), fifo.pop(q), fifo.pop(q) })
+    for i = 1, 3 do fifo.push(q, i) end
+    fifo.pop(q)
+    fifo.keep(q, function() return false end)
+    assert.are.same({ head = 1, tail = 0 }, q)
+  end)
+
   it("pop as an iterator empties the queue in order", function()
     local q = fifo.new()
     for i = 1, 5 do fifo.push(q, i * 10) end

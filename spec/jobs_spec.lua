@@ -57,6 +57,7 @@ end
 -- Runs fn(tx) in a transaction of its own pool and holds it open until
 -- the function returned is called: end_tx() commits, end_tx(false) rolls
 -- back.
+local ROLL_BACK = setmetatable({}, { __tostring = function() return "roll back" end })
 local function hold_tx(fn)
   local holder_pool = pool({ size = 1 })
   local held, failure, ending, commit = false, nil, false, true
@@ -65,9 +66,9 @@ local function hold_tx(fn)
       fn(tx)
       held = true
       helper.wait_until(function() return ending end, 20, "the transaction's end")
-      if not commit then error("roll back", 0) end
+      if not commit then error(ROLL_BACK, 0) end
     end)
-    if not ok and not (ending and not commit and err == "roll back") then failure = err end
+    if not ok and err ~= ROLL_BACK then failure = err end
   end)
   helper.wait_until(function() return held or failure end, 5, "the transaction to begin")
   if failure then error(failure, 0) end

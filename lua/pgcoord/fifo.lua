@@ -37,6 +37,20 @@ function fifo.count(q)
   return q.tail - q.head + 1
 end
 
+-- Keeps, in their order, the items for which keep(item) is true.
+function fifo.keep(q, keep)
+  local head, kept = q.head, q.head - 1
+  for i = head, q.tail do
+    local v = q[i]
+    q[i] = nil
+    if keep(v) then
+      kept = kept + 1
+      q[kept] = v
+    end
+  end
+  if kept < head then q.head, q.tail = 1, 0 else q.tail = kept end
+end
+
 -- Drops every item.
 function fifo.clear(q)
   for i = q.head, q.tail do q[i] = nil end

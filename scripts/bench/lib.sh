@@ -19,6 +19,8 @@ pg_bindir=${PG_BINDIR:-$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tai
 [[ -x $pg_bindir/pgbench ]] || die "pgbench not found (set PG_BINDIR)"
 # shellcheck disable=SC2034 # used by the scripts that source this file
 pgbench=$pg_bindir/pgbench
+# psql_q ARGS...: psql, quiet, unaligned, stopping at the first error.
+psql_q() { "$pg_bindir/psql" -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
 mkdir -p "$scratch"
 
@@ -141,15 +143,14 @@ choose_transport() {
 # extension made), else 0.  BENCH_PGSS=1 restarts this throwaway cluster
 # with it preloaded first.
 pgss_setup() {
-  local q=("$pg_bindir/psql" -X -q -v ON_ERROR_STOP=1 -At)
-  if [[ ${BENCH_PGSS:-} == 1 && $("${q[@]}" -c "SHOW shared_preload_libraries") != *pg_stat_statements* ]]; then
-    "${q[@]}" -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'" >/dev/null \
+  if [[ ${BENCH_PGSS:-} == 1 && $(psql_q -c "SHOW shared_preload_libraries") != *pg_stat_statements* ]]; then
+    psql_q -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'" >/dev/null \
       || die "cannot preload pg_stat_statements"
     "$repo/scripts/pg-tmp" ctl restart || die "cannot restart the cluster"
   fi
   pgss=0
-  [[ $("${q[@]}" -c "SHOW shared_preload_libraries") == *pg_stat_statements* ]] && pgss=1
-  ((pgss == 0)) || "${q[@]}" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null \
+  [[ $(psql_q -c "SHOW shared_preload_libraries") == *pg_stat_statements* ]] && pgss=1
+  ((pgss == 0)) || psql_q -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null \
     || die "cannot create the pg_stat_statements extension"
 }
 

@@ -575,19 +575,12 @@ function Worker:cancel_jobs(ids)
                                   worker = self.maintenance:worker_id() })
     end
   end
-  local q, kept = self.queue, self.queue.head - 1
-  for i = q.head, q.tail do
-    local job = q[i]
-    q[i] = nil
-    if wanted[job.id] then
-      log.info("job cancelled before it started", { group = self.o.group, job = job.id,
-                                                     type = job.type })
-    else
-      kept = kept + 1
-      q[kept] = job
-    end
-  end
-  q.tail = kept
+  fifo.keep(self.queue, function(job)
+    if not wanted[job.id] then return true end
+    log.info("job cancelled before it started", { group = self.o.group, job = job.id,
+                                                   type = job.type })
+    return false
+  end)
 end
 
 -- Cancels the jobs in hand that were cancelled while the worker was not
