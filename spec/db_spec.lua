@@ -982,6 +982,105 @@ describe("failures", function()
   end)
 end)
 
+-- A query inside a task parks the task in C (core.wait_prepared and
+-- wait_send): the outcome resumes it without task.await's Lua.  These are
+-- the rules task.await keeps that the C wait must keep too.
+describe("a task waiting on a query", function()
+  after_each(function()
+    close_pools()
+    helper.cleanup()
+  end)
+
+  it("gets its rows, and a task its query ends finishes: join has its results", function()
+    local db = pool({ size = 3 })
+    local tasks = {}
+    for i = 1, 30 do
+      tasks[i] = helper.spawn(function()
+        local sum = 0
+        for j = 1, 20 do sum = sum + db:one("SELECT $1::int * $2::int AS v", i, j).v end
+        return sum, db:one("SELECT $1::text AS s", "last of " .. i).s
+      end)
+    end
+    for i = 1, 30 do
+      local sum, last = tasks[i]:join()
+      assert.are.equal(i * 210, sum)
+      assert.are.equal("last of " .. i, last)
+    end
+    assert_consistent(db)
+  end)
+
+  it("a task failing right after its query is resumed ends as failed and is logged", function()
+    local db = pool({ size = 1 })
+    local lines = helper.capture_log(function()
+      local t = helper.spawn(function()
+        local v = db:one("SELECT 5 AS v").v
+        error("failed after the query: " .. v)
+      end)
+      helper.wait_until(function() return t:status() == "failed" end, 5, "the task to fail")
+    end)
+    local all = table.concat(lines, "\n")
+    assert.matches("failed after the query: 5", all, 1, true)
+    assert.matches("task failed", all, 1, true)
+    assert_consistent(db)
+  end)
+
+  it("in a plain coroutine is a clear error, and nothing is sent", function()
+    local db = pool({ size = 1 })
+    local err = helper.spawn(function()
+      local co = coroutine.wrap(function() return select(2, pcall(db.one, db, "SELECT 1")) end)
+      return co()
+    end):join()
+    assert.matches("plain coroutine", tostring(err), 1, true)
+    assert_consistent(db)
+    assert.are.equal(1, db:one("SELECT 1 AS x").x)
+  end)
+
+  it("a cancel that came while the task ran raises at its next query, which is not sent", function()
+    local db = pool({ size = 1 })
+    local tbl = helper.unique("parked")
+    db:exec(("CREATE TABLE %s (x int)"):format(tbl))
+    local insert = ("INSERT INTO %s VALUES ($1)"):format(tbl)
+    db:exec(insert, 0) -- (prepared now: the task's run of it is a plain wait)
+    local reached = false
+    local t
+    t = helper.spawn(function()
+      -- (a cancel from a coroutine this task resumed: the task is running
+      -- then, so the cancel waits for the task's next wait)
+      coroutine.wrap(function() t:cancel() end)()
+      db:exec(insert, 1)
+      reached = true
+    end)
+    t:wait()
+    assert.are.equal("cancelled", t:status())
+    assert.is_false(reached)
+    assert.are.equal(0, db:one(("SELECT count(*)::int AS n FROM %s WHERE x = 1"):format(tbl)).n)
+    db:exec(("DROP TABLE %s"):format(tbl))
+    assert_consistent(db)
+  end)
+
+  it("a connection closed by another task fails the waiter with 08003, after the closer's step",
+    function()
+    local db, app = pool({ size = 1 })
+    local conn = require("pgcoord.db").open(db)
+    local order = {}
+    local waiter = helper.spawn(function()
+      local ok, err = pcall(require("pgcoord.db").run, conn, "SELECT pg_sleep(3)")
+      order[#order + 1] = "waiter"
+      return ok, err
+    end)
+    active_backend(app, "pg_sleep(3)")
+    helper.spawn(function()
+      conn:close()
+      -- (the waiter's resume waits in the queue: it never runs inside this task)
+      order[#order + 1] = "closer"
+    end):join()
+    local ok, err = waiter:join()
+    assert.is_false(ok)
+    assert.are.equal("08003", err.sqlstate)
+    assert.are.same({ "closer", "waiter" }, order)
+  end)
+end)
+
 describe("transactions", function()
   local db, t
   before_each(function()

@@ -1,5 +1,6 @@
 /*
- * loop.c -- the event loop, timers, signals and the deferred-run hook.
+ * loop.c -- the event loop, timers, signals, the deferred-run hook and
+ * tasks parked in C.
  *
  * The loop is driven one iteration at a time from Lua (core.step), so the
  * scheduler in lua/pgcoord/task.lua decides when to keep going.  Handles
@@ -28,6 +29,9 @@ typedef struct pgc_loop {
 	struct event *ev_step;	/* bounds one core.step(timeout) */
 	int defer_ref;
 	int report_ref;		/* Lua function(message) for callback errors */
+	int tasks_ref;		/* task.lua's coroutine -> task table (core.set_tasks) */
+	int wake_ref;		/* function(co, ...): queues co's resume */
+	int ended_ref;		/* function(co, ok, err): a task resumed here ended */
 	int defer_armed;
 	int stepping;
 	int pollfd;		/* libevent's epoll descriptor, once looked up */
@@ -300,6 +304,103 @@ static int signal_close(lua_State *L)
 	}
 	pgc_unref(L, &s->cb_ref);
 	return 0;
+}
+
+/* ---- tasks parked in C ------------------------------------------------ */
+
+/*
+ * A wait that C can end by itself (a query's outcome) parks the running
+ * task in C: the C function yields the task's coroutine, and the outcome
+ * resumes it with lua_resume, so between the event and the task's next
+ * line no Lua function runs (task.await's resume closure and its
+ * bookkeeping cost a query more than the rest of its Lua path).
+ * task.lua keeps the policy: which coroutines are tasks, when a task may
+ * not park (a cancel pending), the queue a resume waits in when it comes
+ * from inside another task, and what ends a task.
+ */
+
+/* core.set_tasks(tasks, wake, ended): task.lua's coroutine -> task table,
+ * wake(co, ...) to queue co's resume, ended(co, ok, err) after a resume
+ * here ended the task's function (or failed). */
+static int l_set_tasks(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	luaL_checktype(L, 1, LUA_TTABLE);
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	luaL_checktype(L, 3, LUA_TFUNCTION);
+	pgc_unref(L, &loop->tasks_ref);
+	pgc_unref(L, &loop->wake_ref);
+	pgc_unref(L, &loop->ended_ref);
+	loop->tasks_ref = pgc_ref(L, 1);
+	loop->wake_ref = pgc_ref(L, 2);
+	loop->ended_ref = pgc_ref(L, 3);
+	return 0;
+}
+
+/*
+ * Whether the running coroutine may park in C now: it is a task's, it can
+ * yield, and no cancel waits for its next wait to raise.  0 in the main
+ * thread (a stock lua5.4 program drives the loop there instead) and in a
+ * plain coroutine: task.await handles those, and says what is wrong.
+ */
+int pgc_can_park(lua_State *L)
+{
+	pgc_loop *loop = get_loop(L);
+	if (loop->tasks_ref == LUA_NOREF || !lua_isyieldable(L))
+		return 0;
+	int top = lua_gettop(L);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, loop->tasks_ref);
+	lua_pushthread(L);
+	int parks = lua_rawget(L, -2) == LUA_TTABLE;
+	if (parks) {
+		lua_getfield(L, -1, "cancel_requested");
+		parks = !lua_toboolean(L, -1);
+	}
+	lua_settop(L, top);
+	return parks;
+}
+
+/*
+ * Resumes co, parked in C, with the nargs values on top of L's stack;
+ * pops them and co's thread below them.  From the main thread (an event)
+ * it runs now; from inside a task it waits in task.lua's queue, as every
+ * resume there does, so that a task never runs inside another.  A co
+ * that is no longer suspended (a cancel closed it) is left alone.
+ */
+void pgc_resume(lua_State *L, lua_State *co, int nargs)
+{
+	pgc_loop *loop = get_loop(L);
+	int thread = lua_gettop(L) - nargs;
+	if (lua_status(co) != LUA_YIELD || loop->wake_ref == LUA_NOREF) {
+		lua_settop(L, thread - 1);
+		return;
+	}
+	if (!lua_pushthread(L)) {
+		lua_pop(L, 1);
+		lua_rawgeti(L, LUA_REGISTRYINDEX, loop->wake_ref);
+		lua_insert(L, thread);
+		lua_call(L, nargs + 1, 0);
+		return;
+	}
+	lua_pop(L, 1);
+	lua_xmove(L, co, nargs);
+	int nres;
+	int rc = lua_resume(co, L, nargs, &nres);
+	if (rc == LUA_YIELD) {
+		lua_pop(co, nres);
+		lua_settop(L, thread - 1);
+		return;
+	}
+	/* the task's function returned (its outcome is in the task) or, on a
+	 * bug in task.lua, the coroutine failed: the thread is still at thread */
+	lua_rawgeti(L, LUA_REGISTRYINDEX, loop->ended_ref);
+	lua_insert(L, thread);
+	lua_pushboolean(L, rc == LUA_OK);
+	if (rc == LUA_OK)
+		lua_pushnil(L);
+	else
+		lua_xmove(co, L, 1);
+	lua_call(L, 3, 0);
 }
 
 /* ---- the loop ------------------------------------------------------ */
@@ -589,6 +690,7 @@ static void open_loop_state(lua_State *L)
 	pgc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 0);
 	memset(loop, 0, sizeof *loop);
 	loop->defer_ref = loop->report_ref = LUA_NOREF;
+	loop->tasks_ref = loop->wake_ref = loop->ended_ref = LUA_NOREF;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
 	loop->main = lua_tothread(L, -1);
 	lua_pop(L, 1);
@@ -636,6 +738,7 @@ static const luaL_Reg loop_funcs[] = {
 	{"set_defer", l_set_defer},
 	{"defer", l_defer},
 	{"set_reporter", l_set_reporter},
+	{"set_tasks", l_set_tasks},
 	{"step", l_step},
 	{"pollfd", l_pollfd},
 	{"next_timeout", l_next_timeout},

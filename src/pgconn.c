@@ -79,8 +79,9 @@ static pgc_conn *check_conn(lua_State *L)
 /*
  * The callback awaiting the connect or the current query is the
  * userdata's user value, not a registry reference: it is set and taken at
- * every query, and there a user value costs less.  ud: the userdata's
- * absolute index.
+ * every query, and there a user value costs less.  It is a function, or
+ * the thread of a task parked in C by core.wait_send / wait_prepared
+ * (call_waiter resumes it).  ud: the userdata's absolute index.
  */
 static void hold_callback(lua_State *L, pgc_conn *c, int ud, int fn)
 {
@@ -101,6 +102,16 @@ static int take_callback(lua_State *L, pgc_conn *c, int ud)
 	lua_pushnil(L);	/* let it go: it may hold a task that ends */
 	lua_setiuservalue(L, ud, 1);
 	return 1;
+}
+
+/* Calls the callback taken, under its nargs arguments on the stack top. */
+static void call_waiter(lua_State *L, int nargs)
+{
+	lua_State *co = lua_tothread(L, -nargs - 1);
+	if (co != NULL)
+		pgc_resume(L, co, nargs);
+	else
+		lua_call(L, nargs, 0);
 }
 
 /*
@@ -219,7 +230,7 @@ static int deliver_lost(lua_State *L)
 	if (take_callback(L, c, ud)) {
 		lua_pushnil(L);
 		pgc_push_error(L, c->failed_connecting ? "08001" : "08006", lost_message(c));
-		lua_call(L, 2, 0);
+		call_waiter(L, 2);
 	}
 	if (onclose != LUA_NOREF) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, onclose);
@@ -875,7 +886,7 @@ static int deliver_result(lua_State *L)
 	}
 	c->delivering = NULL;
 	PQclear(res);
-	lua_call(L, nargs, 0);
+	call_waiter(L, nargs);
 	return 0;
 }
 
@@ -1081,7 +1092,8 @@ static int send_params(lua_State *L, int ud, int what, int cb, int prepared)
 {
 	pgc_conn *c = conn_at(L, ud);
 	const char *text = prepared ? luaL_checkstring(L, what) : check_sql(L, what);
-	luaL_checktype(L, cb, LUA_TFUNCTION);
+	if (!lua_isthread(L, cb))
+		luaL_checktype(L, cb, LUA_TFUNCTION);
 	const char *binary = luaL_optstring(L, 4, NULL);
 	check_ready(L, c);
 	pgc_params p;
@@ -1162,6 +1174,38 @@ static int l_prepared_register(lua_State *L)
 	return registered(L, send_params(L, 2, 3, 1, 1));
 }
 
+/*
+ * core.wait_send(conn, sql, binary|nil, params...) and
+ * core.wait_prepared(conn, name, binary|nil, params...) -> rows | nil, err
+ * | false: the query, with the running task parked here until its outcome
+ * resumes it (loop.c: tasks parked in C).  A send that fails returns
+ * (nil, err) at once.  false, with nothing sent, where the task may not
+ * park (pgc_can_park): the caller then waits with task.await.
+ */
+static int wait_params(lua_State *L, int prepared)
+{
+	if (!pgc_can_park(L)) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	/* (as the register functions have it: the callback, then the rest) */
+	lua_pushthread(L);
+	lua_insert(L, 1);
+	if (send_params(L, 2, 3, 1, prepared) == 2)
+		return 2;
+	return lua_yield(L, 0);
+}
+
+static int l_wait_send(lua_State *L)
+{
+	return wait_params(L, 0);
+}
+
+static int l_wait_prepared(lua_State *L)
+{
+	return wait_params(L, 1);
+}
+
 /* conn:send_script(sql, callback): several statements, no parameters. */
 static int conn_send_script(lua_State *L)
 {
@@ -1222,7 +1266,7 @@ static int conn_close(lua_State *L)
 	if (take_callback(L, c, 1)) {
 		lua_pushnil(L);
 		pgc_push_error(L, "08003", "connection closed while a query was running");
-		lua_call(L, 2, 0);
+		call_waiter(L, 2);
 	}
 	return 0;
 }
@@ -1360,6 +1404,8 @@ static const luaL_Reg conn_funcs[] = {
 	{"connect", l_connect},
 	{"send_register", l_send_register},
 	{"prepared_register", l_prepared_register},
+	{"wait_send", l_wait_send},
+	{"wait_prepared", l_wait_prepared},
 	{NULL, NULL}
 };
 

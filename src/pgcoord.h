@@ -34,6 +34,8 @@ void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
 		  lua_CFunction gc);
 struct timeval pgc_timeval(double seconds);
 double pgc_now(void);	/* CLOCK_MONOTONIC seconds, as core.now() */
+int pgc_can_park(lua_State *L);
+void pgc_resume(lua_State *L, lua_State *co, int nargs);
 
 /* pgconn.c */
 void pgc_open_pgconn(lua_State *L);

@@ -112,9 +112,20 @@ end
 
 -- ---- one connection ------------------------------------------------------
 
--- (in C: a query's wait runs no Lua function of its own)
+-- A query's wait: inside a task, parked in C until its outcome resumes
+-- it (core.wait_*: no Lua function runs between); elsewhere, or with a
+-- cancel pending (they return false, sending nothing), task.await with
+-- the same send in the shape of a register function.
+local wait_send, wait_prepared = core.wait_send, core.wait_prepared
 local send_register = task.calls_back_once(core.send_register)
 local prepared_register = task.calls_back_once(core.prepared_register)
+
+local function send(conn, sql, binary, ...)
+  local rows, err = wait_send(conn, sql, binary, ...)
+  if rows == false then return await(send_register, conn, sql, binary, ...) end
+  return rows, err
+end
+
 
 local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
   local ok, err = conn:prepare(name, sql, resume)
@@ -129,7 +140,9 @@ end
 
 -- One statement, unnamed, its parameter types left to the server.
 local function run_plain(conn, sql)
-  return await_ok(send_register, conn, sql, nil)
+  local rows, err = send(conn, sql, nil)
+  if rows == nil then error(annotate(err), 0) end
+  return rows
 end
 
 -- ---- statements ------------------------------------------------------------
@@ -254,7 +267,9 @@ local function run(conn, sql, ...)
   if entry == nil then entry = statement(conn, sql, ...) end
   local rows, err
   if entry and entry[1] then
-    rows, err = await(prepared_register, conn, entry[1], entry[2], ...)
+    -- (send_prepared, inline: the path of nearly every statement)
+    rows, err = wait_prepared(conn, entry[1], entry[2], ...)
+    if rows == false then rows, err = await(prepared_register, conn, entry[1], entry[2], ...) end
     local state = rows == nil and err.sqlstate
     if state and (state == "26000" or state == "0A000") then
       -- missing on the server (a pooler's other server connection, a
@@ -264,13 +279,13 @@ local function run(conn, sql, ...)
       forget(conn, sql)
       if state == "0A000" then statements[conn].stale[entry[1]] = true end
       if conn:reusable() then
-        rows, err = await(send_register, conn, sql, entry[2], ...)
+        rows, err = send(conn, sql, entry[2], ...)
       else
         pooler_hint(err)
       end
     end
   else
-    rows, err = await(send_register, conn, sql, entry and entry[2], ...)
+    rows, err = send(conn, sql, entry and entry[2], ...)
   end
   if rows == nil then error(annotate(err), 0) end
   return rows

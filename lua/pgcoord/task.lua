@@ -75,16 +75,18 @@ end
 local co_resume = coroutine.resume
 local co_yield = coroutine.yield
 
-local function resume_task(t, ...)
-  local ok, err = co_resume(t.co, ...)
-  if not ok then -- only on a bug in this file: the body catches errors
-    reporter(t, err, debug.traceback(t.co))
-  end
-  -- the body stores its outcome in t.outcome as it ends
+-- After a resume of t returned (ok false only on a bug in this file: the
+-- body catches errors): the body stores its outcome in t.outcome as it ends.
+local function resumed(t, ok, err)
+  if not ok then reporter(t, err, debug.traceback(t.co)) end
   local outcome = t.outcome
   if outcome and (t.state == "running" or t.state == "ready") then
     finish(t, table.unpack(outcome, 1, outcome.n))
   end
+end
+
+local function resume_task(t, ...)
+  resumed(t, co_resume(t.co, ...))
 end
 
 local function drain()
@@ -121,6 +123,14 @@ local function enqueue(t, ...)
   ready[ready_tail] = table.pack(t, ...)
   core.defer()
 end
+
+-- A wait that C ends by itself (a query's: core.wait_prepared) parks the
+-- task in C, which resumes it there (loop.c); these are the rules it
+-- keeps: which coroutines are tasks (a cancel pending is read there too),
+-- the queue for a resume from inside a task, and the end of a task.
+core.set_tasks(by_co,
+  function(co, ...) enqueue(by_co[co], ...) end,
+  function(co, ok, err) resumed(by_co[co], ok, err) end)
 
 local function current()
   local co, main = coroutine.running()
