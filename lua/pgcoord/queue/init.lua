@@ -114,6 +114,8 @@ local function publish_options(where)
 end
 local check_publish = publish_options("q:publish")
 local check_publish_many = publish_options("q:publish_many")
+-- (the options of a publish without any, checked once: read, never changed)
+local NO_PUBLISH_OPTIONS = check_publish(nil)
 local dead_options = options.spec("q:dead", {
   limit = { "integer", default = 1000, min = 1, max = 100000 },
 })
@@ -137,6 +139,7 @@ function queue.new(pool, name, opts)
     retention = o.retention,
     sub = nil,                  -- the subscriber consumers listen through, once one runs
     wakeups = wakeups.new(pool, sub),
+    published = published:with(name), -- (the series, its key built once: a publish counts)
   }, Queue)
 end
 
@@ -244,10 +247,10 @@ local MANY = { now = sql.publish_many, delayed = sql.publish_many_delayed }
 -- visible_at (epoch seconds): when the message may first be delivered.
 function Queue:publish(db_or_tx, value, opts)
   check_conn("q:publish", db_or_tx)
-  local o = check_publish(opts)
+  local o = opts == nil and NO_PUBLISH_OPTIONS or check_publish(opts)
   local payload = encode(self, "q:publish", value)
   local row = run_publish(self, "q:publish", db_or_tx, ONE, payload, o)
-  if row.id then published:inc(1, self.name) end
+  if row.id then self.published:inc(1) end
   return row.id, row.copies
 end
 
@@ -266,7 +269,7 @@ function Queue:publish_many(db_or_tx, values, opts)
   for i = 1, n do parts[i] = encode(self, "q:publish_many", values[i], i) end
   local row = run_publish(self, "q:publish_many", db_or_tx, MANY,
     "[" .. table.concat(parts, ",") .. "]", o)
-  if row.ids then published:inc(#row.ids, self.name) end
+  if row.ids then self.published:inc(#row.ids) end
   return row.ids or {}, row.copies
 end
 
