@@ -608,14 +608,17 @@ describe("operations", function()
       while not pgcoord.stopping() do pgcoord.sleep(0.1) end
     ]])
     local p = helper.start({ "pgcoord-run", "--workers", "2", script, release })
-    helper.wait_until(function()
-      local _, n = p:output():gsub("child ready", "")
-      return n >= 2
+    -- (the supervisor's "child started" and the child's own line are
+    -- written by two processes: either may come first)
+    local pids = helper.wait_until(function()
+      local out = p:output()
+      local _, n = out:gsub("child ready", "")
+      local found = {}
+      for pid, slot in out:gmatch('msg="child started" pid=(%d+) slot=(%d)') do
+        found[tonumber(slot)] = pid
+      end
+      return n >= 2 and found[1] and found[2] and found
     end, 15, "two children")
-    local pids = {}
-    for pid, slot in p:output():gmatch('msg="child started" pid=(%d+) slot=(%d)') do
-      pids[tonumber(slot)] = pid
-    end
     p:kill("TERM")
     local line = helper.wait_until(function()
       return p:output():match('[^\n]* msg="stop waiting" children=2[^\n]*')

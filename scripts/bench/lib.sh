@@ -139,11 +139,14 @@ choose_transport() {
   [[ $ssl == "$([[ $tls == 1 ]] && echo t || echo f)" ]] || die "the connection is not $transport"
 }
 
-# pgss_setup: sets pgss=1 when pg_stat_statements is loaded (and its
-# extension made), else 0.  BENCH_PGSS=1 restarts this throwaway cluster
-# with it preloaded first.
+# pgss_setup [required]: sets pgss=1 when pg_stat_statements is loaded (and
+# its extension made), else 0.  BENCH_PGSS=1, or `required` (a script whose
+# figures come from it: then pgss is 1 or the script dies), restarts this
+# throwaway cluster with it preloaded first.
 pgss_setup() {
-  if [[ ${BENCH_PGSS:-} == 1 && $(psql_q -c "SHOW shared_preload_libraries") != *pg_stat_statements* ]]; then
+  local wanted=${BENCH_PGSS:-0}
+  [[ ${1:-} == required ]] && wanted=1
+  if [[ $wanted == 1 && $(psql_q -c "SHOW shared_preload_libraries") != *pg_stat_statements* ]]; then
     psql_q -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'" >/dev/null \
       || die "cannot preload pg_stat_statements"
     "$repo/scripts/pg-tmp" ctl restart || die "cannot restart the cluster"
@@ -152,6 +155,7 @@ pgss_setup() {
   [[ $(psql_q -c "SHOW shared_preload_libraries") == *pg_stat_statements* ]] && pgss=1
   ((pgss == 0)) || psql_q -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null \
     || die "cannot create the pg_stat_statements extension"
+  [[ ${1:-} != required || $pgss == 1 ]] || die "pg_stat_statements is not loaded"
 }
 
 # ---- make bench: BENCH_QUICK and the one summary table -----------------------
