@@ -7,8 +7,9 @@
  *
  * A read event stays on the socket in every state but CLOSED, so
  * notifications and a server that hangs up are seen at once, idle or not.
- * Each outcome is handed to a Lua callback; the policy (pooling, waiting,
- * retrying) lives in lua/pgcoord/db.lua.
+ * Each outcome is handed to a Lua callback, or resumes the task parked on
+ * it (core.wait_prepared); the policy (pooling, waiting, retrying) lives
+ * in lua/pgcoord/db.lua.
  */
 #include <ctype.h>
 #include <netinet/in.h>

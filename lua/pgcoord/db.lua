@@ -126,7 +126,6 @@ local function send(conn, sql, binary, ...)
   return rows, err
 end
 
-
 local prepare_register = task.calls_back_once(function(resume, conn, name, sql)
   local ok, err = conn:prepare(name, sql, resume)
   if not ok then resume(nil, err) end

@@ -5,7 +5,9 @@
 -- its outcome.  Inside a task, await yields; in the main thread (a stock
 -- lua5.4 program) it drives the loop until resume is called.  A resume
 -- that arrives while some task is running is queued and run from the
--- loop, so tasks never resume each other directly.
+-- loop, so tasks never resume each other directly.  (A query's wait is
+-- the one exception to await: it parks the task in C, under the same
+-- rules, given to C by core.set_tasks below.)
 local core = require "pgcoord.core"
 
 local task = {}
