@@ -1002,6 +1002,7 @@ describe("a task waiting on a query", function()
       end)
     end
     for i = 1, 30 do
+      assert.is_true(tasks[i]:wait(10), "task " .. i .. " did not end")
       local sum, last = tasks[i]:join()
       assert.are.equal(i * 210, sum)
       assert.are.equal("last of " .. i, last)

@@ -371,7 +371,7 @@ void pgc_resume(lua_State *L, lua_State *co, int nargs)
 {
 	pgc_loop *loop = get_loop(L);
 	int thread = lua_gettop(L) - nargs;
-	if (lua_status(co) != LUA_YIELD || loop->wake_ref == LUA_NOREF) {
+	if (lua_status(co) != LUA_YIELD) {
 		lua_settop(L, thread - 1);
 		return;
 	}

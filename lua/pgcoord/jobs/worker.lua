@@ -317,8 +317,7 @@ function Worker:_claim(want)
   local rows
   if self.limited then
     -- (in a transaction: it locks the group's row; one that fails rolls back)
-    local q = self.queue
-    rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + count(q))
+    rows = self.pool:tx(limits.claim, self.limiter, id, want, self.running + count(self.queue))
   else
     rows = self:_claim_plain(id, want)
   end
@@ -393,9 +392,8 @@ end
 -- runners can start now (what is claimed takes the group's slots and
 -- tokens), none while paused.
 function Worker:_start_limited_claim()
-  local q = self.queue
   if self.paused or self.drained or self.state ~= "running" or next(self.claims) then return end
-  local want = self.o.concurrency - self.running - count(q)
+  local want = self.o.concurrency - self.running - count(self.queue)
   if want > 0 then self.claims[task.spawn(self._claim_task, self, want)] = want end
 end
 
@@ -539,8 +537,7 @@ function Worker:_interrupt(slot)
   runner:cancel()
   self.running = self.running - 1
   self.runners[slot] = task.spawn(self._runner, self, slot)
-  local q = self.queue
-  if self.running == 0 and count(q) == 0 then self.completer:flush() end
+  if self.running == 0 and count(self.queue) == 0 then self.completer:flush() end
   return job
 end
 
@@ -614,8 +611,9 @@ function Worker:_listen()
     m:due(core.now())
     self:_wake()
     -- a cancel sent while not listening was missed: ask about the jobs in hand
-    local q = self.queue
-    if next(self.in_flight) or count(q) > 0 then task.spawn(self._recheck_cancels, self) end
+    if next(self.in_flight) or count(self.queue) > 0 then
+      task.spawn(self._recheck_cancels, self)
+    end
   end)
   local group = self.o.group
   self.limiter:listen(sub)
@@ -754,9 +752,8 @@ end
 Worker.shutdown = Worker.stop
 
 function Worker:stats()
-  local q = self.queue
   return { group = self.o.group, id = self.maintenance:worker_id(), state = self.state,
-           queued = count(q), running = self.running, handled = self.handled,
+           queued = count(self.queue), running = self.running, handled = self.handled,
            failed = self.failed,
            unflushed = self.completer:unwritten(), paused = self.paused, limited = self.limited,
            retention = self.pruner and self.pruner:stats() or nil,
