@@ -46,6 +46,24 @@ local function errors(fn, ...)
   return err
 end
 
+-- Takes the connection of a pool of one in a task of its own, until the
+-- function returned is called (it waits for the task to give it back).
+local function hold_connection(db)
+  local released = false
+  local holder = helper.spawn(function()
+    return db:tx(function(tx)
+      tx:one("SELECT 1")
+      while not released do pgcoord.sleep(0.005) end
+    end)
+  end)
+  helper.wait_until(function() return db:stats().in_use == 1 end, 5, "the holder")
+  return function()
+    released = true
+    assert.is_true(holder:wait(10))
+    holder:join()
+  end
+end
+
 describe("the pool", function()
   after_each(function()
     close_pools()
@@ -101,22 +119,38 @@ describe("the pool", function()
 
   it("a task waiting for a connection can be cancelled", function()
     local db = pool({ size = 1 })
-    local release = false
-    local holder = helper.spawn(function()
-      return db:tx(function(tx)
-        local x = tx:one("SELECT 1 AS x").x
-        while not release do pgcoord.sleep(0.005) end -- holds the only connection
-        return x
-      end)
-    end)
+    local release = hold_connection(db)
     local waiter = helper.spawn(function() return db:one("SELECT 2 AS x").x end)
     helper.wait_until(function() return db:stats().waiting == 1 end, 5, "a waiter")
     waiter:cancel()
     assert.are.equal("cancelled", waiter:status())
     assert.are.equal(0, db:stats().waiting)
-    release = true
-    assert.are.equal(1, holder:join())
+    release()
     assert.are.equal(3, db:one("SELECT 3 AS x").x)
+    assert_consistent(db)
+  end)
+
+  it("serves waiters first come, first served, passing over those that gave up", function()
+    local db = pool({ size = 1 })
+    local release = hold_connection(db)
+    local order, waiters = {}, {}
+    for i = 1, 200 do
+      waiters[i] = helper.spawn(function()
+        local got = db:one("SELECT $1::int AS i", i).i
+        order[#order + 1] = got
+      end)
+    end
+    helper.wait_until(function() return db:stats().waiting == 200 end, 5, "200 waiters")
+    -- three in four give up (enough for the gone ones to be swept out)
+    local kept = {}
+    for i = 1, 200 do
+      if i % 4 == 0 then kept[#kept + 1] = i else waiters[i]:cancel() end
+    end
+    assert.are.equal(50, db:stats().waiting)
+    release()
+    for i = 4, 200, 4 do assert.is_true(waiters[i]:wait(10)) end
+    assert.are.same(kept, order)
+    assert.are.equal(0, db:stats().waiting)
     assert_consistent(db)
   end)
 

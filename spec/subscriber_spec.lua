@@ -129,6 +129,47 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     sub:stop()
   end)
 
+  it("closes listeners in any order, mid-delivery too, and delivers to the open ones only",
+    function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local ls = {}
+    for i = 1, 1000 do ls[i] = fan:listen() end
+    for i = 1, 1000, 2 do ls[i]:close() end
+    assert.are.equal(500, fan:stats().listeners)
+    fan:notify("a")
+    for i = 1, 1000 do
+      if i % 2 == 0 then
+        assert.are.equal("a", ls[i]:receive(0))
+      else
+        assert.are.same({ nil, "closed" }, { ls[i]:receive(0) })
+      end
+    end
+    -- a filter halfway down the walk closes every listener before it and
+    -- the one just after it (the array is rebuilt under the walk): the
+    -- rest still get the message, the closed ones nothing
+    local before, after = {}, nil
+    for i = 2, 1000, 2 do before[#before + 1] = ls[i] end
+    local closer = fan:listen({ filter = function()
+      for _, l in ipairs(before) do l:close() end
+      after:close()
+      return true
+    end })
+    after = fan:listen()
+    local rest = {}
+    for i = 1, 499 do rest[i] = fan:listen() end
+    fan:notify("b")
+    assert.are.equal("b", closer:receive(0))
+    assert.are.same({ nil, "closed" }, { before[1]:receive(0) })
+    assert.are.same({ nil, "closed" }, { after:receive(0) })
+    for i = 1, 499 do assert.are.equal("b", rest[i]:receive(0)) end
+    assert.are.equal(500, fan:stats().listeners)
+    closer:close()
+    for i = 1, 499 do rest[i]:close() end
+    assert.are.equal(0, fan:stats().listeners)
+    fan:notify("c")
+    assert.are.equal(3, fan:stats().notifications)
+  end)
+
   it("drops for a full listener only, and counts it (overflow = drop)", function()
     local sub, fan = subscribed(db, nil, nil, { overflow = "drop" })
     local slow = fan:listen({ buffer = 2 })

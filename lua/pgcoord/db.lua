@@ -9,6 +9,7 @@ local core = require "pgcoord.core"
 local task = require "pgcoord.task"
 local log = require "pgcoord.log"
 local options = require "pgcoord.options"
+local fifo = require "pgcoord.fifo"
 
 local db = {}
 local await = task.await -- (every statement waits: an upvalue, not a field)
@@ -341,31 +342,44 @@ end
 
 -- ---- the pool -------------------------------------------------------------
 
+-- Waiters queue in pool.waiters, a FIFO; one that gives up (a cancel, a
+-- timeout) is only marked gone, and passed over when its turn comes: a
+-- wake-up or a give-up costs O(1), where taking the first out of an array
+-- made n waiters cost O(n^2).  pool.waiting counts those not gone; once
+-- the gone outnumber them they are swept out, so a pool that never frees
+-- a connection does not pile up the waiters that gave up on it.
+local push, pop, count = fifo.push, fifo.pop, fifo.count
+
 local function wake_one(pool)
   local waiters = pool.waiters
-  if waiters[1] == nil then return end
-  local w = table.remove(waiters, 1)
-  if w then
-    w.woken = true
-    w.resume()
+  while pool.waiting > 0 do
+    local w = pop(waiters)
+    if not w.gone then
+      pool.waiting = pool.waiting - 1
+      w.woken = true
+      w.resume()
+      return
+    end
   end
 end
 
+local function is_waiting(w)
+  return not w.gone
+end
+
 local function wait_register(resume, pool)
-  local w = { resume = resume, woken = false }
-  local waiters = pool.waiters
-  waiters[#waiters + 1] = w
+  local w = { resume = resume, woken = false, gone = false }
+  push(pool.waiters, w)
+  pool.waiting = pool.waiting + 1
   return function()
     if w.woken then
       wake_one(pool) -- pass on the wake-up this waiter will not use
       return
     end
-    for i = 1, #waiters do
-      if waiters[i] == w then
-        table.remove(waiters, i)
-        return
-      end
-    end
+    w.gone = true
+    pool.waiting = pool.waiting - 1
+    local waiters = pool.waiters
+    if count(waiters) > 2 * pool.waiting + 16 then fifo.keep(waiters, is_waiting) end
   end
 end
 
@@ -507,7 +521,7 @@ local function give_back(lease)
   lease.idle = true
   local idle = pool.idle
   idle[#idle + 1] = lease
-  if pool.waiters[1] ~= nil then wake_one(pool) end
+  if pool.waiting > 0 then wake_one(pool) end
 end
 Lease.__close = give_back
 
@@ -577,13 +591,13 @@ function Pool:close()
     self.total = self.total - 1
   end
   self.idle = {}
-  while #self.waiters > 0 do wake_one(self) end
+  while self.waiting > 0 do wake_one(self) end
 end
 
 function Pool:stats()
   local idle = #self.idle
   return { size = self.size, open = self.total, idle = idle,
-           in_use = self.total - idle, waiting = #self.waiters }
+           in_use = self.total - idle, waiting = self.waiting }
 end
 
 -- ---- transactions ---------------------------------------------------------
@@ -643,7 +657,7 @@ function db.connect(conninfo, opts)
     size = opts.size,
     connect_timeout = opts.connect_timeout,
     prepare = opts.prepare,
-    idle = {}, waiters = {}, total = 0, closed = false,
+    idle = {}, waiters = fifo.new(), waiting = 0, total = 0, closed = false,
   }, Pool)
   require("pgcoord.metrics").track("pool", pool)
   -- Open one connection now, so a bad conninfo fails here, not later.

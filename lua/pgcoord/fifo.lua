@@ -1,10 +1,11 @@
 -- A first-in, first-out queue: a table holding its items at [head..tail].
 --
--- The job worker's claimed jobs, the queue consumer's held messages and a
--- fan-out listener's buffer are each one.  Emptied, it starts again at 1,
--- so its array part never creeps upward.  Those who iterate it in place
--- (for i = q.head, q.tail) may: that layout is the contract.  A hot path
--- holds pop as an upvalue; fan-out's offer pushes inline.
+-- The job worker's claimed jobs, the queue consumer's held messages, a
+-- fan-out listener's buffer and a pool's waiters are each one.  Emptied,
+-- it starts again at 1, so its array part never creeps upward.  Those who
+-- iterate it in place (for i = q.head, q.tail) may: that layout is the
+-- contract.  A hot path holds pop as an upvalue; fan-out's offer pushes
+-- inline.
 local fifo = {}
 
 function fifo.new()
