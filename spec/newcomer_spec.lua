@@ -182,22 +182,27 @@ end)
 describe("scripts/test", function()
   after_each(helper.cleanup)
 
-  -- Runs scripts/test on one spec file whose test logs a line and passes
-  -- or fails; returns the exit code and the output.
-  local function nested_run(passes)
+  -- Runs scripts/test on one spec file whose test runs body; returns the
+  -- exit code and the output.
+  local function nested(body, env)
     local spec = helper.write_file(helper.tmpname("nested") .. "_spec.lua", ([[
       local pgcoord = require "pgcoord"
       describe("nested", function()
-        it("logs a line", function()
-          pgcoord.log.info("a line the spec logged", { marker = "m%s" })
-          assert.is_true(%s)
+        it("runs", function()
+          %s
         end)
       end)
-    ]]):format(helper.pid, tostring(passes)))
-    return helper.run({ helper.root .. "/scripts/test", spec }, {
-      env = { PGCOORD_TEST_STDERR_LOG = helper.tmpname("stderr") },
-      timeout = 120,
-    })
+    ]]):format(body))
+    env = env or {}
+    env.PGCOORD_TEST_STDERR_LOG = helper.tmpname("stderr")
+    return helper.run({ helper.root .. "/scripts/test", spec }, { env = env, timeout = 120 })
+  end
+
+  -- A test that logs a line and passes or fails.
+  local function nested_run(passes)
+    return nested(([[
+          pgcoord.log.info("a line the spec logged", { marker = "m%s" })
+          assert.is_true(%s)]]):format(helper.pid, tostring(passes)))
   end
 
   it("prints progress and summary, not the specs' log lines, when all pass", function()
@@ -213,6 +218,14 @@ describe("scripts/test", function()
     assert.are.equal(1, code, out)
     assert.matches("the last 100 lines the specs wrote to stderr", out, 1, true)
     assert.matches('msg="a line the spec logged" marker=m' .. helper.pid, out, 1, true)
+    assert.matches("\n0 passed, 1 failed\n$", out)
+  end)
+
+  it("names a test that hangs in a wait and ends the run at TEST_WATCHDOG", function()
+    local code, out = nested([[
+          pgcoord.spawn(function() pgcoord.sleep(1000) end):join()]], { TEST_WATCHDOG = "1" })
+    assert.are.equal(1, code, out)
+    assert.matches("watchdog: nested runs %(.*_spec%.lua:3%) has run for 1 s", out)
     assert.matches("\n0 passed, 1 failed\n$", out)
   end)
 end)
