@@ -87,9 +87,13 @@ demo: deps
 
 LUA_DIRS = $(wildcard lua spec examples scripts/bench scripts/soak)
 CPPCHECK_FLAGS = --error-exitcode=1 --enable=warning,performance,portability --inline-suppr --quiet
+# every shell script (by its #! line; -x follows what they source)
+SHELL_SCRIPTS = $(shell grep -lE '^\#!(/usr/bin/env bash|/bin/(ba)?sh)' -r --exclude-dir=.scratch \
+  scripts .ci 2>/dev/null | sort)
 lint:
 	$(if $(LUA_DIRS),luacheck $(LUA_DIRS))
 	$(if $(wildcard src),cppcheck $(CPPCHECK_FLAGS) -I src src)
+	$(if $(SHELL_SCRIPTS),shellcheck -x -S warning $(SHELL_SCRIPTS))
 
 bench: deps
 	@$(MAKE) --no-print-directory all
