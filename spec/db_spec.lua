@@ -3,6 +3,7 @@
 -- publish and migrations.
 local pgcoord = require "pgcoord"
 local helper = require "helper"
+local fifo = require "pgcoord.fifo"
 
 local pools = {}
 
@@ -147,6 +148,8 @@ describe("the pool", function()
       if i % 4 == 0 then kept[#kept + 1] = i else waiters[i]:cancel() end
     end
     assert.are.equal(50, db:stats().waiting)
+    -- (and are swept out of the queue, not kept there for good)
+    assert.is_true(fifo.count(db.waiters) <= 2 * 50 + 16, fifo.count(db.waiters))
     release()
     for i = 4, 200, 4 do assert.is_true(waiters[i]:wait(10)) end
     assert.are.same(kept, order)

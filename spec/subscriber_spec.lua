@@ -136,6 +136,8 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     for i = 1, 1000 do ls[i] = fan:listen() end
     for i = 1, 1000, 2 do ls[i]:close() end
     assert.are.equal(500, fan:stats().listeners)
+    -- (closed ones leave the array once they are half of it)
+    assert.are.equal(500, #fan.listeners)
     fan:notify("a")
     for i = 1, 1000 do
       if i % 2 == 0 then
@@ -166,6 +168,7 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     closer:close()
     for i = 1, 499 do rest[i]:close() end
     assert.are.equal(0, fan:stats().listeners)
+    assert.are.equal(0, #fan.listeners)
     fan:notify("c")
     assert.are.equal(3, fan:stats().notifications)
   end)
