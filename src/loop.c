@@ -22,7 +22,7 @@
 
 #include "pgcoord.h"
 
-typedef struct pgc_loop {
+struct pgc_loop {
 	struct event_base *base;
 	lua_State *main;
 	struct event *ev_defer;	/* activated by core.defer(), runs defer_ref */
@@ -36,11 +36,16 @@ typedef struct pgc_loop {
 	int stepping;
 	int pollfd;		/* libevent's epoll descriptor, once looked up */
 	struct evdns_base *dns;	/* made on the first host name to resolve */
-} pgc_loop;
+};
 
 static const char LOOP_KEY = 'L';
 
-static pgc_loop *get_loop(lua_State *L)
+/*
+ * The loop, from the registry: a hash lookup.  A handle that runs on every
+ * query (a connection) keeps the pointer instead; the userdata lives in
+ * the registry until the state closes.
+ */
+pgc_loop *pgc_loop_of(lua_State *L)
 {
 	lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
 	pgc_loop *loop = lua_touserdata(L, -1);
@@ -50,9 +55,18 @@ static pgc_loop *get_loop(lua_State *L)
 	return loop;
 }
 
+/* The loop in the functions of loop_funcs, which hold it as upvalue 1. */
+static pgc_loop *loop_up(lua_State *L)
+{
+	pgc_loop *loop = lua_touserdata(L, lua_upvalueindex(1));
+	if (loop->base == NULL)
+		luaL_error(L, "pgcoord: the event loop is not open");
+	return loop;
+}
+
 struct event_base *pgc_base(lua_State *L)
 {
-	return get_loop(L)->base;
+	return pgc_loop_of(L)->base;
 }
 
 /*
@@ -63,7 +77,7 @@ struct event_base *pgc_base(lua_State *L)
  */
 struct evdns_base *pgc_dns(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = pgc_loop_of(L);
 	if (loop->dns == NULL) {
 		const char *conf = getenv("PGCOORD_RESOLV_CONF");
 		if (conf == NULL || *conf == '\0')
@@ -80,7 +94,7 @@ struct evdns_base *pgc_dns(lua_State *L)
 
 lua_State *pgc_main_state(lua_State *L)
 {
-	return get_loop(L)->main;
+	return pgc_loop_of(L)->main;
 }
 
 int pgc_ref(lua_State *L, int idx)
@@ -324,7 +338,7 @@ static int signal_close(lua_State *L)
  * here ended the task's function (or failed). */
 static int l_set_tasks(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	luaL_checktype(L, 1, LUA_TTABLE);
 	luaL_checktype(L, 2, LUA_TFUNCTION);
 	luaL_checktype(L, 3, LUA_TFUNCTION);
@@ -343,10 +357,9 @@ static int l_set_tasks(lua_State *L)
  * thread (a stock lua5.4 program drives the loop there instead) and in a
  * plain coroutine: task.await handles those, and says what is wrong.
  */
-int pgc_can_park(lua_State *L)
+int pgc_can_park(pgc_loop *loop, lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
-	if (loop->tasks_ref == LUA_NOREF || !lua_isyieldable(L))
+	if (loop->base == NULL || loop->tasks_ref == LUA_NOREF || !lua_isyieldable(L))
 		return 0;
 	int top = lua_gettop(L);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, loop->tasks_ref);
@@ -367,9 +380,8 @@ int pgc_can_park(lua_State *L)
  * resume there does, so that a task never runs inside another.  A co
  * that is no longer suspended (a cancel closed it) is left alone.
  */
-void pgc_resume(lua_State *L, lua_State *co, int nargs)
+void pgc_resume(pgc_loop *loop, lua_State *L, lua_State *co, int nargs)
 {
-	pgc_loop *loop = get_loop(L);
 	int thread = lua_gettop(L) - nargs;
 	if (lua_status(co) != LUA_YIELD) {
 		lua_settop(L, thread - 1);
@@ -440,7 +452,7 @@ static void on_step_timeout(evutil_socket_t fd, short what, void *arg)
 /* core.set_defer(fn): fn runs once after each core.defer() burst. */
 static int l_set_defer(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	luaL_checktype(L, 1, LUA_TFUNCTION);
 	pgc_unref(L, &loop->defer_ref);
 	loop->defer_ref = pgc_ref(L, 1);
@@ -449,7 +461,7 @@ static int l_set_defer(lua_State *L)
 
 static int l_defer(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	if (!loop->defer_armed) {
 		loop->defer_armed = 1;
 		event_active(loop->ev_defer, EV_TIMEOUT, 1);
@@ -459,7 +471,7 @@ static int l_defer(lua_State *L)
 
 static int l_set_reporter(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	pgc_unref(L, &loop->report_ref);
 	if (!lua_isnoneornil(L, 1)) {
 		luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -475,7 +487,7 @@ static int l_set_reporter(lua_State *L)
  */
 static int l_step(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	if (!lua_pushthread(L))
 		return luaL_error(L, "pgcoord: the loop can only be stepped from the main thread"
 				  " (inside a task, wait instead)");
@@ -614,7 +626,7 @@ static int find_backend_fd(pgc_loop *loop)
  */
 static int l_pollfd(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	if (loop->pollfd < 0)
 		loop->pollfd = find_backend_fd(loop);
 	if (loop->pollfd < 0)
@@ -645,7 +657,7 @@ static int earliest_deadline(const struct event_base *base, const struct event *
  */
 static int l_next_timeout(lua_State *L)
 {
-	pgc_loop *loop = get_loop(L);
+	pgc_loop *loop = loop_up(L);
 	if (loop->defer_armed || event_base_get_num_events(loop->base, EVENT_BASE_COUNT_ACTIVE) > 0) {
 		lua_pushnumber(L, 0);
 		return 1;
@@ -680,12 +692,11 @@ static int loop_gc(lua_State *L)
 	return 0;
 }
 
+/* Pushes the loop, made on the first call. */
 static void open_loop_state(lua_State *L)
 {
-	if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) != LUA_TNIL) {
-		lua_pop(L, 1);
+	if (lua_rawgetp(L, LUA_REGISTRYINDEX, &LOOP_KEY) != LUA_TNIL)
 		return;
-	}
 	lua_pop(L, 1);
 	pgc_loop *loop = lua_newuserdatauv(L, sizeof *loop, 0);
 	memset(loop, 0, sizeof *loop);
@@ -719,6 +730,7 @@ static void open_loop_state(lua_State *L)
 		luaL_error(L, "pgcoord: cannot create the loop's events");
 	/* A dead peer must surface as an error on its socket, not kill us. */
 	signal(SIGPIPE, SIG_IGN);
+	lua_pushvalue(L, -1);
 	lua_rawsetp(L, LUA_REGISTRYINDEX, &LOOP_KEY);
 }
 
@@ -763,8 +775,8 @@ void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
 /* Adds the loop functions to the table on top of the stack. */
 void pgc_open_loop(lua_State *L)
 {
-	open_loop_state(L);
 	pgc_new_meta(L, TIMER_META, timer_methods, timer_gc);
 	pgc_new_meta(L, SIGNAL_META, signal_methods, signal_close);
-	luaL_setfuncs(L, loop_funcs, 0);
+	open_loop_state(L);
+	luaL_setfuncs(L, loop_funcs, 1);	/* (the loop as their upvalue) */
 }

@@ -33,6 +33,7 @@ enum conn_state { CONNECTING, READY, BUSY, CLOSED };
 typedef struct pgc_conn {
 	PGconn *pg;
 	lua_State *L;
+	pgc_loop *loop;		/* (looked up once: a query parks and resumes) */
 	struct event *ev_read;
 	struct event *ev_write;
 	struct event *ev_timeout;
@@ -106,11 +107,11 @@ static int take_callback(lua_State *L, pgc_conn *c, int ud)
 }
 
 /* Calls the callback taken, under its nargs arguments on the stack top. */
-static void call_waiter(lua_State *L, int nargs)
+static void call_waiter(lua_State *L, pgc_conn *c, int nargs)
 {
 	lua_State *co = lua_tothread(L, -nargs - 1);
 	if (co != NULL)
-		pgc_resume(L, co, nargs);
+		pgc_resume(c->loop, L, co, nargs);
 	else
 		lua_call(L, nargs, 0);
 }
@@ -231,7 +232,7 @@ static int deliver_lost(lua_State *L)
 	if (take_callback(L, c, ud)) {
 		lua_pushnil(L);
 		pgc_push_error(L, c->failed_connecting ? "08001" : "08006", lost_message(c));
-		call_waiter(L, 2);
+		call_waiter(L, c, 2);
 	}
 	if (onclose != LUA_NOREF) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, onclose);
@@ -755,6 +756,7 @@ static int l_connect(lua_State *L)
 	c->sock = -1;
 	c->self_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
 	c->L = pgc_main_state(L);
+	c->loop = pgc_loop_of(L);
 	c->state = CONNECTING;
 	luaL_setmetatable(L, CONN_META);
 
@@ -887,7 +889,7 @@ static int deliver_result(lua_State *L)
 	}
 	c->delivering = NULL;
 	PQclear(res);
-	call_waiter(L, nargs);
+	call_waiter(L, c, nargs);
 	return 0;
 }
 
@@ -1089,9 +1091,8 @@ static const char *check_sql(lua_State *L, int idx)
  * SQL text, or the name of a prepared statement, at `what`; the userdata
  * at ud and the callback at cb.  As conn:send returns.
  */
-static int send_params(lua_State *L, int ud, int what, int cb, int prepared)
+static int send_on(lua_State *L, pgc_conn *c, int ud, int what, int cb, int prepared)
 {
-	pgc_conn *c = conn_at(L, ud);
 	const char *text = prepared ? luaL_checkstring(L, what) : check_sql(L, what);
 	if (!lua_isthread(L, cb))
 		luaL_checktype(L, cb, LUA_TFUNCTION);
@@ -1103,6 +1104,11 @@ static int send_params(lua_State *L, int ud, int what, int cb, int prepared)
 		? PQsendQueryPrepared(c->pg, text, p.n, p.values, p.lengths, p.formats, 0)
 		: PQsendQueryParams(c->pg, text, p.n, NULL, p.values, p.lengths, p.formats, 0);
 	return sent(L, c, ok, ud, cb);
+}
+
+static int send_params(lua_State *L, int ud, int what, int cb, int prepared)
+{
+	return send_on(L, conn_at(L, ud), ud, what, cb, prepared);
 }
 
 /*
@@ -1185,14 +1191,15 @@ static int l_prepared_register(lua_State *L)
  */
 static int wait_params(lua_State *L, int prepared)
 {
-	if (!pgc_can_park(L)) {
+	pgc_conn *c = conn_at(L, 1);
+	if (!pgc_can_park(c->loop, L)) {
 		lua_pushboolean(L, 0);
 		return 1;
 	}
 	/* (as the register functions have it: the callback, then the rest) */
 	lua_pushthread(L);
 	lua_insert(L, 1);
-	if (send_params(L, 2, 3, 1, prepared) == 2)
+	if (send_on(L, c, 2, 3, 1, prepared) == 2)
 		return 2;
 	return lua_yield(L, 0);
 }
@@ -1267,7 +1274,7 @@ static int conn_close(lua_State *L)
 	if (take_callback(L, c, 1)) {
 		lua_pushnil(L);
 		pgc_push_error(L, "08003", "connection closed while a query was running");
-		call_waiter(L, 2);
+		call_waiter(L, c, 2);
 	}
 	return 0;
 }

@@ -21,6 +21,8 @@ lua_State *pgc_new_state(void);
 void pgc_close_state(lua_State *L);
 
 /* loop.c */
+typedef struct pgc_loop pgc_loop;
+pgc_loop *pgc_loop_of(lua_State *L);
 struct event_base *pgc_base(lua_State *L);
 struct evdns_base *pgc_dns(lua_State *L);
 lua_State *pgc_main_state(lua_State *L);
@@ -34,8 +36,8 @@ void pgc_new_meta(lua_State *L, const char *name, const luaL_Reg *methods,
 		  lua_CFunction gc);
 struct timeval pgc_timeval(double seconds);
 double pgc_now(void);	/* CLOCK_MONOTONIC seconds, as core.now() */
-int pgc_can_park(lua_State *L);
-void pgc_resume(lua_State *L, lua_State *co, int nargs);
+int pgc_can_park(pgc_loop *loop, lua_State *L);
+void pgc_resume(pgc_loop *loop, lua_State *L, lua_State *co, int nargs);
 
 /* pgconn.c */
 void pgc_open_pgconn(lua_State *L);
