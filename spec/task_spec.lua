@@ -225,6 +225,48 @@ describe("tasks", function()
     assert.are.equal("slept", sleeper:join())
   end)
 
+  it("joiners that give up leave; the rest wake in the order they came", function()
+    local lines = {}
+    pgcoord.log.set_sink(function(line) lines[#lines + 1] = line end)
+    local gate = require("pgcoord.task").signal()
+    local t = pgcoord.spawn(function()
+      gate:wait()
+      error("failed with joiners")
+    end)
+    local woke, joiners = {}, {}
+    for i = 1, 300 do
+      joiners[i] = pgcoord.spawn(function()
+        assert.is_false(pcall(t.join, t))
+        woke[#woke + 1] = i
+      end)
+    end
+    for _ = 1, 200 do assert.is_false(t:wait(0)) end -- polls that time out
+    helper.wait_until(function() return t.joining == 300 end, 5, "300 joiners")
+    for i = 1, 300, 3 do joiners[i]:cancel() end
+    assert.are.equal(200, t.joining)
+    gate:notify()
+    for _, j in ipairs(joiners) do j:wait() end
+    local expected = {}
+    for i = 1, 300 do
+      if i % 3 ~= 1 then expected[#expected + 1] = i end
+    end
+    assert.are.same(expected, woke)
+    assert.is_nil(table.concat(lines, "\n"):find("failed with joiners", 1, true))
+    -- every joiner gone: the failure is nobody's, and logged
+    local lone = pgcoord.spawn(function()
+      gate:wait()
+      error("failed alone")
+    end)
+    local quitters = {}
+    for i = 1, 50 do quitters[i] = pgcoord.spawn(lone.join, lone) end
+    helper.wait_until(function() return lone.joining == 50 end, 5, "50 joiners")
+    for _, q in ipairs(quitters) do q:cancel() end
+    gate:notify()
+    helper.wait_until(function()
+      return table.concat(lines, "\n"):find("failed alone", 1, true)
+    end, 5, "the failure's log line")
+  end)
+
   it("sleepers wake in the order of their deadlines", function()
     local order = {}
     local tasks = {}

@@ -66,12 +66,18 @@ local function finish(t, ok, ...)
       t.state, t.error = "cancelled", CANCELLED
     else
       t.state, t.error = "failed", e.err
-      if #t.joiners == 0 then reporter(t, e.err, e.trace) end
+      if t.joining == 0 then reporter(t, e.err, e.trace) end
     end
   end
-  local joiners = t.joiners
-  t.joiners = {}
-  for i = 1, #joiners do joiners[i]() end
+  local joiners, joins = t.joiners, t.joins
+  t.joiners, t.joins, t.joining = {}, 0, 0
+  for i = 1, joins do
+    local done = joiners[i]
+    if done then
+      joiners[i] = nil
+      done()
+    end
+  end
 end
 
 local co_resume = coroutine.resume
@@ -179,7 +185,8 @@ function task.spawn(fn, ...)
   end
   next_id = next_id + 1
   -- (fields read on every wait are present, so their reads stay off Task)
-  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, waits = 0, fn = fn,
+  local t = setmetatable({ id = next_id, state = "ready", joiners = {}, joins = 0, joining = 0,
+                           waits = 0, fn = fn,
                            cancel_requested = false, outcome = false, wait_token = false,
                            cancel_wait = false, parked = false, early = false }, Task)
   t.resume = resumer(t, nil)
@@ -292,27 +299,34 @@ function Task:status()
   return self.state
 end
 
+-- t.joiners[i] wakes the i-th wait for t (t.joins of them so far, t.joining
+-- of them still there): one that gives up (a timeout, a cancel) leaves a
+-- hole, so that leaving costs the same with one joiner or thousands (a
+-- task polled with t:wait(0.01) in a loop), and finish wakes the rest in
+-- the order they came.
 local join_register = task.calls_back_once(function(resume, t, timeout)
-  local joiners = t.joiners
-  local timer
-  local function done()
+  local joiners, timer = t.joiners, nil
+  local slot = t.joins + 1
+  t.joins, t.joining = slot, t.joining + 1
+  local function leave()
+    if joiners[slot] then
+      joiners[slot] = nil
+      t.joining = t.joining - 1
+    end
+  end
+  joiners[slot] = function()
     if timer then timer:cancel() end
     resume(true)
   end
-  joiners[#joiners + 1] = done
   if timeout then
     timer = core.timer(timeout, function()
-      for i = 1, #joiners do
-        if joiners[i] == done then table.remove(joiners, i) break end
-      end
+      leave()
       resume(false)
     end)
   end
   return function()
     if timer then timer:cancel() end
-    for i = 1, #joiners do
-      if joiners[i] == done then table.remove(joiners, i) return end
-    end
+    leave()
   end
 end)
 
