@@ -129,6 +129,41 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     sub:stop()
   end)
 
+  it("sorts a burst that interleaves channels to their own fan-outs; a filter that raises"
+    .. " is logged and keeps nothing", function()
+    local sub, fan_a = subscribed(db)
+    local fan_b = sub:add(pgcoord.fanout(helper.unique("ch"))) -- (listening once it returns)
+    local a, b = fan_a:listen({ buffer = 100 }), fan_b:listen({ buffer = 100 })
+    local picky = fan_b:listen({ buffer = 100, filter = function(m)
+      if m.n % 4 == 0 then error("no fours: " .. m.n) end
+      return true
+    end })
+    local lines = helper.capture_log(function()
+      -- one transaction: the listener reads them as one burst, a, b, a, b...
+      db:tx(function(tx)
+        for i = 1, 40 do
+          tx:query("SELECT pg_notify($1, $2)", (i % 2 == 1 and fan_a or fan_b).channel,
+            ('{"n":%d}'):format(i))
+        end
+      end)
+      helper.wait_until(function() return a:pending() == 20 and b:pending() == 20 end, 10,
+        "both fan-outs' listeners")
+    end)
+    for i = 1, 40, 2 do assert.are.equal(i, a:receive(1).n) end
+    for i = 2, 40, 2 do assert.are.equal(i, b:receive(1).n) end
+    local kept = {}
+    while picky:pending() > 0 do kept[#kept + 1] = picky:receive(1).n end
+    assert.are.same({ 2, 6, 10, 14, 18, 22, 26, 30, 34, 38 }, kept)
+    local failed = 0
+    for _, line in ipairs(lines) do
+      if line:find("listener filter failed", 1, true) and line:find("no fours", 1, true) then
+        failed = failed + 1
+      end
+    end
+    assert.are.equal(10, failed)
+    sub:stop()
+  end)
+
   it("closes listeners in any order, mid-delivery too, and delivers to the open ones only",
     function()
     local fan = pgcoord.fanout(helper.unique("ch"))

@@ -44,6 +44,8 @@ typedef struct pgc_conn {
 	int notify_ref;		/* function(channel, payload, pid) */
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
+	int channel_ref;	/* the last notification's channel, a Lua string */
+	char channel[64];	/* ... as libpq gave it (NAMEDATALEN: 63 bytes) */
 	PGresult *result;	/* what the current query returned so far */
 	PGresult *delivering;	/* the result deliver_result is building from */
 	int failed_connecting;	/* the link was lost before it was ready */
@@ -214,6 +216,7 @@ static void drop_refs(lua_State *L, pgc_conn *c)
 	pgc_unref(L, &c->notify_ref);
 	pgc_unref(L, &c->close_ref);
 	pgc_unref(L, &c->notice_ref);
+	pgc_unref(L, &c->channel_ref);
 	pgc_unref(L, &c->self_ref);
 }
 
@@ -755,6 +758,7 @@ static int l_connect(lua_State *L)
 	memset(c, 0, sizeof *c);
 	c->sock = -1;
 	c->self_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
+	c->channel_ref = LUA_NOREF;
 	c->L = pgc_main_state(L);
 	c->loop = pgc_loop_of(L);
 	c->state = CONNECTING;
@@ -893,13 +897,33 @@ static int deliver_result(lua_State *L)
 	return 0;
 }
 
+/*
+ * Pushes a notification's channel.  A listening connection hears one or a
+ * few channels: the one before is kept, which spares interning its name
+ * again (hashing it, then finding it) for each of a burst.
+ */
+static void push_channel(lua_State *L, pgc_conn *c, const char *name)
+{
+	if (c->channel_ref != LUA_NOREF && strcmp(name, c->channel) == 0) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, c->channel_ref);
+		return;
+	}
+	lua_pushstring(L, name);
+	size_t len = strlen(name);
+	if (len >= sizeof c->channel)
+		return;		/* (longer than the server allows: not kept) */
+	memcpy(c->channel, name, len + 1);
+	pgc_unref(L, &c->channel_ref);
+	c->channel_ref = pgc_ref(L, -1);
+}
+
 static int deliver_notify(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
 	PGnotify *n;
 	while (c->pg && c->notify_ref != LUA_NOREF && (n = PQnotifies(c->pg)) != NULL) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, c->notify_ref);
-		lua_pushstring(L, n->relname);
+		push_channel(L, c, n->relname);
 		lua_pushstring(L, n->extra);
 		lua_pushinteger(L, n->be_pid);
 		PQfreemem(n);
