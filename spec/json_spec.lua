@@ -83,6 +83,15 @@ describe("JSON decoding", function()
     end
     assert.are.equal("", decode_payload(""))
     assert.is_nil(decode_payload(nil))
+    -- refused deep inside: nested containers, and a string long enough
+    -- that its escapes went to a buffer of its own, then unterminated
+    local deep = ('{"a": ['):rep(40) .. '1, 2, x'
+    local long = '{"k": "' .. ('\\n'):rep(6000)
+    for round = 1, 200 do
+      assert.are.equal(deep, decode_payload(deep), "round " .. round)
+      assert.are.equal(long, decode_payload(long), "round " .. round)
+    end
+    assert.are.equal(6000, #decode_payload(long .. '"}').k)
   end)
 
   it("the encoder refuses NaN and infinities", function()

@@ -19,6 +19,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,12 +228,15 @@ int pgc_json_encode(lua_State *L)
 
 typedef struct jreader {
 	const char *p, *end, *start;
+	jmp_buf *bail;	/* where a failure jumps instead of raising, if set */
 } jreader;
 
 static void decode_value(lua_State *L, jreader *r, int depth);
 
 static int jfail(lua_State *L, jreader *r, const char *what)
 {
+	if (r->bail != NULL)
+		longjmp(*r->bail, 1);
 	return luaL_error(L, "invalid JSON at byte %d: %s", (int)(r->p - r->start) + 1, what);
 }
 
@@ -516,46 +520,68 @@ static void decode_value(lua_State *L, jreader *r, int depth)
 	}
 }
 
+/* Pushes the value r's whole text holds. */
+static void decode_text(lua_State *L, jreader *r)
+{
+	decode_value(L, r, 0);
+	skip_space(r);
+	if (r->p != r->end)
+		jfail(L, r, "trailing characters");
+}
+
 /* core.json_decode(text) -> value; raises naming the byte where it failed. */
 int pgc_json_decode(lua_State *L)
 {
 	size_t len;
 	const char *s = luaL_checklstring(L, 1, &len);
 	lua_settop(L, 1);
-	jreader r = {s, s + len, s};
-	decode_value(L, &r, 0);
-	skip_space(&r);
-	if (r.p != r.end)
-		jfail(L, &r, "trailing characters");
+	jreader r = {s, s + len, s, NULL};
+	decode_text(L, &r);
 	return 1;
 }
 
 /* Whether s can start a JSON value: what else the decoder would refuse. */
 static int starts_value(const char *s, size_t len)
 {
-	jreader r = {s, s + len, s};
+	jreader r = {s, s + len, s, NULL};
 	skip_space(&r);
 	return r.p < r.end && *r.p != '\0' && strchr("{[\"tfn-0123456789", *r.p) != NULL;
 }
 
 /*
- * core.json_decode_payload(payload) -> its value, or the payload itself
- * when it is not JSON (nil and "" too): how a notification reaches its
- * listeners.  One call and no pcall from Lua, and a payload that cannot
- * start a JSON value skips the error the decoder would make.
+ * Pushes the value of a notification's payload s and returns 1 when it is
+ * JSON; pushes nothing and returns 0 when it is not (nor ""): how a payload
+ * reaches listeners.  A payload that is not JSON makes no error: the
+ * decoder jumps back here instead, which costs less than the decoding,
+ * where a pcall cost a quarter of it.  (The jump is from our own code,
+ * between Lua API calls; lua_settop then drops what the decoding pushed,
+ * a string buffer's box too.)
  */
+int pgc_json_push_payload(lua_State *L, const char *s, size_t len)
+{
+	if (!starts_value(s, len))
+		return 0;
+	int top = lua_gettop(L);
+	jmp_buf bail;
+	jreader r = {s, s + len, s, &bail};
+	if (setjmp(bail) != 0) {
+		lua_settop(L, top);
+		return 0;
+	}
+	decode_text(L, &r);
+	return 1;
+}
+
+/* core.json_decode_payload(payload) -> its value, or the payload itself
+ * when it is not JSON (nil and "" too). */
 static int json_decode_payload(lua_State *L)
 {
 	lua_settop(L, 1);
 	size_t len;
 	const char *s = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
-	if (s == NULL || !starts_value(s, len))
-		return 1;
-	lua_pushcfunction(L, pgc_json_decode);
-	lua_pushvalue(L, 1);
-	if (lua_pcall(L, 1, 1, 0) != LUA_OK || lua_isnil(L, -1))
-		lua_settop(L, 1);	/* not JSON after all: the string as it is */
-	return 1;
+	if (s != NULL)
+		pgc_json_push_payload(L, s, len);
+	return 1;	/* (the value pushed, else the payload) */
 }
 
 static const luaL_Reg json_funcs[] = {

@@ -42,6 +42,7 @@ typedef struct pgc_conn {
 	int self_ref;		/* anchors the userdata while it is not CLOSED */
 	int waiting;		/* a callback (the user value) awaits the connect or a query */
 	int notify_ref;		/* function(channel, payload, pid) */
+	int notify_json;	/* payloads go to it JSON-decoded where they are JSON */
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
 	int channel_ref;	/* the last notification's channel, a Lua string */
@@ -924,7 +925,8 @@ static int deliver_notify(lua_State *L)
 	while (c->pg && c->notify_ref != LUA_NOREF && (n = PQnotifies(c->pg)) != NULL) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, c->notify_ref);
 		push_channel(L, c, n->relname);
-		lua_pushstring(L, n->extra);
+		if (!c->notify_json || !pgc_json_push_payload(L, n->extra, strlen(n->extra)))
+			lua_pushstring(L, n->extra);
 		lua_pushinteger(L, n->be_pid);
 		PQfreemem(n);
 		lua_call(L, 3, 0);
@@ -1250,10 +1252,19 @@ static int conn_send_script(lua_State *L)
 
 /* ---- the rest of the handle ---------------------------------------- */
 
+/*
+ * conn:on_notify(fn [, "json"]): fn(channel, payload, pid) for each
+ * notification; with "json", a payload that is JSON comes decoded (with no
+ * Lua string made of it on the way), as core.json_decode_payload has it.
+ * nil for fn stops the calls.
+ */
 static int conn_on_notify(lua_State *L)
 {
+	static const char *const forms[] = {"text", "json", NULL};
 	pgc_conn *c = check_conn(L);
+	int json = luaL_checkoption(L, 3, "text", forms);
 	pgc_unref(L, &c->notify_ref);
+	c->notify_json = json;
 	if (!lua_isnoneornil(L, 2)) {
 		luaL_checktype(L, 2, LUA_TFUNCTION);
 		if (c->state != CLOSED)

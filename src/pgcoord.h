@@ -71,6 +71,7 @@ void pgc_open_pgvalue(lua_State *L);
 /* json.c: lua_CFunctions, also core.json_encode and core.json_decode */
 int pgc_json_encode(lua_State *L);
 int pgc_json_decode(lua_State *L);
+int pgc_json_push_payload(lua_State *L, const char *s, size_t len);
 void pgc_open_json(lua_State *L);
 
 /* http.c */

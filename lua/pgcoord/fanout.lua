@@ -9,7 +9,6 @@
 --
 -- Part of the notifications layer: requires only the runtime.
 local task = require "pgcoord.task"
-local json = require "pgcoord.json"
 local fifo = require "pgcoord.fifo"
 local log = require "pgcoord.log"
 local lifecycle = require "pgcoord.lifecycle"
@@ -269,10 +268,6 @@ end
 
 -- ---- delivery ------------------------------------------------------------
 
--- A payload's value, or the payload as it is when it is not JSON (in C:
--- this runs for every notification).
-local decode = json.decode_payload
-
 -- Whether listener l's filter keeps msg; a filter that fails keeps nothing.
 local function filtered(fan, l, msg)
   local ok, keep = pcall(l.filter, msg)
@@ -312,12 +307,13 @@ local function dispatch(fan, msg)
   return full
 end
 
--- From the subscriber: a notification that came over the wire.  (A local
--- the subscriber holds, as offer and dispatch are: no lookup through Fan
--- for each notification.)
-local function wire(fan, payload)
+-- From the subscriber: a notification that came over the wire, its
+-- payload's value (json.decode_payload's, which its connection made).  (A
+-- local the subscriber holds, as dispatch is: no lookup through Fan for
+-- each notification.)
+local function wire(fan, msg)
   fan.counters.streak = 0
-  local full = dispatch(fan, decode(payload))
+  local full = dispatch(fan, msg)
   if full > 0 and fan.overflow == "error" then
     log.warn("listener buffer full, notification not delivered",
       { channel = fan.channel, listeners = full })

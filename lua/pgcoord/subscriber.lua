@@ -150,10 +150,11 @@ function Sub:add(fan)
 end
 
 -- The notification handler of a session's connection: it runs once per
--- notification, so it is the whole dispatch, without a method call.
+-- notification, so it is the whole dispatch, without a method call.  The
+-- connection decodes the payloads (conn:on_notify(fn, "json")).
 function Sub:_dispatcher()
   local counters, fans, wire = self.counters, self.fans, fanout.wire
-  return function(channel, payload)
+  return function(channel, msg)
     -- (no clock read here: the session's check credits the time to
     -- whatever the count says arrived since its last look)
     counters.notifications = counters.notifications + 1
@@ -164,7 +165,7 @@ function Sub:_dispatcher()
       return
     end
     local fan = fans[channel]
-    if fan then wire(fan, payload) end
+    if fan then wire(fan, msg) end
   end
 end
 
@@ -213,7 +214,7 @@ function Sub:_session(conn)
   self.generation = self.generation + 1
   self.reason = nil
   self.wake:clear()
-  conn:on_notify(self:_dispatcher())
+  conn:on_notify(self:_dispatcher(), "json")
   conn:on_close(function(why) self:_drop("connection lost: " .. tostring(why)) end)
   listen_all(self, conn)
   if db.behind_pooler(conn) and not self:_hears_itself() then
