@@ -223,6 +223,28 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     sub:stop()
   end)
 
+  it("logs and counts what a full listener misses over the wire (overflow = error)", function()
+    local sub, fan = subscribed(db, nil, nil, { overflow = "error" })
+    local slow = fan:listen({ buffer = 2 })
+    local fast = fan:listen({ buffer = 100 })
+    local lines = helper.capture_log(function()
+      for i = 1, 10 do fan:publish(db, { n = i }) end
+      helper.wait_until(function() return fast:pending() == 10 end, 10, "the fast listener")
+    end)
+    local warned = 0
+    for _, line in ipairs(lines) do
+      if line:find("listener buffer full", 1, true) and line:find(fan.channel, 1, true) then
+        warned = warned + 1
+      end
+    end
+    assert.are.equal(8, warned)
+    local stats = fan:stats()
+    assert.are.same({ 8, 0, 10, 0 }, { stats.overflows, stats.drops, stats.notifications,
+      stats.streak })
+    assert.are.same({ 1, 2 }, { slow:receive(0).n, slow:receive(0).n })
+    sub:stop()
+  end)
+
   it("raises on a local notify into a full buffer (overflow = error)", function()
     local fan = pgcoord.fanout(helper.unique("ch"), { overflow = "error" })
     local l = fan:listen({ buffer = 1 })

@@ -278,8 +278,12 @@ local function filtered(fan, l, msg)
 end
 
 -- Hands msg to every listener of fan; returns how many buffers were full.
--- (offer, inline: a call per listener was a fifth of a notification's cost)
-local function dispatch(fan, msg)
+-- wired: msg came over the wire, from the subscriber, which holds this as
+-- fanout.wire and calls it with its payload's value (json.decode_payload's,
+-- which its connection made): a local, no lookup through Fan, and no call
+-- more than the one for each notification.  (offer is inline: a call per
+-- listener was a fifth of a notification's cost)
+local function dispatch(fan, msg, wired)
   local full = 0
   local listeners, counters = fan.listeners, fan.counters
   for i = 1, #listeners do
@@ -297,29 +301,21 @@ local function dispatch(fan, msg)
     end
   end
   counters.notifications = counters.notifications + 1
+  if wired then counters.streak = 0 end
   if full > 0 then
     if fan.overflow == "drop" then
       counters.drops = counters.drops + full
     else
       counters.overflows = counters.overflows + full
+      if wired then
+        log.warn("listener buffer full, notification not delivered",
+          { channel = fan.channel, listeners = full })
+      end
     end
   end
   return full
 end
-
--- From the subscriber: a notification that came over the wire, its
--- payload's value (json.decode_payload's, which its connection made).  (A
--- local the subscriber holds, as dispatch is: no lookup through Fan for
--- each notification.)
-local function wire(fan, msg)
-  fan.counters.streak = 0
-  local full = dispatch(fan, msg)
-  if full > 0 and fan.overflow == "error" then
-    log.warn("listener buffer full, notification not delivered",
-      { channel = fan.channel, listeners = full })
-  end
-end
-fanout.wire = wire
+fanout.wire = dispatch
 
 -- Local dispatch of value to this process's listeners.
 function Fan:notify(value)

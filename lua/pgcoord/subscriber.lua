@@ -165,7 +165,7 @@ function Sub:_dispatcher()
       return
     end
     local fan = fans[channel]
-    if fan then wire(fan, msg) end
+    if fan then wire(fan, msg, true) end
   end
 end
 
