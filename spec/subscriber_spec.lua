@@ -279,6 +279,36 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     assert.are.equal("ended", t:join())
   end)
 
+  it("wakes receivers that wait together, and one that waits after another timed out", function()
+    local fan = pgcoord.fanout(helper.unique("ch"))
+    local l = fan:listen({ buffer = 8 })
+    assert.are.same({ nil, "timeout" }, { l:receive(0.01) }) -- (waited, and left)
+    -- (a reader that missed its wake-up would take its message only at
+    -- its timeout, long after the deadline here)
+    local got = {}
+    local function reader()
+      local m = l:receive(60)
+      got[#got + 1] = m
+    end
+    local t1, t2 = pgcoord.spawn(reader), pgcoord.spawn(reader)
+    pgcoord.sleep(0)
+    fan:notify("a")
+    pgcoord.sleep(0)
+    fan:notify("b")
+    helper.wait_until(function() return #got == 2 end, 5, "both readers")
+    t1:join()
+    t2:join()
+    table.sort(got)
+    assert.are.same({ "a", "b" }, got)
+    -- a wake-up still goes out once the burst before it was read
+    local t3 = pgcoord.spawn(reader)
+    pgcoord.sleep(0)
+    fan:notify("c")
+    helper.wait_until(function() return #got == 3 end, 5, "the third reader")
+    t3:join()
+    assert.are.equal("c", got[3])
+  end)
+
   it("reconnects after pg_terminate_backend, calls on_reconnect, keeps delivering", function()
     local sub, fan, connects = subscribed(db)
     local l = fan:listen()
@@ -291,6 +321,59 @@ describe("pgcoord.subscriber and pgcoord.fanout", function()
     fan:publish(db, "after")
     assert.are.equal("after", l:receive(5))
     sub:stop()
+  end)
+
+  it("counts what every connection heard: a reconnect keeps the count", function()
+    local sub, fan, connects = subscribed(db)
+    local l = fan:listen({ buffer = 100 })
+    for i = 1, 5 do fan:publish(db, i) end
+    for i = 1, 5 do assert.are.equal(i, l:receive(5)) end
+    local before = sub:stats().notifications
+    assert.is_true(before >= 5, "notifications " .. before)
+    db:query("SELECT pg_terminate_backend($1)", listen_pid(db, fan.channel))
+    helper.wait_until(function() return connects() == 2 end, 10, "on_reconnect")
+    for i = 6, 10 do fan:publish(db, i) end
+    for i = 6, 10 do assert.are.equal(i, l:receive(5)) end
+    assert.is_true(sub:stats().notifications >= before + 5,
+      ("notifications %d, %d before the reconnect"):format(sub:stats().notifications, before))
+    sub:stop()
+  end)
+
+  it("a connection routes the channels its routes table has, read live, the rest to on_notify",
+    function()
+    local dbmod = require "pgcoord.db"
+    local conn = dbmod.open(db)
+    local a, b = helper.unique("route_a"), helper.unique("route_b")
+    dbmod.run_script(conn, ('LISTEN "%s"; LISTEN "%s"'):format(a, b))
+    local routed, other = {}, {}
+    local routes = { [a] = "to a" }
+    conn:on_notify(function(channel, payload) other[#other + 1] = { channel, payload } end, "json")
+    conn:route_notify(routes, function(route, payload, pid)
+      assert.are.equal("integer", math.type(pid))
+      routed[#routed + 1] = { route, payload }
+    end)
+    local function send(channel, payload)
+      db:query("SELECT pg_notify($1, $2)", channel, payload)
+    end
+    send(a, '{"n":1}')
+    send(b, "2")
+    helper.wait_until(function() return #routed == 1 and #other == 1 end, 5, "two notifications")
+    assert.are.same({ { "to a", { n = 1 } } }, routed)
+    assert.are.same({ { b, 2 } }, other)
+    routes[b] = "to b" -- (read at each notification)
+    send(b, "3")
+    helper.wait_until(function() return #routed == 2 end, 5, "the routed one")
+    assert.are.same({ "to b", 3 }, routed[2])
+    conn:route_notify(nil)
+    send(a, "4")
+    helper.wait_until(function() return #other == 2 end, 5, "on_notify's")
+    assert.are.same({ a, 4 }, other[2])
+    assert.are.equal(4, conn:notifications())
+    assert.matches("bad argument #1 to 'route_notify' %(table expected, got string%)",
+      helper.error_of(function() conn:route_notify("x", print) end))
+    assert.matches("bad argument #2 to 'route_notify' %(function expected, got no value%)",
+      helper.error_of(function() conn:route_notify({}) end))
+    conn:close()
   end)
 
   it("calls every reconnect hook after a reconnect, and no hook once removed", function()

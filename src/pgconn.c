@@ -43,6 +43,9 @@ typedef struct pgc_conn {
 	int waiting;		/* a callback (the user value) awaits the connect or a query */
 	int notify_ref;		/* function(channel, payload, pid) */
 	int notify_json;	/* payloads go to it JSON-decoded where they are JSON */
+	int routes_ref;		/* channel -> route: those go to routed_ref instead */
+	int routed_ref;		/* function(route, payload, pid) */
+	lua_Integer notifications;	/* heard so far, routed or not */
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
 	int channel_ref;	/* the last notification's channel, a Lua string */
@@ -215,6 +218,8 @@ static const char *lost_message(pgc_conn *c)
 static void drop_refs(lua_State *L, pgc_conn *c)
 {
 	pgc_unref(L, &c->notify_ref);
+	pgc_unref(L, &c->routes_ref);
+	pgc_unref(L, &c->routed_ref);
 	pgc_unref(L, &c->close_ref);
 	pgc_unref(L, &c->notice_ref);
 	pgc_unref(L, &c->channel_ref);
@@ -759,7 +764,7 @@ static int l_connect(lua_State *L)
 	memset(c, 0, sizeof *c);
 	c->sock = -1;
 	c->self_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
-	c->channel_ref = LUA_NOREF;
+	c->channel_ref = c->routes_ref = c->routed_ref = LUA_NOREF;
 	c->L = pgc_main_state(L);
 	c->loop = pgc_loop_of(L);
 	c->state = CONNECTING;
@@ -918,13 +923,47 @@ static void push_channel(lua_State *L, pgc_conn *c, const char *name)
 	c->channel_ref = pgc_ref(L, -1);
 }
 
+/*
+ * Pushes the function a notification on channel name goes to, and its
+ * first argument: the route and routed_ref's function when the routes
+ * have the channel, else the channel and notify_ref's; 0 (nothing pushed)
+ * when nobody takes it.  A route spares a Lua function that only looks
+ * the channel up (a subscriber's fan-outs): a call per notification.
+ */
+static int push_receiver(lua_State *L, pgc_conn *c, const char *name)
+{
+	if (c->routes_ref != LUA_NOREF) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, c->routes_ref);
+		push_channel(L, c, name);
+		if (lua_rawget(L, -2) != LUA_TNIL) {
+			lua_rawgeti(L, LUA_REGISTRYINDEX, c->routed_ref);
+			lua_replace(L, -3);	/* fn, route */
+			return 1;
+		}
+		lua_pop(L, 2);
+	}
+	if (c->notify_ref == LUA_NOREF)
+		return 0;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, c->notify_ref);
+	push_channel(L, c, name);
+	return 1;
+}
+
+static int hears_notifications(pgc_conn *c)
+{
+	return c->notify_ref != LUA_NOREF || c->routes_ref != LUA_NOREF;
+}
+
 static int deliver_notify(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
 	PGnotify *n;
-	while (c->pg && c->notify_ref != LUA_NOREF && (n = PQnotifies(c->pg)) != NULL) {
-		lua_rawgeti(L, LUA_REGISTRYINDEX, c->notify_ref);
-		push_channel(L, c, n->relname);
+	while (c->pg && hears_notifications(c) && (n = PQnotifies(c->pg)) != NULL) {
+		c->notifications++;
+		if (!push_receiver(L, c, n->relname)) {
+			PQfreemem(n);
+			continue;
+		}
 		if (!c->notify_json || !pgc_json_push_payload(L, n->extra, strlen(n->extra)))
 			lua_pushstring(L, n->extra);
 		lua_pushinteger(L, n->be_pid);
@@ -1030,7 +1069,7 @@ static void read_ready(pgc_conn *c)
 	}
 	if (c->state == CLOSED)
 		return;
-	if (c->notify_ref != LUA_NOREF) {
+	if (hears_notifications(c)) {
 		pgc_invoke(c->L, deliver_notify, c);
 	} else {
 		/* nobody listens here: don't let libpq hoard them */
@@ -1273,6 +1312,36 @@ static int conn_on_notify(lua_State *L)
 	return 0;
 }
 
+/*
+ * conn:route_notify(routes, fn): a notification on a channel that is a key
+ * of the table routes goes to fn(routes[channel], payload, pid) instead of
+ * on_notify's function (the payload decoded as on_notify says).  routes
+ * is read at each notification (raw), so it may change; nil stops it.
+ */
+static int conn_route_notify(lua_State *L)
+{
+	pgc_conn *c = check_conn(L);
+	int routing = !lua_isnoneornil(L, 2);
+	if (routing) {
+		luaL_checktype(L, 2, LUA_TTABLE);
+		luaL_checktype(L, 3, LUA_TFUNCTION);
+	}
+	pgc_unref(L, &c->routes_ref);
+	pgc_unref(L, &c->routed_ref);
+	if (routing && c->state != CLOSED) {
+		c->routes_ref = pgc_ref(L, 2);
+		c->routed_ref = pgc_ref(L, 3);
+	}
+	return 0;
+}
+
+/* conn:notifications(): how many notifications it has heard, routed or not. */
+static int conn_notifications(lua_State *L)
+{
+	lua_pushinteger(L, check_conn(L)->notifications);
+	return 1;
+}
+
 static int conn_on_close(lua_State *L)
 {
 	pgc_conn *c = check_conn(L);
@@ -1430,6 +1499,8 @@ static const luaL_Reg conn_methods[] = {
 	{"prepare", conn_prepare},
 	{"send_prepared", conn_send_prepared},
 	{"on_notify", conn_on_notify},
+	{"route_notify", conn_route_notify},
+	{"notifications", conn_notifications},
 	{"on_close", conn_on_close},
 	{"on_notice", conn_on_notice},
 	{"close", conn_close},

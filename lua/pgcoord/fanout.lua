@@ -61,19 +61,26 @@ local listen_options = options.spec("fan:listen", {
 })
 
 local function new_listener(fan, filter, capacity)
+  -- (eight fields: the hash part's size, and 10,000 idle listeners take
+  -- 5.5 MB; a nil in the constructor would still be counted, and double
+  -- it, so the filter, and later the task's condition `ready`, are added
+  -- only when there is one)
   local l = setmetatable({
     fan = fan,
-    filter = filter,
     capacity = capacity,
     queue = fifo.new(),  -- the buffer
     waiting = 0,         -- tasks in receive(): only then is a wake-up worth sending
+    -- someone waits and no wake-up went out since (a signal wakes every
+    -- waiter, and each that waits again says so); and open and
+    -- unfiltered: one field each, as dispatch reads them for every
+    -- notification.  (A task that starts to wait while a wake-up is on
+    -- its way may get a second, spurious one: receive looks again.)
+    wake_wanted = false,
+    takes_all = filter == nil,
     closed = false,
-    ready = nil,         -- task.cond, made when someone first waits
   }, Listener)
-  l.wake_reader = function()
-    l.wake_pending = false
-    l.ready:signal()
-  end
+  l.filter = filter
+  l.wake_reader = function() l.ready:signal() end -- (ready: made when someone first waits)
   fan.listeners[#fan.listeners + 1] = l
   return l
 end
@@ -85,10 +92,10 @@ end
 
 -- Wakes l's reader for msg just queued, count now in its buffer: once for
 -- the whole burst a read brings while the buffer has room, at once when it
--- is filling up.  (Only while someone waits in receive: l.waiting > 0.)
+-- is filling up.  (Only while someone waits in receive: l.wake_wanted.)
 local function wake(l, count)
+  l.wake_wanted = false
   if count < l.capacity // 2 then
-    l.wake_pending = true
     task.defer(l.wake_reader)
   else
     l.ready:signal()
@@ -102,7 +109,7 @@ local function offer(l, msg)
   local head, tail = q.head, q.tail + 1
   if tail - head >= l.capacity then return false end
   q.tail, q[tail] = tail, msg
-  if l.waiting > 0 and not l.wake_pending then wake(l, tail - head + 1) end
+  if l.wake_wanted then wake(l, tail - head + 1) end
   return true
 end
 
@@ -125,6 +132,7 @@ end
 local WAITING = { __close = function(closer)
   local l = closer.listener
   l.waiting = l.waiting - 1
+  if l.waiting == 0 then l.wake_wanted = false end
 end }
 
 -- Next message; nil, "timeout" after timeout seconds; nil, "closed".
@@ -139,6 +147,7 @@ function Listener:receive(timeout)
       self.waiting_closer = setmetatable({ listener = self }, WAITING)
     end
     self.waiting = self.waiting + 1
+    self.wake_wanted = true
     local woken
     do
       local _ <close> = self.waiting_closer
@@ -217,7 +226,7 @@ end
 -- task ends after the message in hand.
 function Listener:close()
   if self.closed then return end
-  self.closed = true
+  self.closed, self.takes_all = true, false
   forget_closed(self.fan)
   fifo.clear(self.queue)
   if callbacks[self] then forget_callback(self) end
@@ -278,25 +287,25 @@ local function filtered(fan, l, msg)
 end
 
 -- Hands msg to every listener of fan; returns how many buffers were full.
--- wired: msg came over the wire, from the subscriber, which holds this as
--- fanout.wire and calls it with its payload's value (json.decode_payload's,
--- which its connection made): a local, no lookup through Fan, and no call
--- more than the one for each notification.  (offer is inline: a call per
--- listener was a fifth of a notification's cost)
+-- wired: msg came over the wire (the sending backend's pid), nil for
+-- Fan:notify.  The subscriber's connection calls this as fanout.wire
+-- itself, with the payload's value, which it decoded (conn:route_notify):
+-- no Lua call but this one for each notification.  (offer is inline: a
+-- call per listener was a fifth of a notification's cost)
 local function dispatch(fan, msg, wired)
   local full = 0
   local listeners, counters = fan.listeners, fan.counters
   for i = 1, #listeners do
     local l = listeners[i]
     -- (a task that an earlier offer woke at once may have closed it)
-    if not l.closed and (l.filter == nil or filtered(fan, l, msg)) then
+    if l.takes_all or (not l.closed and filtered(fan, l, msg)) then
       local q = l.queue
       local head, tail = q.head, q.tail + 1
       if tail - head >= l.capacity then
         full = full + 1
       else
         q.tail, q[tail] = tail, msg
-        if l.waiting > 0 and not l.wake_pending then wake(l, tail - head + 1) end
+        if l.wake_wanted then wake(l, tail - head + 1) end
       end
     end
   end

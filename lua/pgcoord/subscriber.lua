@@ -93,6 +93,8 @@ function subscriber.new(pool, opts)
     pings_heard = 0,
     failure = nil,             -- why it cannot work (LISTEN through a pooler)
     reason = nil,              -- why the current connection must go
+    -- (notifications: those the connections closed so far heard; the
+    -- current one counts its own)
     counters = { notifications = 0, reconnects = 0, pings = 0, ping_failures = 0 },
   }, Sub)
   if o.on_reconnect then self:hook_reconnect(o.on_reconnect) end
@@ -149,24 +151,24 @@ function Sub:add(fan)
   return fan
 end
 
--- The notification handler of a session's connection: it runs once per
--- notification, so it is the whole dispatch, without a method call.  The
--- connection decodes the payloads (conn:on_notify(fn, "json")).
-function Sub:_dispatcher()
-  local counters, fans, wire = self.counters, self.fans, fanout.wire
-  return function(channel, msg)
-    -- (no clock read here: the session's check credits the time to
-    -- whatever the count says arrived since its last look)
-    counters.notifications = counters.notifications + 1
+-- How a session's connection hands notifications on.  Those of a
+-- channel with a fan-out go straight to fanout.wire(fan, payload, pid):
+-- the connection looks the channel up in self.fans itself
+-- (conn:route_notify), which spared a Lua call per notification.  Only
+-- the rest come here: the pings, and a channel whose fan-out was removed
+-- while its UNLISTEN was on its way.  The connection decodes the payloads
+-- (conn:on_notify(fn, "json")) and counts what it hears
+-- (conn:notifications()), which the session's check reads: no clock read
+-- per notification.
+function Sub:_hear(conn)
+  conn:on_notify(function(channel)
     if channel == PING_CHANNEL then
       self.pings_heard = self.pings_heard + 1
       self.last_ping_heard = core.now()
       self.heard_ping:signal()
-      return
     end
-    local fan = fans[channel]
-    if fan then wire(fan, msg, true) end
-  end
+  end, "json")
+  conn:route_notify(self.fans, fanout.wire)
 end
 
 -- Ends the current connection's session; the loop reconnects.
@@ -214,7 +216,7 @@ function Sub:_session(conn)
   self.generation = self.generation + 1
   self.reason = nil
   self.wake:clear()
-  conn:on_notify(self:_dispatcher(), "json")
+  self:_hear(conn)
   conn:on_close(function(why) self:_drop("connection lost: " .. tostring(why)) end)
   listen_all(self, conn)
   if db.behind_pooler(conn) and not self:_hears_itself() then
@@ -242,12 +244,12 @@ function Sub:_session(conn)
   -- as when each notification read the clock and the checks came twice
   -- as far apart.
   local check = math.min(self.ping_interval, self.ping_grace - self.ping_interval) / 4
-  local counters, heard = self.counters, self.counters.notifications
+  local heard = conn:notifications()
   while not self.reason and self:_keeps(self.task) do
     self.wake:wait(check)
-    local now = core.now()
-    if counters.notifications ~= heard then
-      heard, self.last_activity = counters.notifications, now
+    local now, count = core.now(), conn:notifications()
+    if count ~= heard then
+      heard, self.last_activity = count, now
     elseif not self.reason and now - self.last_activity > self.ping_grace then
       self.reason = ("no notification within ping_grace (%gs)"):format(self.ping_grace)
     end
@@ -270,6 +272,8 @@ function Sub:_loop()
       local sok, why = pcall(self._session, self, conn)
       reason = sok and why or ("session failed: " .. tostring(why))
       self.conn = nil
+      local c = self.counters -- (what this connection heard, now in the total)
+      c.notifications = c.notifications + conn:notifications()
       conn:close()
     else
       reason = tostring(conn)
@@ -409,7 +413,8 @@ function Sub:stats()
   table.sort(channels)
   return { state = self.state, connected = self:connected(), generation = self.generation,
            error = self.failure,
-           notifications = c.notifications, reconnects = c.reconnects,
+           notifications = c.notifications + (self.conn and self.conn:notifications() or 0),
+           reconnects = c.reconnects,
            pings = c.pings, ping_failures = c.ping_failures, channels = channels,
            last_ping_age = self.last_ping_heard and core.now() - self.last_ping_heard }
 end
