@@ -21,8 +21,10 @@
 --   jobs.lua waits
 --       samples pg_stat_activity (the other backends that are active) and
 --       pg_locks (requests not granted) every 10 ms until stopped (SIGTERM);
---       then prints "samples=N active=A lock_waits=W" and a line per wait
---       event seen, most frequent first: "wait TYPE:EVENT N" (CPU: none)
+--       then prints "samples=N active=A lock_waits=W", a line per wait
+--       event seen, most frequent first: "wait TYPE:EVENT N" (CPU: none),
+--       and the same by statement: "statement NAME TYPE:EVENT N" (NAME as
+--       in lua/pgcoord/jobs/sql.lua, lower case; "other" for the rest)
 --   jobs.lua statement NAME
 --       prints the statement NAME of lua/pgcoord/jobs/sql.lua
 --   jobs.lua latency GROUP JOBS CONCURRENCY
@@ -210,11 +212,18 @@ elseif mode == "share" then
   end
 
 elseif mode == "waits" then
+  -- each active backend's statement named as in jobs/sql.lua (by its
+  -- first 80 characters, blanks squeezed: pg_stat_activity cuts long ones)
+  local function head(text) return text:gsub("%s+", " "):gsub("^ ", ""):sub(1, 80) end
+  local names = {}
+  for name, text in pairs(require("pgcoord.jobs.sql")) do
+    if type(text) == "string" and #text > 20 then names[head(text)] = name:lower() end
+  end
   local db = pgcoord.connect(nil, { size = 1 })
-  local samples, active, lock_waits, events = 0, 0, 0, {}
+  local samples, active, lock_waits, events, by_statement = 0, 0, 0, {}, {}
   while not pgcoord.stopping() do
     local rows = db:query([[
-      SELECT a.pid, COALESCE(a.wait_event_type || ':' || a.wait_event, 'CPU') AS event,
+      SELECT a.pid, a.query, COALESCE(a.wait_event_type || ':' || a.wait_event, 'CPU') AS event,
              (SELECT count(*)::int FROM pg_locks WHERE NOT granted) AS ungranted
         FROM (SELECT 1) one
         LEFT JOIN pg_stat_activity a
@@ -226,6 +235,8 @@ elseif mode == "waits" then
       if r.pid ~= nil then -- (no active backend: one row of NULLs)
         active = active + 1
         events[r.event] = (events[r.event] or 0) + 1
+        local key = (names[head(r.query)] or "other") .. " " .. r.event
+        by_statement[key] = (by_statement[key] or 0) + 1
       end
     end
     pgcoord.sleep(0.01)
@@ -236,6 +247,10 @@ elseif mode == "waits" then
   for k in pairs(events) do keys[#keys + 1] = k end
   table.sort(keys, function(a, b) return events[a] > events[b] end)
   for _, k in ipairs(keys) do say(("wait %s %d"):format(k, events[k])) end
+  keys = {}
+  for k in pairs(by_statement) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return by_statement[a] > by_statement[b] end)
+  for _, k in ipairs(keys) do say(("statement %s %d"):format(k, by_statement[k])) end
 
 elseif mode == "statement" then
   local name = args[2]
