@@ -69,7 +69,7 @@ local function new_listener(fan, filter, capacity)
     fan = fan,
     capacity = capacity,
     queue = fifo.new(),  -- the buffer
-    waiting = 0,         -- tasks in receive(): only then is a wake-up worth sending
+    waiting = 0,         -- tasks in receive(): once the last leaves, no wake-up is wanted
     -- someone waits and no wake-up went out since (a signal wakes every
     -- waiter, and each that waits again says so); and open and
     -- unfiltered: one field each, as dispatch reads them for every
@@ -141,7 +141,7 @@ function Listener:receive(timeout)
     if count(self.queue) > 0 then return pop(self.queue) end
     if self.closed then return nil, "closed" end
     if not self.ready then
-      -- a wake-up is only sent while someone waits (waiting > 0), so a
+      -- a wake-up is only sent while someone waits (wake_wanted), so a
       -- condition is enough: there is nothing to remember for later
       self.ready = task.cond()
       self.waiting_closer = setmetatable({ listener = self }, WAITING)

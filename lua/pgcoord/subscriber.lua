@@ -155,8 +155,8 @@ end
 -- channel with a fan-out go straight to fanout.wire(fan, payload, pid):
 -- the connection looks the channel up in self.fans itself
 -- (conn:route_notify), which spared a Lua call per notification.  Only
--- the rest come here: the pings, and a channel whose fan-out was removed
--- while its UNLISTEN was on its way.  The connection decodes the payloads
+-- the pings come here (every other channel is listened to after its
+-- fan-out is added, and none is removed).  The connection decodes the payloads
 -- (conn:on_notify(fn, "json")) and counts what it hears
 -- (conn:notifications()), which the session's check reads: no clock read
 -- per notification.
