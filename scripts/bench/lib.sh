@@ -76,6 +76,23 @@ wait_for_line() {
   return 1
 }
 
+# count_lines VAR PREFIX FILE: sets VAR to how many lines of FILE start
+# with PREFIX, and pause SECONDS sleeps: with builtins only, for loops that
+# poll while measured processes work (a grep, a $(...) or a sleep is a
+# process forked each time; read times out on a pipe no one writes to).
+count_lines() {
+  local -n count_lines_n=$1
+  local line
+  count_lines_n=0
+  while IFS= read -r line; do
+    [[ $line != "$2"* ]] || count_lines_n=$((count_lines_n + 1))
+  done <"$3"
+}
+pause() {
+  [[ -n ${pause_fd:-} ]] || exec {pause_fd}<> <(:)
+  read -rt "$1" -u "$pause_fd" || true
+}
+
 # smaps PID: prints "PRIVATE_DIRTY_KB RSS_KB" from /proc/PID/smaps_rollup.
 smaps() {
   awk '/^Rss:/ { rss = $2 } /^Private_Dirty:/ { pd = $2 }
