@@ -44,7 +44,9 @@ typedef struct pgc_conn {
 	int notify_ref;		/* function(channel, payload, pid) */
 	int notify_json;	/* payloads go to it JSON-decoded where they are JSON */
 	int routes_ref;		/* channel -> route: those go to routed_ref instead */
-	int routed_ref;		/* function(route, payload, pid) */
+	int routed_ref;		/* function(route, payloads, n) */
+	int run_ref;		/* the payloads table of a run, reused (see deliver_notify) */
+	int run_lent;		/* ... and a run has it now */
 	lua_Integer notifications;	/* heard so far, routed or not */
 	int close_ref;		/* function(message) when the link is lost */
 	int notice_ref;		/* function(severity, message) for NOTICE etc. */
@@ -220,6 +222,7 @@ static void drop_refs(lua_State *L, pgc_conn *c)
 	pgc_unref(L, &c->notify_ref);
 	pgc_unref(L, &c->routes_ref);
 	pgc_unref(L, &c->routed_ref);
+	pgc_unref(L, &c->run_ref);
 	pgc_unref(L, &c->close_ref);
 	pgc_unref(L, &c->notice_ref);
 	pgc_unref(L, &c->channel_ref);
@@ -764,7 +767,7 @@ static int l_connect(lua_State *L)
 	memset(c, 0, sizeof *c);
 	c->sock = -1;
 	c->self_ref = c->notify_ref = c->close_ref = c->notice_ref = LUA_NOREF;
-	c->channel_ref = c->routes_ref = c->routed_ref = LUA_NOREF;
+	c->channel_ref = c->routes_ref = c->routed_ref = c->run_ref = LUA_NOREF;
 	c->L = pgc_main_state(L);
 	c->loop = pgc_loop_of(L);
 	c->state = CONNECTING;
@@ -926,11 +929,13 @@ static void push_channel(lua_State *L, pgc_conn *c, const char *name)
 /*
  * Pushes the function a notification on channel name goes to, and its
  * first argument: the route and routed_ref's function when the routes
- * have the channel, else the channel and notify_ref's; 0 (nothing pushed)
- * when nobody takes it.  A route spares a Lua function that only looks
- * the channel up (a subscriber's fan-outs): a call per notification.
+ * have the channel (ROUTED), else the channel and notify_ref's (PLAIN);
+ * nothing when nobody takes it (NOBODY).  A route spares a Lua function
+ * that only looks the channel up (a subscriber's fan-outs).
  */
-static int push_receiver(lua_State *L, pgc_conn *c, const char *name)
+enum receiver { NOBODY, ROUTED, PLAIN };
+
+static enum receiver push_receiver(lua_State *L, pgc_conn *c, const char *name)
 {
 	if (c->routes_ref != LUA_NOREF) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, c->routes_ref);
@@ -938,15 +943,15 @@ static int push_receiver(lua_State *L, pgc_conn *c, const char *name)
 		if (lua_rawget(L, -2) != LUA_TNIL) {
 			lua_rawgeti(L, LUA_REGISTRYINDEX, c->routed_ref);
 			lua_replace(L, -3);	/* fn, route */
-			return 1;
+			return ROUTED;
 		}
 		lua_pop(L, 2);
 	}
 	if (c->notify_ref == LUA_NOREF)
-		return 0;
+		return NOBODY;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, c->notify_ref);
 	push_channel(L, c, name);
-	return 1;
+	return PLAIN;
 }
 
 static int hears_notifications(pgc_conn *c)
@@ -954,22 +959,114 @@ static int hears_notifications(pgc_conn *c)
 	return c->notify_ref != LUA_NOREF || c->routes_ref != LUA_NOREF;
 }
 
+static void push_payload(lua_State *L, pgc_conn *c, const PGnotify *n)
+{
+	if (!c->notify_json || !pgc_json_push_payload(L, n->extra, strlen(n->extra)))
+		lua_pushstring(L, n->extra);
+}
+
+/*
+ * Starts a run (fn and route pushed): pushes its payloads table, the
+ * connection's own unless a run has it (a call that came back here makes
+ * one of its own); 1 when it is the connection's.
+ */
+static int start_run(lua_State *L, pgc_conn *c)
+{
+	if (c->run_ref == LUA_NOREF || c->run_lent) {
+		lua_createtable(L, 16, 0);
+		return 0;
+	}
+	lua_rawgeti(L, LUA_REGISTRYINDEX, c->run_ref);
+	c->run_lent = 1;
+	return 1;
+}
+
+/*
+ * Calls fn(route, payloads, n) for the run on the stack (lent: its table
+ * is the connection's), then empties the table, which would keep the
+ * payloads alive, for the next run.  held, a notification taken from
+ * libpq and not handed on yet, is freed if the call raises.
+ */
+static void end_run(lua_State *L, pgc_conn *c, int n, int lent, PGnotify *held)
+{
+	lua_pushvalue(L, -1);
+	lua_insert(L, -4);	/* payloads, fn, route, payloads */
+	lua_pushinteger(L, n);
+	if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+		if (held)
+			PQfreemem(held);
+		if (lent) {	/* (not emptied: the next run makes another) */
+			c->run_lent = 0;
+			pgc_unref(L, &c->run_ref);
+		}
+		lua_error(L);
+	}
+	for (int i = 1; i <= n; i++) {
+		lua_pushnil(L);
+		lua_rawseti(L, -2, i);
+	}
+	if (lent)
+		c->run_lent = 0;
+	else if (c->run_ref == LUA_NOREF && c->state != CLOSED)
+		c->run_ref = pgc_ref(L, -1);
+	lua_pop(L, 1);
+}
+
+/*
+ * Hands on what libpq heard, in order.  The notifications in a row on one
+ * routed channel (a burst on a fan-out's, which one read brings) make one
+ * run and one call, fn(route, payloads, n): a burst costs one Lua call,
+ * not one each.  No Lua runs while a run is gathered, so the routes it
+ * was looked up in are still the live ones; the next channel is looked
+ * up after the run's call.
+ */
 static int deliver_notify(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
+	char run_channel[sizeof c->channel];
+	int run = 0, lent = 0;	/* payloads in the run (fn, route, table on the stack) */
 	PGnotify *n;
 	while (c->pg && hears_notifications(c) && (n = PQnotifies(c->pg)) != NULL) {
 		c->notifications++;
-		if (!push_receiver(L, c, n->relname)) {
+		if (run > 0) {
+			if (strcmp(n->relname, run_channel) == 0) {
+				push_payload(L, c, n);
+				lua_rawseti(L, -2, ++run);
+				PQfreemem(n);
+				continue;
+			}
+			end_run(L, c, run, lent, n);
+			run = 0;
+			if (!c->pg || !hears_notifications(c)) {
+				PQfreemem(n);
+				break;
+			}
+		}
+		switch (push_receiver(L, c, n->relname)) {
+		case NOBODY:
+			break;
+		case ROUTED:
+			lent = start_run(L, c);
+			push_payload(L, c, n);
+			lua_rawseti(L, -2, ++run);
+			if (strlen(n->relname) < sizeof run_channel) {
+				strcpy(run_channel, n->relname);
+			} else {	/* (longer than the server allows) */
+				end_run(L, c, run, lent, n);
+				run = 0;
+			}
+			break;
+		case PLAIN:
+			push_payload(L, c, n);
+			lua_pushinteger(L, n->be_pid);
 			PQfreemem(n);
+			lua_call(L, 3, 0);
 			continue;
 		}
-		if (!c->notify_json || !pgc_json_push_payload(L, n->extra, strlen(n->extra)))
-			lua_pushstring(L, n->extra);
-		lua_pushinteger(L, n->be_pid);
 		PQfreemem(n);
-		lua_call(L, 3, 0);
 	}
+	if (run > 0)
+		end_run(L, c, run, lent, NULL);
 	return 0;
 }
 
@@ -1313,10 +1410,12 @@ static int conn_on_notify(lua_State *L)
 }
 
 /*
- * conn:route_notify(routes, fn): a notification on a channel that is a key
- * of the table routes goes to fn(routes[channel], payload, pid) instead of
- * on_notify's function (the payload decoded as on_notify says).  routes
- * is read at each notification (raw), so it may change; nil stops it.
+ * conn:route_notify(routes, fn): notifications on a channel that is a key
+ * of the table routes go to fn(routes[channel], payloads, n) instead of
+ * on_notify's function: payloads[1..n] are those heard in a row on that
+ * channel, decoded as on_notify says, in order (the table is lent for the
+ * call: it is emptied and used again after).  routes is read (raw) for
+ * each run, so it may change; nil stops it.
  */
 static int conn_route_notify(lua_State *L)
 {

@@ -286,15 +286,30 @@ local function filtered(fan, l, msg)
   return ok and keep
 end
 
+-- Counts n notifications handed to fan's listeners, of which full
+-- offers found a buffer full.  wired: they came over the wire.
+local function account(fan, n, full, wired)
+  local counters = fan.counters
+  counters.notifications = counters.notifications + n
+  if wired then counters.streak = 0 end
+  if full == 0 then return end
+  if fan.overflow == "drop" then
+    counters.drops = counters.drops + full
+  else
+    counters.overflows = counters.overflows + full
+    if wired then
+      log.warn("listener buffer full, notification not delivered",
+        { channel = fan.channel, notifications = n, undelivered = full })
+    end
+  end
+end
+
 -- Hands msg to every listener of fan; returns how many buffers were full.
--- wired: msg came over the wire (the sending backend's pid), nil for
--- Fan:notify.  The subscriber's connection calls this as fanout.wire
--- itself, with the payload's value, which it decoded (conn:route_notify):
--- no Lua call but this one for each notification.  (offer is inline: a
--- call per listener was a fifth of a notification's cost)
-local function dispatch(fan, msg, wired)
+-- (offer is inline: a call per listener was a fifth of a notification's
+-- cost)
+local function dispatch(fan, msg)
   local full = 0
-  local listeners, counters = fan.listeners, fan.counters
+  local listeners = fan.listeners
   for i = 1, #listeners do
     local l = listeners[i]
     -- (a task that an earlier offer woke at once may have closed it)
@@ -309,22 +324,52 @@ local function dispatch(fan, msg, wired)
       end
     end
   end
-  counters.notifications = counters.notifications + 1
-  if wired then counters.streak = 0 end
-  if full > 0 then
-    if fan.overflow == "drop" then
-      counters.drops = counters.drops + full
-    else
-      counters.overflows = counters.overflows + full
-      if wired then
-        log.warn("listener buffer full, notification not delivered",
-          { channel = fan.channel, listeners = full })
-      end
-    end
-  end
+  account(fan, 1, full)
   return full
 end
-fanout.wire = dispatch
+
+-- The wire's dispatch: msgs[1..n], the payloads the subscriber's
+-- connection heard in a row on fan's channel, decoded (conn:route_notify
+-- calls this itself: no other Lua call for a burst).  Each listener takes
+-- the whole run in turn, and its reader is woken once, after; an
+-- unfiltered one's run is one loop that copies what its buffer has room
+-- for.  msgs is lent for the call.
+function fanout.wire(fan, msgs, n)
+  local full = 0
+  local listeners = fan.listeners
+  for i = 1, #listeners do
+    local l = listeners[i]
+    local q = l.queue
+    if l.takes_all then
+      local head, tail = q.head, q.tail
+      local take = l.capacity - (tail - head + 1)
+      if take > n then take = n elseif take < 0 then take = 0 end
+      for k = 1, take do q[tail + k] = msgs[k] end
+      full = full + (n - take)
+      if take > 0 then
+        q.tail = tail + take
+        if l.wake_wanted then wake(l, tail + take - head + 1) end
+      end
+    elseif not l.closed then
+      -- (the queue read again for each: a filter may close its listener,
+      -- which empties it)
+      local took = false
+      for k = 1, n do
+        local msg = msgs[k]
+        if filtered(fan, l, msg) and not l.closed then
+          local tail = q.tail + 1
+          if tail - q.head >= l.capacity then
+            full = full + 1
+          else
+            q.tail, q[tail], took = tail, msg, true
+          end
+        end
+      end
+      if took and l.wake_wanted then wake(l, q.tail - q.head + 1) end
+    end
+  end
+  account(fan, n, full, true)
+end
 
 -- Local dispatch of value to this process's listeners.
 function Fan:notify(value)
