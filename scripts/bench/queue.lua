@@ -85,29 +85,24 @@ elseif mode == "sql" then
   -- (pgbench needs values, not NULL, for "none").
   local final = "SELECT o.acked, o.lost, c.* FROM outcome o LEFT JOIN claimed c ON true"
   assert(s.claim:find(final, 1, true), "the claim no longer ends with " .. final)
-  local function claim_script(sid, limit, v)
+  local function claim_script(sid, limit)
     return pgbench_sql(s.claim:gsub(final:gsub("%p", "%%%0"), ([[
-SELECT o.acked, COALESCE((SELECT array_agg(%s::bigint) FROM claimed), '{}')::text AS %s,
-       COALESCE((SELECT array_agg(id) FROM claimed), '{}')::text AS %s,
-       COALESCE((SELECT array_agg(deliveries) FROM claimed), '{}')::text AS %s
-  FROM outcome o]]):format(sid, v.sids, v.ids, v.ns)),
-      { sid, limit, "NULL", "30", ":" .. v.sids, ":" .. v.ids, ":" .. v.ns, "'{}'", "0" })
+SELECT o.acked, COALESCE((SELECT array_agg(%s::bigint) FROM claimed), '{}')::text AS sids,
+       COALESCE((SELECT array_agg(id) FROM claimed), '{}')::text AS ids,
+       COALESCE((SELECT array_agg(deliveries) FROM claimed), '{}')::text AS ns
+  FROM outcome o]]):format(sid)),
+      { sid, limit, "NULL", "30", ":sids", ":ids", ":ns", "'{}'", "0" })
       :gsub(";\n$", " \\gset\n")
   end
-  -- Publish -> ack: claim one, acking the one before, one statement a
-  -- message; a script per subscription, each with its own variables (a
-  -- client runs the scripts in any order): -D sids_N='{}' and so on.
-  for i, sid in ipairs(sids) do
-    write(("%s/consume-%d.sql"):format(dir, i),
-      claim_script(sid, "1", { sids = "sids_" .. i, ids = "ids_" .. i, ns = "ns_" .. i }))
-  end
-  -- Drain: claim up to :batch, acking the batch before, as the consumer
-  -- does once its handlers have ended; past :claims transactions (:n counts
-  -- them, from -D n=0), a claim of none, which acks the last batch.
+  -- Drain, and publish -> ack (unordered): claim up to :batch, acking the
+  -- batch before, as the consumer does once its handlers have ended; past
+  -- :claims transactions (:n counts them, from -D n=0), a claim of none,
+  -- which acks the last batch.  A script per subscription, each run by a
+  -- pgbench process of its own.
   for i, sid in ipairs(sids) do
     write(("%s/drain-%d.sql"):format(dir, i),
       "\\set n :n + 1\n\\if :n > :claims\n\\set limit 0\n\\else\n\\set limit :batch\n\\endif\n"
-      .. claim_script(sid, ":limit", { sids = "sids", ids = "ids", ns = "ns" }))
+      .. claim_script(sid, ":limit"))
   end
   -- Ordered: claim the head when holding nothing, else ack it and claim
   -- the next in one statement (pgbench needs 0, not NULL, for "none").
