@@ -906,6 +906,12 @@ static int deliver_result(lua_State *L)
 	return 0;
 }
 
+/* Whether name is the channel push_channel pushed last (and kept). */
+static int is_last_channel(const pgc_conn *c, const char *name)
+{
+	return c->channel_ref != LUA_NOREF && strcmp(name, c->channel) == 0;
+}
+
 /*
  * Pushes a notification's channel.  A listening connection hears one or a
  * few channels: the one before is kept, which spares interning its name
@@ -913,16 +919,16 @@ static int deliver_result(lua_State *L)
  */
 static void push_channel(lua_State *L, pgc_conn *c, const char *name)
 {
-	if (c->channel_ref != LUA_NOREF && strcmp(name, c->channel) == 0) {
+	if (is_last_channel(c, name)) {
 		lua_rawgeti(L, LUA_REGISTRYINDEX, c->channel_ref);
 		return;
 	}
 	lua_pushstring(L, name);
+	pgc_unref(L, &c->channel_ref);
 	size_t len = strlen(name);
 	if (len >= sizeof c->channel)
 		return;		/* (longer than the server allows: not kept) */
 	memcpy(c->channel, name, len + 1);
-	pgc_unref(L, &c->channel_ref);
 	c->channel_ref = pgc_ref(L, -1);
 }
 
@@ -1017,19 +1023,18 @@ static void end_run(lua_State *L, pgc_conn *c, int n, int lent, PGnotify *held)
  * routed channel (a burst on a fan-out's, which one read brings) make one
  * run and one call, fn(route, payloads, n): a burst costs one Lua call,
  * not one each.  No Lua runs while a run is gathered, so the routes it
- * was looked up in are still the live ones; the next channel is looked
- * up after the run's call.
+ * was looked up in are still the live ones, and the channel push_channel
+ * kept is the run's; the next channel is looked up after the run's call.
  */
 static int deliver_notify(lua_State *L)
 {
 	pgc_conn *c = lua_touserdata(L, 1);
-	char run_channel[sizeof c->channel];
 	int run = 0, lent = 0;	/* payloads in the run (fn, route, table on the stack) */
 	PGnotify *n;
 	while (c->pg && hears_notifications(c) && (n = PQnotifies(c->pg)) != NULL) {
 		c->notifications++;
 		if (run > 0) {
-			if (strcmp(n->relname, run_channel) == 0) {
+			if (is_last_channel(c, n->relname)) {
 				push_payload(L, c, n);
 				lua_rawseti(L, -2, ++run);
 				PQfreemem(n);
@@ -1049,12 +1054,6 @@ static int deliver_notify(lua_State *L)
 			lent = start_run(L, c);
 			push_payload(L, c, n);
 			lua_rawseti(L, -2, ++run);
-			if (strlen(n->relname) < sizeof run_channel) {
-				strcpy(run_channel, n->relname);
-			} else {	/* (longer than the server allows) */
-				end_run(L, c, run, lent, n);
-				run = 0;
-			}
 			break;
 		case PLAIN:
 			push_payload(L, c, n);

@@ -331,16 +331,16 @@ end
 -- The wire's dispatch: msgs[1..n], the payloads the subscriber's
 -- connection heard in a row on fan's channel, decoded (conn:route_notify
 -- calls this itself: no other Lua call for a burst).  Each listener takes
--- the whole run in turn, and its reader is woken once, after; an
--- unfiltered one's run is one loop that copies what its buffer has room
--- for.  msgs is lent for the call.
+-- the whole run in turn; an unfiltered one's is one loop that copies what
+-- its buffer has room for, and wakes its reader once, after.  msgs is
+-- lent for the call.
 function fanout.wire(fan, msgs, n)
   local full = 0
   local listeners = fan.listeners
   for i = 1, #listeners do
     local l = listeners[i]
-    local q = l.queue
     if l.takes_all then
+      local q = l.queue
       local head, tail = q.head, q.tail
       local take = l.capacity - (tail - head + 1)
       if take > n then take = n elseif take < 0 then take = 0 end
@@ -350,22 +350,13 @@ function fanout.wire(fan, msgs, n)
         q.tail = tail + take
         if l.wake_wanted then wake(l, tail + take - head + 1) end
       end
-    elseif not l.closed then
-      -- (the queue read again for each: a filter may close its listener,
-      -- which empties it)
-      local took = false
+    else
+      -- one offer each: a filter may close its own listener
       for k = 1, n do
+        if l.closed then break end
         local msg = msgs[k]
-        if filtered(fan, l, msg) and not l.closed then
-          local tail = q.tail + 1
-          if tail - q.head >= l.capacity then
-            full = full + 1
-          else
-            q.tail, q[tail], took = tail, msg, true
-          end
-        end
+        if filtered(fan, l, msg) and not l.closed and not offer(l, msg) then full = full + 1 end
       end
-      if took and l.wake_wanted then wake(l, q.tail - q.head + 1) end
     end
   end
   account(fan, n, full, true)

@@ -154,11 +154,10 @@ end
 -- How a session's connection hands notifications on.  Those of a
 -- channel with a fan-out go straight to fanout.wire(fan, payloads, n):
 -- the connection looks the channel up in self.fans itself
--- (conn:route_notify), and hands a burst on one channel over in one call,
--- which spared Lua calls per notification.  Only
--- the pings come here (every other channel is listened to after its
--- fan-out is added, and none is removed).  The connection decodes the payloads
--- (conn:on_notify(fn, "json")) and counts what it hears
+-- (conn:route_notify) and hands a burst on one channel over in one call.
+-- Only the pings come here (every other channel is listened to after its
+-- fan-out is added, and none is removed).  The connection decodes the
+-- payloads (conn:on_notify(fn, "json")) and counts what it hears
 -- (conn:notifications()), which the session's check reads: no clock read
 -- per notification.
 function Sub:_hear(conn)
