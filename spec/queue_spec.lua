@@ -806,6 +806,37 @@ describe("pgcoord.queue", function()
     each_once(seen, 500)
   end)
 
+  -- Handlers that never wait end before the loop sizes its next claim.
+  -- The first claim finds one message, and a wake-up (as a publisher's
+  -- notification) comes while each claim is on its way: had the loop
+  -- claimed again at once, the message in hand would leave room for one,
+  -- and every claim after would find the one it asked for.
+  it("claims its whole room at a time when its handlers never wait", function()
+    local p = pool(3)
+    local claims = count_claims(p)
+    local q = backlog(p, 1)
+    local claim, query, c = require("pgcoord.queue").sql.claim, p.query, nil
+    p.query = function(self, text, ...)
+      if text == claim then
+        c:wake()
+        if #claims.asked == 2 then   -- the backlog comes after the first claim
+          local values = {}
+          for i = 2, 41 do values[#values + 1] = i end
+          q:publish_many(p, values)
+        end
+      end
+      return query(self, text, ...)
+    end
+    local seen, count = tally()
+    c = consume(q, "s", count, { concurrency = 1 })
+    helper.wait_until(function() return q:stats("s").acked == 41 end, 20, "41 acks")
+    each_once(seen, 41)
+    assert.is_true(#claims.asked >= 21, ("%d claims"):format(#claims.asked))
+    for i, asked in ipairs(claims.asked) do
+      assert.are.equal(2, asked, ("claim %d asked for %d"):format(i, asked))
+    end
+  end)
+
   -- The handlers free room while the loop's claim waits on the server (a
   -- table lock holds it there): the consumer sends a second claim beside
   -- it rather than waiting for the first to come back.

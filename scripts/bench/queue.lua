@@ -5,11 +5,10 @@
 --   queue.lua sql DIR QUEUE SIDS
 --       writes pgbench scripts doing the module's own statements (its SQL
 --       text, $n parameters turned into pgbench variables) to DIR:
---       publish.sql, consume-N.sql (unordered: claim one, acking the one
---       claimed before in the same statement, as consumers do),
---       consume-ordered.sql (ack the head and claim the next, as ordered
---       consumers do), and drain-N.sql (claim up to :batch, acking the
---       batch claimed before in the same statement)
+--       publish.sql, drain-N.sql for subscription sN (unordered: claim
+--       up to :batch, acking the batch claimed before in the same
+--       statement, as consumers do) and consume-ordered.sql (ack the head
+--       and claim the next, as ordered consumers do)
 --   queue.lua publish QUEUE SECONDS CLIENTS
 --       CLIENTS tasks publish one message per statement for SECONDS;
 --       prints "published=N seconds=S rate=R"

@@ -507,7 +507,14 @@ function Consumer:_loop()
         if by_timer and fresh > 0 then self.fan:polled(fresh) end
         -- a full batch: there may be more, claim again at once
         if #rows == asked and asked < free then self.wakeup:notify() end
-        if #rows > 0 then overdue:reset() end
+        if #rows > 0 then
+          overdue:reset()
+          -- the runners take these first, so that the next claim is sized
+          -- by the room they leave: handlers that never wait free it all,
+          -- and one claim of capacity replaces claims of the one or two
+          -- rows freed while this one was on its way
+          task.pass()
+        end
         if #rows == 0 then
           wait = self:_idle_wait(wait, overdue)
           if not wait then
