@@ -156,6 +156,18 @@ choose_transport() {
   [[ $ssl == "$([[ $tls == 1 ]] && echo t || echo f)" ]] || die "the connection is not $transport"
 }
 
+# listen_baseline: the path of the C LISTEN loop (listen-baseline.c),
+# built into the scratch directory when missing or older than its source.
+listen_baseline() {
+  local bin=$scratch/listen-baseline
+  if [[ ! -x $bin || $bench_dir/listen-baseline.c -nt $bin ]]; then
+    # shellcheck disable=SC2046
+    cc -O2 -Wall -Wextra -Werror -o "$bin" "$bench_dir/listen-baseline.c" \
+      $(pkg-config --cflags --libs libpq) || die "cannot build listen-baseline"
+  fi
+  echo "$bin"
+}
+
 # pgss_setup [required]: sets pgss=1 when pg_stat_statements is loaded (and
 # its extension made), else 0.  BENCH_PGSS=1, or `required` (a script whose
 # figures come from it: then pgss is 1 or the script dies), restarts this

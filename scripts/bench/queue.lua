@@ -1,7 +1,7 @@
 -- The pgcoord side of scripts/bench/queue, run by pgcoord-run:
 --   queue.lua setup QUEUE SUBSCRIPTIONS ORDERED
 --       creates QUEUE with subscriptions s1..sN (ORDERED: 0 or 1); prints
---       "sids=ID,ID,..."
+--       "sids=ID,ID,... channel=C" (C: the channel its publishes notify)
 --   queue.lua sql DIR QUEUE SIDS
 --       writes pgbench scripts doing the module's own statements (its SQL
 --       text, $n parameters turned into pgbench variables) to DIR:
@@ -62,15 +62,17 @@ if mode == "setup" then
   local db = pgcoord.connect(nil, { size = 1 })
   pgcoord.migrate(db)
   local q = pgcoord.queue(db, name, { ordered = ordered })
-  local sids = {}
+  local sids, queue_id = {}, nil
   for i = 1, subs do
     q:subscribe("s" .. i)
-    sids[i] = db:one([[SELECT s.id FROM pgcoord.queue_subscriptions s
+    local row = db:one([[SELECT s.id, s.queue_id FROM pgcoord.queue_subscriptions s
       JOIN pgcoord.queues q ON q.id = s.queue_id WHERE q.name = $1 AND s.name = $2]],
-      name, "s" .. i).id
+      name, "s" .. i)
+    sids[i], queue_id = row.id, row.queue_id
   end
   db:close()
-  say("sids=" .. table.concat(sids, ","))
+  say(("sids=%s channel=%s"):format(table.concat(sids, ","),
+    queue_id and queue.sql.channel(queue_id) or ""))
 
 elseif mode == "sql" then
   local dir, sids = args[2], {}
