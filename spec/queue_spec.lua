@@ -837,6 +837,32 @@ describe("pgcoord.queue", function()
     end
   end)
 
+  -- The other side of sizing claims by the room the runners leave: a
+  -- handler that waits keeps its slot, and the claim for the slot its
+  -- neighbour freed goes out while it runs, not after it.
+  it("claims the room freed while a handler that waits still runs", function()
+    local p = pool(3)
+    local claims = count_claims(p)
+    local q = backlog(p, 10)
+    local claim, query, running, overlapped = require("pgcoord.queue").sql.claim, p.query, 0, 0
+    p.query = function(self, text, ...)
+      if text == claim and running > 0 then overlapped = overlapped + 1 end
+      return query(self, text, ...)
+    end
+    local seen, count = tally()
+    consume(q, "s", function(msg)
+      running = running + 1
+      pgcoord.sleep(0.02)
+      running = running - 1
+      count(msg)
+    end, { concurrency = 1 })
+    helper.wait_until(function() return q:stats("s").acked == 10 end, 20, "10 acks")
+    each_once(seen, 10)
+    assert.are.equal(2, claims.asked[1])
+    assert.is_true(overlapped >= 4, ("%d of %d claims went out while a handler ran")
+      :format(overlapped, #claims.asked))
+  end)
+
   -- The handlers free room while the loop's claim waits on the server (a
   -- table lock holds it there): the consumer sends a second claim beside
   -- it rather than waiting for the first to come back.
