@@ -72,8 +72,9 @@ end
 
 -- Counts the unordered claims pool p sends: { on_way = now, most = at
 -- once, asked = the rows each asked for, in sending order, from = the
--- highest message id one looked from }.
-local function count_claims(p)
+-- highest message id one looked from }.  on_send(claims), if given, runs
+-- as each claim goes out, once it is counted.
+local function count_claims(p, on_send)
   local claim = require("pgcoord.queue").sql.claim
   local claims, query = { on_way = 0, most = 0, asked = {}, from = 0 }, p.query
   p.query = function(self, text, ...)
@@ -82,6 +83,7 @@ local function count_claims(p)
     claims.from = math.max(claims.from, (select(9, ...)))
     claims.on_way = claims.on_way + 1
     claims.most = math.max(claims.most, claims.on_way)
+    if on_send then on_send(claims) end
     local ok, rows = pcall(query, self, text, ...)
     claims.on_way = claims.on_way - 1
     if not ok then error(rows, 0) end
@@ -812,21 +814,16 @@ describe("pgcoord.queue", function()
   -- claimed again at once, the message in hand would leave room for one,
   -- and every claim after would find the one it asked for.
   it("claims its whole room at a time when its handlers never wait", function()
-    local p = pool(3)
-    local claims = count_claims(p)
-    local q = backlog(p, 1)
-    local claim, query, c = require("pgcoord.queue").sql.claim, p.query, nil
-    p.query = function(self, text, ...)
-      if text == claim then
-        c:wake()
-        if #claims.asked == 2 then   -- the backlog comes after the first claim
-          local values = {}
-          for i = 2, 41 do values[#values + 1] = i end
-          q:publish_many(p, values)
-        end
+    local p, q, c = pool(3), nil, nil
+    local claims = count_claims(p, function(claims)
+      c:wake()
+      if #claims.asked == 2 then   -- the backlog comes after the first claim
+        local values = {}
+        for i = 2, 41 do values[#values + 1] = i end
+        q:publish_many(p, values)
       end
-      return query(self, text, ...)
-    end
+    end)
+    q = backlog(p, 1)
     local seen, count = tally()
     c = consume(q, "s", count, { concurrency = 1 })
     helper.wait_until(function() return q:stats("s").acked == 41 end, 20, "41 acks")
@@ -841,14 +838,11 @@ describe("pgcoord.queue", function()
   -- handler that waits keeps its slot, and the claim for the slot its
   -- neighbour freed goes out while it runs, not after it.
   it("claims the room freed while a handler that waits still runs", function()
-    local p = pool(3)
-    local claims = count_claims(p)
+    local p, running, overlapped = pool(3), 0, 0
+    local claims = count_claims(p, function()
+      if running > 0 then overlapped = overlapped + 1 end
+    end)
     local q = backlog(p, 10)
-    local claim, query, running, overlapped = require("pgcoord.queue").sql.claim, p.query, 0, 0
-    p.query = function(self, text, ...)
-      if text == claim and running > 0 then overlapped = overlapped + 1 end
-      return query(self, text, ...)
-    end
     local seen, count = tally()
     consume(q, "s", function(msg)
       running = running + 1

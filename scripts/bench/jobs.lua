@@ -24,7 +24,8 @@
 --       then prints "samples=N active=A lock_waits=W", a line per wait
 --       event seen, most frequent first: "wait TYPE:EVENT N" (CPU: none),
 --       and the same by statement: "statement NAME TYPE:EVENT N" (NAME as
---       in lua/pgcoord/jobs/sql.lua, lower case; "other" for the rest)
+--       in lua/pgcoord/jobs/sql.lua, lower case, "a/b" for statements that
+--       begin alike; "other" for the rest)
 --   jobs.lua statement NAME
 --       prints the statement NAME of lua/pgcoord/jobs/sql.lua
 --   jobs.lua latency GROUP JOBS CONCURRENCY
@@ -213,11 +214,21 @@ elseif mode == "share" then
 
 elseif mode == "waits" then
   -- each active backend's statement named as in jobs/sql.lua (by its
-  -- first 80 characters, blanks squeezed: pg_stat_activity cuts long ones)
+  -- first 80 characters, blanks squeezed: pg_stat_activity cuts long ones;
+  -- statements that begin alike share a name, "hand_back/unclaim")
   local function head(text) return text:gsub("%s+", " "):gsub("^ ", ""):sub(1, 80) end
-  local names = {}
+  local alike = {}
   for name, text in pairs(require("pgcoord.jobs.sql")) do
-    if type(text) == "string" and #text > 20 then names[head(text)] = name:lower() end
+    if type(text) == "string" and #text > 20 then
+      local h = head(text)
+      alike[h] = alike[h] or {}
+      table.insert(alike[h], name:lower())
+    end
+  end
+  local names = {}
+  for h, list in pairs(alike) do
+    table.sort(list)
+    names[h] = table.concat(list, "/")
   end
   local db = pgcoord.connect(nil, { size = 1 })
   local samples, active, lock_waits, events, by_statement = 0, 0, 0, {}, {}
