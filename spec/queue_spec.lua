@@ -1317,3 +1317,56 @@ describe("pgcoord.queue with a consumer paused past its lease", function()
     assert.are.same({ 2 }, seen)
   end)
 end)
+
+describe("pgcoord.queue's statements by token", function()
+  after_each(cleanup)
+
+  -- Statistics taken before a burst of publishes say a subscription has a
+  -- row or two pending; the planner then hash-joined the batch's arrays
+  -- against every pending row (a claim's acks read 42,513 entries of the
+  -- pending index for 16 rows while a backlog grew, and the backlog grew
+  -- the faster for it).  The batch's subscription and range of ids bound
+  -- what any plan reads: with nested loops priced out, each scan of the
+  -- deliveries has both as index conditions.
+  it("read only their batch's range of ids, whichever join the planner picks", function()
+    local sql = require("pgcoord.queue").sql
+    local one = pool(1)
+    local q = pgcoord.queue(one, helper.unique("q"))
+    q:subscribe("s")
+    local sid = one:one([[SELECT s.id, s.queue_id FROM pgcoord.queue_subscriptions s
+      JOIN pgcoord.queues q ON q.id = s.queue_id WHERE q.name = $1]], q.name)
+    local sids, ids, ns = sql.token_arrays(sid.id, { ids = { 5, 9, 7 }, ns = { 1, 2, 1 } })
+    one:exec("SET enable_nestloop = off")
+    local function plan_of(text, ...)
+      local lines = {}
+      for i, r in ipairs(one:query("EXPLAIN " .. text, ...)) do lines[i] = r["QUERY PLAN"] end
+      return lines
+    end
+    local function check(name, lines)
+      local plan = table.concat(lines, "\n")
+      assert.is_nil(plan:find("Seq Scan", 1, true), name .. ":\n" .. plan)
+      local scans = 0
+      for i, line in ipairs(lines) do
+        if line:find("Index Scan", 1, true) or line:find("Index Only Scan", 1, true) then
+          scans = scans + 1
+          local cond = lines[i + 1] or ""
+          assert(cond:find("Index Cond:", 1, true) and cond:find("subscription_id =", 1, true)
+            and cond:find("message_id >=", 1, true) and cond:find("message_id <=", 1, true),
+            name .. ": a scan not bounded by the batch:\n" .. plan)
+        end
+      end
+      assert(scans > 0, name .. ": no index scan:\n" .. plan)
+    end
+    check("ack", plan_of(sql.ack, sids, ids, ns))
+    check("release", plan_of(sql.release, sids, ids, ns, "why", sid.queue_id))
+    check("renew", plan_of(sql.renew, sids, ids, ns, 30))
+    -- the claim's acks: its CTE, up to the claim's own
+    local claim = plan_of(sql.claim, sid.id, 10, pgcoord.null, 30, sids, ids, ns, "{}", 0)
+    local acked = {}
+    for _, line in ipairs(claim) do
+      if line:find("CTE picked", 1, true) then break end
+      acked[#acked + 1] = line
+    end
+    check("claim's acks", acked)
+  end)
+end)
